@@ -1,0 +1,232 @@
+//! The decision: from a snapshot and a clock to an ordered list of actions (the [`Plan`]), and the
+//! execution-time guard on creates ([`creates_to_execute`]).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::failures::{backoff, is_hard_limited, Backoff};
+use crate::schedule::{desired_instances, DesiredCount};
+use crate::snapshot::{PrebuildStatus, PresetSnapshot, ReconcileConfig, RunningPrebuild};
+use crate::state::{is_expired, state_with_desired, PresetState};
+
+/// One thing the shell must do for a preset. A plan never contains a no-op action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    /// Recent creates failed: do nothing for this preset until `until` (inclusive).
+    Backoff { until: DateTime<Utc> },
+    /// Cancel the preset's pending build-#1 start jobs and orphan-delete their workspaces.
+    CancelPending,
+    /// Delete these prebuilds, in this order (oldest first).
+    Delete { workspace_ids: Vec<Uuid> },
+    /// Create this many prebuilds.
+    Create { count: u32 },
+}
+
+impl Action {
+    /// Coder's `IsNoop`: a create of 0 or a delete of nothing. Backoff and CancelPending always
+    /// mean something.
+    pub fn is_noop(&self) -> bool {
+        match self {
+            Self::Backoff { .. } | Self::CancelPending => false,
+            Self::Delete { workspace_ids } => workspace_ids.is_empty(),
+            Self::Create { count } => *count == 0,
+        }
+    }
+}
+
+/// Everything decided about one preset at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub state: PresetState,
+    /// The ordered actions (empty = nothing to do).
+    pub actions: Vec<Action>,
+    /// The desired count and where it came from (log `InvalidSchedules` errors).
+    pub desired: DesiredCount,
+    /// The preset's backoff row, in effect or not.
+    pub backoff: Option<Backoff>,
+    /// End of the backoff while it is in effect (`now <= until`).
+    pub backoff_until: Option<DateTime<Utc>>,
+    /// The failure history is at the hard limit: creates are skipped at execution.
+    pub hard_limited: bool,
+    /// A `prebuild_status` the shell must store: `HardLimited` when the hard limit is reached and
+    /// the stored status is something else; `Healthy` when the stored status is `HardLimited` but
+    /// the history no longer is (an operator removed failed prebuilds), so the pool recovers.
+    /// `ValidationFailed` is only ever set by the shell, on a rejected create.
+    pub status_change: Option<PrebuildStatus>,
+}
+
+/// Plans one preset at `now`.
+///
+/// 1. Desired count at `now` and the state.
+/// 2. Backoff row, hard limit, status change.
+/// 3. Actions, the first matching rule wins:
+///    1. paused → none (state and status are still reported);
+///    2. backoff in effect (`now <= until`) → `[Backoff(until)]` only: no deletes or cancels
+///       either;
+///    3. inactive → `[CancelPending]` if pending build-#1 jobs exist, then
+///       `[Delete(all running, expired included, oldest first)]`;
+///    4. active → `[Delete(expired, oldest first)]`, `[Delete(oldest extraneous non-expired)]`,
+///       `[Create(max(desired − (actual − expired) − starting, 0))]`, each only when non-empty.
+///
+/// "Oldest first" orders by `created_at`, then by workspace id, so the result does not depend on
+/// the order of `running`. In-flight stops and deletes never reduce the create count, and in-flight
+/// deletes are not subtracted from the extraneous count (the next cycle sees the truth).
+pub fn plan(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileConfig) -> Plan {
+    let preset = &snapshot.preset;
+    let desired = desired_instances(preset, &snapshot.schedules, now);
+    let state = state_with_desired(snapshot, now, desired.count);
+
+    let backoff = backoff(snapshot, now, config);
+    let backoff_until = backoff
+        .map(|b| b.until(config.backoff_interval))
+        .filter(|until| now <= *until);
+    let hard_limited = is_hard_limited(snapshot, config);
+    let status_change = match (hard_limited, preset.prebuild_status) {
+        (true, PrebuildStatus::HardLimited)
+        | (false, PrebuildStatus::Healthy | PrebuildStatus::ValidationFailed) => None,
+        (true, _) => Some(PrebuildStatus::HardLimited),
+        (false, PrebuildStatus::HardLimited) => Some(PrebuildStatus::Healthy),
+    };
+
+    let actions = if preset.paused {
+        Vec::new()
+    } else if let Some(until) = backoff_until {
+        vec![Action::Backoff { until }]
+    } else {
+        decide(snapshot, now, &state)
+    };
+
+    Plan {
+        state,
+        actions,
+        desired,
+        backoff,
+        backoff_until,
+        hard_limited,
+        status_change,
+    }
+}
+
+/// Rules 3.3 and 3.4 of [`plan`].
+fn decide(snapshot: &PresetSnapshot, now: DateTime<Utc>, state: &PresetState) -> Vec<Action> {
+    let preset = &snapshot.preset;
+    let mut actions = Vec::new();
+
+    if !preset.is_active() {
+        if snapshot.pending_non_active > 0 {
+            actions.push(Action::CancelPending);
+        }
+        let mut all: Vec<&RunningPrebuild> = snapshot.running.iter().collect();
+        push_delete(&mut actions, oldest_first(&mut all));
+        return actions;
+    }
+
+    let (mut expired, mut fresh): (Vec<&RunningPrebuild>, Vec<&RunningPrebuild>) = snapshot
+        .running
+        .iter()
+        .partition(|p| is_expired(preset, p, now));
+    push_delete(&mut actions, oldest_first(&mut expired));
+    let fresh = oldest_first(&mut fresh);
+    // `extraneous` = fresh − desired when positive, so it is never more than `fresh.len()`.
+    push_delete(&mut actions, fresh.take(state.extraneous as usize));
+
+    let create = state
+        .desired
+        .saturating_sub(state.actual - state.expired)
+        .saturating_sub(state.starting);
+    if create > 0 {
+        actions.push(Action::Create { count: create });
+    }
+    actions
+}
+
+/// Sorts by `(created_at, workspace_id)` and yields the ids.
+fn oldest_first<'a>(prebuilds: &'a mut [&RunningPrebuild]) -> impl Iterator<Item = Uuid> + 'a {
+    prebuilds.sort_unstable_by_key(|p| (p.created_at, p.workspace_id));
+    prebuilds.iter().map(|p| p.workspace_id)
+}
+
+fn push_delete(actions: &mut Vec<Action>, ids: impl Iterator<Item = Uuid>) {
+    let workspace_ids: Vec<Uuid> = ids.collect();
+    if !workspace_ids.is_empty() {
+        actions.push(Action::Delete { workspace_ids });
+    }
+}
+
+/// The ordered actions for a preset at `now` (see [`plan`]). Pure: a hard-limited preset still
+/// gets its `Create`, which [`creates_to_execute`] suppresses.
+pub fn actions(
+    snapshot: &PresetSnapshot,
+    now: DateTime<Utc>,
+    config: &ReconcileConfig,
+) -> Vec<Action> {
+    plan(snapshot, now, config).actions
+}
+
+/// Coder's `CanSkipReconciliation`: an inactive preset with no running prebuilds (expired
+/// included), no pending build-#1 jobs and no backoff row has nothing to do. Active presets are
+/// never skipped. The stored status is not considered (an inactive preset's status is moot).
+pub fn can_skip(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileConfig) -> bool {
+    !snapshot.preset.is_active()
+        && snapshot.running.is_empty()
+        && snapshot.pending_non_active == 0
+        && backoff(snapshot, now, config).is_none()
+}
+
+/// Why creates were not executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    Paused,
+    HardLimited,
+    ValidationFailed,
+}
+
+/// How many prebuilds to actually create for a planned `Create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateDecision {
+    pub count: u32,
+    /// The requested count when it exceeded the desired count (a bug upstream: log at error).
+    pub clamped_from: Option<u32>,
+    /// Set when a positive count is not executed.
+    pub skipped: Option<SkipReason>,
+}
+
+/// Execution-time guard for a `Create { count: requested }` action (defence in depth: the plan
+/// may be stale by the time it runs).
+///
+/// 1. Re-evaluate the desired count at `now`; a larger request is clamped to it.
+/// 2. Nothing left → create nothing (no skip reason).
+/// 3. Paused → skip. Hard limited (per `plan`) → skip. Stored status `validation_failed` → skip.
+/// 4. Otherwise create the (clamped) count.
+pub fn creates_to_execute(
+    requested: u32,
+    snapshot: &PresetSnapshot,
+    plan: &Plan,
+    now: DateTime<Utc>,
+) -> CreateDecision {
+    let desired = desired_instances(&snapshot.preset, &snapshot.schedules, now).count;
+    let (count, clamped_from) = if requested > desired {
+        (desired, Some(requested))
+    } else {
+        (requested, None)
+    };
+    let skipped = if count == 0 {
+        None
+    } else if snapshot.preset.paused {
+        Some(SkipReason::Paused)
+    } else if plan.hard_limited {
+        Some(SkipReason::HardLimited)
+    } else if snapshot.preset.prebuild_status == PrebuildStatus::ValidationFailed {
+        Some(SkipReason::ValidationFailed)
+    } else {
+        None
+    };
+    CreateDecision {
+        count: if skipped.is_some() { 0 } else { count },
+        clamped_from,
+        skipped,
+    }
+}

@@ -1,0 +1,40 @@
+//! Pure reconciliation core of the prebuilds service: a per-preset snapshot plus a clock in,
+//! derived state and an ordered list of actions out.
+//!
+//! No I/O and no ambient inputs: the current time and random bytes are arguments, so every
+//! decision is reproducible in a test. The shell (worker, scheduler, CLI) reads the snapshot under
+//! the preset's lock, calls [`plan`], and executes the actions, guarding creates with
+//! [`creates_to_execute`].
+//!
+//! Modules: [`snapshot`] (inputs), [`state`](mod@state) (derived counts), [`schedule`] and [`cron`] (desired
+//! count over time and schedule validation), [`failures`] (backoff and hard limit), [`actions`](mod@actions)
+//! (the plan), [`names`] (workspace names), [`claim`] (preset matching for claims).
+
+pub mod actions;
+pub mod claim;
+pub mod cron;
+pub mod failures;
+pub mod names;
+pub mod schedule;
+pub mod snapshot;
+pub mod state;
+
+pub use actions::{
+    actions, can_skip, creates_to_execute, plan, Action, CreateDecision, Plan, SkipReason,
+};
+pub use claim::{match_preset, PresetCandidate};
+pub use cron::{matches_cron, CronField, CronSpec, OverlapWitness};
+pub use failures::{backoff, backoff_until, is_hard_limited, Backoff};
+pub use names::{prebuild_name, validate_workspace_name, NameError, MAX_WORKSPACE_NAME_LEN};
+pub use schedule::{
+    desired_instances, validate_schedules, DesiredCount, DesiredSource, ScheduleError,
+};
+pub use snapshot::{
+    BuildOutcome, InProgress, PrebuildStatus, PresetInfo, PresetSnapshot, ReconcileConfig,
+    RunningPrebuild, Schedule, StartBuild, UnknownStatus,
+};
+pub use state::{is_expired, state, PresetState};
+
+/// Re-exported so callers can name the timezone type of [`matches_cron`] without a direct
+/// dependency.
+pub use chrono_tz::Tz;

@@ -1,0 +1,301 @@
+//! Desired instance count of a preset at an instant: base `desired_instances`, overridden by the
+//! first schedule whose time range contains the instant; plus validation of a schedule set
+//! (what `prebuildsctl` rejects up front and what makes the reconciler fall back to the base).
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+
+use crate::cron::{CronField, CronSpec, OverlapWitness};
+use crate::snapshot::{clamp_count, PresetInfo, Schedule};
+
+/// Why a schedule set cannot be used. Messages say what is wrong and name the offending cron.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error(
+        "scheduling timezone is empty but {schedules} schedule(s) are defined; \
+         set an IANA timezone such as 'UTC' or 'Europe/Berlin'"
+    )]
+    EmptyTimezone { schedules: usize },
+    #[error(
+        "unknown scheduling timezone '{timezone}'; \
+         expected an IANA name such as 'UTC' or 'America/Los_Angeles'"
+    )]
+    UnknownTimezone { timezone: String },
+    #[error(
+        "cron expression '{cron}' has {found} fields; \
+         expected 5 (minute hour day-of-month month day-of-week)"
+    )]
+    FieldCount { cron: String, found: usize },
+    #[error(
+        "cron expression '{cron}': minute field is '{minute}' but must be '*' \
+         (a schedule covers whole hours)"
+    )]
+    MinuteNotStar { cron: String, minute: String },
+    #[error("cron expression '{cron}': {field} field '{value}' is invalid: {reason}")]
+    InvalidField {
+        cron: String,
+        field: CronField,
+        value: String,
+        reason: String,
+    },
+    #[error("schedule '{cron}' has negative desired instances {instances}; use 0 or more")]
+    NegativeInstances { cron: String, instances: i32 },
+    #[error(
+        "schedules '{first}' and '{second}' overlap: both cover {witness}; \
+         schedules of one preset must not overlap"
+    )]
+    Overlap {
+        first: String,
+        second: String,
+        witness: OverlapWitness,
+    },
+}
+
+/// Where a desired count came from, so the shell can log (and report) it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DesiredSource {
+    /// The preset is inactive: desired is 0 whatever is configured.
+    Inactive,
+    /// `desired_instances IS NULL`: prebuilds are not configured; desired is 0.
+    NotConfigured,
+    /// The base `desired_instances` (no schedules, or none matched).
+    Base,
+    /// Schedule at this index (stored order) matched.
+    Schedule { index: usize },
+    /// The schedule set is unusable (the shell logs the error); the base value applies.
+    InvalidSchedules(ScheduleError),
+}
+
+/// A desired count and its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredCount {
+    pub count: u32,
+    pub source: DesiredSource,
+}
+
+/// Desired number of prebuilds of `preset` at `at`.
+///
+/// 1. Inactive preset → 0 (`Inactive`).
+/// 2. Prebuilds not configured → 0 (`NotConfigured`).
+/// 3. No schedules → base (`Base`).
+/// 4. Empty or unknown timezone, an unparsable schedule, a negative count or an overlapping pair
+///    → base (`InvalidSchedules(error)`); nothing from a broken set is trusted.
+/// 5. The first schedule (stored order) whose range contains `at` in the preset's timezone →
+///    its count (`Schedule { index }`).
+/// 6. Otherwise base (`Base`).
+pub fn desired_instances(
+    preset: &PresetInfo,
+    schedules: &[Schedule],
+    at: DateTime<Utc>,
+) -> DesiredCount {
+    if !preset.is_active() {
+        return DesiredCount {
+            count: 0,
+            source: DesiredSource::Inactive,
+        };
+    }
+    let Some(base) = preset.desired_instances else {
+        return DesiredCount {
+            count: 0,
+            source: DesiredSource::NotConfigured,
+        };
+    };
+    let base = clamp_count(base);
+    if schedules.is_empty() {
+        return DesiredCount {
+            count: base,
+            source: DesiredSource::Base,
+        };
+    }
+    let (tz, specs) = match parse_schedules(&preset.scheduling_timezone, schedules) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            return DesiredCount {
+                count: base,
+                source: DesiredSource::InvalidSchedules(error),
+            }
+        }
+    };
+    let local = at.with_timezone(&tz);
+    match specs.iter().position(|spec| spec.contains(&local)) {
+        Some(index) => DesiredCount {
+            count: clamp_count(schedules[index].desired_instances),
+            source: DesiredSource::Schedule { index },
+        },
+        None => DesiredCount {
+            count: base,
+            source: DesiredSource::Base,
+        },
+    }
+}
+
+/// Checks a preset's timezone and schedule set the way the reconciler will read it.
+///
+/// 1. A non-empty timezone must be a known IANA name; an empty one is only allowed without
+///    schedules.
+/// 2. Every cron must parse (5 fields, minute `*`, valid hour/day/month/weekday fields).
+/// 3. No schedule may ask for a negative count.
+/// 4. No two schedules may overlap (share any local hour of any calendar day).
+///
+/// Stricter than [`desired_instances`] in one respect: an unknown timezone is reported even when
+/// there are no schedules (it would break the first schedule added later).
+pub fn validate_schedules(timezone: &str, schedules: &[Schedule]) -> Result<(), ScheduleError> {
+    if schedules.is_empty() && !timezone.is_empty() {
+        parse_timezone(timezone)?;
+    }
+    parse_schedules(timezone, schedules).map(|_| ())
+}
+
+/// Parses the timezone and every cron, then checks counts and pairwise overlap.
+fn parse_schedules(
+    timezone: &str,
+    schedules: &[Schedule],
+) -> Result<(Tz, Vec<CronSpec>), ScheduleError> {
+    if schedules.is_empty() {
+        return Ok((Tz::UTC, Vec::new()));
+    }
+    if timezone.is_empty() {
+        return Err(ScheduleError::EmptyTimezone {
+            schedules: schedules.len(),
+        });
+    }
+    let tz = parse_timezone(timezone)?;
+    let mut specs = Vec::with_capacity(schedules.len());
+    for schedule in schedules {
+        specs.push(CronSpec::parse(&schedule.cron_expression)?);
+        if schedule.desired_instances < 0 {
+            return Err(ScheduleError::NegativeInstances {
+                cron: schedule.cron_expression.clone(),
+                instances: schedule.desired_instances,
+            });
+        }
+    }
+    for (i, a) in specs.iter().enumerate() {
+        for (j, b) in specs.iter().enumerate().skip(i + 1) {
+            if let Some(witness) = a.overlap(b) {
+                return Err(ScheduleError::Overlap {
+                    first: schedules[i].cron_expression.clone(),
+                    second: schedules[j].cron_expression.clone(),
+                    witness,
+                });
+            }
+        }
+    }
+    Ok((tz, specs))
+}
+
+fn parse_timezone(timezone: &str) -> Result<Tz, ScheduleError> {
+    timezone
+        .parse::<Tz>()
+        .map_err(|_| ScheduleError::UnknownTimezone {
+            timezone: timezone.to_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(cron: &str, n: i32) -> Schedule {
+        Schedule {
+            cron_expression: cron.to_owned(),
+            desired_instances: n,
+        }
+    }
+
+    #[test]
+    fn valid_sets_pass() {
+        assert_eq!(validate_schedules("", &[]), Ok(()));
+        assert_eq!(validate_schedules("UTC", &[]), Ok(()));
+        let set = [sched("* 9-18 * * 1-5", 2), sched("* 9-13 * * 6,0", 3)];
+        assert_eq!(validate_schedules("Europe/Berlin", &set), Ok(()));
+    }
+
+    #[test]
+    fn error_messages_say_what_is_wrong() {
+        let cases: Vec<(&str, Vec<Schedule>, &str)> = vec![
+            (
+                "",
+                vec![sched("* 9 * * *", 1)],
+                "scheduling timezone is empty but 1 schedule(s) are defined; set an IANA timezone",
+            ),
+            ("Mars/Olympus", vec![], "unknown scheduling timezone 'Mars/Olympus'"),
+            ("Mars/Olympus", vec![sched("* 9 * * *", 1)], "unknown scheduling timezone 'Mars/Olympus'"),
+            (
+                "UTC",
+                vec![sched("30 9 * * *", 1)],
+                "cron expression '30 9 * * *': minute field is '30' but must be '*'",
+            ),
+            (
+                "UTC",
+                vec![sched("* 9 * 13 *", 1)],
+                "cron expression '* 9 * 13 *': month field '13' is invalid: 13 is out of range 1-12",
+            ),
+            (
+                "UTC",
+                vec![sched("* 9 * * mon-fry", 1)],
+                "day-of-week field 'mon-fry' is invalid: 'fry' is not a number or a weekday name",
+            ),
+            ("UTC", vec![sched("* 9 *", 1)], "cron expression '* 9 *' has 3 fields; expected 5"),
+            (
+                "UTC",
+                vec![sched("* 9 * * *", -1)],
+                "schedule '* 9 * * *' has negative desired instances -1",
+            ),
+            (
+                "UTC",
+                vec![sched("* 8-18 * * 1-5", 2), sched("* 2-4 * * *", 1), sched("* 18-20 * * 5", 3)],
+                "schedules '* 8-18 * * 1-5' and '* 18-20 * * 5' overlap: both cover 18:00-18:59 on Fri",
+            ),
+        ];
+        for (tz, set, want) in cases {
+            let err = validate_schedules(tz, &set).unwrap_err().to_string();
+            assert!(err.contains(want), "got: {err}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn broken_set_falls_back_to_base_with_error() {
+        let preset = PresetInfo {
+            id: uuid::Uuid::nil(),
+            name: "p".into(),
+            version_is_active: true,
+            template_deleted: false,
+            template_deprecated: false,
+            desired_instances: Some(1),
+            invalidate_after_secs: None,
+            last_invalidated_at: None,
+            scheduling_timezone: "UTC".into(),
+            prebuild_status: Default::default(),
+            paused: false,
+        };
+        let at = "2025-06-02T10:00:00Z".parse().unwrap();
+        let set = [sched("* 9-18 * * 1-5", 3), sched("* 10 * * *", 4)];
+        let got = desired_instances(&preset, &set, at);
+        assert_eq!(got.count, 1);
+        assert!(matches!(
+            got.source,
+            DesiredSource::InvalidSchedules(ScheduleError::Overlap { .. })
+        ));
+
+        let no_tz = PresetInfo {
+            scheduling_timezone: String::new(),
+            ..preset.clone()
+        };
+        let got = desired_instances(&no_tz, &set[..1], at);
+        assert_eq!(got.count, 1);
+        assert!(matches!(
+            got.source,
+            DesiredSource::InvalidSchedules(ScheduleError::EmptyTimezone { .. })
+        ));
+
+        let unconfigured = PresetInfo {
+            desired_instances: None,
+            ..preset
+        };
+        assert_eq!(
+            desired_instances(&unconfigured, &set[..1], at).source,
+            DesiredSource::NotConfigured
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! Input types: everything the shell reads about one preset (under the preset's lock) and hands
+//! to the pure core, plus the reconciler's tunables. Nothing here is derived; see `state` and
+//! `actions` for what is computed from it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The preset's stored `prebuild_status` (column `template_version_presets.prebuild_status`).
+///
+/// Only the reconciler moves a preset away from `Healthy`; nothing moves it back (recovery is a
+/// new template version, as in Coder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrebuildStatus {
+    #[default]
+    Healthy,
+    HardLimited,
+    ValidationFailed,
+}
+
+impl PrebuildStatus {
+    /// The database / JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::HardLimited => "hard_limited",
+            Self::ValidationFailed => "validation_failed",
+        }
+    }
+}
+
+impl fmt::Display for PrebuildStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `prebuild_status` value that is none of the three known spellings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown prebuild status '{0}': expected 'healthy', 'hard_limited' or 'validation_failed'")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for PrebuildStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "healthy" => Ok(Self::Healthy),
+            "hard_limited" => Ok(Self::HardLimited),
+            "validation_failed" => Ok(Self::ValidationFailed),
+            other => Err(UnknownStatus(other.to_owned())),
+        }
+    }
+}
+
+/// One row of `template_version_preset_prebuild_schedules`, in stored order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// 5-field cron whose minute field is `*`, read as a continuous time range.
+    pub cron_expression: String,
+    pub desired_instances: i32,
+}
+
+/// The preset row and the flags of its template/version that the rules need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresetInfo {
+    pub id: Uuid,
+    pub name: String,
+    /// The preset's version is its template's active version.
+    pub version_is_active: bool,
+    pub template_deleted: bool,
+    /// The template's deprecation message is non-empty.
+    pub template_deprecated: bool,
+    /// `None` = prebuilds not configured for this preset; `Some(0)` is a valid configured value.
+    pub desired_instances: Option<i32>,
+    /// `None` or `<= 0` = no TTL.
+    pub invalidate_after_secs: Option<i32>,
+    pub last_invalidated_at: Option<DateTime<Utc>>,
+    /// IANA name; `""` = none.
+    pub scheduling_timezone: String,
+    pub prebuild_status: PrebuildStatus,
+    /// Global OR template OR preset pause, already resolved by the shell.
+    pub paused: bool,
+}
+
+impl PresetInfo {
+    /// A preset is active when its version is the template's active version and the template is
+    /// neither deleted nor deprecated. Inactive presets only get cleaned up.
+    pub fn is_active(&self) -> bool {
+        self.version_is_active && !self.template_deleted && !self.template_deprecated
+    }
+
+    /// The base `desired_instances` as a count (unconfigured and negative values read as 0).
+    pub fn base_desired(&self) -> u32 {
+        self.desired_instances.map_or(0, clamp_count)
+    }
+
+    /// The TTL, when one is set (`invalidate_after_secs > 0`).
+    pub fn ttl(&self) -> Option<TimeDelta> {
+        self.invalidate_after_secs
+            .filter(|secs| *secs > 0)
+            .map(|secs| TimeDelta::seconds(i64::from(secs)))
+    }
+}
+
+/// A prebuild whose latest build is a `start` whose job succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningPrebuild {
+    pub workspace_id: Uuid,
+    /// The workspace's creation time (what TTL and invalidation compare against).
+    pub created_at: DateTime<Utc>,
+    /// Every non-deleted agent of its latest build is lifecycle `ready` (false if none).
+    pub ready: bool,
+}
+
+/// Prebuild builds of this preset whose job is `pending` or `running`, per transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct InProgress {
+    pub starting: u32,
+    pub stopping: u32,
+    pub deleting: u32,
+}
+
+/// The job outcome of a prebuild's latest `start` build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildOutcome {
+    Succeeded,
+    Failed,
+    /// Pending or running.
+    InProgress,
+    Canceled,
+}
+
+/// One prebuild of this preset whose latest build is a `start`, with that build's creation time
+/// and job outcome; the shell passes them newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartBuild {
+    pub created_at: DateTime<Utc>,
+    pub outcome: BuildOutcome,
+}
+
+/// Everything the rules look at for one preset, read in one consistent snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresetSnapshot {
+    pub preset: PresetInfo,
+    /// Schedule rows in stored order (the first matching one wins).
+    pub schedules: Vec<Schedule>,
+    /// Running prebuilds, expired included, in any order.
+    pub running: Vec<RunningPrebuild>,
+    pub in_progress: InProgress,
+    /// Pending build-#1 `start` jobs of this preset (only acted on when the preset is inactive).
+    pub pending_non_active: u32,
+    /// Failure-history input, newest first.
+    pub start_builds: Vec<StartBuild>,
+}
+
+/// The reconciler's tunables (`PREBUILDS_BACKOFF_INTERVAL`, `PREBUILDS_BACKOFF_LOOKBACK`,
+/// `PREBUILDS_FAILURE_HARD_LIMIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileConfig {
+    /// Added to the last failure once per failure in the lookback window.
+    pub backoff_interval: TimeDelta,
+    /// Failures older than this no longer cause backoff.
+    pub backoff_lookback: TimeDelta,
+    /// This many newest builds all failed → hard limited. 0 disables.
+    pub failure_hard_limit: u32,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            backoff_interval: TimeDelta::minutes(1),
+            backoff_lookback: TimeDelta::hours(1),
+            failure_hard_limit: 3,
+        }
+    }
+}
+
+/// Reads a stored `i32` count; negative values (rejected by validation, but the column allows
+/// them) count as 0.
+pub(crate) fn clamp_count(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}

@@ -1,0 +1,310 @@
+//! The consumer supervisor: one loop per queue that (re)connects, declares the topology, consumes
+//! with a bounded prefetch, runs the handler for each delivery and settles it exactly once:
+//!
+//! 1. `Ok` → ack (the handler has committed its effects).
+//! 2. [`HandlerError::Permanent`] → republish to the dead-letter exchange with the reason in the
+//!    `x-prebuilds-dead-reason` header, then ack; never requeued. If that republish fails the
+//!    delivery is rejected without requeue, so the broker dead-letters it (without our header).
+//! 3. [`HandlerError::Transient`] → retried in place with jittered backoff a few times; if it still
+//!    fails, rejected *with* requeue, so the queue's delivery limit bounds the total attempts.
+//!
+//! The loop survives broker restarts (reconnect with backoff) and a broker-side consumer cancel
+//! (the stream ends: consume again). On shutdown it cancels the consumer, lets in-flight handlers
+//! finish within the drain bound, settles them, then closes the connection.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        BasicRejectOptions,
+    },
+    types::FieldTable,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    amqp::{connect, publisher::Outgoing, Publisher, QueueKind, Topology},
+    metrics::ServiceMetrics,
+    Health,
+};
+
+/// Header carrying why this service dead-lettered a message.
+pub const DEAD_REASON_HEADER: &str = "x-prebuilds-dead-reason";
+/// Header naming the queue the dead-lettered message came from.
+pub const DEAD_QUEUE_HEADER: &str = "x-prebuilds-source-queue";
+
+/// A delivery as handlers see it: owned, so handlers can run on their own task.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub redelivered: bool,
+    pub message_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+}
+
+impl Incoming {
+    fn from_delivery(delivery: &Delivery) -> Self {
+        let props = &delivery.properties;
+        Incoming {
+            body: delivery.data.clone(),
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            message_id: props.message_id().as_ref().map(|s| s.to_string()),
+            reply_to: props.reply_to().as_ref().map(|s| s.to_string()),
+            correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
+            content_type: props.content_type().as_ref().map(|s| s.to_string()),
+        }
+    }
+}
+
+/// How a handler failed, which decides what happens to the delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The message can never succeed (bad body, schema violation, unknown ids): dead-letter now.
+    /// `class` is a bounded label for metrics; `reason` is the full text for the header and logs.
+    #[error("{reason}")]
+    Permanent { class: &'static str, reason: String },
+    /// The world is temporarily broken (database or broker down, serialization failure): retry.
+    #[error("{0:#}")]
+    Transient(anyhow::Error),
+}
+
+impl HandlerError {
+    pub fn permanent(class: &'static str, reason: impl Into<String>) -> Self {
+        HandlerError::Permanent {
+            class,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Application logic for one queue.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, message: &Incoming) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// What to consume and how much at once.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub queue: QueueKind,
+    /// Unacknowledged deliveries in flight = concurrent handlers.
+    pub prefetch: u16,
+    /// Connection name shown in the management UI.
+    pub connection_name: String,
+    /// How long shutdown waits for in-flight handlers.
+    pub drain_timeout: Duration,
+    /// In-place retries of a transient failure before the delivery is requeued.
+    pub transient_retries: usize,
+}
+
+/// Everything the supervisor needs besides the handler.
+#[derive(Debug, Clone)]
+pub struct ConsumerContext {
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Used to dead-letter with a reason header (separate connection from the consumer's).
+    pub publisher: Arc<Publisher>,
+    pub metrics: ServiceMetrics,
+    pub health: Health,
+}
+
+enum SessionEnd {
+    Shutdown,
+    ConsumerCancelled,
+}
+
+/// Runs until `shutdown` is cancelled and in-flight work is settled (or the drain bound passed).
+pub async fn run<H: Handler>(
+    spec: ConsumerSpec,
+    context: ConsumerContext,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
+    let queue = context.topology.queue(spec.queue);
+    let mut reconnect_delays = reconnect_backoff();
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match session(&spec, &context, &handler, &shutdown, &queue).await {
+            Ok(SessionEnd::Shutdown) => return,
+            Ok(SessionEnd::ConsumerCancelled) => {
+                tracing::warn!(%queue, "broker cancelled the consumer; consuming again");
+                reconnect_delays = reconnect_backoff();
+                sleep_or_shutdown(Duration::from_millis(200), &shutdown).await;
+            }
+            Err(e) => {
+                context.health.set_broker(false);
+                let delay = reconnect_delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(%queue, error = %e, retry_in = ?delay, "consumer lost the broker; reconnecting");
+                sleep_or_shutdown(delay, &shutdown).await;
+            }
+        }
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_jitter()
+        .build()
+}
+
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+async fn session<H: Handler>(
+    spec: &ConsumerSpec,
+    context: &ConsumerContext,
+    handler: &Arc<H>,
+    shutdown: &CancellationToken,
+    queue: &str,
+) -> Result<SessionEnd, lapin::Error> {
+    let connection = connect(&context.amqp_url, &spec.connection_name).await?;
+    let channel = connection.create_channel().await?;
+    context.topology.declare(&channel).await?;
+    channel
+        .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
+        .await?;
+    let tag = format!("{}-{}", spec.connection_name, uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    context.health.set_broker(true);
+    tracing::info!(%queue, prefetch = spec.prefetch, "consuming");
+
+    let in_flight = TaskTracker::new();
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                // Stop new deliveries; unacked ones we never started return to the queue when
+                // the channel closes.
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                break Ok(SessionEnd::Shutdown);
+            }
+            next = consumer.next() => match next {
+                None => break Ok(SessionEnd::ConsumerCancelled),
+                Some(Err(e)) => break Err(e),
+                Some(Ok(delivery)) => {
+                    let task = settle(delivery, spec.clone(), context.clone(), handler.clone(), shutdown.clone());
+                    in_flight.spawn(task);
+                }
+            }
+        }
+    };
+    in_flight.close();
+    if !crate::shutdown::within(spec.drain_timeout, in_flight.wait()).await {
+        tracing::warn!(%queue, "in-flight handlers did not finish within the drain bound; their deliveries will be redelivered");
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    end
+}
+
+async fn settle<H: Handler>(
+    delivery: Delivery,
+    spec: ConsumerSpec,
+    context: ConsumerContext,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
+    let queue_label = spec.queue.suffix();
+    let incoming = Incoming::from_delivery(&delivery);
+    let mut delays = crate::db::retry_policy()
+        .with_max_times(spec.transient_retries)
+        .build();
+    let outcome = loop {
+        match handler.handle(&incoming).await {
+            Err(HandlerError::Transient(e)) => match delays.next() {
+                Some(delay) if !shutdown.is_cancelled() => {
+                    tracing::warn!(queue = queue_label, error = %format!("{e:#}"), retry_in = ?delay, "transient failure handling message; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                _ => break Err(HandlerError::Transient(e)),
+            },
+            other => break other,
+        }
+    };
+    let settled = match outcome {
+        Ok(()) => {
+            context
+                .metrics
+                .messages
+                .with_label_values(&[queue_label, "ack"])
+                .inc();
+            delivery.ack(BasicAckOptions::default()).await
+        }
+        Err(HandlerError::Permanent { class, reason }) => {
+            tracing::warn!(queue = queue_label, class, %reason, message_id = ?incoming.message_id, "dead-lettering message");
+            context
+                .metrics
+                .messages
+                .with_label_values(&[queue_label, "dead_lettered"])
+                .inc();
+            context
+                .metrics
+                .dead_lettered
+                .with_label_values(&[queue_label, class])
+                .inc();
+            match dead_letter(&context, &incoming, queue_label, &reason).await {
+                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not republish to the dead-letter exchange; rejecting so the broker dead-letters it");
+                    delivery.reject(BasicRejectOptions { requeue: false }).await
+                }
+            }
+        }
+        Err(HandlerError::Transient(e)) => {
+            tracing::error!(queue = queue_label, error = %format!("{e:#}"), "giving up on this delivery for now; requeueing (the delivery limit bounds attempts)");
+            context
+                .metrics
+                .messages
+                .with_label_values(&[queue_label, "requeued"])
+                .inc();
+            delivery.reject(BasicRejectOptions { requeue: true }).await
+        }
+    };
+    if let Err(e) = settled {
+        // The channel is gone; the broker redelivers the message, and handlers are idempotent.
+        tracing::warn!(queue = queue_label, error = %e, "could not settle delivery; it will be redelivered");
+    }
+}
+
+async fn dead_letter(
+    context: &ConsumerContext,
+    incoming: &Incoming,
+    queue_label: &str,
+    reason: &str,
+) -> Result<(), crate::amqp::PublishError> {
+    let exchange = context.topology.dead_letter_exchange();
+    // Header values are bounded so a huge error text cannot blow up the frame.
+    let reason: String = reason.chars().take(1000).collect();
+    let mut message = Outgoing::new(&exchange, &incoming.routing_key, &incoming.body)
+        .header(DEAD_REASON_HEADER, reason)
+        .header(
+            DEAD_QUEUE_HEADER,
+            context.topology.queue_name_for_label(queue_label),
+        );
+    message.message_id = incoming.message_id.clone();
+    message.correlation_id = incoming.correlation_id.clone();
+    message.reply_to = incoming.reply_to.clone();
+    context.publisher.publish(message).await
+}

@@ -1,0 +1,215 @@
+//! Publishing with publisher confirms, `mandatory` routing and a deadline. A publish succeeds only
+//! when the broker confirmed it *and* routed it to at least one queue: an unroutable message comes
+//! back as an ack carrying the returned message, which is reported as [`PublishError::Unroutable`]
+//! rather than silently dropped. The publisher owns its own connection (flow control on publishing
+//! must not stall a consumer's acks) and reconnects lazily after a failure.
+
+use std::time::Duration;
+
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties, Channel, Confirmation, Connection,
+};
+use prebuilds_schemas::{messages::Payload, CloudEvent};
+use tokio::sync::Mutex;
+
+use crate::amqp::{connect, Topology};
+
+/// How long one publish may wait for its confirm before it is reported as failed. A publish can
+/// hang while the broker shuts down; the caller retries (the outbox row stays unpublished).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "message to {exchange:?} with routing key {routing_key:?} was unroutable (no queue bound)"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("broker refused (nacked) the message with routing key {0:?}")]
+    Nacked(String),
+    #[error("no confirm from the broker within {0:?}")]
+    Timeout(Duration),
+    #[error("broker connection: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+impl PublishError {
+    /// Every publish error is worth retrying later except an unroutable message, which needs the
+    /// topology fixed (or, for a reply, means the requester is gone).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, PublishError::Unroutable { .. })
+    }
+}
+
+/// A confirming publisher; cheap to share behind an `Arc`, safe to call concurrently.
+#[derive(Debug)]
+pub struct Publisher {
+    url: String,
+    name: String,
+    topology: Topology,
+    state: Mutex<Option<(Connection, Channel)>>,
+}
+
+/// One message ready to go on the wire.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub message_id: Option<String>,
+    pub event_type: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub headers: FieldTable,
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn new(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Self {
+        Outgoing {
+            exchange,
+            routing_key,
+            body,
+            message_id: None,
+            event_type: None,
+            correlation_id: None,
+            reply_to: None,
+            headers: FieldTable::default(),
+        }
+    }
+
+    pub fn header(mut self, key: &str, value: impl Into<String>) -> Self {
+        let value: String = value.into();
+        self.headers
+            .insert(ShortString::from(key), AMQPValue::LongString(value.into()));
+        self
+    }
+}
+
+impl Publisher {
+    /// `name` shows up as the connection name in the RabbitMQ management UI.
+    pub fn new(url: impl Into<String>, name: impl Into<String>, topology: Topology) -> Self {
+        Publisher {
+            url: url.into(),
+            name: name.into(),
+            topology,
+            state: Mutex::new(None),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Connects (if needed) and declares the topology; lets a process fail fast at start-up.
+    pub async fn ensure_connected(&self) -> Result<(), PublishError> {
+        self.channel().await.map(|_| ())
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut state = self.state.lock().await;
+        if let Some((connection, channel)) = state.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let connection = connect(&self.url, &self.name).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        self.topology.declare(&channel).await?;
+        *state = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    async fn forget_channel(&self) {
+        if let Some((connection, _)) = self.state.lock().await.take() {
+            let _ = connection.close(0, "publisher reset".into()).await;
+        }
+    }
+
+    /// Publishes a typed message to the topic exchange under its own routing key.
+    pub async fn publish_event<T: Payload>(
+        &self,
+        event: &CloudEvent<T>,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(event).expect("message types serialise to JSON");
+        let routing_key = event.routing_key();
+        let exchange = self.topology.exchange();
+        let mut message = Outgoing::new(&exchange, &routing_key, &body);
+        message.message_id = Some(event.id.to_string());
+        message.event_type = Some(event.event_type.clone());
+        self.publish(message).await
+    }
+
+    /// Publishes one persistent message and waits for its confirm.
+    pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(message.headers.clone());
+        if let Some(id) = &message.message_id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        if let Some(t) = &message.event_type {
+            properties = properties.with_type(t.as_str().into());
+        }
+        if let Some(c) = &message.correlation_id {
+            properties = properties.with_correlation_id(c.as_str().into());
+        }
+        if let Some(r) = &message.reply_to {
+            properties = properties.with_reply_to(r.as_str().into());
+        }
+        let confirm = async {
+            channel
+                .basic_publish(
+                    message.exchange.into(),
+                    message.routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    message.body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
+            Ok(Err(e)) => Err(PublishError::Broker(e)),
+            Ok(Ok(confirmation)) => classify(confirmation, &message),
+        };
+        if matches!(
+            outcome,
+            Err(PublishError::Broker(_) | PublishError::Timeout(_))
+        ) {
+            // The channel may be dead or wedged: start from a fresh connection next time.
+            self.forget_channel().await;
+        }
+        outcome
+    }
+
+    /// Closes the connection (pending confirms have already been awaited by their callers).
+    pub async fn close(&self) {
+        self.forget_channel().await;
+    }
+}
+
+fn classify(confirmation: Confirmation, message: &Outgoing<'_>) -> Result<(), PublishError> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+            exchange: message.exchange.to_owned(),
+            routing_key: message.routing_key.to_owned(),
+        }),
+        Confirmation::Nack(_) => Err(PublishError::Nacked(message.routing_key.to_owned())),
+        // Unreachable in practice: the channel is put in confirm mode before first use.
+        Confirmation::NotRequested => Ok(()),
+    }
+}

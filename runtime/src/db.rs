@@ -1,0 +1,147 @@
+//! PostgreSQL access shared by every binary: the connection pool (verified recycling and bounded
+//! waits, so a dead server surfaces as an error instead of a hang), dedicated connections for
+//! session-scoped work (leader lock, migrations), and the classification of errors into transient
+//! (retry) and permanent (give up), with one bounded retry helper.
+
+use std::{future::Future, time::Duration};
+
+use backon::{ExponentialBuilder, Retryable};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+};
+use tokio_postgres::{error::SqlState, NoTls};
+
+pub use deadpool_postgres::{Client as PooledClient, Transaction};
+
+/// Builds the pool. Connections are opened lazily; [`ping`] checks reachability.
+pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
+    let pg_config: tokio_postgres::Config = database_url
+        .parse()
+        .map_err(|e| DbError::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+    let manager = Manager::from_config(
+        pg_config,
+        NoTls,
+        ManagerConfig {
+            // Verified: a connection that died while idle (server restart) is replaced before use.
+            recycling_method: RecyclingMethod::Verified,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size.max(1))
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(Duration::from_secs(10)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        })
+        .build()
+        .map_err(|e| DbError::Config(format!("cannot build the PostgreSQL pool: {e}")))
+}
+
+/// Opens a connection outside the pool, for session-scoped state (advisory locks held across
+/// transactions). The connection closes — releasing such locks — when the client is dropped.
+pub async fn connect_dedicated(database_url: &str) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_postgres::connect(database_url, NoTls),
+    )
+    .await
+    .map_err(|_| DbError::Timeout("connecting to PostgreSQL"))??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "dedicated PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// `SELECT 1` through the pool.
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{0}")]
+    Config(String),
+    #[error("PostgreSQL pool: {0}")]
+    Pool(#[from] PoolError),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+}
+
+impl DbError {
+    /// Transient errors are worth retrying: the server is unreachable or restarting, or the
+    /// transaction lost a serialization race or a deadlock.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Config(_) => false,
+            DbError::Pool(_) | DbError::Timeout(_) => true,
+            DbError::Postgres(e) => is_transient_postgres(e),
+        }
+    }
+}
+
+/// See [`DbError::is_transient`].
+pub fn is_transient_postgres(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // No SQLSTATE: an I/O error on the connection.
+        None => true,
+        Some(code) => {
+            *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || code.code().starts_with("08")
+        }
+    }
+}
+
+/// The retry policy for transient database errors: jittered exponential backoff, bounded.
+pub fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(5)
+        .with_jitter()
+}
+
+/// Runs `op` again while it fails with a transient error, at most [`retry_policy`] times.
+pub async fn with_retries<T, E, F, Fut>(op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Transient + std::fmt::Display,
+{
+    op.retry(retry_policy())
+        .sleep(tokio::time::sleep)
+        .when(|e: &E| e.is_transient())
+        .notify(|e: &E, after| tracing::warn!(error = %e, retry_in = ?after, "transient failure, retrying"))
+        .await
+}
+
+/// Errors that know whether retrying can help.
+pub trait Transient {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for DbError {
+    fn is_transient(&self) -> bool {
+        DbError::is_transient(self)
+    }
+}
+
+impl Transient for tokio_postgres::Error {
+    fn is_transient(&self) -> bool {
+        is_transient_postgres(self)
+    }
+}

@@ -1,0 +1,18 @@
+//! The shared runtime of every prebuilds binary — each piece exists once, here:
+//! configuration ([`config`]), logging ([`telemetry`]), the PostgreSQL pool and transaction retry
+//! ([`db`]), the AMQP topology, publisher and consumer supervisor ([`amqp`]), the transactional
+//! outbox and its relay ([`outbox`]), the `/metrics` `/healthz` `/readyz` server ([`http`]),
+//! process-level counters ([`metrics`]), readiness ([`health`]) and graceful shutdown
+//! ([`shutdown`]).
+
+pub mod amqp;
+pub mod config;
+pub mod db;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod outbox;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use health::Health;

@@ -1,0 +1,44 @@
+//! Graceful shutdown: SIGTERM or SIGINT cancels one token that every component watches; components
+//! stop taking work, finish what they hold within the configured bound, then return.
+
+use std::{future::Future, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+pub fn on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received, draining");
+        trigger.cancel();
+    });
+    token
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; only process kill will stop this process");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs `work` to completion, or gives up `bound` after it started; returns whether it finished.
+pub async fn within<F: Future>(bound: Duration, work: F) -> bool {
+    tokio::time::timeout(bound, work).await.is_ok()
+}

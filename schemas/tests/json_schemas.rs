@@ -1,0 +1,92 @@
+//! The checked-in JSON Schemas equal the ones generated from the Rust types, every example message
+//! validates against its schema, and the schemas reject what the decoder rejects.
+//!
+//! To regenerate after changing a message type: `UPDATE_SCHEMAS=1 cargo test -p prebuilds-schemas`.
+
+use std::path::PathBuf;
+
+use prebuilds_schemas::json_schema;
+
+fn json_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("json")
+}
+
+#[test]
+fn checked_in_schemas_match_the_types() {
+    let update = std::env::var_os("UPDATE_SCHEMAS").is_some();
+    let mut drifted = Vec::new();
+    for entry in json_schema::all() {
+        let path = json_dir().join(&entry.file_name);
+        let generated = serde_json::to_string_pretty(&entry.schema).unwrap() + "\n";
+        if update {
+            std::fs::write(&path, &generated).unwrap();
+            continue;
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        if on_disk != generated {
+            drifted.push(entry.file_name);
+        }
+    }
+    assert!(
+        drifted.is_empty(),
+        "schemas/json is out of date for {drifted:?}; run UPDATE_SCHEMAS=1 cargo test -p prebuilds-schemas"
+    );
+}
+
+#[test]
+fn no_stale_schema_files() {
+    let expected: Vec<String> = json_schema::all()
+        .into_iter()
+        .map(|e| e.file_name)
+        .collect();
+    for file in std::fs::read_dir(json_dir()).unwrap() {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            expected.contains(&name),
+            "stale schema file schemas/json/{name}"
+        );
+    }
+}
+
+#[test]
+fn every_example_validates_against_its_schema() {
+    for entry in json_schema::all() {
+        let validator = jsonschema::validator_for(&entry.schema)
+            .unwrap_or_else(|e| panic!("{} is not a valid schema: {e}", entry.file_name));
+        let errors: Vec<String> = validator
+            .iter_errors(&entry.example)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", entry.file_name);
+    }
+}
+
+#[test]
+fn schemas_reject_wrong_type_and_unknown_fields() {
+    for entry in json_schema::all() {
+        let validator = jsonschema::validator_for(&entry.schema).unwrap();
+        let mut wrong_type = entry.example.clone();
+        wrong_type["type"] = "prebuilds.something.else.v1".into();
+        assert!(
+            !validator.is_valid(&wrong_type),
+            "{} accepted a wrong type",
+            entry.file_name
+        );
+
+        let mut extra = entry.example.clone();
+        extra["data"]["unexpected"] = 1.into();
+        assert!(
+            !validator.is_valid(&extra),
+            "{} accepted an unknown data field",
+            entry.file_name
+        );
+
+        let mut missing = entry.example.clone();
+        missing.as_object_mut().unwrap().remove("id");
+        assert!(
+            !validator.is_valid(&missing),
+            "{} accepted a missing id",
+            entry.file_name
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! Per-test AMQP prefixes: the full topology under a unique prefix, deleted on drop.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions,
+        QueueDeleteOptions,
+    },
+    types::FieldTable,
+    Channel, Connection,
+};
+use prebuilds_runtime::amqp::{self, QueueKind, Topology};
+
+pub fn amqp_url() -> String {
+    std::env::var("PREBUILDS_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+#[derive(Debug)]
+pub struct TestBroker {
+    pub url: String,
+    pub topology: Topology,
+    connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestBroker {
+    pub async fn new() -> TestBroker {
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let url = amqp_url();
+        let topology = Topology::new(prefix);
+        let connection = amqp::connect(&url, "test-harness")
+            .await
+            .expect("connect to RabbitMQ (is it running? see .ci/run)");
+        let channel = connection.create_channel().await.expect("channel");
+        topology.declare(&channel).await.expect("declare topology");
+        TestBroker {
+            url,
+            topology,
+            connection,
+            channel,
+        }
+    }
+
+    /// A second harness handle on the same prefix with a fresh connection (after a broker
+    /// restart killed the first one). Dropping it deletes the topology too.
+    pub async fn reconnect(other: &TestBroker) -> TestBroker {
+        let connection = amqp::connect(&other.url, "test-harness")
+            .await
+            .expect("reconnect to RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        TestBroker {
+            url: other.url.clone(),
+            topology: other.topology.clone(),
+            connection,
+            channel,
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        self.topology.prefix()
+    }
+
+    pub fn queue(&self, kind: QueueKind) -> String {
+        self.topology.queue(kind)
+    }
+
+    /// Takes one message from `queue` (acknowledged), waiting up to `timeout`.
+    pub async fn get(
+        &self,
+        queue: &str,
+        timeout: Duration,
+    ) -> Option<lapin::message::BasicGetMessage> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get");
+            if got.is_some() {
+                return got;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Drains `queue` for `window`, returning every body seen.
+    pub async fn drain(&self, queue: &str, window: Duration) -> Vec<lapin::message::Delivery> {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("drain-{}", uuid::Uuid::new_v4().simple())
+                    .as_str()
+                    .into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await
+        {
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            seen.push(delivery);
+        }
+        let _ = channel.close(200, "done".into()).await;
+        seen
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let topology = self.topology.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(conn) = amqp::connect(&url, "test-cleanup").await else {
+                    return;
+                };
+                let Ok(channel) = conn.create_channel().await else {
+                    return;
+                };
+                let mut queues: Vec<String> =
+                    QueueKind::ALL.iter().map(|k| topology.queue(*k)).collect();
+                queues.push(topology.dead_queue());
+                for q in queues {
+                    let _ = channel
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for x in [topology.exchange(), topology.dead_letter_exchange()] {
+                    let _ = channel
+                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}

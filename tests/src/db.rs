@@ -1,0 +1,145 @@
+//! Per-test databases cloned from a migrated template.
+
+use deadpool_postgres::Pool;
+use prebuilds_runtime::db;
+use tokio_postgres::NoTls;
+
+/// Base URL of the server (no database path).
+pub fn server_url() -> String {
+    std::env::var("PREBUILDS_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn database_url(name: &str) -> String {
+    format!("{}/{}", server_url().trim_end_matches('/'), name)
+}
+
+/// A database of its own for one test.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: Pool,
+}
+
+/// Advisory-lock key serialising template creation across concurrently running test processes.
+const TEMPLATE_LOCK: i64 = 0x7465_7374_746d_706c;
+
+fn template_name() -> String {
+    // One template per migration set: changing a migration makes a new template.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for name in prebuilds_schemas::migrations::embedded_names() {
+        for b in name.bytes() {
+            hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    for b in include_str!("../../schemas/migrations/V1__initial.sql").bytes() {
+        hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("prebuilds_test_tmpl_{hash:016x}")
+}
+
+async fn admin() -> tokio_postgres::Client {
+    db::connect_dedicated(&database_url("postgres"))
+        .await
+        .expect("connect to PostgreSQL as postgres (is it running? see .ci/run)")
+}
+
+async fn ensure_template(admin: &tokio_postgres::Client) -> String {
+    let template = template_name();
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("template lock");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+        .await
+        .expect("query pg_database")
+        .is_some();
+    if !exists {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {template}"))
+            .await
+            .expect("create template database");
+        let mut client = db::connect_dedicated(&database_url(&template))
+            .await
+            .expect("connect to template database");
+        prebuilds_schemas::migrations::run(&mut client)
+            .await
+            .expect("migrate template database");
+        drop(client);
+        // Nobody may be connected to a template while it is cloned.
+        admin
+            .execute(
+                "UPDATE pg_database SET datistemplate = true WHERE datname = $1",
+                &[&template],
+            )
+            .await
+            .expect("mark template");
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("template unlock");
+    template
+}
+
+impl TestDb {
+    /// A fresh, migrated database.
+    pub async fn new() -> TestDb {
+        let admin = admin().await;
+        let template = ensure_template(&admin).await;
+        let name = format!("prebuilds_test_{}", uuid::Uuid::new_v4().simple());
+        // CREATE DATABASE … TEMPLATE fails if another session is connected to the template;
+        // retry briefly (another test process may be cloning it at this instant).
+        let mut attempts = 0;
+        loop {
+            match admin
+                .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if attempts < 50 => {
+                    attempts += 1;
+                    tracing::debug!(error = %e, "template busy, retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("create test database: {e}"),
+            }
+        }
+        let url = database_url(&name);
+        let pool = db::pool(&url, 8).expect("pool");
+        TestDb { name, url, pool }
+    }
+
+    /// A dedicated connection to this database.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        db::connect_dedicated(&self.url).await.expect("connect")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        self.pool.close();
+        let name = self.name.clone();
+        let url = database_url("postgres");
+        // Drop runs outside async context guarantees: use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}

@@ -1,0 +1,74 @@
+//! Starting the workspace's real binaries as child processes for end-to-end tests.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::process::{Child, Command};
+
+/// Path of a binary built in this workspace's target directory (`cargo build --bins` first; the
+/// README's test command does).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A running child process, killed (SIGKILL) on drop unless stopped before.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Service {
+    /// Starts `binary` with `args` and extra environment; output goes to the test's stderr.
+    pub fn start(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
+        let mut command = Command::new(binary(binary_name));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn service");
+        Service {
+            name: binary_name.to_owned(),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.pid()?;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let child = self.child.as_mut()?;
+        let status = tokio::time::timeout(timeout, child.wait()).await.ok()?.ok();
+        self.child = None;
+        status
+    }
+
+    /// SIGKILL now.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The AMQP plumbing against the real broker: topology declaration, confirming publisher, the
+//! consumer supervisor's settlement rules and graceful drain.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use prebuilds_runtime::{
+    amqp::{
+        self,
+        consumer::{self, ConsumerContext, Incoming, DEAD_REASON_HEADER},
+        publisher::Outgoing,
+        ConsumerSpec, Handler, HandlerError, PublishError, Publisher, QueueKind, Topology,
+    },
+    metrics::ServiceMetrics,
+    Health,
+};
+use prebuilds_tests::TestBroker;
+use tokio_util::sync::CancellationToken;
+
+fn context(broker: &TestBroker) -> (ConsumerContext, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let metrics = ServiceMetrics::register(&registry).unwrap();
+    let publisher = Arc::new(Publisher::new(
+        &broker.url,
+        "test-publisher",
+        broker.topology.clone(),
+    ));
+    (
+        ConsumerContext {
+            amqp_url: broker.url.clone(),
+            topology: broker.topology.clone(),
+            publisher,
+            metrics,
+            health: Health::default(),
+        },
+        registry,
+    )
+}
+
+fn spec(queue: QueueKind) -> ConsumerSpec {
+    ConsumerSpec {
+        queue,
+        prefetch: 4,
+        connection_name: "test-consumer".into(),
+        drain_timeout: Duration::from_secs(10),
+        transient_retries: 1,
+    }
+}
+
+#[tokio::test]
+async fn two_processes_declare_the_topology_concurrently() {
+    let broker = TestBroker::new().await;
+    let topology = broker.topology.clone();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let topology = topology.clone();
+        let url = broker.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let conn = amqp::connect(&url, &format!("declarer-{i}")).await.unwrap();
+            let channel = conn.create_channel().await.unwrap();
+            topology.declare(&channel).await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("concurrent declaration succeeds without 406");
+    }
+    // And a fresh topology object with the same prefix agrees (no argument drift).
+    let conn = amqp::connect(&broker.url, "again").await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    Topology::new(broker.prefix())
+        .declare(&channel)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unroutable_publish_is_an_error() {
+    let broker = TestBroker::new().await;
+    let publisher = Publisher::new(&broker.url, "test", broker.topology.clone());
+    let exchange = broker.topology.exchange();
+    let err = publisher
+        .publish(Outgoing::new(&exchange, "nobody.listens.here", b"{}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
+    assert!(!err.is_transient());
+    // A routable one still works on the same publisher afterwards.
+    publisher
+        .publish(Outgoing::new(&exchange, "reconcile.preset", b"{}"))
+        .await
+        .unwrap();
+    assert!(broker
+        .get(&broker.queue(QueueKind::Reconcile), Duration::from_secs(5))
+        .await
+        .is_some());
+}
+
+struct Scripted {
+    calls: AtomicUsize,
+    behaviour: fn(&Incoming, usize) -> Result<(), HandlerError>,
+}
+
+impl Handler for Scripted {
+    async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        (self.behaviour)(message, n)
+    }
+}
+
+#[tokio::test]
+async fn permanent_failures_are_dead_lettered_once_with_the_reason() {
+    let broker = TestBroker::new().await;
+    let (ctx, registry) = context(&broker);
+    let handler = Arc::new(Scripted {
+        calls: AtomicUsize::new(0),
+        behaviour: |_, _| {
+            Err(HandlerError::permanent(
+                "schema",
+                "data.preset_id is missing",
+            ))
+        },
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer::run(
+        spec(QueueKind::Reconcile),
+        ctx.clone(),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let exchange = broker.topology.exchange();
+    ctx.publisher
+        .publish(Outgoing::new(
+            &exchange,
+            "reconcile.preset",
+            b"{\"bad\":true}",
+        ))
+        .await
+        .unwrap();
+    let dead = broker
+        .get(&broker.topology.dead_queue(), Duration::from_secs(10))
+        .await
+        .expect("message dead-lettered");
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let reason = headers
+        .inner()
+        .get(DEAD_REASON_HEADER)
+        .expect("reason header");
+    let lapin::types::AMQPValue::LongString(reason) = reason else {
+        panic!("reason header is a string: {reason:?}");
+    };
+    assert_eq!(
+        String::from_utf8_lossy(reason.as_bytes()),
+        "data.preset_id is missing"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        1,
+        "never requeued in a loop"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("prebuilds_dead_lettered_total{queue=\"reconcile\",reason=\"schema\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_then_bounded_by_the_delivery_limit() {
+    let broker = TestBroker::new().await;
+    let (ctx, _registry) = context(&broker);
+    let handler = Arc::new(Scripted {
+        calls: AtomicUsize::new(0),
+        behaviour: |_, _| Err(HandlerError::Transient(anyhow::anyhow!("database is down"))),
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer::run(
+        spec(QueueKind::Reconcile),
+        ctx.clone(),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let exchange = broker.topology.exchange();
+    ctx.publisher
+        .publish(Outgoing::new(&exchange, "reconcile.preset", b"{}"))
+        .await
+        .unwrap();
+    // The broker dead-letters it after DELIVERY_LIMIT requeues: the loop is bounded.
+    let dead = broker
+        .get(&broker.topology.dead_queue(), Duration::from_secs(30))
+        .await
+        .expect("dead-lettered by the delivery limit");
+    assert!(dead
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner()
+        .contains_key("x-death"));
+    let calls = handler.calls.load(Ordering::SeqCst);
+    let limit = prebuilds_runtime::amqp::topology::DELIVERY_LIMIT as usize;
+    // Each delivery: 1 attempt + 1 in-place retry.
+    assert!(
+        calls >= (limit + 1) * 2 - 2 && calls <= (limit + 1) * 2,
+        "calls = {calls}"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_slow_handler_finish_and_acknowledges_it() {
+    let broker = TestBroker::new().await;
+    let (ctx, registry) = context(&broker);
+    struct Slow {
+        started: tokio::sync::Notify,
+        finished: AtomicUsize,
+    }
+    impl Handler for Slow {
+        async fn handle(&self, _message: &Incoming) -> Result<(), HandlerError> {
+            self.started.notify_one();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let handler = Arc::new(Slow {
+        started: tokio::sync::Notify::new(),
+        finished: AtomicUsize::new(0),
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer::run(
+        spec(QueueKind::Reconcile),
+        ctx.clone(),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let exchange = broker.topology.exchange();
+    ctx.publisher
+        .publish(Outgoing::new(&exchange, "reconcile.preset", b"{}"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), handler.started.notified())
+        .await
+        .expect("handler started");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("drained in time")
+        .unwrap();
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 1);
+    // Acknowledged: nothing left to redeliver.
+    assert!(broker
+        .get(
+            &broker.queue(QueueKind::Reconcile),
+            Duration::from_millis(500)
+        )
+        .await
+        .is_none());
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("prebuilds_messages_total{outcome=\"ack\",queue=\"reconcile\"} 1"),
+        "{text}"
+    );
+}
