@@ -50,10 +50,12 @@ pub struct Plan {
     pub backoff_until: Option<DateTime<Utc>>,
     /// The failure history is at the hard limit: creates are skipped at execution.
     pub hard_limited: bool,
-    /// A `prebuild_status` the shell must store: `HardLimited` when the hard limit is reached and
-    /// the stored status is something else; `Healthy` when the stored status is `HardLimited` but
-    /// the history no longer is (an operator removed failed prebuilds), so the pool recovers.
-    /// `ValidationFailed` is only ever set by the shell, on a rejected create.
+    /// A `prebuild_status` the shell must store:
+    /// 1. `healthy` at the hard limit → `HardLimited`;
+    /// 2. `hard_limited` no longer at the limit (an operator removed the failed prebuilds) →
+    ///    `Healthy`, so the pool recovers instead of staying limited forever;
+    /// 3. `validation_failed` never changes here: it is set by the shell on a rejected create and
+    ///    is sticky (a new template version brings new presets).
     pub status_change: Option<PrebuildStatus>,
 }
 
@@ -83,11 +85,13 @@ pub fn plan(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileCon
         .map(|b| b.until(config.backoff_interval))
         .filter(|until| now <= *until);
     let hard_limited = is_hard_limited(snapshot, config);
-    let status_change = match (hard_limited, preset.prebuild_status) {
-        (true, PrebuildStatus::HardLimited)
-        | (false, PrebuildStatus::Healthy | PrebuildStatus::ValidationFailed) => None,
-        (true, _) => Some(PrebuildStatus::HardLimited),
-        (false, PrebuildStatus::HardLimited) => Some(PrebuildStatus::Healthy),
+    let status_change = match (preset.prebuild_status, hard_limited) {
+        (PrebuildStatus::Healthy, true) => Some(PrebuildStatus::HardLimited),
+        (PrebuildStatus::HardLimited, false) => Some(PrebuildStatus::Healthy),
+        // `validation_failed` is sticky: the preset cannot build at all, whatever its history.
+        (PrebuildStatus::ValidationFailed, _)
+        | (PrebuildStatus::Healthy, false)
+        | (PrebuildStatus::HardLimited, true) => None,
     };
 
     let actions = if preset.paused {

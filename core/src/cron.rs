@@ -21,7 +21,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Datelike, TimeZone, Timelike, Weekday};
+use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc, Weekday};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -257,7 +257,7 @@ impl CronSpec {
 }
 
 /// Whether `cron` (a schedule cron, minute `*`) covers the instant `at` in timezone `tz`.
-pub fn matches_cron(cron: &str, tz: Tz, at: DateTime<chrono::Utc>) -> Result<bool, ScheduleError> {
+pub fn matches_cron(cron: &str, tz: Tz, at: DateTime<Utc>) -> Result<bool, ScheduleError> {
     let spec = CronSpec::parse(cron)?;
     Ok(spec.contains(&at.with_timezone(&tz)))
 }

@@ -693,8 +693,9 @@ mod execution {
             )
             .hard_limited
         );
-        // validation_failed is sticky.
+        // validation_failed is sticky, even at the hard limit.
         s.preset.prebuild_status = PrebuildStatus::ValidationFailed;
+        assert_eq!(plan(&s, now(), &cfg).status_change, None);
         assert_eq!(
             plan(
                 &s,

@@ -1,0 +1,11 @@
+//! SQL shared by the prebuilds binaries, each query once: reading per-preset snapshots for the
+//! pure core ([`snapshot`]), the per-preset transaction lock ([`lock`]), and global settings
+//! ([`settings`]). The SQL lives in `src/sql/*.sql`, one file per query, with a comment on every
+//! predicate.
+
+pub mod attention;
+pub mod lock;
+pub mod settings;
+pub mod snapshot;
+
+pub use snapshot::{load_snapshots, PresetView};

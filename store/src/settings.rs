@@ -1,0 +1,25 @@
+//! The global settings row (`prebuilds_settings`): reconciliation pause.
+
+use deadpool_postgres::GenericClient;
+
+pub async fn reconciliation_paused<C: GenericClient>(c: &C) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_opt("SELECT reconciliation_paused FROM prebuilds_settings", &[])
+        .await?;
+    Ok(row.map(|r| r.get(0)).unwrap_or(false))
+}
+
+/// Sets the global pause; returns whether it changed.
+pub async fn set_reconciliation_paused<C: GenericClient>(
+    c: &C,
+    paused: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    let changed = c
+        .execute(
+            "UPDATE prebuilds_settings SET reconciliation_paused = $1, updated_at = now()
+             WHERE reconciliation_paused IS DISTINCT FROM $1",
+            &[&paused],
+        )
+        .await?;
+    Ok(changed > 0)
+}

@@ -1,0 +1,40 @@
+-- Every live prebuild of the given presets with its latest build: the one read from which the
+-- snapshot derives running prebuilds, in-progress counts, pending build-#1 jobs and the failure
+-- history. Driven from the builds index so its cost is per preset, not per table. $1 = preset ids.
+WITH candidates AS (
+    SELECT DISTINCT wb.workspace_id
+    FROM workspace_builds wb
+    WHERE wb.template_version_preset_id = ANY($1)        -- workspaces that ever had a build of these presets
+)
+SELECT cp.preset_id,
+       w.id                 AS workspace_id,
+       w.created_at         AS workspace_created_at,
+       lb.build_number,
+       lb.transition,
+       lb.initiator_id,
+       lb.created_at        AS build_created_at,
+       j.job_status,
+       j.started_at         AS job_started_at,
+       -- ready = every non-deleted agent of the latest build is ready; false when it has none
+       COALESCE((SELECT bool_and(a.lifecycle_state = 'ready')
+                 FROM workspace_agents a
+                 WHERE a.job_id = lb.job_id
+                   AND NOT a.deleted), false) AS ready
+FROM candidates c
+JOIN workspaces w
+  ON w.id = c.workspace_id
+ AND NOT w.deleted                                       -- live workspaces only
+ AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild (a claimed one is the user's)
+JOIN LATERAL (
+    SELECT b.* FROM workspace_builds b
+    WHERE b.workspace_id = w.id
+    ORDER BY b.build_number DESC LIMIT 1                 -- the latest build
+) lb ON true
+JOIN provisioner_jobs j ON j.id = lb.job_id
+JOIN LATERAL (
+    SELECT b.template_version_preset_id AS preset_id FROM workspace_builds b
+    WHERE b.workspace_id = w.id
+      AND b.template_version_preset_id IS NOT NULL       -- delete builds carry no preset
+    ORDER BY b.build_number DESC LIMIT 1                 -- the workspace's current preset
+) cp ON true
+WHERE cp.preset_id = ANY($1)                             -- it belongs to one of these presets now
