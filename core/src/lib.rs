@@ -15,6 +15,7 @@ pub mod claim;
 pub mod cron;
 pub mod failures;
 pub mod names;
+pub mod parameters;
 pub mod schedule;
 pub mod snapshot;
 pub mod state;
@@ -26,6 +27,7 @@ pub use claim::{match_preset, PresetCandidate};
 pub use cron::{matches_cron, CronField, CronSpec, OverlapWitness};
 pub use failures::{backoff, backoff_until, is_hard_limited, Backoff};
 pub use names::{prebuild_name, validate_workspace_name, NameError, MAX_WORKSPACE_NAME_LEN};
+pub use parameters::{build_parameters, ParameterProblem, TemplateParameter};
 pub use schedule::{
     desired_instances, validate_schedules, DesiredCount, DesiredSource, ScheduleError,
 };

@@ -1,17 +1,18 @@
 //! PostgreSQL access shared by every binary: the connection pool (verified recycling and bounded
 //! waits, so a dead server surfaces as an error instead of a hang), dedicated connections for
 //! session-scoped work (leader lock, migrations), and the classification of errors into transient
-//! (retry) and permanent (give up), with one bounded retry helper.
+//! (retry) and permanent (give up) for [`crate::retry`].
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
 use tokio_postgres::{error::SqlState, NoTls};
 
 pub use deadpool_postgres::{Client as PooledClient, Transaction};
+// Retrying is most often about database calls; keep it reachable from here.
+pub use crate::retry::{retry_policy, with_retries, Transient};
 
 /// Builds the pool. Connections are opened lazily; [`ping`] checks reachability.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
@@ -106,41 +107,13 @@ pub fn is_transient_postgres(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// The retry policy for transient database errors: jittered exponential backoff, bounded.
-pub fn retry_policy() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_times(5)
-        .with_jitter()
-}
-
-/// Runs `op` again while it fails with a transient error, at most [`retry_policy`] times.
-pub async fn with_retries<T, E, F, Fut>(op: F) -> Result<T, E>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-    E: Transient + std::fmt::Display,
-{
-    op.retry(retry_policy())
-        .sleep(tokio::time::sleep)
-        .when(|e: &E| e.is_transient())
-        .notify(|e: &E, after| tracing::warn!(error = %e, retry_in = ?after, "transient failure, retrying"))
-        .await
-}
-
-/// Errors that know whether retrying can help.
-pub trait Transient {
-    fn is_transient(&self) -> bool;
-}
-
-impl Transient for DbError {
+impl crate::retry::Transient for DbError {
     fn is_transient(&self) -> bool {
         DbError::is_transient(self)
     }
 }
 
-impl Transient for tokio_postgres::Error {
+impl crate::retry::Transient for tokio_postgres::Error {
     fn is_transient(&self) -> bool {
         is_transient_postgres(self)
     }

@@ -3,7 +3,7 @@
 //! ([`db`]), the AMQP topology, publisher and consumer supervisor ([`amqp`]), the transactional
 //! outbox and its relay ([`outbox`]), the `/metrics` `/healthz` `/readyz` server ([`http`]),
 //! process-level counters ([`metrics`]), readiness ([`health`]) and graceful shutdown
-//! ([`shutdown`]).
+//! ([`shutdown`]), and bounded retries ([`retry`]).
 
 pub mod amqp;
 pub mod config;
@@ -12,6 +12,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -110,7 +110,11 @@ CREATE TABLE workspaces (
     deleted         boolean NOT NULL DEFAULT false,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
-    last_used_at    timestamptz NOT NULL DEFAULT now()
+    last_used_at    timestamptz NOT NULL DEFAULT now(),
+    -- Set (on the workspace row itself) by the statement that queues a delete build. A claim's
+    -- `FOR UPDATE SKIP LOCKED` re-checks the locked row, so it can see this column change even when
+    -- its snapshot predates the delete: a claim and a delete can never both win one workspace.
+    deleting_at     timestamptz
 );
 -- Workspace names are unique per owner among live workspaces (Coder compares case-insensitively).
 CREATE UNIQUE INDEX workspaces_owner_name_live ON workspaces (owner_id, lower(name)) WHERE NOT deleted;
@@ -126,6 +130,8 @@ CREATE TABLE provisioner_jobs (
     completed_at timestamptz,
     canceled_at  timestamptz,
     error        text,
+    -- Resources the plan of this build replaces (from a provisioner's plan_result event).
+    resource_replacements jsonb,
     job_status   text NOT NULL DEFAULT 'pending'
         CHECK (job_status IN ('pending', 'running', 'succeeded', 'failed', 'canceling', 'canceled'))
 );
@@ -172,6 +178,23 @@ CREATE TABLE workspace_agents (
     created_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (job_id, name)
 );
+
+-- Agent lifecycle states only move forward (created → starting → ready|start_error|start_timeout →
+-- shutting_down → off): a delayed, redelivered or reordered event can never move an agent back.
+CREATE FUNCTION agent_lifecycle_rank(state text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE state
+        WHEN 'created' THEN 0
+        WHEN 'starting' THEN 1
+        WHEN 'start_timeout' THEN 2
+        WHEN 'start_error' THEN 2
+        WHEN 'ready' THEN 2
+        WHEN 'shutting_down' THEN 3
+        WHEN 'shutdown_timeout' THEN 4
+        WHEN 'shutdown_error' THEN 4
+        WHEN 'off' THEN 5
+    END
+$$;
 
 CREATE TABLE notification_templates (
     id              uuid PRIMARY KEY,

@@ -54,6 +54,11 @@ impl<T: Payload> CloudEvent<T> {
         self.data.routing_key()
     }
 
+    /// The payload alone as JSON (stored beside the envelope, e.g. as a job's input).
+    pub fn data_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.data).expect("message types serialise to JSON")
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         // Serialising plain data structs to a Value cannot fail (no maps with non-string keys).
         serde_json::to_value(self).expect("message types serialise to JSON")

@@ -93,9 +93,9 @@ pub async fn load_snapshots<C: GenericClient>(
         let template_paused: bool = r.get("template_paused");
         let preset_paused: bool = r.get("preset_paused");
         let mut d = derived.remove(&preset_id).unwrap_or_default();
-        // Newest first, as the core expects (ties broken by id-free stable order of creation).
+        // Newest first, as the core expects.
         d.start_builds
-            .sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            .sort_by_key(|b| std::cmp::Reverse(b.created_at));
         let preset = PresetInfo {
             id: preset_id,
             name: r.get("preset_name"),

@@ -84,3 +84,186 @@ pub async fn template_with_preset<C: GenericClient>(
         preset_id,
     }
 }
+
+/// The latest build a fixture prebuild has.
+#[derive(Debug, Clone)]
+pub struct PrebuildSpec {
+    /// Transition of the latest build (`start` = build #1 only; otherwise build #1 is a successful
+    /// start and build #2 has this transition without a preset, as the reconciler makes them).
+    pub transition: &'static str,
+    pub job_status: &'static str,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Adds one agent, ready or not, to the latest build when it is a successful start.
+    pub ready: bool,
+}
+
+impl PrebuildSpec {
+    pub fn running(created_at: chrono::DateTime<chrono::Utc>) -> Self {
+        PrebuildSpec {
+            transition: "start",
+            job_status: "succeeded",
+            created_at,
+            ready: true,
+        }
+    }
+}
+
+/// Inserts a prebuild of `fx`'s preset (owned by the prebuilds user) and returns its id.
+pub async fn prebuild<C: GenericClient>(c: &C, fx: &PresetFixture, spec: &PrebuildSpec) -> Uuid {
+    prebuild_on(c, fx, fx.version_id, spec).await
+}
+
+/// As [`prebuild`], built on `version_id`.
+pub async fn prebuild_on<C: GenericClient>(
+    c: &C,
+    fx: &PresetFixture,
+    version_id: Uuid,
+    spec: &PrebuildSpec,
+) -> Uuid {
+    let owner = prebuilds_schemas::PREBUILDS_USER_ID;
+    let workspace_id = Uuid::new_v4();
+    let name = format!("prebuild-{}", &workspace_id.simple().to_string()[..15]);
+    c.execute(
+        "INSERT INTO workspaces (id, owner_id, organization_id, template_id, name, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &workspace_id,
+            &owner,
+            &fx.organization_id,
+            &fx.template_id,
+            &name,
+            &spec.created_at,
+        ],
+    )
+    .await
+    .expect("insert workspace");
+    let single = spec.transition == "start";
+    let first_status = if single { spec.job_status } else { "succeeded" };
+    let first_job = insert_job(c, first_status, spec.created_at).await;
+    insert_build(
+        c,
+        workspace_id,
+        version_id,
+        1,
+        "start",
+        first_job,
+        Some(fx.preset_id),
+        spec.created_at,
+    )
+    .await;
+    let latest_job = if single {
+        first_job
+    } else {
+        let job = insert_job(c, spec.job_status, spec.created_at).await;
+        insert_build(
+            c,
+            workspace_id,
+            version_id,
+            2,
+            spec.transition,
+            job,
+            None,
+            spec.created_at,
+        )
+        .await;
+        job
+    };
+    if spec.transition == "start" && spec.job_status == "succeeded" {
+        let state = if spec.ready { "ready" } else { "starting" };
+        c.execute(
+            "INSERT INTO workspace_agents (id, job_id, name, lifecycle_state) VALUES ($1, $2, 'main', $3)",
+            &[&Uuid::new_v4(), &latest_job, &state],
+        )
+        .await
+        .expect("insert agent");
+    }
+    workspace_id
+}
+
+async fn insert_job<C: GenericClient>(
+    c: &C,
+    status: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Uuid {
+    let id = Uuid::new_v4();
+    let done = matches!(status, "succeeded" | "failed" | "canceled");
+    let started = status != "pending";
+    c.execute(
+        "INSERT INTO provisioner_jobs (id, initiator_id, job_status, created_at, started_at, completed_at)
+         VALUES ($1, $2, $3, $4, CASE WHEN $5 THEN $4::timestamptz END, CASE WHEN $6 THEN $4::timestamptz END)",
+        &[&id, &prebuilds_schemas::PREBUILDS_USER_ID, &status, &at, &started, &done],
+    )
+    .await
+    .expect("insert job");
+    id
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_build<C: GenericClient>(
+    c: &C,
+    workspace_id: Uuid,
+    version_id: Uuid,
+    number: i32,
+    transition: &str,
+    job_id: Uuid,
+    preset_id: Option<Uuid>,
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    c.execute(
+        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition,
+                                       initiator_id, job_id, template_version_preset_id, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &Uuid::new_v4(),
+            &workspace_id,
+            &version_id,
+            &number,
+            &transition,
+            &prebuilds_schemas::PREBUILDS_USER_ID,
+            &job_id,
+            &preset_id,
+            &at,
+        ],
+    )
+    .await
+    .expect("insert build");
+}
+
+/// Adds a new version to the fixture's template (with a copy of the preset) and activates it.
+/// Returns the new preset's fixture.
+pub async fn new_active_version<C: GenericClient>(
+    c: &C,
+    fx: &PresetFixture,
+    desired: Option<i32>,
+) -> PresetFixture {
+    let version_id = Uuid::new_v4();
+    let preset_id = Uuid::new_v4();
+    c.execute(
+        "INSERT INTO template_versions (id, template_id, name) VALUES ($1, $2, $3)",
+        &[
+            &version_id,
+            &fx.template_id,
+            &format!("v-{}", &version_id.simple().to_string()[..8]),
+        ],
+    )
+    .await
+    .expect("insert version");
+    c.execute(
+        "INSERT INTO template_version_presets (id, template_version_id, name, desired_instances)
+         VALUES ($1, $2, 'default', $3)",
+        &[&preset_id, &version_id, &desired],
+    )
+    .await
+    .expect("insert preset");
+    c.execute(
+        "UPDATE templates SET active_version_id = $1 WHERE id = $2",
+        &[&version_id, &fx.template_id],
+    )
+    .await
+    .expect("activate");
+    PresetFixture {
+        version_id,
+        preset_id,
+        ..*fx
+    }
+}

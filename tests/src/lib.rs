@@ -13,6 +13,7 @@ pub mod broker;
 pub mod db;
 pub mod fixtures;
 pub mod process;
+pub mod stack;
 
 pub use broker::TestBroker;
 pub use db::TestDb;

@@ -228,7 +228,7 @@ async fn settle<H: Handler>(
 ) {
     let queue_label = spec.queue.suffix();
     let incoming = Incoming::from_delivery(&delivery);
-    let mut delays = crate::db::retry_policy()
+    let mut delays = crate::retry::retry_policy()
         .with_max_times(spec.transient_retries)
         .build();
     let outcome = loop {

@@ -45,6 +45,12 @@ impl PublishError {
     }
 }
 
+impl crate::retry::Transient for PublishError {
+    fn is_transient(&self) -> bool {
+        PublishError::is_transient(self)
+    }
+}
+
 /// A confirming publisher; cheap to share behind an `Arc`, safe to call concurrently.
 #[derive(Debug)]
 pub struct Publisher {

@@ -1,0 +1,527 @@
+//! The worker's reconcile executor against the real database (in-process, so each case controls
+//! the clock-free inputs precisely): idempotence, concurrency, the SPEC.md §2 decision matrix,
+//! version changes, validation failures, TTL expiry and a crash mid-transaction.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{TimeDelta, Utc};
+use prebuilds_core::ReconcileConfig;
+use prebuilds_tests::{
+    fixtures::{self, PrebuildSpec, PresetFixture},
+    stack::{pool_counts, table_counts},
+    TestDb,
+};
+use prebuilds_worker::{
+    metrics::WorkerMetrics,
+    reconcile::{reconcile_preset, ReconcileContext, ReconcileOutcome},
+};
+use uuid::Uuid;
+
+fn context(db: &TestDb) -> ReconcileContext {
+    ReconcileContext {
+        pool: db.pool.clone(),
+        config: ReconcileConfig::default(),
+        metrics: WorkerMetrics::register(&prometheus::Registry::new()).unwrap(),
+        outbox_waker: Arc::new(tokio::sync::Notify::new()),
+        source: "test".into(),
+    }
+}
+
+/// A fresh request: never coalesced.
+async fn reconcile(ctx: &ReconcileContext, preset_id: Uuid) -> ReconcileOutcome {
+    reconcile_preset(ctx, preset_id, Utc::now() + TimeDelta::hours(1))
+        .await
+        .expect("reconcile")
+}
+
+async fn world(db: &TestDb, desired: Option<i32>) -> PresetFixture {
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, &format!("org-{}", Uuid::new_v4().simple())).await;
+    fixtures::template_with_preset(&c, org, "tpl", desired).await
+}
+
+#[tokio::test]
+async fn reconciling_the_same_preset_eight_times_gives_the_same_state() {
+    let db = TestDb::new().await;
+    let fx = world(&db, Some(3)).await;
+    let ctx = context(&db);
+    reconcile(&ctx, fx.preset_id).await;
+    let after_first = table_counts(&db).await;
+    assert_eq!(after_first["workspaces"], 3);
+    assert_eq!(
+        after_first["outbox"], 3,
+        "one provisioner job message per create"
+    );
+    for _ in 0..7 {
+        reconcile(&ctx, fx.preset_id).await;
+    }
+    assert_eq!(table_counts(&db).await, after_first);
+    let counts = pool_counts(&db, fx.preset_id).await;
+    assert_eq!(counts.in_progress, 3);
+}
+
+#[tokio::test]
+async fn concurrent_reconciles_of_one_preset_never_create_more_than_desired() {
+    let db = TestDb::new().await;
+    let fx = world(&db, Some(4)).await;
+    let ctx = context(&db);
+    let runs = (0..16).map(|_| {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { reconcile(&ctx, fx.preset_id).await })
+    });
+    for r in futures::future::join_all(runs).await {
+        r.unwrap();
+    }
+    assert_eq!(pool_counts(&db, fx.preset_id).await.created, 4);
+}
+
+#[tokio::test]
+async fn jobs_older_than_the_last_reconcile_are_coalesced() {
+    let db = TestDb::new().await;
+    let fx = world(&db, Some(1)).await;
+    let ctx = context(&db);
+    reconcile(&ctx, fx.preset_id).await;
+    let stale = reconcile_preset(&ctx, fx.preset_id, Utc::now() - TimeDelta::minutes(5))
+        .await
+        .unwrap();
+    assert_eq!(stale, ReconcileOutcome::Coalesced);
+}
+
+#[tokio::test]
+async fn an_unknown_preset_is_reported_not_retried() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    assert_eq!(
+        reconcile(&ctx, Uuid::new_v4()).await,
+        ReconcileOutcome::UnknownPreset
+    );
+}
+
+/// What the reconciler must do with one existing prebuild of a preset desiring 1 (SPEC.md §2).
+#[derive(Debug, PartialEq, Eq)]
+enum Expect {
+    Nothing,
+    Create,
+    DeleteIt,
+    CancelIt,
+}
+
+fn expected(transition: &str, status: &str, active: bool) -> Expect {
+    let running = transition == "start" && status == "succeeded";
+    let pending_create = transition == "start" && status == "pending";
+    let starting = transition == "start" && matches!(status, "pending" | "running");
+    if !active {
+        return if running {
+            Expect::DeleteIt
+        } else if pending_create {
+            Expect::CancelIt
+        } else {
+            Expect::Nothing
+        };
+    }
+    if running || starting {
+        Expect::Nothing
+    } else {
+        // Failed, canceled, stopped and deleting prebuilds don't count: a replacement is made.
+        Expect::Create
+    }
+}
+
+#[tokio::test]
+async fn every_latest_build_state_on_active_and_inactive_presets_gets_the_spec_action() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "matrix").await;
+    // Old enough to be outside the backoff lookback, so a failed start does not back off.
+    let created_at = Utc::now() - TimeDelta::hours(2);
+    let mut cases = 0;
+    for transition in ["start", "stop", "delete"] {
+        for status in [
+            "pending",
+            "running",
+            "succeeded",
+            "failed",
+            "canceling",
+            "canceled",
+        ] {
+            for (inactive_how, active) in
+                [("active", true), ("old_version", false), ("deleted", false)]
+            {
+                let name = format!("t-{transition}-{status}-{inactive_how}");
+                let fx = fixtures::template_with_preset(&c, org, &name, Some(1)).await;
+                let workspace = fixtures::prebuild(
+                    &c,
+                    &fx,
+                    &PrebuildSpec {
+                        transition,
+                        job_status: status,
+                        created_at,
+                        ready: true,
+                    },
+                )
+                .await;
+                match inactive_how {
+                    "old_version" => {
+                        fixtures::new_active_version(&c, &fx, Some(0)).await;
+                    }
+                    "deleted" => {
+                        c.execute(
+                            "UPDATE templates SET deleted = true WHERE id = $1",
+                            &[&fx.template_id],
+                        )
+                        .await
+                        .unwrap();
+                    }
+                    _ => {}
+                }
+                let outcome = reconcile(&ctx, fx.preset_id).await;
+                let ReconcileOutcome::Reconciled(report) = outcome else {
+                    panic!("{name}: {outcome:?}");
+                };
+                let want = expected(transition, status, active);
+                let got = if report.created > 0 {
+                    Expect::Create
+                } else if report.deleted > 0 {
+                    Expect::DeleteIt
+                } else if report.canceled > 0 {
+                    Expect::CancelIt
+                } else {
+                    Expect::Nothing
+                };
+                assert_eq!(got, want, "{name}: {report:?}");
+                assert!(report.created <= 1, "{name}: never more than desired");
+                // Effects are in the tables, not just in the report.
+                let latest: (String, String, bool) = {
+                    let r = c
+                        .query_one(
+                            "SELECT lb.transition, j.job_status, w.deleted FROM workspaces w
+                             JOIN LATERAL (SELECT * FROM workspace_builds b WHERE b.workspace_id = w.id
+                                           ORDER BY build_number DESC LIMIT 1) lb ON true
+                             JOIN provisioner_jobs j ON j.id = lb.job_id WHERE w.id = $1",
+                            &[&workspace],
+                        )
+                        .await
+                        .unwrap();
+                    (r.get(0), r.get(1), r.get(2))
+                };
+                match want {
+                    Expect::DeleteIt => assert_eq!(
+                        (latest.0.as_str(), latest.1.as_str()),
+                        ("delete", "pending"),
+                        "{name}"
+                    ),
+                    Expect::CancelIt => assert!(latest.2, "{name}: orphan-deleted"),
+                    _ => assert!(!latest.2, "{name}: untouched"),
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 54);
+}
+
+#[tokio::test]
+async fn a_version_change_cancels_pending_creates_and_deletes_running_prebuilds() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let fx = world(&db, Some(3)).await;
+    let c = db.pool.get().await.unwrap();
+    let running = fixtures::prebuild(&c, &fx, &PrebuildSpec::running(Utc::now())).await;
+    reconcile(&ctx, fx.preset_id).await; // creates 2 (pending)
+    assert_eq!(pool_counts(&db, fx.preset_id).await.in_progress, 2);
+
+    let new = fixtures::new_active_version(&c, &fx, Some(2)).await;
+    let ReconcileOutcome::Reconciled(old) = reconcile(&ctx, fx.preset_id).await else {
+        panic!("reconciled")
+    };
+    assert_eq!((old.canceled, old.deleted, old.created), (2, 1, 0));
+    let ReconcileOutcome::Reconciled(fresh) = reconcile(&ctx, new.preset_id).await else {
+        panic!("reconciled")
+    };
+    assert_eq!(
+        fresh.created, 2,
+        "the old preset's drain does not block the new pool"
+    );
+
+    let canceled: i64 = c
+        .query_one(
+            "SELECT count(*) FROM provisioner_jobs j JOIN workspace_builds b ON b.job_id = j.id
+             WHERE b.template_version_preset_id = $1 AND j.job_status = 'canceled'",
+            &[&fx.preset_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(canceled, 2);
+    // Orphan deletes publish nothing; the running one gets a real delete job on the old version.
+    let delete_build: (Uuid, Option<Uuid>) = {
+        let r = c
+            .query_one(
+                "SELECT template_version_id, template_version_preset_id FROM workspace_builds
+                 WHERE workspace_id = $1 AND transition = 'delete'",
+                &[&running],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(delete_build, (fx.version_id, None));
+}
+
+#[tokio::test]
+async fn a_preset_missing_a_required_parameter_ends_validation_failed_with_no_workspace() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let fx = world(&db, Some(2)).await;
+    let c = db.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO template_version_parameters (template_version_id, name, required) VALUES ($1, 'cpus', true)",
+        &[&fx.version_id],
+    )
+    .await
+    .unwrap();
+    let ReconcileOutcome::Reconciled(report) = reconcile(&ctx, fx.preset_id).await else {
+        panic!()
+    };
+    assert!(report.validation_failed);
+    assert_eq!(table_counts(&db).await["workspaces"], 0);
+    let status: String = c
+        .query_one(
+            "SELECT prebuild_status FROM template_version_presets WHERE id = $1",
+            &[&fx.preset_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "validation_failed");
+    // And it stays so: later cycles skip creates.
+    reconcile(&ctx, fx.preset_id).await;
+    assert_eq!(table_counts(&db).await["workspaces"], 0);
+}
+
+#[tokio::test]
+async fn an_unknown_preset_parameter_also_fails_validation_but_a_default_satisfies_required() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let fx = world(&db, Some(1)).await;
+    let c = db.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO template_version_parameters (template_version_id, name, required, default_value)
+         VALUES ($1, 'region', true, 'eu')",
+        &[&fx.version_id],
+    )
+    .await
+    .unwrap();
+    let ReconcileOutcome::Reconciled(ok) = reconcile(&ctx, fx.preset_id).await else {
+        panic!()
+    };
+    assert_eq!(ok.created, 1);
+
+    let fx2 = world(&db, Some(1)).await;
+    c.execute(
+        "INSERT INTO template_version_preset_parameters (template_version_preset_id, name, value) VALUES ($1, 'gpus', '1')",
+        &[&fx2.preset_id],
+    )
+    .await
+    .unwrap();
+    let ReconcileOutcome::Reconciled(bad) = reconcile(&ctx, fx2.preset_id).await else {
+        panic!()
+    };
+    assert!(bad.validation_failed);
+    assert_eq!(bad.created, 0);
+}
+
+#[tokio::test]
+async fn ttl_expired_prebuilds_are_deleted_and_replaced() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let fx = world(&db, Some(2)).await;
+    let c = db.pool.get().await.unwrap();
+    c.execute(
+        "UPDATE template_version_presets SET invalidate_after_secs = 60 WHERE id = $1",
+        &[&fx.preset_id],
+    )
+    .await
+    .unwrap();
+    let old = fixtures::prebuild(
+        &c,
+        &fx,
+        &PrebuildSpec::running(Utc::now() - TimeDelta::minutes(5)),
+    )
+    .await;
+    let _fresh = fixtures::prebuild(&c, &fx, &PrebuildSpec::running(Utc::now())).await;
+    let ReconcileOutcome::Reconciled(report) = reconcile(&ctx, fx.preset_id).await else {
+        panic!()
+    };
+    assert_eq!((report.deleted, report.created), (1, 1));
+    let deleting: bool = c
+        .query_one(
+            "SELECT deleting_at IS NOT NULL FROM workspaces WHERE id = $1",
+            &[&old],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deleting);
+}
+
+#[tokio::test]
+async fn paused_presets_get_no_actions_at_any_scope() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let c = db.pool.get().await.unwrap();
+    for scope in ["global", "template", "preset"] {
+        let fx = world(&db, Some(1)).await;
+        match scope {
+            "global" => {
+                c.execute(
+                    "UPDATE prebuilds_settings SET reconciliation_paused = true",
+                    &[],
+                )
+                .await
+            }
+            "template" => {
+                c.execute(
+                    "UPDATE templates SET paused = true WHERE id = $1",
+                    &[&fx.template_id],
+                )
+                .await
+            }
+            _ => {
+                c.execute(
+                    "UPDATE template_version_presets SET paused = true WHERE id = $1",
+                    &[&fx.preset_id],
+                )
+                .await
+            }
+        }
+        .unwrap();
+        let ReconcileOutcome::Reconciled(report) = reconcile(&ctx, fx.preset_id).await else {
+            panic!()
+        };
+        assert_eq!(report.created, 0, "{scope}");
+        c.execute(
+            "UPDATE prebuilds_settings SET reconciliation_paused = false",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_hard_limited_preset_creates_nothing_but_still_deletes() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let fx = world(&db, Some(1)).await;
+    let c = db.pool.get().await.unwrap();
+    // Three failed creates, outside the backoff window: the hard limit (3) is reached.
+    for _ in 0..3 {
+        fixtures::prebuild(
+            &c,
+            &fx,
+            &PrebuildSpec {
+                transition: "start",
+                job_status: "failed",
+                created_at: Utc::now() - TimeDelta::hours(2),
+                ready: false,
+            },
+        )
+        .await;
+    }
+    // Two older running ones: with desired 1, one is extraneous and must still be deleted.
+    fixtures::prebuild(
+        &c,
+        &fx,
+        &PrebuildSpec::running(Utc::now() - TimeDelta::hours(4)),
+    )
+    .await;
+    fixtures::prebuild(
+        &c,
+        &fx,
+        &PrebuildSpec::running(Utc::now() - TimeDelta::hours(3)),
+    )
+    .await;
+    let ReconcileOutcome::Reconciled(report) = reconcile(&ctx, fx.preset_id).await else {
+        panic!()
+    };
+    assert_eq!((report.created, report.deleted), (0, 1));
+    let status: String = c
+        .query_one(
+            "SELECT prebuild_status FROM template_version_presets WHERE id = $1",
+            &[&fx.preset_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "hard_limited");
+}
+
+#[tokio::test]
+async fn a_recent_failure_backs_the_preset_off() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let fx = world(&db, Some(1)).await;
+    let c = db.pool.get().await.unwrap();
+    fixtures::prebuild(
+        &c,
+        &fx,
+        &PrebuildSpec {
+            transition: "start",
+            job_status: "failed",
+            created_at: Utc::now(),
+            ready: false,
+        },
+    )
+    .await;
+    let ReconcileOutcome::Reconciled(report) = reconcile(&ctx, fx.preset_id).await else {
+        panic!()
+    };
+    assert_eq!(report.created, 0, "backing off");
+}
+
+#[tokio::test]
+async fn a_crash_mid_transaction_leaves_no_partial_effect() {
+    let db = TestDb::new().await;
+    let fx = world(&db, Some(3)).await;
+    // The victim has its own connections, like a separate worker process.
+    let ctx = ReconcileContext {
+        pool: prebuilds_runtime::db::pool(&db.url, 2).unwrap(),
+        ..context(&db)
+    };
+    // Hold the row the reconcile writes last, so it blocks after writing its creates.
+    let blocker_client = db.connect().await;
+    blocker_client
+        .batch_execute(&format!(
+            "INSERT INTO preset_reconcile_state VALUES ('{}', '2000-01-01');
+             BEGIN; SELECT * FROM preset_reconcile_state FOR UPDATE;",
+            fx.preset_id
+        ))
+        .await
+        .unwrap();
+    let running = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { reconcile(&ctx, fx.preset_id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill it: aborting the task drops its connection mid-transaction, as a SIGKILL would.
+    running.abort();
+    let _ = running.await;
+    ctx.pool.close();
+    blocker_client.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counts = table_counts(&db).await;
+    assert_eq!(
+        (counts["workspaces"], counts["outbox"]),
+        (0, 0),
+        "nothing half-made"
+    );
+    // The job is redone (by another worker: a fresh pool).
+    let again = ReconcileContext {
+        pool: prebuilds_runtime::db::pool(&db.url, 4).unwrap(),
+        ..ctx
+    };
+    reconcile(&again, fx.preset_id).await;
+    assert_eq!(table_counts(&db).await["workspaces"], 3);
+}

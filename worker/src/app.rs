@@ -1,0 +1,170 @@
+//! Wiring of one worker process: the PostgreSQL pool, a publisher (outbox relay, replies, dead
+//! letters), the outbox relay, one supervised consumer per queue (reconcile, provisioner events,
+//! claims), the metrics/health server, and graceful shutdown.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use prebuilds_runtime::{
+    amqp::{
+        consumer::{self, ConsumerContext},
+        ConsumerSpec, Publisher, QueueKind, Topology,
+    },
+    db,
+    metrics::ServiceMetrics,
+    outbox::{Relay, RelayConfig},
+    Health,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    claims::{ClaimsContext, ClaimsHandler},
+    config::WorkerArgs,
+    events::{EventsContext, EventsHandler},
+    metrics::WorkerMetrics,
+    reconcile::{ReconcileContext, ReconcileHandler},
+};
+
+/// Runs the worker until `shutdown` is cancelled, then drains within the configured bound.
+pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let service_metrics = ServiceMetrics::register(&registry)?;
+    let worker_metrics = WorkerMetrics::register(&registry)?;
+    let health = Health::default();
+    let source = crate::event_source();
+
+    let pool = db::pool(&args.connection.database_url, args.connection.db_pool_size)?;
+    prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
+        .await
+        .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
+    health.set_database(true);
+
+    let topology = Topology::new(&args.connection.amqp_prefix);
+    let publisher = Arc::new(Publisher::new(
+        &args.connection.amqp_url,
+        format!("{source}/publisher"),
+        topology.clone(),
+    ));
+    prebuilds_runtime::retry::with_retries(|| publisher.ensure_connected())
+        .await
+        .context("RabbitMQ is unreachable (check AMQP_URL and that the broker is running)")?;
+
+    let (metrics_addr, http) = prebuilds_runtime::http::serve(
+        args.service.metrics_addr,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {}", args.service.metrics_addr))?;
+    tracing::info!(%metrics_addr, prefix = %topology.prefix(), "worker starting");
+
+    let relay = Relay::new(pool.clone(), publisher.clone(), RelayConfig::default())
+        .with_metrics(service_metrics.clone());
+    let waker = relay.waker();
+
+    // Consumers stop first; the relay stops after them so everything they committed is flushed.
+    let consumers_stop = shutdown.child_token();
+    let relay_stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(relay.run(relay_stop.clone()));
+    tasks.spawn(watch_database(
+        pool.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+
+    let consumer_context = ConsumerContext {
+        amqp_url: args.connection.amqp_url.clone(),
+        topology: topology.clone(),
+        publisher: publisher.clone(),
+        metrics: service_metrics.clone(),
+        health: health.clone(),
+    };
+    let spec = |queue: QueueKind| ConsumerSpec {
+        queue,
+        prefetch: args.worker_concurrency,
+        connection_name: format!("{source}/{}", queue.suffix()),
+        drain_timeout: args.service.shutdown_timeout,
+        transient_retries: 3,
+    };
+    let reconcile = Arc::new(ReconcileHandler {
+        context: ReconcileContext {
+            pool: pool.clone(),
+            config: args.core_config(),
+            metrics: worker_metrics.clone(),
+            outbox_waker: waker.clone(),
+            source: source.clone(),
+        },
+    });
+    let events = Arc::new(EventsHandler {
+        context: EventsContext {
+            pool: pool.clone(),
+            metrics: worker_metrics.clone(),
+            outbox_waker: waker.clone(),
+            source: source.clone(),
+        },
+    });
+    let claims = Arc::new(ClaimsHandler {
+        context: ClaimsContext {
+            pool: pool.clone(),
+            publisher: publisher.clone(),
+            metrics: worker_metrics.clone(),
+            outbox_waker: waker.clone(),
+            source: source.clone(),
+        },
+    });
+    let consumers = TaskTracker::new();
+    consumers.spawn(consumer::run(
+        spec(QueueKind::Reconcile),
+        consumer_context.clone(),
+        reconcile,
+        consumers_stop.clone(),
+    ));
+    consumers.spawn(consumer::run(
+        spec(QueueKind::ProvisionerEvents),
+        consumer_context.clone(),
+        events,
+        consumers_stop.clone(),
+    ));
+    consumers.spawn(consumer::run(
+        spec(QueueKind::Claims),
+        consumer_context,
+        claims,
+        consumers_stop.clone(),
+    ));
+    consumers.close();
+
+    shutdown.cancelled().await;
+    health.set_draining();
+    tracing::info!("draining");
+    // Each consumer bounds its own drain by the shutdown timeout.
+    consumers.wait().await;
+    relay_stop.cancel();
+    tasks.close();
+    let _ =
+        prebuilds_runtime::shutdown::within(std::time::Duration::from_secs(10), tasks.wait()).await;
+    publisher.close().await;
+    let _ = http.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Keeps `/readyz` honest about the database.
+async fn watch_database(
+    pool: deadpool_postgres::Pool,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let up = tokio::time::timeout(std::time::Duration::from_secs(3), db::ping(&pool))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        health.set_database(up);
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Provisioner events (`<prefix>.provisioner-events`) → database. Each event is applied in one
+//! transaction together with the record of its id (`processed_messages`), so a redelivered event is
+//! acknowledged without effect. Events of one job are serialized by locking the job row; state only
+//! moves forward (a completed job never goes back to running, an agent never back from ready), so
+//! reordered events are harmless.
+//!
+//! Event-driven replenishment: a completed prebuild build or an agent becoming ready queues an
+//! immediate reconcile of the preset through the outbox instead of waiting for the next tick.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use deadpool_postgres::{Pool, Transaction};
+use prebuilds_runtime::{
+    amqp::{consumer::Incoming, Handler, HandlerError},
+    db::DbError,
+    outbox,
+};
+use prebuilds_schemas::{
+    AgentLifecycle, AgentLifecycleState, CloudEvent, JobCompleted, JobLog, JobOutcome,
+    Notification, PlanResult, ProvisionerEvent, RawEvent, ReconcileReason, ResourceReplacement,
+    PREBUILDS_USER_ID, RESOURCE_REPLACED_TEMPLATE_ID,
+};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::metrics::WorkerMetrics;
+
+/// Consumer name under which event ids are recorded.
+const CONSUMER: &str = "provisioner-events";
+
+#[derive(Debug, Clone)]
+pub struct EventsContext {
+    pub pool: Pool,
+    pub metrics: WorkerMetrics,
+    pub outbox_waker: Arc<Notify>,
+    pub source: String,
+}
+
+#[derive(Debug)]
+pub struct EventsHandler {
+    pub context: EventsContext,
+}
+
+/// How an event was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    Duplicate,
+    /// Valid but superseded (e.g. `job_started` for a completed job): recorded, no effect.
+    Stale,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("unknown provisioner job {0}")]
+    UnknownJob(Uuid),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for EventError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        EventError::Db(e.into())
+    }
+}
+
+impl Handler for EventsHandler {
+    async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
+        let raw = RawEvent::parse(&message.body)
+            .map_err(|e| HandlerError::permanent("envelope", e.to_string()))?;
+        let (id, event) = ProvisionerEvent::decode(raw)
+            .map_err(|e| HandlerError::permanent("schema", e.to_string()))?;
+        match apply(&self.context, id, &event).await {
+            Ok(_) => Ok(()),
+            Err(EventError::UnknownJob(job)) => Err(HandlerError::permanent(
+                "unknown_id",
+                format!("unknown provisioner job {job}"),
+            )),
+            Err(EventError::Db(e)) => Err(HandlerError::Transient(e.into())),
+        }
+    }
+}
+
+fn kind(event: &ProvisionerEvent) -> &'static str {
+    match event {
+        ProvisionerEvent::JobStarted(_) => "job_started",
+        ProvisionerEvent::PlanResult(_) => "plan_result",
+        ProvisionerEvent::JobCompleted(_) => "job_completed",
+        ProvisionerEvent::AgentLifecycle(_) => "agent_lifecycle",
+        ProvisionerEvent::JobLog(_) => "job_log",
+    }
+}
+
+/// The job row an event refers to.
+struct JobContext {
+    workspace_id: Option<Uuid>,
+    transition: Option<String>,
+    stage: Option<String>,
+    owner_id: Option<Uuid>,
+    preset_id: Option<Uuid>,
+}
+
+impl JobContext {
+    /// Whether the workspace is (still) a prebuild, whose pool a change of this job affects.
+    fn is_prebuild(&self) -> bool {
+        self.owner_id == Some(PREBUILDS_USER_ID)
+    }
+}
+
+/// Applies one event in its own transaction.
+pub async fn apply(
+    ctx: &EventsContext,
+    event_id: Uuid,
+    event: &ProvisionerEvent,
+) -> Result<Applied, EventError> {
+    let mut client = ctx.pool.get().await.map_err(DbError::from)?;
+    let tx = client.transaction().await?;
+    let first_time = tx
+        .execute(
+            "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+            &[&CONSUMER, &event_id],
+        )
+        .await?
+        == 1;
+    if !first_time {
+        tx.commit().await?;
+        record(ctx, event, Applied::Duplicate);
+        return Ok(Applied::Duplicate);
+    }
+    let job_id = event.job_id();
+    let Some(row) = tx
+        .query_opt(include_str!("sql/job_for_event.sql"), &[&job_id])
+        .await?
+    else {
+        // Rolled back: the id stays unrecorded, and the message is dead-lettered.
+        return Err(EventError::UnknownJob(job_id));
+    };
+    let job = JobContext {
+        workspace_id: row.get("workspace_id"),
+        transition: row.get("transition"),
+        stage: row.get("stage"),
+        owner_id: row.get("owner_id"),
+        preset_id: row.get("preset_id"),
+    };
+    let mut wake = false;
+    let applied = match event {
+        ProvisionerEvent::JobStarted(e) => {
+            let n = tx
+                .execute(
+                    include_str!("sql/job_started.sql"),
+                    &[&e.job_id, &e.started_at],
+                )
+                .await?;
+            changed(n)
+        }
+        ProvisionerEvent::JobCompleted(e) => {
+            let applied = job_completed(&tx, e, &job).await?;
+            if applied == Applied::Applied && job.is_prebuild() {
+                wake |= request_reconcile(&tx, ctx, &job).await?;
+            }
+            applied
+        }
+        ProvisionerEvent::AgentLifecycle(e) => {
+            let applied = agent_lifecycle(&tx, e).await?;
+            if applied == Applied::Applied
+                && e.lifecycle_state == AgentLifecycleState::Ready
+                && job.is_prebuild()
+            {
+                wake |= request_reconcile(&tx, ctx, &job).await?;
+            }
+            applied
+        }
+        ProvisionerEvent::JobLog(e) => {
+            job_log(&tx, e).await?;
+            Applied::Applied
+        }
+        ProvisionerEvent::PlanResult(e) => {
+            let (applied, notified) = plan_result(&tx, ctx, e, &job).await?;
+            wake |= notified;
+            applied
+        }
+    };
+    tx.commit().await?;
+    if wake {
+        ctx.outbox_waker.notify_one();
+    }
+    record(ctx, event, applied);
+    Ok(applied)
+}
+
+fn changed(rows: u64) -> Applied {
+    if rows > 0 {
+        Applied::Applied
+    } else {
+        Applied::Stale
+    }
+}
+
+fn record(ctx: &EventsContext, event: &ProvisionerEvent, applied: Applied) {
+    let result = match applied {
+        Applied::Applied => "applied",
+        Applied::Duplicate => "duplicate",
+        Applied::Stale => "stale",
+    };
+    ctx.metrics
+        .provisioner_events
+        .with_label_values(&[kind(event), result])
+        .inc();
+}
+
+async fn job_completed(
+    tx: &Transaction<'_>,
+    e: &JobCompleted,
+    job: &JobContext,
+) -> Result<Applied, EventError> {
+    let error = e.error.as_deref().map(sanitize);
+    let n = tx
+        .execute(
+            include_str!("sql/job_completed.sql"),
+            &[&e.job_id, &e.status.as_str(), &e.completed_at, &error],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(Applied::Stale);
+    }
+    for agent in &e.agents {
+        tx.execute(
+            include_str!("sql/agent_upsert.sql"),
+            &[
+                &Uuid::new_v4(),
+                &e.job_id,
+                &sanitize(&agent.name),
+                &"created",
+            ],
+        )
+        .await?;
+    }
+    // A successful delete build ends the workspace.
+    if e.status == JobOutcome::Succeeded && job.transition.as_deref() == Some("delete") {
+        if let Some(workspace_id) = job.workspace_id {
+            tx.execute(
+                "UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1",
+                &[&workspace_id],
+            )
+            .await?;
+        }
+    }
+    Ok(Applied::Applied)
+}
+
+async fn agent_lifecycle(tx: &Transaction<'_>, e: &AgentLifecycle) -> Result<Applied, EventError> {
+    let n = tx
+        .execute(
+            include_str!("sql/agent_upsert.sql"),
+            &[
+                &Uuid::new_v4(),
+                &e.job_id,
+                &sanitize(&e.agent_name),
+                &e.lifecycle_state.as_str(),
+            ],
+        )
+        .await?;
+    Ok(changed(n))
+}
+
+async fn job_log(tx: &Transaction<'_>, e: &JobLog) -> Result<(), EventError> {
+    if e.logs.is_empty() {
+        return Ok(());
+    }
+    let created: Vec<_> = e.logs.iter().map(|l| l.created_at).collect();
+    let levels: Vec<&str> = e.logs.iter().map(|l| l.level.as_str()).collect();
+    let stages: Vec<String> = e.logs.iter().map(|l| sanitize(&l.stage)).collect();
+    let outputs: Vec<String> = e.logs.iter().map(|l| sanitize(&l.output)).collect();
+    tx.execute(
+        include_str!("sql/job_logs.sql"),
+        &[&e.job_id, &created, &levels, &stages, &outputs],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records a plan's resource replacements. For a claim build with replacements (the first time
+/// they are recorded): WARN lines in the job log, the replacements counter, and one notification
+/// per template admin through the outbox. Returns (applied, wrote outbox rows).
+async fn plan_result(
+    tx: &Transaction<'_>,
+    ctx: &EventsContext,
+    e: &PlanResult,
+    job: &JobContext,
+) -> Result<(Applied, bool), EventError> {
+    // `coder_*` resources are the platform's own bookkeeping, never drift.
+    let replacements: Vec<&ResourceReplacement> = e
+        .resource_replacements
+        .iter()
+        .filter(|r| !resource_type(&r.resource).starts_with("coder_"))
+        .collect();
+    let stored = serde_json::to_value(&replacements).expect("replacements serialise");
+    let first = tx
+        .execute(
+            "UPDATE provisioner_jobs SET resource_replacements = $2, updated_at = now()
+             WHERE id = $1 AND resource_replacements IS NULL",
+            &[&e.job_id, &stored],
+        )
+        .await?
+        == 1;
+    if !first {
+        return Ok((Applied::Stale, false));
+    }
+    if replacements.is_empty() || job.stage.as_deref() != Some("claim") {
+        return Ok((Applied::Applied, false));
+    }
+    let Some(names) = tx
+        .query_opt(include_str!("sql/claim_build_context.sql"), &[&e.job_id])
+        .await?
+    else {
+        tracing::warn!(job_id = %e.job_id, "claim build has no prebuild preset; replacements recorded without notification");
+        return Ok((Applied::Applied, false));
+    };
+    let workspace: String = names.get("workspace");
+    let claimant: String = names.get("claimant");
+    let organization: String = names.get("organization");
+    let template: String = names.get("template");
+    let template_version: String = names.get("template_version");
+    let preset: String = names.get("preset");
+    let build_number: i32 = names.get("build_number");
+
+    let now = chrono::Utc::now();
+    let lines: Vec<String> = replacements
+        .iter()
+        .map(|r| {
+            format!(
+                "resource {} was replaced on claim (forced by: {}); add these attributes to lifecycle.ignore_changes to keep the prebuild",
+                r.resource,
+                r.paths.join(", ")
+            )
+        })
+        .collect();
+    let created: Vec<_> = lines.iter().map(|_| now).collect();
+    let levels: Vec<&str> = lines.iter().map(|_| "warn").collect();
+    let stages: Vec<&str> = lines.iter().map(|_| "plan").collect();
+    tx.execute(
+        include_str!("sql/job_logs.sql"),
+        &[&e.job_id, &created, &levels, &stages, &lines],
+    )
+    .await?;
+    ctx.metrics
+        .resource_replacements
+        .with_label_values(&[&template, &preset, &organization])
+        .inc();
+
+    let labels: BTreeMap<String, String> = [
+        ("org", organization.clone()),
+        ("workspace", workspace),
+        ("template", template),
+        ("template_version", template_version),
+        ("preset", preset),
+        ("workspace_build_num", build_number.to_string()),
+        ("claimant", claimant),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let replaced: BTreeMap<&str, String> = replacements
+        .iter()
+        .map(|r| (r.resource.as_str(), r.paths.join(",")))
+        .collect();
+    let data = serde_json::json!({ "replacements": replaced });
+    let admins = tx
+        .query(
+            "SELECT id FROM users WHERE 'template-admin' = ANY(rbac_roles) ORDER BY id",
+            &[],
+        )
+        .await?;
+    let mut queued = false;
+    for admin in admins {
+        let user_id: Uuid = admin.get(0);
+        let notification_id = Uuid::new_v4();
+        let payload = serde_json::json!({ "labels": labels, "data": data });
+        // One build has one job: (job, recipient) identifies (build, admin).
+        let key = format!("resource_replaced:{}:{user_id}", e.job_id);
+        let inserted = tx
+            .query_opt(
+                include_str!("sql/insert_notification.sql"),
+                &[
+                    &notification_id,
+                    &RESOURCE_REPLACED_TEMPLATE_ID,
+                    &user_id,
+                    &payload,
+                    &key,
+                ],
+            )
+            .await?;
+        if inserted.is_none() {
+            continue;
+        }
+        let message = CloudEvent::new(
+            ctx.source.clone(),
+            now,
+            Notification {
+                notification_id,
+                notification_template_id: RESOURCE_REPLACED_TEMPLATE_ID,
+                user_id,
+                labels: labels.clone(),
+                data: data.clone(),
+            },
+        );
+        outbox::enqueue(tx, &message).await?;
+        queued = true;
+    }
+    Ok((Applied::Applied, queued))
+}
+
+/// `module.x.aws_instance.web[0]` → `aws_instance`.
+fn resource_type(address: &str) -> &str {
+    let mut parts = address.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if part == "module" || part == "data" {
+            // `module.<name>` pairs and the `data.` prefix come before the type.
+            if part == "module" {
+                parts.next();
+            }
+            continue;
+        }
+        return part;
+    }
+    address
+}
+
+/// Queues an immediate reconcile of the job's preset; returns whether it wrote to the outbox.
+async fn request_reconcile(
+    tx: &Transaction<'_>,
+    ctx: &EventsContext,
+    job: &JobContext,
+) -> Result<bool, EventError> {
+    let Some(preset_id) = job.preset_id else {
+        return Ok(false);
+    };
+    prebuilds_store::attention::request_reconciles(
+        tx,
+        &[preset_id],
+        ReconcileReason::JobCompleted,
+        &ctx.source,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// PostgreSQL text cannot hold NUL; everything else is stored literally.
+fn sanitize(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_types_are_read_from_addresses() {
+        assert_eq!(
+            resource_type("docker_container.workspace[0]"),
+            "docker_container"
+        );
+        assert_eq!(resource_type("module.dev.aws_instance.web"), "aws_instance");
+        assert_eq!(resource_type("data.coder_parameter.x"), "coder_parameter");
+        assert_eq!(resource_type("coder_agent.main"), "coder_agent");
+    }
+}

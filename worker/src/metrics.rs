@@ -1,0 +1,92 @@
+//! The worker's own metrics (SPEC.md §5 "per process"), registered on the process registry.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    /// `coderd_prebuilds_reconciliation_duration_seconds`: one observation per preset job.
+    pub reconcile_duration: Histogram,
+    /// `prebuilds_reconcile_jobs_total{result}`: reconciled, coalesced, unknown_preset.
+    pub reconcile_jobs: IntCounterVec,
+    /// `prebuilds_reconcile_actions_total{action}`: prebuilds created / deleted / canceled.
+    pub reconcile_actions: IntCounterVec,
+    /// `coderd_prebuilt_workspace_claim_duration_seconds{organization_name,template_name,preset_name}`:
+    /// claim request received → reply sent.
+    pub claim_duration: HistogramVec,
+    /// `prebuilds_claims_total{outcome}`.
+    pub claims: IntCounterVec,
+    /// `coderd_prebuilt_workspaces_resource_replacements_total{template_name,preset_name,organization_name}`.
+    pub resource_replacements: IntCounterVec,
+    /// `prebuilds_provisioner_events_total{kind,result}`: applied, duplicate, stale.
+    pub provisioner_events: IntCounterVec,
+}
+
+impl WorkerMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let reconcile_duration = Histogram::with_opts(HistogramOpts::new(
+            "coderd_prebuilds_reconciliation_duration_seconds",
+            "Duration of one preset's reconcile job (lock, snapshot, plan, execute, commit).",
+        ))?;
+        let reconcile_jobs = IntCounterVec::new(
+            Opts::new(
+                "prebuilds_reconcile_jobs_total",
+                "Reconcile jobs by result.",
+            ),
+            &["result"],
+        )?;
+        let reconcile_actions = IntCounterVec::new(
+            Opts::new(
+                "prebuilds_reconcile_actions_total",
+                "Prebuild operations queued by reconciles, by action.",
+            ),
+            &["action"],
+        )?;
+        let claim_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "coderd_prebuilt_workspace_claim_duration_seconds",
+                "Time from a claim request's arrival to its reply.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["organization_name", "template_name", "preset_name"],
+        )?;
+        let claims = IntCounterVec::new(
+            Opts::new(
+                "prebuilds_claims_total",
+                "Claim requests answered, by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let resource_replacements = IntCounterVec::new(
+            Opts::new(
+                "coderd_prebuilt_workspaces_resource_replacements_total",
+                "Claims whose build replaced resources of the prebuilt workspace.",
+            ),
+            &["template_name", "preset_name", "organization_name"],
+        )?;
+        let provisioner_events = IntCounterVec::new(
+            Opts::new(
+                "prebuilds_provisioner_events_total",
+                "Provisioner events by kind and result.",
+            ),
+            &["kind", "result"],
+        )?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(reconcile_jobs.clone()))?;
+        registry.register(Box::new(reconcile_actions.clone()))?;
+        registry.register(Box::new(claim_duration.clone()))?;
+        registry.register(Box::new(claims.clone()))?;
+        registry.register(Box::new(resource_replacements.clone()))?;
+        registry.register(Box::new(provisioner_events.clone()))?;
+        Ok(WorkerMetrics {
+            reconcile_duration,
+            reconcile_jobs,
+            reconcile_actions,
+            claim_duration,
+            claims,
+            resource_replacements,
+            provisioner_events,
+        })
+    }
+}

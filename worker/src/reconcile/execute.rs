@@ -1,0 +1,344 @@
+//! Executing a preset's plan inside the reconcile transaction. Every effect a provisioner must act
+//! on is written to the outbox in the same transaction, so a crash before commit leaves nothing
+//! behind and a crash after commit loses nothing.
+//!
+//! Safety checks at execution time (defence in depth on top of the plan):
+//! - creates are re-derived by `prebuilds_core::creates_to_execute` (clamped to the desired count,
+//!   skipped when hard-limited, validation-failed or paused);
+//! - the preset's parameters are validated once per cycle before the first create; a problem marks
+//!   the preset `validation_failed` and no create of the cycle is attempted;
+//! - a delete marks and locks the workspace row in one guarded statement, so a claimed workspace
+//!   is never deleted.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+use prebuilds_core::{Action, Plan, PrebuildStatus, TemplateParameter};
+use prebuilds_runtime::{db::DbError, outbox};
+use prebuilds_schemas::{
+    BuildStage, CloudEvent, Parameter, ProvisionerJob, Transition, PREBUILDS_USER_ID,
+};
+use prebuilds_store::PresetView;
+use uuid::Uuid;
+
+use super::ReconcileContext;
+
+/// What one execution did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutionReport {
+    pub created: u32,
+    pub deleted: u32,
+    /// Deletes refused because the workspace was claimed (or already deleting) meanwhile.
+    pub delete_skipped: u32,
+    pub canceled: u32,
+    pub validation_failed: bool,
+    pub outbox_rows: u32,
+}
+
+pub async fn execute(
+    tx: &Transaction<'_>,
+    ctx: &ReconcileContext,
+    view: &PresetView,
+    plan: &Plan,
+    now: DateTime<Utc>,
+) -> Result<ExecutionReport, DbError> {
+    let preset_id = view.preset_id();
+    let mut report = ExecutionReport::default();
+    if let Some(status) = plan.status_change {
+        tracing::warn!(%preset_id, preset = %view.preset_name, status = %status, "preset status changed");
+        set_status(tx, preset_id, status).await?;
+    }
+    for action in &plan.actions {
+        match action {
+            Action::Backoff { until } => {
+                tracing::warn!(%preset_id, preset = %view.preset_name, backoff_until = %until,
+                    seconds_remaining = (*until - now).num_seconds(),
+                    "template prebuild state retrieved, backing off");
+            }
+            Action::CancelPending => {
+                let canceled = cancel_pending(tx, preset_id, now).await?;
+                tracing::info!(%preset_id, canceled, "canceled pending prebuild jobs for inactive version");
+                report.canceled += canceled;
+            }
+            Action::Delete { workspace_ids } => {
+                for id in workspace_ids {
+                    if delete_prebuild(tx, ctx, view, *id, now).await? {
+                        report.deleted += 1;
+                        report.outbox_rows += 1;
+                    } else {
+                        tracing::info!(%preset_id, workspace_id = %id, "prebuilt workspace is not owned by prebuild user anymore, probably it was claimed; not deleting");
+                        report.delete_skipped += 1;
+                    }
+                }
+            }
+            Action::Create { count } => {
+                let decision =
+                    prebuilds_core::creates_to_execute(*count, &view.snapshot, plan, now);
+                if let Some(from) = decision.clamped_from {
+                    tracing::error!(%preset_id, requested = from, clamped_to = decision.count,
+                        "determined excessive count of prebuilds to create; clamping to desired count");
+                }
+                if let Some(reason) = decision.skipped {
+                    tracing::warn!(%preset_id, reason = ?reason, requested = count, "skipping prebuild creation");
+                    continue;
+                }
+                if decision.count == 0 {
+                    continue;
+                }
+                let parameters = match validated_parameters(tx, view).await? {
+                    Ok(p) => p,
+                    Err(problem) => {
+                        tracing::warn!(%preset_id, preset = %view.preset_name, %problem, "marking preset as failed validation");
+                        set_status(tx, preset_id, PrebuildStatus::ValidationFailed).await?;
+                        report.validation_failed = true;
+                        continue;
+                    }
+                };
+                for _ in 0..decision.count {
+                    create_prebuild(tx, ctx, view, &parameters, now).await?;
+                    report.created += 1;
+                    report.outbox_rows += 1;
+                }
+            }
+        }
+    }
+    let actions = &ctx.metrics.reconcile_actions;
+    actions
+        .with_label_values(&["create"])
+        .inc_by(report.created.into());
+    actions
+        .with_label_values(&["delete"])
+        .inc_by(report.deleted.into());
+    actions
+        .with_label_values(&["cancel"])
+        .inc_by(report.canceled.into());
+    Ok(report)
+}
+
+async fn set_status(
+    tx: &Transaction<'_>,
+    preset_id: Uuid,
+    status: PrebuildStatus,
+) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE template_version_presets SET prebuild_status = $2 WHERE id = $1",
+        &[&preset_id, &status.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn validated_parameters(
+    tx: &Transaction<'_>,
+    view: &PresetView,
+) -> Result<Result<Vec<Parameter>, prebuilds_core::ParameterProblem>, DbError> {
+    let rows = tx
+        .query(
+            include_str!("../sql/preset_parameters.sql"),
+            &[&view.template_version_id, &view.preset_id()],
+        )
+        .await?;
+    let mut template = Vec::new();
+    let mut preset = Vec::new();
+    for r in rows {
+        let kind: &str = r.get("kind");
+        if kind == "template" {
+            template.push(TemplateParameter {
+                name: r.get("name"),
+                required: r.get("required"),
+                default_value: r.get("default_value"),
+            });
+        } else {
+            preset.push((r.get("name"), r.get("value")));
+        }
+    }
+    Ok(
+        prebuilds_core::build_parameters(&template, &preset).map(|values| {
+            values
+                .into_iter()
+                .map(|(name, value)| Parameter { name, value })
+                .collect()
+        }),
+    )
+}
+
+/// Inserts a job and its build, and queues the job for provisioners through the outbox.
+async fn queue_build(
+    tx: &Transaction<'_>,
+    ctx: &ReconcileContext,
+    job: ProvisionerJob,
+    version_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    let event = CloudEvent::new(ctx.source.clone(), now, job);
+    let job = &event.data;
+    let parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
+    tx.execute(
+        include_str!("../sql/insert_job.sql"),
+        &[
+            &job.job_id,
+            &PREBUILDS_USER_ID,
+            &event.data_json(),
+            &now,
+            &"pending",
+        ],
+    )
+    .await?;
+    tx.execute(
+        include_str!("../sql/insert_build.sql"),
+        &[
+            &job.build_id,
+            &job.workspace_id,
+            &version_id,
+            &job.build_number,
+            &job.transition.as_str(),
+            &PREBUILDS_USER_ID,
+            &job.job_id,
+            &job.preset_id,
+            &job.stage.as_str(),
+            &job.orphan,
+            &parameters,
+            &now,
+        ],
+    )
+    .await?;
+    outbox::enqueue(tx, &event).await?;
+    Ok(())
+}
+
+async fn create_prebuild(
+    tx: &Transaction<'_>,
+    ctx: &ReconcileContext,
+    view: &PresetView,
+    parameters: &[Parameter],
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    let workspace_id = Uuid::new_v4();
+    let name = prebuilds_core::prebuild_name(rand::random());
+    tx.execute(
+        include_str!("../sql/create_workspace.sql"),
+        &[
+            &workspace_id,
+            &view.organization_id,
+            &view.template_id,
+            &name,
+            &now,
+        ],
+    )
+    .await?;
+    let job = ProvisionerJob {
+        job_id: Uuid::new_v4(),
+        build_id: Uuid::new_v4(),
+        workspace_id,
+        workspace_name: name.clone(),
+        owner_id: PREBUILDS_USER_ID,
+        owner_name: "prebuilds".to_owned(),
+        template_id: view.template_id,
+        template_version_id: view.template_version_id,
+        preset_id: Some(view.preset_id()),
+        transition: Transition::Start,
+        build_number: 1,
+        stage: BuildStage::Create,
+        orphan: false,
+        parameters: parameters.to_vec(),
+    };
+    tracing::info!(preset_id = %view.preset_id(), workspace = %name, job_id = %job.job_id, "prebuild job scheduled (create)");
+    queue_build(tx, ctx, job, view.template_version_id, now).await
+}
+
+/// Queues a delete build unless the workspace stopped being a deletable prebuild; returns whether
+/// it did.
+async fn delete_prebuild(
+    tx: &Transaction<'_>,
+    ctx: &ReconcileContext,
+    view: &PresetView,
+    workspace_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    let Some(row) = tx
+        .query_opt(
+            include_str!("../sql/mark_deleting.sql"),
+            &[&workspace_id, &now],
+        )
+        .await?
+    else {
+        return Ok(false);
+    };
+    let previous_number: i32 = row.get("build_number");
+    let version_id: Uuid = row.get("template_version_id");
+    let job = ProvisionerJob {
+        job_id: Uuid::new_v4(),
+        build_id: Uuid::new_v4(),
+        workspace_id,
+        workspace_name: row.get("name"),
+        owner_id: PREBUILDS_USER_ID,
+        owner_name: "prebuilds".to_owned(),
+        template_id: row.get("template_id"),
+        // A delete uses the previous build's version and no parameters, so it works even when a
+        // newer version added required parameters.
+        template_version_id: version_id,
+        preset_id: None,
+        transition: Transition::Delete,
+        build_number: previous_number + 1,
+        stage: BuildStage::None,
+        orphan: false,
+        parameters: vec![],
+    };
+    tracing::info!(preset_id = %view.preset_id(), %workspace_id, job_id = %job.job_id, "prebuild job scheduled (delete)");
+    queue_build(tx, ctx, job, version_id, now).await?;
+    Ok(true)
+}
+
+/// Cancels the preset's still-pending create jobs and orphan-deletes their workspaces (nothing was
+/// provisioned, so no provisioner job is needed). Returns how many were canceled.
+async fn cancel_pending(
+    tx: &Transaction<'_>,
+    preset_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<u32, DbError> {
+    let canceled = tx
+        .query(
+            include_str!("../sql/cancel_pending.sql"),
+            &[&preset_id, &now],
+        )
+        .await?;
+    for row in &canceled {
+        let workspace_id: Uuid = row.get("workspace_id");
+        let version_id: Uuid = row.get("template_version_id");
+        let deleted = tx
+            .execute(
+                include_str!("../sql/orphan_delete.sql"),
+                &[&workspace_id, &now],
+            )
+            .await?;
+        if deleted == 0 {
+            continue;
+        }
+        // A completed orphan delete build keeps the history truthful (build 2 = delete).
+        let job_id = Uuid::new_v4();
+        let input = serde_json::json!({ "orphan": true, "workspace_id": workspace_id });
+        tx.execute(
+            include_str!("../sql/insert_job.sql"),
+            &[&job_id, &PREBUILDS_USER_ID, &input, &now, &"succeeded"],
+        )
+        .await?;
+        tx.execute(
+            include_str!("../sql/insert_build.sql"),
+            &[
+                &Uuid::new_v4(),
+                &workspace_id,
+                &version_id,
+                &2i32,
+                &"delete",
+                &PREBUILDS_USER_ID,
+                &job_id,
+                &None::<Uuid>,
+                &"none",
+                &true,
+                &serde_json::json!([]),
+                &now,
+            ],
+        )
+        .await?;
+    }
+    Ok(canceled.len() as u32)
+}

@@ -1,0 +1,155 @@
+//! `reconcile.preset` jobs. One job = one transaction:
+//!
+//! 1. take the preset's transaction-level advisory lock (per-preset serialization across workers);
+//! 2. coalesce: if a reconcile of this preset read its snapshot well after this job was requested,
+//!    that reconcile already saw everything the job could ask for — commit and stop;
+//! 3. read the snapshot (`prebuilds_store::load_snapshots`) and the database clock;
+//! 4. plan with the pure core; execute the actions ([`execute`]) in the same transaction, writing
+//!    provisioner jobs to the outbox;
+//! 5. record the watermark, commit, wake the outbox relay.
+//!
+//! Jobs are level-triggered ("look at preset X now"), so duplicates and reordering are harmless.
+
+pub mod execute;
+
+use std::{sync::Arc, time::Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use deadpool_postgres::Pool;
+use prebuilds_core::{DesiredSource, ReconcileConfig};
+use prebuilds_runtime::{
+    amqp::{consumer::Incoming, Handler, HandlerError},
+    db::DbError,
+};
+use prebuilds_schemas::{CloudEvent, RawEvent, ReconcilePreset};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::metrics::WorkerMetrics;
+
+/// Jobs requested more than this long before the preset's last snapshot are coalesced. The margin
+/// absorbs the gap between a requester stamping `requested_at` and committing its change, and clock
+/// skew between the scheduler and the database.
+pub const COALESCE_MARGIN: TimeDelta = TimeDelta::seconds(1);
+
+/// What a reconcile needs from the process.
+#[derive(Debug, Clone)]
+pub struct ReconcileContext {
+    pub pool: Pool,
+    pub config: ReconcileConfig,
+    pub metrics: WorkerMetrics,
+    /// Wakes the outbox relay after a commit that wrote outbox rows.
+    pub outbox_waker: Arc<Notify>,
+    pub source: String,
+}
+
+/// How one reconcile job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReconcileOutcome {
+    Reconciled(execute::ExecutionReport),
+    Coalesced,
+    UnknownPreset,
+}
+
+#[derive(Debug)]
+pub struct ReconcileHandler {
+    pub context: ReconcileContext,
+}
+
+impl Handler for ReconcileHandler {
+    async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
+        let raw = RawEvent::parse(&message.body)
+            .map_err(|e| HandlerError::permanent("envelope", e.to_string()))?;
+        let event: CloudEvent<ReconcilePreset> = raw
+            .decode()
+            .map_err(|e| HandlerError::permanent("schema", e.to_string()))?;
+        let job = event.data;
+        match reconcile_preset(&self.context, job.preset_id, job.requested_at).await {
+            Ok(ReconcileOutcome::UnknownPreset) => Err(HandlerError::permanent(
+                "unknown_id",
+                format!("unknown preset {}", job.preset_id),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(HandlerError::Transient(e.into())),
+        }
+    }
+}
+
+/// Reconciles one preset (see the module doc for the algorithm).
+pub async fn reconcile_preset(
+    ctx: &ReconcileContext,
+    preset_id: Uuid,
+    requested_at: DateTime<Utc>,
+) -> Result<ReconcileOutcome, DbError> {
+    let started = Instant::now();
+    let mut client = ctx.pool.get().await?;
+    let tx = client.transaction().await?;
+    prebuilds_store::lock::lock_preset(&tx, preset_id).await?;
+
+    let watermark: Option<DateTime<Utc>> = tx
+        .query_opt(
+            "SELECT last_reconciled_at FROM preset_reconcile_state WHERE preset_id = $1",
+            &[&preset_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if watermark.is_some_and(|w| requested_at + COALESCE_MARGIN < w) {
+        tx.commit().await?;
+        ctx.metrics
+            .reconcile_jobs
+            .with_label_values(&["coalesced"])
+            .inc();
+        return Ok(ReconcileOutcome::Coalesced);
+    }
+
+    // The database's clock, read after the lock: every change committed before this instant is
+    // visible to the snapshot below (READ COMMITTED takes a new snapshot per statement).
+    let now: DateTime<Utc> = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
+    let Some(view) = prebuilds_store::load_snapshots(&tx, &[preset_id])
+        .await?
+        .into_iter()
+        .next()
+    else {
+        tx.commit().await?;
+        ctx.metrics
+            .reconcile_jobs
+            .with_label_values(&["unknown_preset"])
+            .inc();
+        return Ok(ReconcileOutcome::UnknownPreset);
+    };
+
+    let plan = prebuilds_core::plan(&view.snapshot, now, &ctx.config);
+    if let DesiredSource::InvalidSchedules(e) = &plan.desired.source {
+        tracing::error!(preset_id = %preset_id, error = %e, "invalid prebuild schedules; using the base instance count");
+    }
+    tracing::debug!(
+        preset_id = %preset_id,
+        template = %view.template_name,
+        preset = %view.preset_name,
+        state = ?plan.state,
+        actions = ?plan.actions,
+        "calculated reconciliation state for preset"
+    );
+
+    let report = execute::execute(&tx, ctx, &view, &plan, now).await?;
+
+    tx.execute(
+        "INSERT INTO preset_reconcile_state (preset_id, last_reconciled_at) VALUES ($1, $2)
+         ON CONFLICT (preset_id) DO UPDATE SET last_reconciled_at = EXCLUDED.last_reconciled_at",
+        &[&preset_id, &now],
+    )
+    .await?;
+    tx.commit().await?;
+
+    if report.outbox_rows > 0 {
+        ctx.outbox_waker.notify_one();
+    }
+    ctx.metrics
+        .reconcile_jobs
+        .with_label_values(&["reconciled"])
+        .inc();
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    Ok(ReconcileOutcome::Reconciled(report))
+}
