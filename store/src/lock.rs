@@ -6,10 +6,10 @@
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-/// The advisory-lock key of a preset: its UUID folded to 64 bits. A collision between two presets
+/// The advisory-lock key of an entity: its UUID folded to 64 bits. A collision between two ids
 /// only serializes them needlessly; it never lets two holders in.
-pub fn preset_lock_key(preset_id: Uuid) -> i64 {
-    let (hi, lo) = preset_id.as_u64_pair();
+pub fn lock_key(id: Uuid) -> i64 {
+    let (hi, lo) = id.as_u64_pair();
     (hi ^ lo) as i64
 }
 
@@ -18,10 +18,7 @@ pub async fn lock_preset<C: GenericClient>(
     tx: &C,
     preset_id: Uuid,
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&preset_lock_key(preset_id)],
-    )
-    .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(preset_id)])
+        .await?;
     Ok(())
 }

@@ -48,7 +48,7 @@ pub struct ClaimsHandler {
 
 /// Labels of the claim-duration histogram.
 #[derive(Debug, Clone, Default)]
-struct PresetLabels {
+pub struct PresetLabels {
     organization: String,
     template: String,
     preset: String,
@@ -141,7 +141,7 @@ fn no_eligible(preset_id: Option<Uuid>) -> ClaimReply {
 }
 
 /// Runs one claim request to its reply (idempotent by `request_id`).
-async fn claim(
+pub async fn claim(
     ctx: &ClaimsContext,
     request_id: Uuid,
     request: &ClaimRequest,
@@ -151,30 +151,31 @@ async fn claim(
         return Ok((first, PresetLabels::default()));
     }
     let tx = client.transaction().await?;
+    // Concurrent deliveries of one request queue here; the later ones find the stored reply.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&prebuilds_store::lock::lock_key(request_id)],
+    )
+    .await?;
+    if let Some(first) = stored_reply(&tx, request_id).await? {
+        tx.commit().await?;
+        return Ok((first, PresetLabels::default()));
+    }
     let now: DateTime<Utc> = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
     let (reply, labels, claimed_preset) = decide(&tx, ctx, request, now).await?;
-    let recorded = tx
-        .execute(
-            "INSERT INTO claim_requests (request_id, user_id, preset_id, outcome, workspace_id, reply)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (request_id) DO NOTHING",
-            &[
-                &request_id,
-                &request.user_id,
-                &reply.preset_id,
-                &reply.outcome.as_str(),
-                &reply.workspace_id,
-                &serde_json::to_value(&reply).expect("replies serialise"),
-            ],
-        )
-        .await?;
-    if recorded == 0 {
-        // A concurrent delivery of the same request committed first: undo ours, answer theirs.
-        tx.rollback().await?;
-        let first = stored_reply(&client, request_id)
-            .await?
-            .expect("the conflicting claim request row is committed");
-        return Ok((first, labels));
-    }
+    tx.execute(
+        "INSERT INTO claim_requests (request_id, user_id, preset_id, outcome, workspace_id, reply)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &request_id,
+            &request.user_id,
+            &reply.preset_id,
+            &reply.outcome.as_str(),
+            &reply.workspace_id,
+            &serde_json::to_value(&reply).expect("replies serialise"),
+        ],
+    )
+    .await?;
     tx.commit().await?;
     if claimed_preset.is_some() {
         ctx.outbox_waker.notify_one();
@@ -182,8 +183,8 @@ async fn claim(
     Ok((reply, labels))
 }
 
-async fn stored_reply(
-    client: &tokio_postgres::Client,
+async fn stored_reply<C: deadpool_postgres::GenericClient>(
+    client: &C,
     request_id: Uuid,
 ) -> Result<Option<ClaimReply>, DbError> {
     let row = client
@@ -285,6 +286,9 @@ async fn decide(
     }
     let active_version: Uuid = row.get("active_version_id");
 
+    // A savepoint lets the transaction survive a lost race on the (owner, name) unique index and
+    // still record the rejection.
+    tx.batch_execute("SAVEPOINT claim").await?;
     let claimed = match tx
         .query_opt(
             include_str!("sql/claim.sql"),
@@ -295,6 +299,7 @@ async fn decide(
         Ok(row) => row,
         // The unique (owner, name) index caught a concurrent claim of the same name.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT claim").await?;
             let msg = format!(
                 "the user already has a workspace named {:?}",
                 request.workspace_name

@@ -4,6 +4,7 @@
 
 pub mod consumer;
 pub mod publisher;
+pub mod rpc;
 pub mod topology;
 
 use std::time::Duration;

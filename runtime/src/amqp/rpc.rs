@@ -1,0 +1,152 @@
+//! Request/reply over RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): no reply queue to
+//! declare or clean up, and replies travel without touching disk. One client multiplexes any
+//! number of concurrent calls on one channel, matching replies by `correlation_id` (used by the CLI,
+//! the test harness and the benchmarks to call the claim RPC).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::FieldTable,
+    BasicProperties, Connection,
+};
+use prebuilds_schemas::{messages::Payload, CloudEvent, RawEvent};
+use tokio::sync::{oneshot, Mutex};
+
+use crate::amqp::{connect, Topology};
+
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("the request was unroutable (is the topology declared and a worker running?)")]
+    Unroutable,
+    #[error("the reply consumer stopped (connection lost)")]
+    Closed,
+    #[error("reply is not a valid message: {0}")]
+    BadReply(String),
+}
+
+/// A request/reply client on its own connection.
+#[derive(Debug)]
+pub struct RpcClient {
+    _connection: Connection,
+    channel: lapin::Channel,
+    topology: Topology,
+    pending: Pending,
+}
+
+impl RpcClient {
+    pub async fn connect(url: &str, name: &str, topology: Topology) -> Result<Self, RpcError> {
+        let connection = connect(url, name).await?;
+        let channel = connection.create_channel().await?;
+        // Confirms let an unroutable request fail fast instead of timing out.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        // Direct reply-to requires consuming (no-ack) before the first publish on the channel.
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "rpc-replies".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let pending: Pending = Arc::default();
+        let routes = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = replies.next().await {
+                let Some(id) = delivery.properties.correlation_id().as_ref() else {
+                    continue;
+                };
+                if let Some(waiter) = routes.lock().await.remove(id.as_str()) {
+                    let _ = waiter.send(delivery.data);
+                }
+            }
+            // Dropping the senders wakes every waiter with `Closed`.
+            routes.lock().await.clear();
+        });
+        Ok(RpcClient {
+            _connection: connection,
+            channel,
+            topology,
+            pending,
+        })
+    }
+
+    /// Publishes `request` on the topic exchange and waits for the reply's body.
+    pub async fn call_raw<T: Payload>(
+        &self,
+        request: &CloudEvent<T>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RpcError> {
+        let correlation_id = request.id.to_string();
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().await.insert(correlation_id.clone(), tx);
+        let body = serde_json::to_vec(request).expect("messages serialise");
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(correlation_id.as_str().into())
+            .with_type(request.event_type.as_str().into())
+            .with_correlation_id(correlation_id.as_str().into())
+            .with_reply_to(DIRECT_REPLY_TO.into());
+        let outcome = async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.topology.exchange().as_str().into(),
+                    request.routing_key().as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?;
+            // The reply can arrive before the confirm: wait for both at once.
+            let reply = tokio::time::timeout(timeout, rx);
+            let (confirmation, reply) = tokio::join!(tokio::time::timeout(timeout, confirm), reply);
+            match confirmation {
+                Ok(Ok(lapin::Confirmation::Ack(Some(_)) | lapin::Confirmation::Nack(Some(_)))) => {
+                    return Err(RpcError::Unroutable)
+                }
+                Ok(Err(e)) => return Err(RpcError::Broker(e)),
+                _ => {}
+            }
+            match reply {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(_)) => Err(RpcError::Closed),
+                Err(_) => Err(RpcError::Timeout(timeout)),
+            }
+        }
+        .await;
+        if outcome.is_err() {
+            self.pending.lock().await.remove(&correlation_id);
+        }
+        outcome
+    }
+
+    /// [`Self::call_raw`], decoding the reply as `R`.
+    pub async fn call<T: Payload, R: Payload + serde::de::DeserializeOwned>(
+        &self,
+        request: &CloudEvent<T>,
+        timeout: Duration,
+    ) -> Result<CloudEvent<R>, RpcError> {
+        let body = self.call_raw(request, timeout).await?;
+        RawEvent::parse(&body)
+            .and_then(|raw| raw.decode::<R>())
+            .map_err(|e| RpcError::BadReply(e.to_string()))
+    }
+}

@@ -1,0 +1,422 @@
+//! Claims against the real database: validation codes, preset matching, idempotence, concurrent
+//! claimers, and the claim/delete race (in-process, many iterations).
+
+use std::sync::Arc;
+
+use chrono::{TimeDelta, Utc};
+use prebuilds_core::ReconcileConfig;
+use prebuilds_runtime::amqp::Publisher;
+use prebuilds_schemas::{ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, Parameter};
+use prebuilds_tests::{
+    fixtures::{self, PrebuildSpec, PresetFixture},
+    TestBroker, TestDb,
+};
+use prebuilds_worker::{
+    claims::{claim, ClaimsContext},
+    metrics::WorkerMetrics,
+    reconcile::{reconcile_preset, ReconcileContext, ReconcileOutcome},
+};
+use uuid::Uuid;
+
+async fn contexts(db: &TestDb, broker: &TestBroker) -> (ClaimsContext, ReconcileContext) {
+    let metrics = WorkerMetrics::register(&prometheus::Registry::new()).unwrap();
+    let waker = Arc::new(tokio::sync::Notify::new());
+    let claims = ClaimsContext {
+        pool: db.pool.clone(),
+        publisher: Arc::new(Publisher::new(&broker.url, "test", broker.topology.clone())),
+        metrics: metrics.clone(),
+        outbox_waker: waker.clone(),
+        source: "test".into(),
+    };
+    let reconcile = ReconcileContext {
+        pool: db.pool.clone(),
+        config: ReconcileConfig::default(),
+        metrics,
+        outbox_waker: waker,
+        source: "test".into(),
+    };
+    (claims, reconcile)
+}
+
+fn request(user: Uuid, name: &str, preset: Uuid) -> ClaimRequest {
+    ClaimRequest {
+        user_id: user,
+        workspace_name: name.into(),
+        preset_id: Some(preset),
+        template_id: None,
+        parameters: vec![],
+    }
+}
+
+async fn ask(ctx: &ClaimsContext, req: &ClaimRequest) -> ClaimReply {
+    claim(ctx, Uuid::new_v4(), req).await.expect("claim").0
+}
+
+async fn world(db: &TestDb, eligible: usize) -> (PresetFixture, Uuid) {
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, &format!("o{}", Uuid::new_v4().simple())).await;
+    let fx = fixtures::template_with_preset(&c, org, "tpl", Some(eligible as i32)).await;
+    for _ in 0..eligible {
+        fixtures::prebuild(&c, &fx, &PrebuildSpec::running(Utc::now())).await;
+    }
+    let user = fixtures::user(
+        &c,
+        &format!("u{}", &Uuid::new_v4().simple().to_string()[..8]),
+        false,
+    )
+    .await;
+    (fx, user)
+}
+
+#[tokio::test]
+async fn a_claim_transfers_a_ready_prebuild_and_queues_the_claim_build_and_a_replenish() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 1).await;
+    let reply = ask(&ctx, &request(user, "my-ws", fx.preset_id)).await;
+    assert_eq!(reply.outcome, ClaimOutcome::Claimed, "{reply:?}");
+    let c = db.pool.get().await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT w.owner_id, w.name, b.build_number, b.transition, b.stage, b.initiator_id, j.job_status
+             FROM workspaces w JOIN workspace_builds b ON b.workspace_id = w.id
+             JOIN provisioner_jobs j ON j.id = b.job_id
+             WHERE w.id = $1 AND b.id = $2",
+            &[&reply.workspace_id.unwrap(), &reply.build_id.unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Uuid>(0), user);
+    assert_eq!(row.get::<_, String>(1), "my-ws");
+    assert_eq!(row.get::<_, i32>(2), 2);
+    assert_eq!(row.get::<_, String>(3), "start");
+    assert_eq!(row.get::<_, String>(4), "claim");
+    assert_eq!(row.get::<_, Uuid>(5), user);
+    assert_eq!(row.get::<_, String>(6), "pending");
+    let outbox: Vec<String> = c
+        .query("SELECT routing_key FROM outbox ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(outbox, vec!["provisioner.job.start", "reconcile.preset"]);
+    // The pool is now empty: the next claim misses.
+    let miss = ask(&ctx, &request(user, "other", fx.preset_id)).await;
+    assert_eq!(miss.outcome, ClaimOutcome::NoEligiblePrebuild);
+}
+
+#[tokio::test]
+async fn rejections_carry_the_spec_codes() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 2).await;
+    let code = |r: ClaimReply| r.error.map(|e| e.code);
+    assert_eq!(
+        code(ask(&ctx, &request(Uuid::new_v4(), "ws", fx.preset_id)).await),
+        Some(ClaimErrorCode::UnknownUser)
+    );
+    assert_eq!(
+        code(ask(&ctx, &request(user, "bad name!", fx.preset_id)).await),
+        Some(ClaimErrorCode::InvalidName)
+    );
+    assert_eq!(
+        code(ask(&ctx, &request(user, &"a".repeat(33), fx.preset_id)).await),
+        Some(ClaimErrorCode::InvalidName)
+    );
+    assert_eq!(
+        code(ask(&ctx, &request(user, "ws", Uuid::new_v4())).await),
+        Some(ClaimErrorCode::UnknownPreset)
+    );
+    let mut neither = request(user, "ws", fx.preset_id);
+    neither.preset_id = None;
+    assert_eq!(
+        code(ask(&ctx, &neither).await),
+        Some(ClaimErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        ask(&ctx, &request(user, "taken", fx.preset_id))
+            .await
+            .outcome,
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        code(ask(&ctx, &request(user, "TAKEN", fx.preset_id)).await),
+        Some(ClaimErrorCode::NameConflict)
+    );
+    let c = db.pool.get().await.unwrap();
+    c.execute(
+        "UPDATE templates SET deprecated = 'old' WHERE id = $1",
+        &[&fx.template_id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        code(ask(&ctx, &request(user, "ws2", fx.preset_id)).await),
+        Some(ClaimErrorCode::PresetInactive)
+    );
+}
+
+#[tokio::test]
+async fn a_claim_without_a_preset_matches_the_most_specific_preset_by_parameters() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 1).await;
+    let c = db.pool.get().await.unwrap();
+    // The fixture preset sets region=eu; a second preset on the same version sets nothing.
+    c.execute(
+        "INSERT INTO template_version_preset_parameters VALUES ($1, 'region', 'eu')",
+        &[&fx.preset_id],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO template_version_presets (id, template_version_id, name) VALUES ($1, $2, 'bare')",
+        &[&Uuid::new_v4(), &fx.version_id],
+    )
+    .await
+    .unwrap();
+    let mut req = request(user, "matched", fx.preset_id);
+    req.preset_id = None;
+    req.template_id = Some(fx.template_id);
+    req.parameters = vec![
+        Parameter {
+            name: "region".into(),
+            value: "eu".into(),
+        },
+        Parameter {
+            name: "dotfiles".into(),
+            value: "x".into(),
+        },
+    ];
+    let reply = ask(&ctx, &req).await;
+    assert_eq!(reply.outcome, ClaimOutcome::Claimed);
+    assert_eq!(reply.preset_id, Some(fx.preset_id));
+    // The claim build carries the preset's values and the user's extras.
+    let params: serde_json::Value = c
+        .query_one(
+            "SELECT parameters FROM workspace_builds WHERE id = $1",
+            &[&reply.build_id.unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        params,
+        serde_json::json!([{"name": "dotfiles", "value": "x"}, {"name": "region", "value": "eu"}])
+    );
+}
+
+#[tokio::test]
+async fn a_retried_claim_returns_its_first_outcome_and_claims_once() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 3).await;
+    let id = Uuid::new_v4();
+    let req = request(user, "once", fx.preset_id);
+    // Concurrent duplicates and a later retry.
+    let (a, b) = tokio::join!(claim(&ctx, id, &req), claim(&ctx, id, &req));
+    let (a, b) = (a.unwrap().0, b.unwrap().0);
+    let c = claim(&ctx, id, &req).await.unwrap().0;
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    assert_eq!(a.outcome, ClaimOutcome::Claimed);
+    let owned: i64 = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM workspaces WHERE owner_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owned, 1);
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_take_the_same_prebuild() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 5).await;
+    let claims = (0..20).map(|i| {
+        let ctx = ctx.clone();
+        tokio::spawn(
+            async move { ask(&ctx, &request(user, &format!("ws-{i}"), fx.preset_id)).await },
+        )
+    });
+    let replies: Vec<ClaimReply> = futures::future::join_all(claims)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let claimed: Vec<Uuid> = replies
+        .iter()
+        .filter(|r| r.outcome == ClaimOutcome::Claimed)
+        .map(|r| r.workspace_id.unwrap())
+        .collect();
+    assert_eq!(claimed.len(), 5);
+    let unique: std::collections::HashSet<_> = claimed.iter().collect();
+    assert_eq!(unique.len(), 5, "no prebuild claimed twice");
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|r| r.outcome == ClaimOutcome::NoEligiblePrebuild)
+            .count(),
+        15
+    );
+}
+
+#[tokio::test]
+async fn a_claim_and_a_delete_never_both_win_the_same_workspace() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (claims, reconcile) = contexts(&db, &broker).await;
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "race").await;
+    let user = fixtures::user(&c, "racer", false).await;
+    let mut claimed_wins = 0;
+    let mut delete_wins = 0;
+    for i in 0..40 {
+        // desired 0: the one running prebuild is extraneous, so the reconcile deletes it.
+        let fx = fixtures::template_with_preset(&c, org, &format!("race-{i}"), Some(0)).await;
+        let ws = fixtures::prebuild(
+            &c,
+            &fx,
+            &PrebuildSpec::running(Utc::now() - TimeDelta::minutes(1)),
+        )
+        .await;
+        let req = request(user, &format!("race-{i}"), fx.preset_id);
+        let (claim_reply, reconciled) = tokio::join!(
+            ask(&claims, &req),
+            reconcile_preset(&reconcile, fx.preset_id, Utc::now() + TimeDelta::hours(1))
+        );
+        let ReconcileOutcome::Reconciled(report) = reconciled.unwrap() else {
+            panic!()
+        };
+        let delete_builds: i64 = c
+            .query_one(
+                "SELECT count(*) FROM workspace_builds WHERE workspace_id = $1 AND transition = 'delete'",
+                &[&ws],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        match claim_reply.outcome {
+            ClaimOutcome::Claimed => {
+                assert_eq!(claim_reply.workspace_id, Some(ws));
+                assert_eq!(
+                    delete_builds, 0,
+                    "iteration {i}: a claimed workspace got a delete build"
+                );
+                assert_eq!(report.deleted, 0);
+                claimed_wins += 1;
+            }
+            ClaimOutcome::NoEligiblePrebuild => {
+                assert_eq!(delete_builds, 1, "iteration {i}");
+                delete_wins += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(claimed_wins + delete_wins, 40);
+    println!("claim won {claimed_wins}, delete won {delete_wins}");
+}
+
+#[tokio::test]
+async fn replacements_on_a_claim_build_warn_count_and_notify_each_admin_exactly_once() {
+    use prebuilds_schemas::{PlanResult, ProvisionerEvent, ResourceReplacement};
+    use prebuilds_worker::events::{apply, EventsContext};
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 1).await;
+    let c = db.pool.get().await.unwrap();
+    let admins = [
+        fixtures::user(&c, "admin-a", true).await,
+        fixtures::user(&c, "admin-b", true).await,
+    ];
+    let reply = ask(&ctx, &request(user, "drifty", fx.preset_id)).await;
+    let job = reply.job_id.unwrap();
+    let registry = prometheus::Registry::new();
+    let events = EventsContext {
+        pool: db.pool.clone(),
+        metrics: WorkerMetrics::register(&registry).unwrap(),
+        outbox_waker: Arc::new(tokio::sync::Notify::new()),
+        source: "test".into(),
+    };
+    let plan = ProvisionerEvent::PlanResult(PlanResult {
+        job_id: job,
+        resource_replacements: vec![
+            ResourceReplacement {
+                resource: "docker_container.ws[0]".into(),
+                paths: vec!["env".into(), "image".into()],
+            },
+            ResourceReplacement {
+                resource: "coder_agent.main".into(),
+                paths: vec!["token".into()],
+            },
+        ],
+    });
+    // Delivered three times, twice under new ids (a provisioner retry): one effect.
+    let id = Uuid::new_v4();
+    for event_id in [id, id, Uuid::new_v4()] {
+        apply(&events, event_id, &plan).await.unwrap();
+    }
+    let rows = c
+        .query(
+            "SELECT user_id, payload FROM notification_messages ORDER BY user_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut recipients: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let mut expected = admins.to_vec();
+    recipients.sort();
+    expected.sort();
+    assert_eq!(recipients, expected);
+    let payload: serde_json::Value = rows[0].get(1);
+    assert_eq!(payload["labels"]["workspace"], "drifty");
+    assert_eq!(payload["labels"]["preset"], "default");
+    assert_eq!(payload["labels"]["workspace_build_num"], "2");
+    assert_eq!(
+        payload["data"]["replacements"],
+        serde_json::json!({"docker_container.ws[0]": "env,image"})
+    );
+    let queued: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE routing_key LIKE 'notification.%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 2);
+    let warns: Vec<String> = c
+        .query(
+            "SELECT output FROM provisioner_job_logs WHERE job_id = $1 AND level = 'warn'",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(warns.len(), 1, "coder_ resources are ignored: {warns:?}");
+    assert!(warns[0].contains("docker_container.ws[0]") && warns[0].contains("env, image"));
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        text.contains("coderd_prebuilt_workspaces_resource_replacements_total{organization_name=")
+            && text.contains("preset_name=\"default\",template_name=\"tpl\"} 1"),
+        "{text}"
+    );
+}
