@@ -33,6 +33,9 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     let health = Health::default();
     let source = crate::event_source();
 
+    if let Some(warning) = args.pool_size_warning() {
+        tracing::warn!("{warning}");
+    }
     let pool = db::pool(&args.connection.database_url, args.connection.db_pool_size)?;
     prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
         .await

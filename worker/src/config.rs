@@ -30,14 +30,19 @@ impl WorkerArgs {
         if self.worker_concurrency == 0 {
             return Err("PREBUILDS_WORKER_CONCURRENCY must be at least 1".into());
         }
-        let needed = 3 * self.worker_concurrency as usize + 2;
-        if self.connection.db_pool_size < needed {
-            return Err(format!(
-                "PREBUILDS_DB_POOL_SIZE ({}) is too small for PREBUILDS_WORKER_CONCURRENCY ({}): use at least {needed}",
-                self.connection.db_pool_size, self.worker_concurrency
-            ));
-        }
         Ok(())
+    }
+
+    /// Handlers beyond the pool size wait for a connection (bounded by the pool's wait timeout);
+    /// that throttles rather than fails, but deserves a word at start-up.
+    pub fn pool_size_warning(&self) -> Option<String> {
+        let needed = 3 * self.worker_concurrency as usize + 2;
+        (self.connection.db_pool_size < needed).then(|| {
+            format!(
+                "PREBUILDS_DB_POOL_SIZE ({}) is below the {needed} connections PREBUILDS_WORKER_CONCURRENCY ({}) can use at once; handlers will queue for connections",
+                self.connection.db_pool_size, self.worker_concurrency
+            )
+        })
     }
 
     pub fn core_config(&self) -> prebuilds_core::ReconcileConfig {
