@@ -98,6 +98,10 @@ async fn a_pool_fills_and_is_replenished_right_after_a_claim() {
         "{metrics}"
     );
     assert!(metrics.contains("coderd_prebuilds_reconciliation_duration_seconds_count"));
+    assert!(
+        metrics.contains("prebuilds_replenish_latency_seconds_count 1"),
+        "the claim's reconcile queued the replacement: {metrics}"
+    );
     assert_eq!(stack::http_get(port, "/readyz").await.unwrap().0, 200);
 }
 

@@ -19,6 +19,9 @@ pub struct WorkerMetrics {
     pub resource_replacements: IntCounterVec,
     /// `prebuilds_provisioner_events_total{kind,result}`: applied, duplicate, stale.
     pub provisioner_events: IntCounterVec,
+    /// `prebuilds_replenish_latency_seconds`: a claim's reconcile request → its replacement's
+    /// create committed (the outbox relay publishes it right after).
+    pub replenish_latency: Histogram,
 }
 
 impl WorkerMetrics {
@@ -72,6 +75,14 @@ impl WorkerMetrics {
             ),
             &["kind", "result"],
         )?;
+        let replenish_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "prebuilds_replenish_latency_seconds",
+                "Time from a claim's reconcile request to its replacement prebuild being queued.",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
+        )?;
+        registry.register(Box::new(replenish_latency.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_jobs.clone()))?;
         registry.register(Box::new(reconcile_actions.clone()))?;
@@ -87,6 +98,7 @@ impl WorkerMetrics {
             claims,
             resource_replacements,
             provisioner_events,
+            replenish_latency,
         })
     }
 }

@@ -21,7 +21,7 @@ use prebuilds_runtime::{
     amqp::{consumer::Incoming, Handler, HandlerError},
     db::DbError,
 };
-use prebuilds_schemas::{CloudEvent, RawEvent, ReconcilePreset};
+use prebuilds_schemas::{CloudEvent, RawEvent, ReconcilePreset, ReconcileReason};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -69,7 +69,17 @@ impl Handler for ReconcileHandler {
                 "unknown_id",
                 format!("unknown preset {}", job.preset_id),
             )),
-            Ok(_) => Ok(()),
+            Ok(ReconcileOutcome::Reconciled(report)) => {
+                if job.reason == ReconcileReason::Claim && report.created > 0 {
+                    let latency = (Utc::now() - job.requested_at).num_microseconds().unwrap_or(0);
+                    self.context
+                        .metrics
+                        .replenish_latency
+                        .observe(latency.max(0) as f64 / 1e6);
+                }
+                Ok(())
+            }
+            Ok(ReconcileOutcome::Coalesced) => Ok(()),
             Err(e) => Err(HandlerError::Transient(e.into())),
         }
     }
