@@ -1,8 +1,15 @@
 //! `prebuildsctl`: the operator's command-line tool. Talks to PostgreSQL and RabbitMQ with the same
 //! configuration as the services; prints tables for people and `--json` for scripts. Exit codes:
 //! 0 success, 1 failure, 2 usage error.
+//!
+//! Every command that writes does so in one transaction; what must be published because of the
+//! change (reconcile jobs) is written to the outbox in that transaction and relayed by the command
+//! itself right after the commit, so the messages are on the broker before it exits (or, if the
+//! broker is down, stay queued for the workers' relay).
 
 mod commands;
+mod context;
+mod output;
 
 use std::process::ExitCode;
 
@@ -13,7 +20,15 @@ use prebuilds_runtime::config::{ConnectionArgs, LogFormat};
 #[command(
     name = "prebuildsctl",
     version,
-    about = "Operate the prebuilds service: migrations, templates, pools, claims."
+    about = "Operate the prebuilds service: migrations, templates, pools, claims.",
+    after_help = "Connection settings come from DATABASE_URL, AMQP_URL and PREBUILDS_AMQP_PREFIX \
+                  (or the flags above). Exit codes: 0 success, 1 failure, 2 usage error.\n\n\
+                  Examples:\n  \
+                  prebuildsctl migrate\n  \
+                  prebuildsctl org create acme\n  \
+                  prebuildsctl template push examples/python-dev.yaml\n  \
+                  prebuildsctl status --watch\n  \
+                  prebuildsctl claim --user alice --template python-dev --param cpus=8 --name dev"
 )]
 struct Cli {
     #[command(flatten)]
@@ -31,20 +46,62 @@ struct Cli {
 enum Command {
     /// Apply pending database migrations (idempotent; safe to run concurrently).
     Migrate(commands::migrate::Args),
+    /// Manage organizations.
+    #[command(subcommand)]
+    Org(commands::org::Command),
+    /// Manage users.
+    #[command(subcommand)]
+    User(commands::user::Command),
+    /// Push, activate, invalidate, deprecate and delete templates.
+    #[command(subcommand)]
+    Template(commands::template::Command),
+    /// Show the pool of every preset: desired, running, eligible, in-progress builds, status.
+    Status(commands::status::Args),
+    /// Pause reconciliation globally, for one template or for one preset (claims continue).
+    Pause(commands::pause::Args),
+    /// Resume reconciliation paused with `pause` and reconcile the affected presets at once.
+    Resume(commands::pause::Args),
+    /// Claim a prebuilt workspace for a user (what the platform does when a user creates one).
+    Claim(commands::claim::Args),
+    /// Inspect prebuilt workspaces.
+    #[command(subcommand)]
+    Prebuilds(commands::prebuilds::Command),
+    /// Inspect and cancel provisioner jobs.
+    #[command(subcommand)]
+    Jobs(commands::jobs::Command),
+    /// Inspect and replay dead-lettered messages (queue `<prefix>.dead`).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(commands::dead_letters::Command),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Usage errors exit with 2 (clap's convention); --help and --version with 0.
     let cli = Cli::parse();
     prebuilds_runtime::telemetry::init(cli.log_format);
+    let connection = &cli.connection;
     let result = match cli.command {
-        Command::Migrate(args) => commands::migrate::run(&cli.connection, args).await,
+        Command::Migrate(args) => commands::migrate::run(connection, args).await,
+        Command::Org(command) => commands::org::run(connection, command).await,
+        Command::User(command) => commands::user::run(connection, command).await,
+        Command::Template(command) => commands::template::run(connection, command).await,
+        Command::Status(args) => commands::status::run(connection, args).await,
+        Command::Pause(args) => commands::pause::run(connection, args, true).await,
+        Command::Resume(args) => commands::pause::run(connection, args, false).await,
+        Command::Claim(args) => commands::claim::run(connection, args).await,
+        Command::Prebuilds(command) => commands::prebuilds::run(connection, command).await,
+        Command::Jobs(command) => commands::jobs::run(connection, command).await,
+        Command::DeadLetters(command) => commands::dead_letters::run(connection, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            if e.downcast_ref::<context::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -1,1 +1,41 @@
-fn main() {}
+//! `prebuilds-provisioner`: consumes provisioner jobs from RabbitMQ, executes them with the `sim`
+//! or `terraform` backend, and publishes provisioner events (SPEC.md §1, §4). See `--help`.
+//!
+//! Modules: [`config`] (flags and validation), [`app`] (wiring and shutdown), [`handler`] (one job
+//! delivery, start to ack), [`events`] (deterministic event ids, recording and publishing),
+//! [`backend`], [`sim`] and [`terraform`] (the executors), [`records`] and [`locks`] (in-process
+//! idempotence), [`metrics`].
+
+mod app;
+mod backend;
+mod config;
+mod events;
+mod handler;
+mod locks;
+mod metrics;
+mod records;
+mod sim;
+mod terraform;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = config::Cli::parse();
+    if let Err(message) = cli.validate() {
+        config::Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, message)
+            .exit();
+    }
+    prebuilds_runtime::telemetry::init(cli.service.log_format);
+    match app::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "prebuilds-provisioner failed");
+            eprintln!("prebuilds-provisioner: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -29,6 +29,7 @@ pub struct ConnectionArgs {
     /// PostgreSQL connection URL.
     #[arg(
         long,
+        global = true,
         env = "DATABASE_URL",
         hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/prebuilds"
@@ -38,6 +39,7 @@ pub struct ConnectionArgs {
     /// RabbitMQ connection URL.
     #[arg(
         long,
+        global = true,
         env = "AMQP_URL",
         hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -45,11 +47,16 @@ pub struct ConnectionArgs {
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name.
-    #[arg(long, env = "PREBUILDS_AMQP_PREFIX", default_value = "prebuilds", value_parser = parse_prefix)]
+    #[arg(long, global = true, env = "PREBUILDS_AMQP_PREFIX", default_value = "prebuilds", value_parser = parse_prefix)]
     pub amqp_prefix: String,
 
     /// Maximum PostgreSQL connections of this process.
-    #[arg(long, env = "PREBUILDS_DB_POOL_SIZE", default_value_t = 16)]
+    #[arg(
+        long,
+        global = true,
+        env = "PREBUILDS_DB_POOL_SIZE",
+        default_value_t = 16
+    )]
     pub db_pool_size: usize,
 }
 

@@ -8,11 +8,12 @@ use tokio::process::{Child, Command};
 /// README's test command does).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps");
+    // Tests run from target/<profile>/deps/<test-binary>, tools (the benchmark) from
+    // target/<profile>/<tool>: either way the binaries sit in target/<profile>.
+    let mut profile_dir = exe.parent().expect("an executable lives in a directory");
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().expect("deps has a parent");
+    }
     let path = profile_dir.join(name);
     assert!(
         path.exists(),

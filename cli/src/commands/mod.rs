@@ -1,3 +1,12 @@
 //! One module per subcommand.
 
+pub mod claim;
+pub mod dead_letters;
+pub mod jobs;
 pub mod migrate;
+pub mod org;
+pub mod pause;
+pub mod prebuilds;
+pub mod status;
+pub mod template;
+pub mod user;

@@ -91,27 +91,52 @@ impl RpcClient {
         request: &CloudEvent<T>,
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
-        let correlation_id = request.id.to_string();
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().await.insert(correlation_id.clone(), tx);
         let body = serde_json::to_vec(request).expect("messages serialise");
+        let exchange = self.topology.exchange();
+        self.request(
+            &exchange,
+            &request.routing_key(),
+            &body,
+            &request.id.to_string(),
+            &request.event_type,
+            timeout,
+        )
+        .await
+    }
+
+    /// Publishes `body` to `exchange` with `routing_key` and waits for the reply carrying
+    /// `correlation_id` (also the request's message id).
+    pub async fn request(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        correlation_id: &str,
+        message_type: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RpcError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .await
+            .insert(correlation_id.to_owned(), tx);
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_message_id(correlation_id.as_str().into())
-            .with_type(request.event_type.as_str().into())
-            .with_correlation_id(correlation_id.as_str().into())
+            .with_message_id(correlation_id.into())
+            .with_type(message_type.into())
+            .with_correlation_id(correlation_id.into())
             .with_reply_to(DIRECT_REPLY_TO.into());
         let outcome = async {
             let confirm = self
                 .channel
                 .basic_publish(
-                    self.topology.exchange().as_str().into(),
-                    request.routing_key().as_str().into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
                     },
-                    &body,
+                    body,
                     properties,
                 )
                 .await?;
@@ -133,7 +158,7 @@ impl RpcClient {
         }
         .await;
         if outcome.is_err() {
-            self.pending.lock().await.remove(&correlation_id);
+            self.pending.lock().await.remove(correlation_id);
         }
         outcome
     }

@@ -1,0 +1,60 @@
+//! `prebuildsctl org create NAME`.
+
+use anyhow::bail;
+use prebuilds_runtime::config::ConnectionArgs;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{
+    context::{connect_db, is_unique_violation, UsageError},
+    output,
+};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create an organization.
+    #[command(after_help = "Example:\n  prebuildsctl org create acme")]
+    Create {
+        /// Organization name (unique).
+        name: String,
+        /// Print the created organization as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct Created {
+    id: Uuid,
+    name: String,
+}
+
+pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+    let Command::Create { name, json } = command;
+    let name = name.trim().to_owned();
+    if name.is_empty() {
+        return Err(UsageError("organization name must not be empty".into()).into());
+    }
+    let pool = connect_db(connection).await?;
+    let client = pool.get().await?;
+    let id = Uuid::new_v4();
+    match client
+        .execute(
+            "INSERT INTO organizations (id, name) VALUES ($1, $2)",
+            &[&id, &name],
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => {
+            bail!("organization '{name}' already exists")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if json {
+        output::print_json(&[Created { id, name }])?;
+    } else {
+        println!("created organization {name} ({id})");
+    }
+    Ok(())
+}

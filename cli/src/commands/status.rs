@@ -1,0 +1,325 @@
+//! `prebuildsctl status [--template NAME] [--watch] [--json]`: one row per preset, computed the
+//! way the reconciler computes it — the shared snapshot query (`prebuilds_store::load_snapshots`)
+//! and the pure core's `plan` at now, with the same tunables as the workers.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use deadpool_postgres::Pool;
+use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
+use prebuilds_runtime::config::{parse_duration, ConnectionArgs};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{
+    context::{connect_db, resolve_template, UsageError},
+    output,
+};
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Presets are listed when their template is not deleted and they have \
+    prebuilds configured on the active version, or still have live prebuilds.\n\n\
+    Examples:\n  \
+    prebuildsctl status\n  \
+    prebuildsctl status --template python-dev --watch\n  \
+    prebuildsctl status --json | jq '.[] | select(.eligible < .desired)'"
+)]
+pub struct Args {
+    /// Only this template.
+    #[arg(long)]
+    template: Option<String>,
+    /// Organization of the template (or only this organization).
+    #[arg(long)]
+    organization: Option<String>,
+    /// Refresh in place until interrupted (Ctrl-C).
+    #[arg(long)]
+    watch: bool,
+    /// Refresh period of --watch.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Print a JSON array (with --watch: one array per line and refresh).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    rules: RuleArgs,
+}
+
+/// The reconciler's tunables that change what status reports (same variables as the workers).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuleArgs {
+    /// Backoff per failed prebuild build.
+    #[arg(long, env = "PREBUILDS_BACKOFF_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    backoff_interval: Duration,
+    /// Window in which failed builds count toward backoff.
+    #[arg(long, env = "PREBUILDS_BACKOFF_LOOKBACK", default_value = "1h", value_parser = parse_duration)]
+    backoff_lookback: Duration,
+    /// Consecutive failed builds that hard-limit a preset (0 disables).
+    #[arg(long, env = "PREBUILDS_FAILURE_HARD_LIMIT", default_value_t = 3)]
+    failure_hard_limit: u32,
+}
+
+impl RuleArgs {
+    fn config(&self) -> anyhow::Result<ReconcileConfig> {
+        let delta = |d: Duration, name: &str| {
+            TimeDelta::from_std(d).map_err(|_| UsageError(format!("{name} is too large")))
+        };
+        Ok(ReconcileConfig {
+            backoff_interval: delta(self.backoff_interval, "PREBUILDS_BACKOFF_INTERVAL")?,
+            backoff_lookback: delta(self.backoff_lookback, "PREBUILDS_BACKOFF_LOOKBACK")?,
+            failure_hard_limit: self.failure_hard_limit,
+        })
+    }
+}
+
+/// One preset's row (the `--json` object).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    organization: String,
+    template: String,
+    template_version: String,
+    active: bool,
+    preset: String,
+    preset_id: Uuid,
+    desired: u32,
+    /// `base`, `schedule`, `not_configured`, `inactive` or `invalid_schedules`.
+    desired_source: &'static str,
+    /// Index of the schedule that set `desired`, when one did.
+    schedule_index: Option<usize>,
+    running: u32,
+    eligible: u32,
+    starting: u32,
+    stopping: u32,
+    deleting: u32,
+    expired: u32,
+    extraneous: u32,
+    status: PrebuildStatus,
+    backoff_until: Option<DateTime<Utc>>,
+    paused: bool,
+    /// `global`, `template` or `preset` (the widest scope that pauses it), null when running.
+    paused_by: Option<&'static str>,
+    /// Why the schedules were ignored, when they were.
+    schedule_error: Option<String>,
+}
+
+pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> {
+    let config = args.rules.config()?;
+    if args.watch && args.interval.is_zero() {
+        return Err(UsageError("--interval must be greater than 0".into()).into());
+    }
+    let pool = connect_db(connection).await?;
+    if !args.watch {
+        let rows = collect(&pool, &args, &config, Utc::now()).await?;
+        return print(&rows, args.json, false).await;
+    }
+    loop {
+        let now = Utc::now();
+        let rows = collect(&pool, &args, &config, now).await;
+        if !args.json {
+            // Clear the screen and home the cursor: refresh in place.
+            print!("\x1b[2J\x1b[H");
+            println!(
+                "prebuilds status at {} (every {}; Ctrl-C to stop)\n",
+                output::time(now),
+                humanize(args.interval)
+            );
+        }
+        match rows {
+            Ok(rows) => print(&rows, args.json, true).await?,
+            // Keep watching through a database restart; say what is wrong.
+            Err(e) => eprintln!("error: {e:#}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(args.interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+async fn print(rows: &[Row], json: bool, compact: bool) -> anyhow::Result<()> {
+    if json {
+        if compact {
+            println!("{}", serde_json::to_string(rows)?);
+        } else {
+            output::print_json(rows)?;
+        }
+        return Ok(());
+    }
+    let headers = [
+        "organization",
+        "template",
+        "version",
+        "active",
+        "preset",
+        "preset_id",
+        "desired",
+        "running",
+        "eligible",
+        "starting",
+        "stopping",
+        "deleting",
+        "expired",
+        "status",
+        "paused",
+    ];
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let desired = match r.desired_source {
+                "schedule" => format!("{} (schedule)", r.desired),
+                "invalid_schedules" => format!("{} (schedules invalid)", r.desired),
+                _ => r.desired.to_string(),
+            };
+            let status = match r.backoff_until {
+                Some(until) => format!("backoff until {}", output::time(until)),
+                None => r.status.to_string(),
+            };
+            let paused = match r.paused_by {
+                Some(scope) => format!("yes ({scope})"),
+                None => "no".to_owned(),
+            };
+            vec![
+                r.organization.clone(),
+                r.template.clone(),
+                r.template_version.clone(),
+                output::yes_no(r.active),
+                r.preset.clone(),
+                r.preset_id.to_string(),
+                desired,
+                r.running.to_string(),
+                r.eligible.to_string(),
+                r.starting.to_string(),
+                r.stopping.to_string(),
+                r.deleting.to_string(),
+                r.expired.to_string(),
+                status,
+                paused,
+            ]
+        })
+        .collect();
+    output::print_table(
+        &headers,
+        &table,
+        "no presets with prebuilds (push a template with a `prebuilds` block: \
+         `prebuildsctl template push FILE`)",
+    );
+    for r in rows {
+        if let Some(error) = &r.schedule_error {
+            eprintln!(
+                "warning: preset {} ({}): schedules ignored: {error}",
+                r.preset, r.preset_id
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn collect(
+    pool: &Pool,
+    args: &Args,
+    config: &ReconcileConfig,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<Row>> {
+    let client = pool.get().await?;
+    if let Some(template) = &args.template {
+        // A clear error for a template that does not exist (or is ambiguous).
+        resolve_template(&client, template, args.organization.as_deref(), false).await?;
+    }
+    let ids: Vec<Uuid> = client
+        .query(
+            "SELECT p.id
+             FROM template_version_presets p
+             JOIN template_versions v ON v.id = p.template_version_id
+             JOIN templates t ON t.id = v.template_id
+             JOIN organizations o ON o.id = t.organization_id
+             WHERE NOT t.deleted                                   -- live templates
+               AND ($1::text IS NULL OR t.name = $1)               -- --template
+               AND ($2::text IS NULL OR o.name = $2)               -- --organization
+               AND ((p.desired_instances IS NOT NULL               -- prebuilds configured...
+                     AND v.id = t.active_version_id)               -- ...on the active version
+                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
+                               WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
+            &[&args.template, &args.organization],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let views = prebuilds_store::load_snapshots(&client, &ids).await?;
+    let mut rows: Vec<Row> = views
+        .into_iter()
+        .map(|view| {
+            let p = plan(&view.snapshot, now, config);
+            let (desired_source, schedule_index, schedule_error) = match &p.desired.source {
+                DesiredSource::Base => ("base", None, None),
+                DesiredSource::Schedule { index } => ("schedule", Some(*index), None),
+                DesiredSource::NotConfigured => ("not_configured", None, None),
+                DesiredSource::Inactive => ("inactive", None, None),
+                DesiredSource::InvalidSchedules(e) => {
+                    ("invalid_schedules", None, Some(e.to_string()))
+                }
+            };
+            let paused_by = if view.global_paused {
+                Some("global")
+            } else if view.template_paused {
+                Some("template")
+            } else if view.preset_paused {
+                Some("preset")
+            } else {
+                None
+            };
+            Row {
+                organization: view.organization_name,
+                template: view.template_name,
+                template_version: view.template_version_name,
+                active: view.snapshot.preset.is_active(),
+                preset: view.preset_name,
+                preset_id: view.snapshot.preset.id,
+                desired: p.state.desired,
+                desired_source,
+                schedule_index,
+                running: p.state.actual,
+                eligible: p.state.eligible,
+                starting: p.state.starting,
+                stopping: p.state.stopping,
+                deleting: p.state.deleting,
+                expired: p.state.expired,
+                extraneous: p.state.extraneous,
+                // What the reconciler acts on: the stored status, updated by this plan's change
+                // (which the next reconcile stores).
+                status: p
+                    .status_change
+                    .unwrap_or(view.snapshot.preset.prebuild_status),
+                backoff_until: p.backoff_until,
+                paused: paused_by.is_some(),
+                paused_by,
+                schedule_error,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (
+            &a.organization,
+            &a.template,
+            !a.active,
+            &a.template_version,
+            &a.preset,
+        )
+            .cmp(&(
+                &b.organization,
+                &b.template,
+                !b.active,
+                &b.template_version,
+                &b.preset,
+            ))
+    });
+    Ok(rows)
+}

@@ -1,0 +1,556 @@
+//! `prebuildsctl template push|activate|invalidate|deprecate|delete`. Each change is one
+//! transaction that also writes `reconcile.preset` jobs for every preset whose pool it affects;
+//! the jobs are published right after the commit.
+
+pub mod file;
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context as _};
+use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_schemas::ReconcileReason;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{
+    context::{
+        connect_db, relay_outbox, request_reconciles, resolve_template, template_presets,
+        version_presets,
+    },
+    output,
+};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create or update a template from a YAML file: a new version with its parameters and
+    /// presets (and their prebuilds), activated when the file says `activate: true`.
+    #[command(after_help = "The file (SPEC.md §7):\n\n\
+        organization: acme\n\
+        template: python-dev\n\
+        version: v2\n\
+        activate: true\n\
+        source: ./main.tf            # optional, relative to this file; stored with the version\n\
+        parameters:\n  \
+          - {name: cpus, required: true}\n  \
+          - {name: region, default: eu}\n\
+        presets:\n  \
+          - name: large\n    \
+            parameters: {cpus: \"8\", region: eu}\n    \
+            prebuilds:\n      \
+              instances: 3\n      \
+              expiration_policy: {ttl: 86400}\n      \
+              scheduling:\n        \
+                timezone: Europe/Berlin\n        \
+                schedule:\n          \
+                  - {cron: \"* 8-18 * * 1-5\", instances: 5}\n\n\
+        Everything is validated first (every problem is reported with its field path); then the \
+        version is written in one transaction. Example:\n  \
+        prebuildsctl template push examples/python-dev.yaml")]
+    Push {
+        /// The template file.
+        file: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make VERSION the template's active version (its presets' pools fill, the old ones drain).
+    #[command(after_help = "Example:\n  prebuildsctl template activate python-dev v1")]
+    Activate {
+        /// Template name.
+        name: String,
+        /// Version name.
+        version: String,
+        #[command(flatten)]
+        scope: OrganizationArg,
+    },
+    /// Expire every prebuild of the active version now; the pools are refilled with new ones.
+    #[command(after_help = "Example:\n  prebuildsctl template invalidate python-dev")]
+    Invalidate {
+        /// Template name.
+        name: String,
+        #[command(flatten)]
+        scope: OrganizationArg,
+    },
+    /// Deprecate a template: its presets become inactive and their prebuilds are deleted.
+    #[command(after_help = "Examples:\n  \
+        prebuildsctl template deprecate python-dev --message \"use python-dev-2\"\n  \
+        prebuildsctl template deprecate python-dev --undo")]
+    Deprecate {
+        /// Template name.
+        name: String,
+        /// Message shown to users.
+        #[arg(long, default_value = "deprecated", conflicts_with = "undo")]
+        message: String,
+        /// Remove the deprecation.
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        scope: OrganizationArg,
+    },
+    /// Delete a template (soft delete): its prebuilds are deleted, its name is free again.
+    #[command(after_help = "Example:\n  prebuildsctl template delete python-dev")]
+    Delete {
+        /// Template name.
+        name: String,
+        #[command(flatten)]
+        scope: OrganizationArg,
+    },
+}
+
+/// `--organization`, needed when a template name exists in several organizations.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OrganizationArg {
+    /// Organization of the template (needed when the name is not unique across organizations).
+    #[arg(long)]
+    pub organization: Option<String>,
+}
+
+pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Push { file, json } => push(connection, file, json).await,
+        Command::Activate {
+            name,
+            version,
+            scope,
+        } => activate(connection, &name, &version, scope.organization.as_deref()).await,
+        Command::Invalidate { name, scope } => {
+            invalidate(connection, &name, scope.organization.as_deref()).await
+        }
+        Command::Deprecate {
+            name,
+            message,
+            undo,
+            scope,
+        } => {
+            let message = if undo { String::new() } else { message };
+            deprecate(connection, &name, &message, scope.organization.as_deref()).await
+        }
+        Command::Delete { name, scope } => {
+            delete(connection, &name, scope.organization.as_deref()).await
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Pushed {
+    organization: String,
+    template: String,
+    template_id: Uuid,
+    template_created: bool,
+    version: String,
+    version_id: Uuid,
+    activated: bool,
+    presets: Vec<PushedPreset>,
+    reconciles_requested: usize,
+    published: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct PushedPreset {
+    name: String,
+    id: Uuid,
+    desired_instances: Option<i32>,
+}
+
+async fn push(connection: &ConnectionArgs, path: PathBuf, json: bool) -> anyhow::Result<()> {
+    let shown = path.display().to_string();
+    // 1. Validate everything before touching the database.
+    let checked = match file::load(&path) {
+        Ok(checked) => checked,
+        Err(problems) => {
+            for problem in &problems {
+                eprintln!("error: {shown}: {problem}");
+            }
+            bail!(
+                "{shown}: {} problem(s) found; nothing was written — fix the file and push again",
+                problems.len()
+            );
+        }
+    };
+    for warning in &checked.warnings {
+        eprintln!("warning: {shown}: {warning}");
+    }
+    let f = &checked.file;
+
+    // 2. One transaction: template (if new), version, parameters, presets, schedules, activation,
+    //    reconcile jobs.
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let organization_id: Uuid = tx
+        .query_opt(
+            "SELECT id FROM organizations WHERE name = $1",
+            &[&f.organization],
+        )
+        .await?
+        .ok_or_else(|| {
+            anyhow!(
+                "{shown}: organization: organization '{org}' does not exist; create it with \
+                 `prebuildsctl org create {org}`; nothing was written",
+                org = f.organization
+            )
+        })?
+        .get(0);
+    let new_template_id = Uuid::new_v4();
+    tx.execute(
+        "INSERT INTO templates (id, organization_id, name) VALUES ($1, $2, $3)
+         ON CONFLICT (organization_id, name) WHERE NOT deleted DO NOTHING",
+        &[&new_template_id, &organization_id, &f.template],
+    )
+    .await
+    .context("creating the template")?;
+    let row = tx
+        .query_one(
+            "SELECT id, active_version_id FROM templates
+             WHERE organization_id = $1 AND name = $2 AND NOT deleted
+             FOR UPDATE",
+            &[&organization_id, &f.template],
+        )
+        .await?;
+    let template_id: Uuid = row.get("id");
+    let previous_active: Option<Uuid> = row.get("active_version_id");
+    let template_created = template_id == new_template_id;
+
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM template_versions WHERE template_id = $1 AND name = $2",
+            &[&template_id, &f.version],
+        )
+        .await?
+        .is_some();
+    if exists {
+        bail!(
+            "{shown}: version: template '{t}' already has a version '{v}'; versions are immutable, \
+             so push under a new version name (to make the existing one active: \
+             `prebuildsctl template activate {t} {v}`); nothing was written",
+            t = f.template,
+            v = f.version
+        );
+    }
+    let version_id = Uuid::new_v4();
+    tx.execute(
+        "INSERT INTO template_versions (id, template_id, name, source) VALUES ($1, $2, $3, $4)",
+        &[&version_id, &template_id, &f.version, &checked.source],
+    )
+    .await
+    .context("creating the template version")?;
+    for parameter in &f.parameters {
+        let default = parameter.default.as_ref().map(|d| d.0.clone());
+        tx.execute(
+            "INSERT INTO template_version_parameters
+                 (template_version_id, name, required, default_value)
+             VALUES ($1, $2, $3, $4)",
+            &[&version_id, &parameter.name, &parameter.required, &default],
+        )
+        .await
+        .context("creating the template parameters")?;
+    }
+    let mut presets = Vec::with_capacity(f.presets.len());
+    for preset in &f.presets {
+        let id = Uuid::new_v4();
+        // Validation guarantees these fit in i32.
+        let desired = preset.prebuilds.as_ref().map(|p| p.instances as i32);
+        let ttl = preset
+            .prebuilds
+            .as_ref()
+            .and_then(|p| p.expiration_policy.as_ref())
+            .map(|e| e.ttl as i32);
+        let scheduling = preset
+            .prebuilds
+            .as_ref()
+            .and_then(|p| p.scheduling.as_ref());
+        let timezone = scheduling
+            .map(|s| s.timezone.trim().to_owned())
+            .unwrap_or_default();
+        tx.execute(
+            "INSERT INTO template_version_presets
+                 (id, template_version_id, name, desired_instances, invalidate_after_secs,
+                  scheduling_timezone)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&id, &version_id, &preset.name, &desired, &ttl, &timezone],
+        )
+        .await
+        .context("creating the presets")?;
+        for (name, value) in &preset.parameters {
+            tx.execute(
+                "INSERT INTO template_version_preset_parameters
+                     (template_version_preset_id, name, value)
+                 VALUES ($1, $2, $3)",
+                &[&id, name, &value.0],
+            )
+            .await
+            .context("creating the preset parameters")?;
+        }
+        for (position, schedule) in scheduling
+            .map(|s| s.schedule.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            tx.execute(
+                "INSERT INTO template_version_preset_prebuild_schedules
+                     (id, preset_id, position, cron_expression, desired_instances)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &Uuid::new_v4(),
+                    &id,
+                    &(position as i32),
+                    &schedule.cron.trim(),
+                    &(schedule.instances as i32),
+                ],
+            )
+            .await
+            .context("creating the prebuild schedules")?;
+        }
+        presets.push(PushedPreset {
+            name: preset.name.clone(),
+            id,
+            desired_instances: desired,
+        });
+    }
+
+    // 3. Activation: the new presets become active, the superseded version's presets inactive;
+    //    both pools change.
+    let mut affected: Vec<Uuid> = Vec::new();
+    if f.activate {
+        tx.execute(
+            "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
+            &[&version_id, &template_id],
+        )
+        .await?;
+        affected.extend(presets.iter().map(|p| p.id));
+        if let Some(previous) = previous_active {
+            affected.extend(version_presets(&tx, previous).await?);
+        }
+    }
+    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
+    tx.commit()
+        .await
+        .context("committing the template version")?;
+    drop(client);
+
+    // 4. Publish the reconcile jobs.
+    let published = relay_outbox(&pool, connection, requested).await;
+    let result = Pushed {
+        organization: f.organization.clone(),
+        template: f.template.clone(),
+        template_id,
+        template_created,
+        version: f.version.clone(),
+        version_id,
+        activated: f.activate,
+        presets,
+        reconciles_requested: requested,
+        published,
+    };
+    if json {
+        output::print_json(&[result])?;
+    } else {
+        println!(
+            "pushed {}/{} version {}{}{}: {} preset(s)",
+            result.organization,
+            result.template,
+            result.version,
+            if template_created {
+                " (new template)"
+            } else {
+                ""
+            },
+            if result.activated {
+                ", activated"
+            } else {
+                ", not activated (activate with `prebuildsctl template activate`)"
+            },
+            result.presets.len()
+        );
+        for preset in &result.presets {
+            let desired = preset
+                .desired_instances
+                .map(|d| format!("{d} prebuild(s)"))
+                .unwrap_or_else(|| "no prebuilds".to_owned());
+            println!("  preset {} ({}): {desired}", preset.name, preset.id);
+        }
+        if requested > 0 {
+            println!("requested a reconcile of {requested} preset(s); published {published}");
+        }
+    }
+    Ok(())
+}
+
+async fn activate(
+    connection: &ConnectionArgs,
+    name: &str,
+    version: &str,
+    organization: Option<&str>,
+) -> anyhow::Result<()> {
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let template = resolve_template(&tx, name, organization, true).await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT id FROM template_versions WHERE template_id = $1 AND name = $2",
+            &[&template.id, &version],
+        )
+        .await?
+    else {
+        let versions: Vec<String> = tx
+            .query(
+                "SELECT name FROM template_versions WHERE template_id = $1 ORDER BY created_at",
+                &[&template.id],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        bail!(
+            "template '{name}' has no version '{version}' (versions: {})",
+            if versions.is_empty() {
+                "none".to_owned()
+            } else {
+                versions.join(", ")
+            }
+        );
+    };
+    let version_id: Uuid = row.get(0);
+    if template.active_version_id == Some(version_id) {
+        println!("version {version} of template {name} is already active; nothing to do");
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
+        &[&version_id, &template.id],
+    )
+    .await?;
+    let mut affected = version_presets(&tx, version_id).await?;
+    if let Some(previous) = template.active_version_id {
+        affected.extend(version_presets(&tx, previous).await?);
+    }
+    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
+    tx.commit().await?;
+    drop(client);
+    let published = relay_outbox(&pool, connection, requested).await;
+    println!(
+        "activated version {version} of template {}/{name}; requested a reconcile of {requested} \
+         preset(s); published {published}",
+        template.organization_name
+    );
+    Ok(())
+}
+
+async fn invalidate(
+    connection: &ConnectionArgs,
+    name: &str,
+    organization: Option<&str>,
+) -> anyhow::Result<()> {
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let template = resolve_template(&tx, name, organization, true).await?;
+    let Some(active) = template.active_version_id else {
+        bail!(
+            "template '{name}' has no active version, so there is nothing to invalidate \
+             (activate one with `prebuildsctl template activate {name} VERSION`)"
+        );
+    };
+    // Prebuilds created before this instant are expired from now on (SPEC.md §2 snapshot).
+    let presets: Vec<Uuid> = tx
+        .query(
+            "UPDATE template_version_presets SET last_invalidated_at = now()
+             WHERE template_version_id = $1
+             RETURNING id",
+            &[&active],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let requested = request_reconciles(&tx, &presets, ReconcileReason::Manual).await?;
+    tx.commit().await?;
+    drop(client);
+    let published = relay_outbox(&pool, connection, requested).await;
+    println!(
+        "invalidated the prebuilds of {} preset(s) of template {}/{name}; they are replaced with \
+         new ones (requested {requested} reconcile(s); published {published})",
+        presets.len(),
+        template.organization_name
+    );
+    Ok(())
+}
+
+async fn deprecate(
+    connection: &ConnectionArgs,
+    name: &str,
+    message: &str,
+    organization: Option<&str>,
+) -> anyhow::Result<()> {
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let template = resolve_template(&tx, name, organization, true).await?;
+    tx.execute(
+        "UPDATE templates SET deprecated = $2, updated_at = now() WHERE id = $1",
+        &[&template.id, &message],
+    )
+    .await?;
+    let affected = template_presets(&tx, template.id).await?;
+    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
+    tx.commit().await?;
+    drop(client);
+    let published = relay_outbox(&pool, connection, requested).await;
+    if message.is_empty() {
+        println!(
+            "template {}/{name} is no longer deprecated; requested a reconcile of {requested} \
+             preset(s); published {published}",
+            template.organization_name
+        );
+    } else {
+        println!(
+            "deprecated template {}/{name} ({message:?}); its prebuilds are deleted; requested a \
+             reconcile of {requested} preset(s); published {published}",
+            template.organization_name
+        );
+    }
+    Ok(())
+}
+
+async fn delete(
+    connection: &ConnectionArgs,
+    name: &str,
+    organization: Option<&str>,
+) -> anyhow::Result<()> {
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let template = resolve_template(&tx, name, organization, true).await?;
+    let affected = template_presets(&tx, template.id).await?;
+    tx.execute(
+        "UPDATE templates SET deleted = true, updated_at = now() WHERE id = $1",
+        &[&template.id],
+    )
+    .await?;
+    let user_workspaces: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM workspaces
+             WHERE template_id = $1 AND NOT deleted AND owner_id <> $2",
+            &[&template.id, &prebuilds_schemas::PREBUILDS_USER_ID],
+        )
+        .await?
+        .get(0);
+    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
+    tx.commit().await?;
+    drop(client);
+    let published = relay_outbox(&pool, connection, requested).await;
+    println!(
+        "deleted template {}/{name}; its prebuilds are deleted; requested a reconcile of \
+         {requested} preset(s); published {published}",
+        template.organization_name
+    );
+    if user_workspaces > 0 {
+        eprintln!(
+            "warning: {user_workspaces} user workspace(s) of this template still exist; they are \
+             not touched"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `prebuildsctl user create --username U [--email E] [--role template-admin] [--organization O]`.
+
+use anyhow::{bail, Context as _};
+use prebuilds_runtime::config::ConnectionArgs;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{
+    context::{connect_db, is_unique_violation, UsageError},
+    output,
+};
+
+/// Site roles (Coder's names). `template-admin`s receive the resource-replacement notifications.
+const ROLES: [&str; 4] = ["owner", "template-admin", "user-admin", "auditor"];
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a user, optionally with site roles and organization memberships (one transaction).
+    #[command(after_help = "Examples:\n  \
+        prebuildsctl user create --username alice --email alice@example.com\n  \
+        prebuildsctl user create --username bob --role template-admin --organization acme")]
+    Create {
+        /// Username (unique).
+        #[arg(long)]
+        username: String,
+        /// E-mail address.
+        #[arg(long, default_value = "")]
+        email: String,
+        /// Site role; repeat for several.
+        #[arg(long = "role", value_parser = clap::builder::PossibleValuesParser::new(ROLES))]
+        roles: Vec<String>,
+        /// Organization to add the user to; repeat for several.
+        #[arg(long = "organization")]
+        organizations: Vec<String>,
+        /// Print the created user as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct Created {
+    id: Uuid,
+    username: String,
+    email: String,
+    roles: Vec<String>,
+    organizations: Vec<String>,
+}
+
+pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+    let Command::Create {
+        username,
+        email,
+        mut roles,
+        mut organizations,
+        json,
+    } = command;
+    if username.trim().is_empty() {
+        return Err(UsageError("--username must not be empty".into()).into());
+    }
+    roles.sort();
+    roles.dedup();
+    organizations.sort();
+    organizations.dedup();
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let id = Uuid::new_v4();
+    match tx
+        .execute(
+            "INSERT INTO users (id, username, email, rbac_roles) VALUES ($1, $2, $3, $4)",
+            &[&id, &username, &email, &roles],
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => bail!("user '{username}' already exists"),
+        Err(e) => return Err(e).context("creating the user"),
+    }
+    for org in &organizations {
+        let added = tx
+            .execute(
+                "INSERT INTO organization_members (user_id, organization_id)
+                 SELECT $1, id FROM organizations WHERE name = $2
+                 ON CONFLICT DO NOTHING",
+                &[&id, org],
+            )
+            .await?;
+        if added == 0 {
+            // Rolls back the user too: never a half-made change.
+            bail!(
+                "organization '{org}' does not exist (create it with `prebuildsctl org create {org}`); \
+                 nothing was created"
+            );
+        }
+    }
+    tx.commit().await?;
+    if json {
+        output::print_json(&[Created {
+            id,
+            username,
+            email,
+            roles,
+            organizations,
+        }])?;
+    } else {
+        let roles = if roles.is_empty() {
+            String::new()
+        } else {
+            format!(", roles {}", roles.join(","))
+        };
+        println!("created user {username} ({id}){roles}");
+    }
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! What every command shares: connecting to PostgreSQL and RabbitMQ with errors that say what to
+//! check, relaying the outbox after a commit, resolving templates by name, and the usage-error
+//! type that maps to exit code 2.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{anyhow, bail, Context as _};
+use deadpool_postgres::{GenericClient, Pool};
+use prebuilds_runtime::{
+    amqp::{self, Publisher, Topology},
+    config::{redact_url, ConnectionArgs},
+    db,
+    outbox::{Relay, RelayConfig},
+};
+use uuid::Uuid;
+
+/// A bad argument value found after parsing (exit code 2, like clap's own usage errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// How long a command waits for its outbox rows to be published before leaving them to the
+/// workers' relay.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The source recorded in the CloudEvents the CLI writes.
+pub const EVENT_SOURCE: &str = "prebuildsctl";
+
+/// A small pool to the database, checked to be reachable and migrated.
+pub async fn connect_db(connection: &ConnectionArgs) -> anyhow::Result<Pool> {
+    let url = &connection.database_url;
+    let pool = db::pool(url, 2)?;
+    db::ping(&pool).await.map_err(|e| {
+        anyhow!(
+            "cannot connect to PostgreSQL at {}: {e}\n\
+             check DATABASE_URL (or --database-url) and that the server is running",
+            redact_url(url)
+        )
+    })?;
+    let client = pool.get().await?;
+    let migrated: bool = client
+        .query_one(
+            "SELECT to_regclass('template_version_presets') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !migrated {
+        bail!(
+            "the database at {} has no prebuilds schema; run `prebuildsctl migrate` first",
+            redact_url(url)
+        );
+    }
+    Ok(pool)
+}
+
+/// Connects to RabbitMQ for a command that talks to the broker directly.
+pub async fn connect_amqp(
+    connection: &ConnectionArgs,
+    name: &str,
+) -> anyhow::Result<lapin::Connection> {
+    amqp::connect(&connection.amqp_url, name)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot connect to RabbitMQ at {}: {e}\n\
+                 check AMQP_URL (or --amqp-url) and that the broker is running",
+                redact_url(&connection.amqp_url)
+            )
+        })
+}
+
+/// A confirming publisher on the configured prefix.
+pub fn publisher(connection: &ConnectionArgs) -> Publisher {
+    Publisher::new(
+        connection.amqp_url.clone(),
+        "prebuildsctl",
+        Topology::new(connection.amqp_prefix.clone()),
+    )
+}
+
+/// Publishes what this command committed to the outbox (and anything else waiting there), bounded
+/// in time. Never fails the command: the change is committed, and unpublished rows stay in the
+/// outbox for the workers' relay. Returns how many messages were published.
+pub async fn relay_outbox(pool: &Pool, connection: &ConnectionArgs, queued: usize) -> usize {
+    if queued == 0 {
+        return 0;
+    }
+    let publisher = Arc::new(publisher(connection));
+    if let Err(e) = publisher.ensure_connected().await {
+        eprintln!(
+            "warning: the change is committed, but RabbitMQ is unreachable ({e}); \
+             {queued} reconcile job(s) stay queued in the outbox and will be published by the \
+             workers' relay (check AMQP_URL and that the broker is running)"
+        );
+        return 0;
+    }
+    let relay = Relay::new(pool.clone(), publisher.clone(), RelayConfig::default());
+    let drained = tokio::time::timeout(DRAIN_DEADLINE + Duration::from_secs(5), async {
+        relay.drain(DRAIN_DEADLINE).await
+    })
+    .await;
+    publisher.close().await;
+    match drained {
+        Ok(Ok(report)) if report.failed == 0 => report.published,
+        Ok(Ok(report)) => {
+            eprintln!(
+                "warning: {} outbox message(s) could not be published now; they stay queued in \
+                 the outbox and will be published by the workers' relay",
+                report.failed
+            );
+            report.published
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "warning: the change is committed, but relaying the outbox failed ({e}); the \
+                 reconcile jobs stay queued and will be published by the workers' relay"
+            );
+            0
+        }
+        Err(_) => {
+            eprintln!(
+                "warning: the change is committed, but publishing took longer than {:?}; the \
+                 remaining reconcile jobs stay queued and will be published by the workers' relay",
+                DRAIN_DEADLINE
+            );
+            0
+        }
+    }
+}
+
+/// A template addressed by name.
+#[derive(Debug, Clone)]
+pub struct TemplateRef {
+    pub id: Uuid,
+    pub name: String,
+    pub organization_name: String,
+    pub active_version_id: Option<Uuid>,
+}
+
+/// Finds the live (not deleted) template `name`, in `organization` when given. With `lock`, the
+/// template row is locked for the rest of the transaction.
+///
+/// Errors: no such template; the name exists in several organizations and none was given.
+pub async fn resolve_template<C: GenericClient>(
+    c: &C,
+    name: &str,
+    organization: Option<&str>,
+    lock: bool,
+) -> anyhow::Result<TemplateRef> {
+    let sql = format!(
+        "SELECT t.id, t.name, o.name AS organization_name, t.active_version_id
+         FROM templates t
+         JOIN organizations o ON o.id = t.organization_id
+         WHERE t.name = $1
+           AND NOT t.deleted                        -- deleted templates are not addressable
+           AND ($2::text IS NULL OR o.name = $2)    -- --organization narrows the search
+         ORDER BY o.name
+         {}",
+        if lock { "FOR UPDATE OF t" } else { "" }
+    );
+    let rows = c
+        .query(&sql, &[&name, &organization])
+        .await
+        .context("looking up the template")?;
+    match rows.len() {
+        0 => {
+            if let Some(org) = organization {
+                let exists = c
+                    .query_opt("SELECT 1 FROM organizations WHERE name = $1", &[&org])
+                    .await?
+                    .is_some();
+                if !exists {
+                    bail!(
+                        "organization '{org}' does not exist (create it with `prebuildsctl org create {org}`)"
+                    );
+                }
+                bail!(
+                    "template '{name}' not found in organization '{org}' \
+                     (push one with `prebuildsctl template push FILE`)"
+                );
+            }
+            bail!(
+                "template '{name}' not found (push one with `prebuildsctl template push FILE`; \
+                 `prebuildsctl status` lists the templates with prebuilds)"
+            )
+        }
+        1 => {
+            let r = &rows[0];
+            Ok(TemplateRef {
+                id: r.get("id"),
+                name: r.get("name"),
+                organization_name: r.get("organization_name"),
+                active_version_id: r.get("active_version_id"),
+            })
+        }
+        _ => {
+            let orgs: Vec<String> = rows
+                .iter()
+                .map(|r| r.get::<_, String>("organization_name"))
+                .collect();
+            Err(UsageError(format!(
+                "template name '{name}' exists in several organizations ({}); \
+                 pass --organization ORG to choose one",
+                orgs.join(", ")
+            ))
+            .into())
+        }
+    }
+}
+
+/// Presets whose pool a change to this template affects: every preset of its active version, plus
+/// every preset of the template that still has live prebuilds (old versions draining).
+pub async fn template_presets<C: GenericClient>(
+    c: &C,
+    template_id: Uuid,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT p.id
+             FROM template_version_presets p
+             JOIN template_versions v ON v.id = p.template_version_id
+             JOIN templates t ON t.id = v.template_id
+             WHERE t.id = $1
+               AND (v.id = t.active_version_id                   -- the active version's presets
+                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
+                               WHERE wp.current_preset_id = p.id)) -- presets with live prebuilds
+             ORDER BY p.id",
+            &[&template_id],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// Presets of one template version.
+pub async fn version_presets<C: GenericClient>(
+    c: &C,
+    version_id: Uuid,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT id FROM template_version_presets WHERE template_version_id = $1 ORDER BY id",
+            &[&version_id],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// Whether a PostgreSQL error is a unique-constraint violation.
+pub fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// Writes one reconcile job per preset to the outbox, in the caller's transaction, after taking
+/// each preset's lock (in id order, so two commands cannot deadlock). Holding the locks until
+/// commit means a reconcile that was running finishes first (its coalescing watermark is then older
+/// than these jobs) and one that starts later waits for the commit (it sees the change): the change
+/// can never be missed by a coalesced job. Returns how many jobs were written.
+pub async fn request_reconciles<C: GenericClient>(
+    c: &C,
+    preset_ids: &[Uuid],
+    reason: prebuilds_schemas::ReconcileReason,
+) -> Result<usize, tokio_postgres::Error> {
+    let mut ids = preset_ids.to_vec();
+    ids.sort();
+    ids.dedup();
+    for id in &ids {
+        prebuilds_store::lock::lock_preset(c, *id).await?;
+    }
+    prebuilds_store::attention::request_reconciles(c, &ids, reason, EVENT_SOURCE).await?;
+    Ok(ids.len())
+}

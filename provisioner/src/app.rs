@@ -1,0 +1,166 @@
+//! Wiring of the process: metrics registry, readiness, the `/metrics` `/healthz` `/readyz`
+//! server, the confirming publisher, the backend, and the consumer supervisor on
+//! `<prefix>.provisioner-jobs`.
+//!
+//! Shutdown (SIGTERM/SIGINT): readiness goes false and the supervisor stops taking deliveries,
+//! lets in-flight jobs finish within `--shutdown-timeout` and settles them. Builds still running
+//! 6 s before that bound (but not before half of it has passed) are interrupted — terraform gets
+//! SIGINT, then SIGKILL after 5 s — and their jobs go back to the queue, to run again later with
+//! the same event ids.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use prebuilds_runtime::{
+    amqp::{
+        consumer::{self, ConsumerContext},
+        ConsumerSpec, Publisher, QueueKind, Topology,
+    },
+    db, http,
+    metrics::ServiceMetrics,
+    shutdown, Health,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backend::Backend,
+    config::{BackendKind, Cli},
+    handler::JobHandler,
+    metrics::ProvisionerMetrics,
+    sim::SimBackend,
+    terraform::TerraformBackend,
+};
+
+/// In-place retries of a transient failure before the delivery is requeued.
+const TRANSIENT_RETRIES: usize = 3;
+/// Period of the database probe behind `/readyz` (terraform backend).
+const DB_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs until SIGTERM/SIGINT and the drain that follows.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, shutdown::on_signals()).await
+}
+
+/// Runs until `shutdown` is cancelled and in-flight jobs are settled (or the bound passed).
+pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(
+        connection = ?cli.connection,
+        backend = cli.backend.as_str(),
+        concurrency = cli.concurrency,
+        "starting prebuilds-provisioner"
+    );
+    let registry = prometheus::Registry::new();
+    let service_metrics =
+        ServiceMetrics::register(&registry).context("registering service metrics")?;
+    let metrics =
+        ProvisionerMetrics::register(&registry).context("registering provisioner metrics")?;
+    let health = Health::default();
+    let topology = Topology::new(cli.connection.amqp_prefix.clone());
+    let publisher = Arc::new(Publisher::new(
+        cli.connection.amqp_url.clone(),
+        "prebuilds-provisioner-publisher",
+        topology.clone(),
+    ));
+
+    let backend = match cli.backend {
+        BackendKind::Sim => {
+            // The simulation never touches the database.
+            health.set_database(true);
+            let config = cli.sim_config();
+            tracing::info!(?config, "simulated backend");
+            Backend::Sim(SimBackend::new(config))
+        }
+        BackendKind::Terraform => {
+            let pool = db::pool(&cli.connection.database_url, cli.connection.db_pool_size)
+                .context("DATABASE_URL")?;
+            let config = cli.terraform_config();
+            let terraform = TerraformBackend::new(config.clone(), pool.clone());
+            let version = terraform.preflight().await?;
+            tracing::info!(%version, workdir = %config.workdir.display(), timeout = ?config.timeout, "terraform backend");
+            tokio::spawn(probe_database(pool, health.clone(), shutdown.clone()));
+            Backend::Terraform(terraform)
+        }
+    };
+
+    let (addr, http_task) = http::serve(
+        cli.service.metrics_addr,
+        registry,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding --metrics-addr {}", cli.service.metrics_addr))?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+
+    if let Err(e) = publisher.ensure_connected().await {
+        tracing::warn!(error = %e, "RabbitMQ is not reachable yet; retrying in the background");
+    }
+
+    let stop = CancellationToken::new();
+    // Leave an interrupted terraform its grace period (and the job its settlement) within the bound.
+    let bound = cli.service.shutdown_timeout;
+    let patience = (bound / 2).max(bound.saturating_sub(Duration::from_secs(6)));
+    {
+        let (shutdown, stop, health) = (shutdown.clone(), stop.clone(), health.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            health.set_draining();
+            tokio::time::sleep(patience).await;
+            if !stop.is_cancelled() {
+                tracing::warn!(after = ?patience, "interrupting builds still running at shutdown; their jobs will be redelivered");
+                stop.cancel();
+            }
+        });
+    }
+
+    let source = format!("prebuilds-provisioner/{}", cli.backend.as_str());
+    let handler = Arc::new(JobHandler::new(
+        backend,
+        publisher.clone(),
+        source,
+        cli.remembered_jobs,
+        stop.clone(),
+        metrics,
+    ));
+    let spec = ConsumerSpec {
+        queue: QueueKind::ProvisionerJobs,
+        prefetch: cli.concurrency,
+        connection_name: "prebuilds-provisioner".to_owned(),
+        drain_timeout: cli.service.shutdown_timeout,
+        transient_retries: TRANSIENT_RETRIES,
+    };
+    let context = ConsumerContext {
+        amqp_url: cli.connection.amqp_url.clone(),
+        topology,
+        publisher: publisher.clone(),
+        metrics: service_metrics,
+        health,
+    };
+    consumer::run(spec, context, handler, shutdown.clone()).await;
+
+    stop.cancel();
+    publisher.close().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    tracing::info!("prebuilds-provisioner stopped");
+    Ok(())
+}
+
+async fn probe_database(
+    pool: deadpool_postgres::Pool,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match db::ping(&pool).await {
+            Ok(()) => health.set_database(true),
+            Err(e) => {
+                health.set_database(false);
+                tracing::warn!(error = %e, "PostgreSQL is not reachable (the terraform backend reads template sources from it)");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DB_PROBE_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

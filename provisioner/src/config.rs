@@ -1,0 +1,275 @@
+//! Command line and environment of `prebuilds-provisioner` (SPEC.md §6): the shared connection and
+//! service groups, the pool size, the backend choice and each backend's knobs. Every flag has an
+//! environment variable; relations clap cannot express (rates within 0..=1, min ≤ max) are checked
+//! by [`Cli::validate`] before anything starts, with messages that say what to change.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, ValueEnum};
+use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ServiceArgs};
+use uuid::Uuid;
+
+use crate::{sim::SimConfig, terraform::TerraformConfig};
+
+const ABOUT: &str = "Executes prebuilds provisioner jobs and publishes provisioner events.";
+
+const LONG_ABOUT: &str = "\
+Executes prebuilds provisioner jobs and publishes provisioner events.
+
+Consumes `<prefix>.provisioner-jobs` (prebuilds.provisioner.job.v1) and, for each job, publishes to
+the `<prefix>` topic exchange, with publisher confirms and in this order: job_started, job_log
+batches, plan_result (start builds), job_completed and, for a successful start build, the agents'
+lifecycle `starting` then `ready`. A job is acknowledged only after all its events are confirmed.
+Event ids are derived from (job id, event kind, sequence number), so a redelivered job republishes
+the same ids and consumers deduplicate them.
+
+Backends:
+  sim        simulated builds: random duration, failure and resource-replacement rates, derived
+             from --sim-seed and the job id (the same job always gets the same outcome)
+  terraform  runs the real `terraform` CLI (init, plan, show -json, apply / destroy) on the template
+             version's `source`, in one working directory per workspace";
+
+/// Which executor runs the builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Simulated builds (no infrastructure); for local runs, tests and benchmarks.
+    Sim,
+    /// The real `terraform` CLI on the template version's source.
+    Terraform,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Sim => "sim",
+            BackendKind::Terraform => "terraform",
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "prebuilds-provisioner", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    #[command(flatten)]
+    pub service: ServiceArgs,
+
+    /// Jobs executed at once by this process (the AMQP prefetch of the job queue).
+    #[arg(long, env = "PREBUILDS_PROVISIONER_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+
+    /// Build executor.
+    #[arg(long, env = "PREBUILDS_PROVISIONER_BACKEND", value_enum, default_value_t = BackendKind::Sim)]
+    pub backend: BackendKind,
+
+    /// Completed jobs remembered in memory: a redelivered job among them republishes its recorded
+    /// events instead of running again.
+    #[arg(
+        long,
+        env = "PREBUILDS_PROVISIONER_REMEMBERED_JOBS",
+        default_value_t = 1000
+    )]
+    pub remembered_jobs: usize,
+
+    #[command(flatten, next_help_heading = "Simulated backend (--backend sim)")]
+    pub sim: SimArgs,
+
+    #[command(flatten, next_help_heading = "Terraform backend (--backend terraform)")]
+    pub terraform: TerraformArgs,
+}
+
+/// A duration flag that also accepts a bare `0`.
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Shortest simulated build (durations are uniform in [min, max]; `0` is allowed).
+    #[arg(long, env = "PREBUILDS_SIM_DURATION_MIN", default_value = "200ms", value_parser = parse_duration_or_zero)]
+    pub sim_duration_min: Duration,
+
+    /// Longest simulated build.
+    #[arg(long, env = "PREBUILDS_SIM_DURATION_MAX", default_value = "2s", value_parser = parse_duration_or_zero)]
+    pub sim_duration_max: Duration,
+
+    /// Probability (0.0..=1.0) that a start build fails.
+    #[arg(long, env = "PREBUILDS_SIM_FAILURE_RATE", default_value_t = 0.0)]
+    pub sim_failure_rate: f64,
+
+    /// Probability (0.0..=1.0) that a claim build (stage `claim`) reports one or two replaced
+    /// resources in its plan_result.
+    #[arg(long, env = "PREBUILDS_SIM_REPLACEMENT_RATE", default_value_t = 0.0)]
+    pub sim_replacement_rate: f64,
+
+    /// Delay between an agent's `starting` and `ready` lifecycle events.
+    #[arg(long, env = "PREBUILDS_SIM_AGENT_READY_DELAY", default_value = "500ms", value_parser = parse_duration_or_zero)]
+    pub sim_agent_ready_delay: Duration,
+
+    /// Seed of the simulation; a job's outcome is a function of the seed and its job id.
+    #[arg(long, env = "PREBUILDS_SIM_SEED", default_value_t = 0)]
+    pub sim_seed: u64,
+
+    /// Presets whose start builds always fail (comma-separated preset ids), e.g. to drive backoff
+    /// and hard limits in tests.
+    #[arg(long, env = "PREBUILDS_SIM_FAIL_PRESETS", value_delimiter = ',')]
+    pub sim_fail_presets: Vec<Uuid>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TerraformArgs {
+    /// The `terraform` executable (a name looked up in PATH, or a path).
+    #[arg(long, env = "PREBUILDS_TERRAFORM_BINARY", default_value = "terraform")]
+    pub terraform_binary: PathBuf,
+
+    /// Directory holding one working directory (with its Terraform state) per workspace
+    /// [default: <system temp dir>/prebuilds-terraform].
+    #[arg(long, env = "PREBUILDS_TERRAFORM_WORKDIR")]
+    pub terraform_workdir: Option<PathBuf>,
+
+    /// Bound of every single terraform invocation (init, plan, apply, destroy, ...).
+    #[arg(long, env = "PREBUILDS_TERRAFORM_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub terraform_timeout: Duration,
+}
+
+impl Cli {
+    /// Start-up validation of what the parser cannot check.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.concurrency == 0 {
+            return Err(
+                "--concurrency (PREBUILDS_PROVISIONER_CONCURRENCY) must be at least 1".into(),
+            );
+        }
+        if self.remembered_jobs == 0 {
+            return Err(
+                "--remembered-jobs (PREBUILDS_PROVISIONER_REMEMBERED_JOBS) must be at least 1"
+                    .into(),
+            );
+        }
+        check_rate(
+            "--sim-failure-rate (PREBUILDS_SIM_FAILURE_RATE)",
+            self.sim.sim_failure_rate,
+        )?;
+        check_rate(
+            "--sim-replacement-rate (PREBUILDS_SIM_REPLACEMENT_RATE)",
+            self.sim.sim_replacement_rate,
+        )?;
+        if self.sim.sim_duration_min > self.sim.sim_duration_max {
+            return Err(format!(
+                "--sim-duration-min ({:?}) must not exceed --sim-duration-max ({:?}); raise the \
+                 maximum or lower the minimum",
+                self.sim.sim_duration_min, self.sim.sim_duration_max
+            ));
+        }
+        if self.terraform.terraform_timeout.is_zero() {
+            return Err(
+                "--terraform-timeout (PREBUILDS_TERRAFORM_TIMEOUT) must be greater than 0".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn sim_config(&self) -> SimConfig {
+        SimConfig {
+            duration_min: self.sim.sim_duration_min,
+            duration_max: self.sim.sim_duration_max,
+            failure_rate: self.sim.sim_failure_rate,
+            replacement_rate: self.sim.sim_replacement_rate,
+            agent_ready_delay: self.sim.sim_agent_ready_delay,
+            seed: self.sim.sim_seed,
+            fail_presets: self.sim.sim_fail_presets.clone(),
+        }
+    }
+
+    pub fn terraform_config(&self) -> TerraformConfig {
+        TerraformConfig {
+            binary: self.terraform.terraform_binary.clone(),
+            workdir: self
+                .terraform
+                .terraform_workdir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("prebuilds-terraform")),
+            timeout: self.terraform.terraform_timeout,
+        }
+    }
+}
+
+fn check_rate(flag: &str, value: f64) -> Result<(), String> {
+    if value.is_finite() && (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} is {value}; use a probability between 0.0 and 1.0"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut argv = vec!["prebuilds-provisioner"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cli = parse(&[]);
+        cli.validate().unwrap();
+        assert_eq!(cli.backend, BackendKind::Sim);
+        assert_eq!(cli.terraform.terraform_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn zero_durations_are_accepted() {
+        let cli = parse(&[
+            "--sim-duration-min",
+            "0",
+            "--sim-duration-max",
+            "0s",
+            "--sim-agent-ready-delay",
+            "0ms",
+        ]);
+        cli.validate().unwrap();
+        assert_eq!(cli.sim_config().duration_max, Duration::ZERO);
+    }
+
+    #[test]
+    fn rates_outside_zero_to_one_are_refused_with_the_flag_name() {
+        let err = parse(&["--sim-failure-rate", "1.5"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--sim-failure-rate"), "{err}");
+        let err = parse(&["--sim-replacement-rate=-0.1"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--sim-replacement-rate"), "{err}");
+        let err = parse(&["--sim-failure-rate", "NaN"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("between 0.0 and 1.0"), "{err}");
+    }
+
+    #[test]
+    fn min_above_max_is_refused() {
+        let err = parse(&["--sim-duration-min", "3s", "--sim-duration-max", "1s"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--sim-duration-min"), "{err}");
+    }
+
+    #[test]
+    fn fail_presets_are_comma_separated() {
+        let a = Uuid::new_v4();
+        let b = Uuid::new_v4();
+        let cli = parse(&["--sim-fail-presets", &format!("{a},{b}")]);
+        assert_eq!(cli.sim.sim_fail_presets, vec![a, b]);
+    }
+}

@@ -1,0 +1,836 @@
+//! The terraform backend: runs the real `terraform` CLI on the template version's source.
+//!
+//! Each workspace has its own working directory `<--terraform-workdir>/<workspace_id>`, holding
+//! `main.tf` (the template version's `source`, read from PostgreSQL), the local Terraform state
+//! across that workspace's builds, and `variables.json` (the variables of the last plan, which a
+//! later destroy reuses: delete builds carry no parameters). Builds of one workspace run one at a time.
+//!
+//! Start and stop builds:
+//! 1. write `main.tf`; `terraform init -input=false`;
+//! 2. `terraform plan -input=false -out=plan.tfplan`, variables passed as `TF_VAR_*` (terraform
+//!    ignores the ones the source does not declare): the job's parameters, then `owner_name`,
+//!    `owner_id`, `workspace_name`, `workspace_id`, `template_id`, `template_version_id`,
+//!    `transition`, `build_number`, `stage`, `is_prebuild`, `is_prebuild_claim` (these win over a
+//!    parameter of the same name);
+//! 3. `terraform show -json plan.tfplan` → [`replacements_from_plan`] → `plan_result` (start builds);
+//! 4. `terraform apply -input=false plan.tfplan`;
+//! 5. start builds: `terraform output -json` → the agents ([`agents_from_outputs`]: the names in an
+//!    output `agents`, default one agent `main`).
+//!
+//! Delete builds: `terraform destroy -auto-approve -input=false` when a state exists, then the
+//! working directory is removed. Terraform's output streams as `job_log` lines (stdout at info —
+//! `# forces replacement` lines of claim builds at warn — and stderr at error); a non-zero exit fails
+//! the job with the last stderr lines as its error. Every invocation is bounded by
+//! `--terraform-timeout` and interrupted (SIGINT, then SIGKILL after a grace period) at the timeout
+//! or when shutdown runs out of patience.
+//!
+//! Idempotence caveat: a start build executed again after it applied (a crash before the ack, with
+//! its record lost) re-plans against the saved state and finds nothing to change, so its second
+//! `plan_result` lists no replacements; the worker keeps the first one it received.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use prebuilds_schemas::{BuildStage, LogLevel, ProvisionerJob, ResourceReplacement, Transition};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    backend::{BuildResult, RunError},
+    events::Emitter,
+    locks::KeyedLocks,
+};
+
+const TEMPLATE_SOURCE_SQL: &str = include_str!("sql/template_source.sql");
+
+/// How often streamed terraform output is published while a command runs.
+const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long an interrupted terraform may take to stop gracefully before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+/// Stderr lines kept for the error text of a failed command.
+const ERROR_TAIL_LINES: usize = 12;
+
+#[derive(Debug, Clone)]
+pub struct TerraformConfig {
+    pub binary: PathBuf,
+    pub workdir: PathBuf,
+    pub timeout: Duration,
+}
+
+/// Resource replacements of a `terraform show -json` plan, as Coder computes them: for each entry of
+/// `resource_changes` whose actions are not a no-op and which has `change.replace_paths`, skipping
+/// resource types starting with `coder_`, the resource `address` with each replace path rendered as
+/// its segments joined by `.` (numbers written as numbers). Entries keep the plan's order.
+pub fn replacements_from_plan(plan: &serde_json::Value) -> Vec<ResourceReplacement> {
+    let Some(changes) = plan.get("resource_changes").and_then(|c| c.as_array()) else {
+        return Vec::new();
+    };
+    let mut replacements: Vec<ResourceReplacement> = Vec::new();
+    for rc in changes {
+        let Some(change) = rc.get("change") else {
+            continue;
+        };
+        let actions: Vec<&str> = change
+            .get("actions")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        if actions.is_empty() || actions == ["no-op"] {
+            continue;
+        }
+        let Some(paths) = change
+            .get("replace_paths")
+            .and_then(|p| p.as_array())
+            .filter(|p| !p.is_empty())
+        else {
+            continue;
+        };
+        let resource_type = rc.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+        if resource_type.starts_with("coder_") {
+            continue;
+        }
+        let Some(address) = rc.get("address").and_then(|a| a.as_str()) else {
+            continue;
+        };
+        let rendered: Vec<String> = paths.iter().map(render_path).collect();
+        match replacements.iter_mut().find(|r| r.resource == address) {
+            Some(existing) => existing.paths.extend(rendered),
+            None => replacements.push(ResourceReplacement {
+                resource: address.to_owned(),
+                paths: rendered,
+            }),
+        }
+    }
+    replacements
+}
+
+fn render_path(path: &serde_json::Value) -> String {
+    match path {
+        serde_json::Value::Array(segments) => segments
+            .iter()
+            .map(render_segment)
+            .collect::<Vec<_>>()
+            .join("."),
+        other => render_segment(other),
+    }
+}
+
+fn render_segment(segment: &serde_json::Value) -> String {
+    match segment {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Agent names from `terraform output -json`: the output `agents` (a list of names, of objects with
+/// a `name`, or one name); one agent `main` when the template has no such output.
+pub fn agents_from_outputs(outputs: &serde_json::Value) -> Vec<String> {
+    let Some(value) = outputs.get("agents").and_then(|o| o.get("value")) else {
+        return vec!["main".to_owned()];
+    };
+    let name_of = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("name").and_then(|n| n.as_str()).map(str::to_owned),
+        _ => None,
+    };
+    match value {
+        serde_json::Value::Array(items) => items.iter().filter_map(name_of).collect(),
+        single => name_of(single).into_iter().collect(),
+    }
+}
+
+/// The variables of a build, by name (see the module documentation).
+pub fn variables(job: &ProvisionerJob) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for p in &job.parameters {
+        if valid_variable_name(&p.name) {
+            vars.insert(p.name.clone(), p.value.clone());
+        }
+    }
+    let builtins = [
+        ("owner_name", job.owner_name.clone()),
+        ("owner_id", job.owner_id.to_string()),
+        ("workspace_name", job.workspace_name.clone()),
+        ("workspace_id", job.workspace_id.to_string()),
+        ("template_id", job.template_id.to_string()),
+        ("template_version_id", job.template_version_id.to_string()),
+        ("transition", job.transition.as_str().to_owned()),
+        ("build_number", job.build_number.to_string()),
+        ("stage", job.stage.as_str().to_owned()),
+        (
+            "is_prebuild",
+            (job.owner_id == prebuilds_schemas::PREBUILDS_USER_ID).to_string(),
+        ),
+        (
+            "is_prebuild_claim",
+            (job.stage == BuildStage::Claim).to_string(),
+        ),
+    ];
+    for (name, value) in builtins {
+        vars.insert(name.to_owned(), value);
+    }
+    vars
+}
+
+/// Terraform identifiers: a letter or `_`, then letters, digits, `_` or `-`.
+fn valid_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Turns terraform's boxed diagnostics (`╷`, `│ Error: …`, `╵`) into plain lines.
+fn clean_diagnostic(line: &str) -> Option<String> {
+    let trimmed = line.trim_start_matches(['╷', '╵', '│']).trim().to_owned();
+    (!trimmed.is_empty()).then_some(trimmed)
+}
+
+/// Why a terraform command produced no result.
+enum ExecError {
+    /// The build failed (non-zero exit, timeout, cannot spawn): reported as the job's error.
+    Failed(String),
+    /// Shutdown interrupted it.
+    Aborted,
+}
+
+/// What a command's stdout is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    /// Streamed to the job log; `# forces replacement` lines at warn when `warn_replacements`.
+    Log { warn_replacements: bool },
+    /// Returned to the caller (machine-readable output), not logged.
+    Capture,
+}
+
+/// Where the source of a template version stands.
+enum Source {
+    Found(String),
+    Null,
+    UnknownVersion,
+}
+
+#[derive(Debug)]
+pub struct TerraformBackend {
+    config: TerraformConfig,
+    pool: Pool,
+    workspaces: KeyedLocks,
+    /// `TF_CLI_CONFIG_FILE` to pass when the configured CLI configuration file does not exist
+    /// (terraform would warn about it on every command).
+    cli_config_override: Option<PathBuf>,
+}
+
+impl TerraformBackend {
+    pub fn new(config: TerraformConfig, pool: Pool) -> Self {
+        let configured = std::env::var_os("TF_CLI_CONFIG_FILE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".terraformrc")));
+        let cli_config_override = match configured {
+            Some(path) if path.exists() => None,
+            _ => Some(PathBuf::from("/dev/null")),
+        };
+        TerraformBackend {
+            config,
+            pool,
+            workspaces: KeyedLocks::default(),
+            cli_config_override,
+        }
+    }
+
+    /// Checks the binary runs and the working directory is writable; returns the version line.
+    pub async fn preflight(&self) -> anyhow::Result<String> {
+        std::fs::create_dir_all(&self.config.workdir).with_context(|| {
+            format!(
+                "cannot create the terraform working directory {} (set --terraform-workdir)",
+                self.config.workdir.display()
+            )
+        })?;
+        let mut command = Command::new(&self.config.binary);
+        command.arg("version").kill_on_drop(true);
+        self.base_env(&mut command);
+        let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .context("`terraform version` did not answer within 30s")?
+            .with_context(|| {
+                format!(
+                    "cannot run {:?}: install terraform or point --terraform-binary at it",
+                    self.config.binary
+                )
+            })?;
+        anyhow::ensure!(
+            output.status.success(),
+            "`{} version` failed: {}",
+            self.config.binary.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    fn base_env(&self, command: &mut Command) {
+        command
+            .env("TF_IN_AUTOMATION", "1")
+            .env("TF_INPUT", "0")
+            .env("CHECKPOINT_DISABLE", "1");
+        if let Some(path) = &self.cli_config_override {
+            command.env("TF_CLI_CONFIG_FILE", path);
+        }
+    }
+
+    fn workspace_dir(&self, workspace_id: Uuid) -> PathBuf {
+        self.config.workdir.join(workspace_id.to_string())
+    }
+
+    async fn template_source(&self, version_id: Uuid) -> Result<Source, RunError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .context("reading the template source: PostgreSQL pool")
+            .map_err(RunError::Transient)?;
+        let row = client
+            .query_opt(TEMPLATE_SOURCE_SQL, &[&version_id])
+            .await
+            .context("reading the template source")
+            .map_err(RunError::Transient)?;
+        Ok(match row {
+            None => Source::UnknownVersion,
+            Some(row) => match row.get::<_, Option<String>>(0) {
+                Some(text) => Source::Found(text),
+                None => Source::Null,
+            },
+        })
+    }
+
+    pub async fn run(
+        &self,
+        job: &ProvisionerJob,
+        emitter: &mut Emitter,
+        stop: &CancellationToken,
+    ) -> Result<BuildResult, RunError> {
+        let _workspace = self.workspaces.lock(job.workspace_id).await;
+        let result = match job.transition {
+            Transition::Start | Transition::Stop => self.apply(job, emitter, stop).await,
+            Transition::Delete => self.destroy(job, emitter, stop).await,
+        };
+        match result {
+            Ok(agents) => Ok(BuildResult::Succeeded { agents }),
+            Err(Outcome::Failed(error)) => {
+                emitter.flush_logs().await;
+                Ok(BuildResult::Failed { error })
+            }
+            Err(Outcome::Run(e)) => Err(e),
+        }
+    }
+
+    async fn write_source(&self, job: &ProvisionerJob, dir: &Path) -> Result<(), Outcome> {
+        let source = match self.template_source(job.template_version_id).await? {
+            Source::Found(text) => text,
+            Source::Null => {
+                return Err(Outcome::Failed(format!(
+                    "template version {} has no Terraform source (push it with `source:`)",
+                    job.template_version_id
+                )))
+            }
+            Source::UnknownVersion => {
+                return Err(Outcome::Failed(format!(
+                    "template version {} does not exist",
+                    job.template_version_id
+                )))
+            }
+        };
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| Outcome::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        tokio::fs::write(dir.join("main.tf"), source)
+            .await
+            .map_err(|e| Outcome::Failed(format!("cannot write main.tf: {e}")))?;
+        Ok(())
+    }
+
+    /// Start and stop builds; returns the agents (start builds).
+    async fn apply(
+        &self,
+        job: &ProvisionerJob,
+        emitter: &mut Emitter,
+        stop: &CancellationToken,
+    ) -> Result<Vec<String>, Outcome> {
+        let dir = self.workspace_dir(job.workspace_id);
+        self.write_source(job, &dir).await?;
+        let vars = variables(job);
+        let log = Stdout::Log {
+            warn_replacements: false,
+        };
+        self.exec(
+            &dir,
+            &["init", "-input=false"],
+            "init",
+            &vars,
+            log,
+            emitter,
+            stop,
+        )
+        .await?;
+        let plan_log = Stdout::Log {
+            warn_replacements: job.stage == BuildStage::Claim,
+        };
+        self.exec(
+            &dir,
+            &["plan", "-input=false", "-out=plan.tfplan"],
+            "plan",
+            &vars,
+            plan_log,
+            emitter,
+            stop,
+        )
+        .await?;
+        // A later destroy needs the same variable values (delete builds carry no parameters).
+        let saved = serde_json::to_vec_pretty(&vars).unwrap_or_default();
+        if let Err(e) = tokio::fs::write(dir.join("variables.json"), saved).await {
+            tracing::warn!(job_id = %job.job_id, error = %e, "cannot save the build variables; a later destroy may miss them");
+        }
+        if job.transition == Transition::Start {
+            let json = self
+                .exec(
+                    &dir,
+                    &["show", "-json", "plan.tfplan"],
+                    "plan",
+                    &vars,
+                    Stdout::Capture,
+                    emitter,
+                    stop,
+                )
+                .await?;
+            let plan: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+                Outcome::Failed(format!("`terraform show -json` printed invalid JSON: {e}"))
+            })?;
+            emitter.plan_result(replacements_from_plan(&plan)).await;
+        }
+        self.exec(
+            &dir,
+            &["apply", "-input=false", "plan.tfplan"],
+            "apply",
+            &vars,
+            log,
+            emitter,
+            stop,
+        )
+        .await?;
+        let _ = tokio::fs::remove_file(dir.join("plan.tfplan")).await;
+        if job.transition != Transition::Start {
+            return Ok(Vec::new());
+        }
+        let outputs = self
+            .exec(
+                &dir,
+                &["output", "-json"],
+                "apply",
+                &vars,
+                Stdout::Capture,
+                emitter,
+                stop,
+            )
+            .await?;
+        let outputs: serde_json::Value = serde_json::from_str(&outputs).map_err(|e| {
+            Outcome::Failed(format!(
+                "`terraform output -json` printed invalid JSON: {e}"
+            ))
+        })?;
+        Ok(agents_from_outputs(&outputs))
+    }
+
+    async fn destroy(
+        &self,
+        job: &ProvisionerJob,
+        emitter: &mut Emitter,
+        stop: &CancellationToken,
+    ) -> Result<Vec<String>, Outcome> {
+        let dir = self.workspace_dir(job.workspace_id);
+        if !dir.join("terraform.tfstate").exists() {
+            emitter
+                .log(
+                    LogLevel::Info,
+                    "destroy",
+                    "No Terraform state for this workspace: nothing to destroy.",
+                )
+                .await;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Ok(Vec::new());
+        }
+        match self.write_source(job, &dir).await {
+            Ok(()) => {}
+            Err(Outcome::Failed(why)) if dir.join("main.tf").exists() => {
+                emitter
+                    .log(
+                        LogLevel::Warn,
+                        "destroy",
+                        format!("{why}; destroying with the source of the previous build"),
+                    )
+                    .await;
+            }
+            Err(other) => return Err(other),
+        }
+        let mut vars: BTreeMap<String, String> = tokio::fs::read(dir.join("variables.json"))
+            .await
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        vars.extend(variables(job));
+        let log = Stdout::Log {
+            warn_replacements: false,
+        };
+        self.exec(
+            &dir,
+            &["init", "-input=false"],
+            "init",
+            &vars,
+            log,
+            emitter,
+            stop,
+        )
+        .await?;
+        self.exec(
+            &dir,
+            &["destroy", "-auto-approve", "-input=false"],
+            "destroy",
+            &vars,
+            log,
+            emitter,
+            stop,
+        )
+        .await?;
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            tracing::warn!(job_id = %job.job_id, dir = %dir.display(), error = %e, "cannot remove the destroyed workspace's working directory");
+        }
+        Ok(Vec::new())
+    }
+
+    /// Runs one terraform command in `dir`, streaming its output to the job log.
+    #[allow(clippy::too_many_arguments)]
+    async fn exec(
+        &self,
+        dir: &Path,
+        args: &[&str],
+        stage: &str,
+        vars: &BTreeMap<String, String>,
+        stdout_mode: Stdout,
+        emitter: &mut Emitter,
+        stop: &CancellationToken,
+    ) -> Result<String, Outcome> {
+        let command_name = args.first().copied().unwrap_or("terraform");
+        let mut command = Command::new(&self.config.binary);
+        command
+            .arg(command_name)
+            .arg("-no-color")
+            .args(&args[1..])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        self.base_env(&mut command);
+        for (name, value) in vars {
+            command.env(format!("TF_VAR_{name}"), value);
+        }
+        let started = std::time::Instant::now();
+        let mut child = command.spawn().map_err(|e| {
+            Outcome::Failed(format!("cannot run {}: {e}", self.config.binary.display()))
+        })?;
+        let result = self
+            .stream(&mut child, command_name, stage, stdout_mode, emitter, stop)
+            .await;
+        emitter.flush_logs().await;
+        tracing::debug!(job_id = %emitter.job_id(), command = command_name, elapsed = ?started.elapsed(), ok = result.is_ok(), "terraform command finished");
+        match result {
+            Ok(stdout) => Ok(stdout),
+            Err(ExecError::Failed(e)) => Err(Outcome::Failed(e)),
+            Err(ExecError::Aborted) => Err(Outcome::Run(RunError::Aborted)),
+        }
+    }
+
+    async fn stream(
+        &self,
+        child: &mut Child,
+        command_name: &str,
+        stage: &str,
+        stdout_mode: Stdout,
+        emitter: &mut Emitter,
+        stop: &CancellationToken,
+    ) -> Result<String, ExecError> {
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ExecError::Failed(
+                "terraform's output pipes were not set up".to_owned(),
+            ));
+        };
+        let mut out = BufReader::new(stdout).lines();
+        let mut err = BufReader::new(stderr).lines();
+        let (mut out_open, mut err_open) = (true, true);
+        let mut captured = String::new();
+        let mut error_tail: VecDeque<String> = VecDeque::new();
+        let deadline = tokio::time::sleep(self.config.timeout);
+        tokio::pin!(deadline);
+        let mut flush = tokio::time::interval(LOG_FLUSH_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timed_out = || {
+            ExecError::Failed(format!(
+                "terraform {command_name} timed out after {:?} (--terraform-timeout)",
+                self.config.timeout
+            ))
+        };
+        while out_open || err_open {
+            tokio::select! {
+                line = out.next_line(), if out_open => match line {
+                    // Blank lines only space out terraform's human output: not worth a log row.
+                    Ok(Some(line)) if line.trim().is_empty() && stdout_mode != Stdout::Capture => {}
+                    Ok(Some(line)) => match stdout_mode {
+                        Stdout::Capture => {
+                            captured.push_str(&line);
+                            captured.push('\n');
+                        }
+                        Stdout::Log { warn_replacements } => {
+                            let level = if warn_replacements && line.contains("# forces replacement") {
+                                LogLevel::Warn
+                            } else {
+                                LogLevel::Info
+                            };
+                            emitter.log(level, stage, line).await;
+                        }
+                    },
+                    _ => out_open = false,
+                },
+                line = err.next_line(), if err_open => match line {
+                    Ok(Some(line)) if line.trim().is_empty() => {}
+                    Ok(Some(line)) => {
+                        if let Some(clean) = clean_diagnostic(&line) {
+                            error_tail.push_back(clean);
+                            if error_tail.len() > ERROR_TAIL_LINES {
+                                error_tail.pop_front();
+                            }
+                        }
+                        emitter.log(LogLevel::Error, stage, line).await;
+                    }
+                    _ => err_open = false,
+                },
+                _ = flush.tick() => emitter.flush_logs().await,
+                _ = &mut deadline => {
+                    interrupt(child).await;
+                    return Err(timed_out());
+                }
+                _ = stop.cancelled() => {
+                    interrupt(child).await;
+                    return Err(ExecError::Aborted);
+                }
+            }
+        }
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = &mut deadline => {
+                interrupt(child).await;
+                return Err(timed_out());
+            }
+            _ = stop.cancelled() => {
+                interrupt(child).await;
+                return Err(ExecError::Aborted);
+            }
+        };
+        match status {
+            Ok(status) if status.success() => Ok(captured),
+            Ok(status) => {
+                let detail = if error_tail.is_empty() {
+                    "no error output".to_owned()
+                } else {
+                    Vec::from(error_tail).join("\n")
+                };
+                Err(ExecError::Failed(format!(
+                    "terraform {command_name} failed ({status}): {detail}"
+                )))
+            }
+            Err(e) => Err(ExecError::Failed(format!(
+                "waiting for terraform {command_name}: {e}"
+            ))),
+        }
+    }
+}
+
+/// How a step of a build ended early.
+enum Outcome {
+    /// The build failed: report it.
+    Failed(String),
+    /// No outcome: retry the job later.
+    Run(RunError),
+}
+
+impl From<RunError> for Outcome {
+    fn from(e: RunError) -> Self {
+        Outcome::Run(e)
+    }
+}
+
+/// Asks terraform to stop gracefully (SIGINT: it finishes the resource operations in progress and
+/// saves its state), then kills it after [`INTERRUPT_GRACE`].
+async fn interrupt(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if tokio::time::timeout(INTERRUPT_GRACE, child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use prebuilds_schemas::{Parameter, Payload};
+    use serde_json::json;
+
+    use super::*;
+
+    fn fixture(name: &str) -> serde_json::Value {
+        let text = match name {
+            "create" => include_str!("../testdata/plan-create.json"),
+            "replace" => include_str!("../testdata/plan-replace.json"),
+            _ => unreachable!("unknown fixture"),
+        };
+        serde_json::from_str(text).expect("fixture is JSON")
+    }
+
+    /// Fixtures made by `testdata/make-fixtures.sh` with the real terraform.
+    #[test]
+    fn a_first_build_replaces_nothing() {
+        assert!(replacements_from_plan(&fixture("create")).is_empty());
+    }
+
+    #[test]
+    fn replaced_resources_are_listed_with_their_paths_and_updates_are_not() {
+        let got = replacements_from_plan(&fixture("replace"));
+        assert_eq!(
+            got,
+            vec![
+                ResourceReplacement {
+                    resource: "terraform_data.home".into(),
+                    paths: vec!["triggers_replace".into()],
+                },
+                ResourceReplacement {
+                    resource: "terraform_data.workspace[0]".into(),
+                    paths: vec!["triggers_replace".into()],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn coder_resources_no_ops_and_missing_paths_are_ignored_and_segments_are_joined() {
+        let plan = json!({
+            "resource_changes": [
+                {"address": "coder_agent.main", "type": "coder_agent",
+                 "change": {"actions": ["delete", "create"], "replace_paths": [["token"]]}},
+                {"address": "docker_container.workspace[0]", "type": "docker_container",
+                 "change": {"actions": ["delete", "create"],
+                            "replace_paths": [["env"], ["image"], ["ports", 0, "internal"]]}},
+                {"address": "docker_volume.home", "type": "docker_volume",
+                 "change": {"actions": ["no-op"], "replace_paths": [["name"]]}},
+                {"address": "docker_image.main", "type": "docker_image",
+                 "change": {"actions": ["update"]}},
+                {"address": "docker_network.n", "type": "docker_network",
+                 "change": {"actions": ["create", "delete"], "replace_paths": []}},
+                {"address": "odd.shape", "type": "odd",
+                 "change": {"actions": ["delete", "create"], "replace_paths": ["flat"]}}
+            ]
+        });
+        assert_eq!(
+            replacements_from_plan(&plan),
+            vec![
+                ResourceReplacement {
+                    resource: "docker_container.workspace[0]".into(),
+                    paths: vec!["env".into(), "image".into(), "ports.0.internal".into()],
+                },
+                ResourceReplacement {
+                    resource: "odd.shape".into(),
+                    paths: vec!["flat".into()],
+                },
+            ]
+        );
+        assert!(replacements_from_plan(&json!({})).is_empty());
+        assert!(replacements_from_plan(&json!({"resource_changes": null})).is_empty());
+    }
+
+    #[test]
+    fn agents_come_from_the_agents_output_or_default_to_main() {
+        assert_eq!(agents_from_outputs(&json!({})), vec!["main"]);
+        assert_eq!(
+            agents_from_outputs(&json!({"agents": {"value": ["main", "gpu"], "sensitive": false}})),
+            vec!["main", "gpu"]
+        );
+        assert_eq!(
+            agents_from_outputs(&json!({"agents": {"value": [{"name": "dev"}]}})),
+            vec!["dev"]
+        );
+        assert_eq!(
+            agents_from_outputs(&json!({"agents": {"value": "solo"}})),
+            vec!["solo"]
+        );
+        assert!(agents_from_outputs(&json!({"agents": {"value": []}})).is_empty());
+    }
+
+    #[test]
+    fn builtin_variables_win_over_parameters_and_odd_names_are_skipped() {
+        let mut job = ProvisionerJob::example();
+        job.stage = BuildStage::Claim;
+        job.owner_name = "alice".into();
+        job.parameters = vec![
+            Parameter {
+                name: "image".into(),
+                value: "debian".into(),
+            },
+            Parameter {
+                name: "owner_name".into(),
+                value: "mallory".into(),
+            },
+            Parameter {
+                name: "bad=name".into(),
+                value: "x".into(),
+            },
+        ];
+        let vars = variables(&job);
+        assert_eq!(vars["image"], "debian");
+        assert_eq!(vars["owner_name"], "alice");
+        assert_eq!(vars["transition"], "start");
+        assert_eq!(vars["stage"], "claim");
+        assert_eq!(vars["is_prebuild"], "true");
+        assert_eq!(vars["is_prebuild_claim"], "true");
+        assert!(!vars.contains_key("bad=name"));
+    }
+
+    #[test]
+    fn diagnostics_lose_their_box_drawing() {
+        assert_eq!(
+            clean_diagnostic("│ Error: No value for required variable").as_deref(),
+            Some("Error: No value for required variable")
+        );
+        assert_eq!(clean_diagnostic("╷"), None);
+        assert_eq!(clean_diagnostic("│ "), None);
+    }
+}
