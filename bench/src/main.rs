@@ -1,0 +1,78 @@
+//! `bench`: measures the prebuilds service on this machine and writes `BENCHMARKS.md`.
+//!
+//! Every figure is reported beside a floor measured in the same run on the same services (RPC echo
+//! round trip, one claim-shaped transaction, confirmed publish and consume rates), because these
+//! machines are shared and noisy: ratios travel, absolute numbers don't.
+//!
+//! Run: `cargo build --release --bins && cargo run --release -p bench -- all`.
+
+mod fixtures;
+mod report;
+mod scenarios;
+mod stats;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    All,
+    Floors,
+    Claims,
+    Replenish,
+    Reconcile,
+    Fill,
+    Events,
+    Memory,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmark the prebuilds service against the local PostgreSQL and RabbitMQ."
+)]
+struct Args {
+    /// Which scenario to run.
+    #[arg(value_enum, default_value_t = Scenario::All)]
+    scenario: Scenario,
+
+    /// Smaller sizes (for a smoke run); figures are then not comparable with the goals.
+    #[arg(long)]
+    quick: bool,
+
+    /// Where to write the report (only `all` writes it).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: std::path::PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let sizes = scenarios::Sizes::new(args.quick);
+    let mut report = report::Report::new(&args, sizes);
+    let run = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
+
+    let floors = scenarios::floors(&sizes).await?;
+    report.floors(&floors);
+    if run(Scenario::Claims) || run(Scenario::Replenish) {
+        let claims = scenarios::claims(&sizes).await?;
+        report.claims(&claims, &floors);
+    }
+    if run(Scenario::Reconcile) || run(Scenario::Memory) {
+        let reconcile = scenarios::reconcile(&sizes).await?;
+        report.reconcile(&reconcile);
+    }
+    if run(Scenario::Fill) {
+        let fill = scenarios::cold_fill(&sizes).await?;
+        report.fill(&fill);
+    }
+    if run(Scenario::Events) {
+        let events = scenarios::events(&sizes).await?;
+        report.events(&events, &floors);
+    }
+    print!("{}", report.table());
+    if args.scenario == Scenario::All {
+        std::fs::write(&args.output, report.markdown())?;
+        println!("wrote {}", args.output.display());
+    }
+    Ok(())
+}

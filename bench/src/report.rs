@@ -1,0 +1,251 @@
+//! The benchmark report: a table on standard output and `BENCHMARKS.md` (figures, goals, ratios to
+//! the floors measured in the same run, the machine, the date and the exact command).
+
+use std::fmt::Write;
+
+use crate::{
+    scenarios::{Claims, Events, Fill, Floors, Reconcile, Sizes},
+    stats::ms,
+    Args,
+};
+
+pub struct Report {
+    command: String,
+    sizes: Sizes,
+    rows: Vec<[String; 4]>,
+}
+
+impl Report {
+    pub fn new(args: &Args, sizes: Sizes) -> Report {
+        let mut command =
+            format!("cargo run --release -p bench -- {:?}", args.scenario).to_lowercase();
+        if args.quick {
+            command.push_str(" --quick");
+        }
+        Report {
+            command,
+            sizes,
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(
+        &mut self,
+        what: impl Into<String>,
+        figure: impl Into<String>,
+        goal: impl Into<String>,
+        note: impl Into<String>,
+    ) {
+        self.rows
+            .push([what.into(), figure.into(), goal.into(), note.into()]);
+    }
+
+    pub fn floors(&mut self, f: &Floors) {
+        self.row(
+            "floor: RabbitMQ RPC echo round trip",
+            format!("p50 {} / p99 {}", ms(f.rpc_echo.p50), ms(f.rpc_echo.p99)),
+            "—",
+            "direct reply-to, quorum queue, same broker",
+        );
+        self.row(
+            "floor: one claim-shaped transaction",
+            format!("p50 {} / p99 {}", ms(f.claim_tx.p50), ms(f.claim_tx.p99)),
+            "—",
+            "BEGIN; UPDATE … SKIP LOCKED; COMMIT",
+        );
+        self.row(
+            "floor: persistent publish with confirms",
+            format!("{:.0} msg/s", f.publish_per_sec),
+            "—",
+            "quorum queue, 256 in flight",
+        );
+        self.row(
+            "floor: consume with acks",
+            format!("{:.0} msg/s", f.consume_per_sec),
+            "—",
+            "prefetch 256",
+        );
+    }
+
+    pub fn claims(&mut self, c: &Claims, f: &Floors) {
+        let floor = f.rpc_echo.p50 + f.claim_tx.p50;
+        for (concurrency, latency, misses) in &c.levels {
+            let ratio = latency.p50.as_secs_f64() / floor.as_secs_f64();
+            let goal = if *concurrency == 64 {
+                "p50 ≤ 2× floor, p99 ≤ 25 ms"
+            } else {
+                "p50 ≤ 2× floor"
+            };
+            self.row(
+                format!("claim latency, {concurrency} clients"),
+                format!(
+                    "p50 {} / p95 {} / p99 {}",
+                    ms(latency.p50),
+                    ms(latency.p95),
+                    ms(latency.p99)
+                ),
+                goal,
+                format!(
+                    "p50 = {ratio:.2}× floor ({}); {} claims, {misses} misses",
+                    ms(floor),
+                    latency.count
+                ),
+            );
+        }
+        self.row(
+            "replenish: claim request → replacement job delivered",
+            format!("p50 {} / p99 {}", ms(c.replenish.p50), ms(c.replenish.p99)),
+            "p99 ≤ 500 ms",
+            format!(
+                "{} samples; the tick-based design waits up to 60 s",
+                c.replenish.count
+            ),
+        );
+    }
+
+    pub fn reconcile(&mut self, r: &Reconcile) {
+        for (workers, seconds, rss) in &r.passes {
+            let goal = if *workers == 2 { "≤ 10 s" } else { "—" };
+            self.row(
+                format!(
+                    "reconcile pass, {} presets at steady state, {workers} worker(s)",
+                    r.presets
+                ),
+                format!(
+                    "{seconds:.2} s ({:.0} presets/s)",
+                    r.presets as f64 / seconds
+                ),
+                goal,
+                format!("worker peak RSS {rss:.1} MiB"),
+            );
+        }
+        let tick = r
+            .scheduler_tick_seconds
+            .map(|s| format!("; tick {}", ms(std::time::Duration::from_secs_f64(s))))
+            .unwrap_or_default();
+        self.row(
+            format!("scheduler with {} presets", r.presets),
+            format!("peak RSS {:.1} MiB", r.scheduler_rss_mib),
+            "bounded",
+            format!("leader ticking every 2 s, metrics every 2 s{tick}"),
+        );
+    }
+
+    pub fn fill(&mut self, f: &Fill) {
+        self.row(
+            format!(
+                "cold fill: {} presets × {} instances",
+                f.presets,
+                f.prebuilds / f.presets.max(1)
+            ),
+            format!("{:.2} s until {} eligible", f.seconds, f.prebuilds),
+            "≤ 60 s",
+            "2 workers, sim provisioner at zero latency",
+        );
+    }
+
+    pub fn events(&mut self, e: &Events, f: &Floors) {
+        self.row(
+            "provisioner events applied by one worker",
+            format!("{:.0} events/s", e.per_sec),
+            "≥ 2,000/s",
+            format!(
+                "{} job_log events; {:.0}% of the broker's consume floor",
+                e.events,
+                100.0 * e.per_sec / f.consume_per_sec
+            ),
+        );
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let widths: Vec<usize> = (0..4)
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+                    .max(8)
+            })
+            .collect();
+        for (i, header) in ["scenario", "figure", "goal", "notes"].iter().enumerate() {
+            let _ = write!(out, "{:<w$}  ", header, w = widths[i]);
+        }
+        out.push('\n');
+        for r in &self.rows {
+            for (i, cell) in r.iter().enumerate() {
+                let _ = write!(out, "{:<w$}  ", cell, w = widths[i]);
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::from("# Benchmarks\n\n");
+        let _ = writeln!(
+            out,
+            "Measured {} with `{}`{}.\n",
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+            self.command,
+            if self.sizes.quick {
+                " (quick sizes: not comparable with the goals)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(out, "Machine: {}.\n", machine());
+        out.push_str("Floors are measured in the same run on the same PostgreSQL and RabbitMQ; ratios to them are what\ntravel between machines.\n\n");
+        out.push_str("| scenario | figure | goal | notes |\n|---|---|---|---|\n");
+        for r in &self.rows {
+            let _ = writeln!(out, "| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
+        }
+        out.push_str("\nReproduce: `cargo build --release --bins && cargo run --release -p bench -- all`\n(needs the local PostgreSQL and RabbitMQ: `scripts/services-up`).\n");
+        out
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let version = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "{cpus} × {model}, {mem} RAM; {}; RabbitMQ {}",
+        version("psql", &["--version"]),
+        version("rabbitmqctl", &["version"])
+    )
+}

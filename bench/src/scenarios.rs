@@ -1,0 +1,672 @@
+//! The benchmark scenarios. Each builds its own database and AMQP prefix with the test harness,
+//! starts the real release binaries, measures, and cleans up.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{stream, StreamExt};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    },
+    types::FieldTable,
+    BasicProperties,
+};
+use prebuilds_runtime::amqp::{publisher::Outgoing, rpc::RpcClient, Publisher, QueueKind};
+use prebuilds_schemas::{
+    BuildStage, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, JobLog, LogLevel, LogLine,
+    ProvisionerJob, RawEvent, ReconcilePreset, ReconcileReason,
+};
+use prebuilds_tests::{
+    stack::{self, http_get},
+    Service, TestBroker, TestDb,
+};
+use uuid::Uuid;
+
+use crate::{fixtures, stats::Latency};
+
+/// Problem sizes; `--quick` shrinks them for a smoke run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub quick: bool,
+    pub floor_iterations: usize,
+    pub rate_messages: usize,
+    pub eligible: usize,
+    pub claims_per_level: [(usize, usize); 3],
+    pub replenish_samples: usize,
+    pub reconcile_presets: usize,
+    pub fill_presets: usize,
+    pub fill_instances: usize,
+    pub events: usize,
+}
+
+impl Sizes {
+    pub fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                quick,
+                floor_iterations: 200,
+                rate_messages: 2_000,
+                eligible: 300,
+                claims_per_level: [(1, 50), (16, 96), (64, 128)],
+                replenish_samples: 10,
+                reconcile_presets: 1_000,
+                fill_presets: 100,
+                fill_instances: 3,
+                events: 2_000,
+            }
+        } else {
+            Sizes {
+                quick,
+                floor_iterations: 1_000,
+                rate_messages: 20_000,
+                eligible: 1_000,
+                claims_per_level: [(1, 200), (16, 320), (64, 448)],
+                replenish_samples: 50,
+                reconcile_presets: 10_000,
+                fill_presets: 1_000,
+                fill_instances: 3,
+                events: 20_000,
+            }
+        }
+    }
+}
+
+fn quiet() -> Vec<(&'static str, &'static str)> {
+    vec![("RUST_LOG", "warn")]
+}
+
+async fn ready(port: u16) {
+    for _ in 0..300 {
+        if matches!(http_get(port, "/readyz").await, Some((200, _))) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("service on port {port} never became ready");
+}
+
+/// Sum of a counter across processes' `/metrics` (all label sets of `name`).
+async fn counter_sum(ports: &[u16], name: &str) -> f64 {
+    let mut total = 0.0;
+    for port in ports {
+        if let Some((_, body)) = http_get(*port, "/metrics").await {
+            for line in body.lines() {
+                if line.starts_with(name)
+                    && (line[name.len()..].starts_with('{') || line[name.len()..].starts_with(' '))
+                {
+                    total += line
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Peak resident set size of a process (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn publish_reconciles(publisher: &Publisher, presets: &[Uuid]) {
+    stream::iter(presets.iter().copied())
+        .map(|preset_id| async move {
+            let event = CloudEvent::new(
+                "bench",
+                chrono::Utc::now(),
+                ReconcilePreset {
+                    preset_id,
+                    reason: ReconcileReason::Manual,
+                    requested_at: chrono::Utc::now(),
+                },
+            );
+            publisher
+                .publish_event(&event)
+                .await
+                .expect("publish reconcile job");
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Floors
+
+#[derive(Debug, Clone, Copy)]
+pub struct Floors {
+    pub rpc_echo: Latency,
+    pub claim_tx: Latency,
+    pub publish_per_sec: f64,
+    pub consume_per_sec: f64,
+}
+
+pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let queue_args = broker.topology.work_queue_arguments();
+
+    // RPC echo through the same broker: a responder on a quorum queue, direct reply-to back.
+    let echo_queue = format!("{}.bench-echo", broker.prefix());
+    broker
+        .channel
+        .queue_declare(
+            echo_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            queue_args.clone(),
+        )
+        .await?;
+    let responder_conn = prebuilds_runtime::amqp::connect(&broker.url, "bench-echo").await?;
+    let responder = responder_conn.create_channel().await?;
+    responder.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut requests = responder
+        .basic_consume(
+            echo_queue.as_str().into(),
+            "echo".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let echo_task = tokio::spawn(async move {
+        while let Some(Ok(d)) = requests.next().await {
+            let props = BasicProperties::default()
+                .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
+            let reply_to = d.properties.reply_to().clone().unwrap_or_default();
+            let _ = responder
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &d.data,
+                    props,
+                )
+                .await;
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+    let client =
+        RpcClient::connect(&broker.url, "bench-echo-client", broker.topology.clone()).await?;
+    let body = vec![b'x'; 300];
+    let mut samples = Vec::new();
+    for i in 0..sizes.floor_iterations {
+        let id = format!("echo-{i}");
+        let t = Instant::now();
+        client
+            .request(
+                "",
+                &echo_queue,
+                &body,
+                &id,
+                "bench.echo",
+                Duration::from_secs(5),
+            )
+            .await?;
+        samples.push(t.elapsed());
+    }
+    let rpc_echo = Latency::of(samples);
+    echo_task.abort();
+
+    // One claim-shaped transaction: BEGIN; UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED); COMMIT.
+    let pg = db.connect().await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE bench_floor (id int PRIMARY KEY, owner int NOT NULL DEFAULT 0);
+         INSERT INTO bench_floor (id) SELECT generate_series(1, {});",
+        sizes.floor_iterations + 10
+    ))
+    .await?;
+    let mut samples = Vec::new();
+    for _ in 0..sizes.floor_iterations {
+        let t = Instant::now();
+        pg.batch_execute("BEGIN").await?;
+        pg.query_one(
+            "UPDATE bench_floor SET owner = 1 WHERE id = (SELECT id FROM bench_floor WHERE owner = 0 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+            &[],
+        )
+        .await?;
+        pg.batch_execute("COMMIT").await?;
+        samples.push(t.elapsed());
+    }
+    let claim_tx = Latency::of(samples);
+
+    // Persistent messages with confirms into a quorum queue, then consumed with acks.
+    let rate_queue = format!("{}.bench-rate", broker.prefix());
+    broker
+        .channel
+        .queue_declare(
+            rate_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            queue_args,
+        )
+        .await?;
+    let publisher = Publisher::new(&broker.url, "bench-rate", broker.topology.clone());
+    publisher.ensure_connected().await?;
+    let payload = vec![b'y'; 500];
+    let t = Instant::now();
+    stream::iter(0..sizes.rate_messages)
+        .map(|_| publisher.publish(Outgoing::new("", &rate_queue, &payload)))
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let publish_per_sec = sizes.rate_messages as f64 / t.elapsed().as_secs_f64();
+    let consumer_conn =
+        prebuilds_runtime::amqp::connect(&broker.url, "bench-rate-consumer").await?;
+    let ch = consumer_conn.create_channel().await?;
+    ch.basic_qos(256, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            rate_queue.as_str().into(),
+            "rate".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let t = Instant::now();
+    for _ in 0..sizes.rate_messages {
+        let d = consumer.next().await.expect("message")?;
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    let consume_per_sec = sizes.rate_messages as f64 / t.elapsed().as_secs_f64();
+    for q in [&echo_queue, &rate_queue] {
+        broker
+            .channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    Ok(Floors {
+        rpc_echo,
+        claim_tx,
+        publish_per_sec,
+        consume_per_sec,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2 + 3. Claim latency at several concurrencies, and replenish latency
+
+#[derive(Debug, Clone)]
+pub struct Claims {
+    pub levels: Vec<(usize, Latency, usize)>,
+    pub replenish: Latency,
+}
+
+pub async fn claims(sizes: &Sizes) -> anyhow::Result<Claims> {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let pg = db.connect().await;
+    let presets = fixtures::world(&pg, 1, sizes.eligible, sizes.eligible).await?;
+    let preset_id = presets[0];
+    let users = fixtures::users(&pg, 64).await?;
+    let (_w1, p1) = stack::start("prebuilds-worker", &db, &broker, &quiet());
+    let (_w2, p2) = stack::start("prebuilds-worker", &db, &broker, &quiet());
+    ready(p1).await;
+    ready(p2).await;
+    // A few connections, many channels' worth of concurrency (the broker has ~830 sockets).
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(Arc::new(
+            RpcClient::connect(
+                &broker.url,
+                &format!("bench-claims-{i}"),
+                broker.topology.clone(),
+            )
+            .await?,
+        ));
+    }
+    let claim = |client: Arc<RpcClient>, user: Uuid, name: String| async move {
+        let request = CloudEvent::new(
+            "bench",
+            chrono::Utc::now(),
+            ClaimRequest {
+                user_id: user,
+                workspace_name: name,
+                preset_id: Some(preset_id),
+                template_id: None,
+                parameters: vec![],
+            },
+        );
+        let t = Instant::now();
+        let reply: CloudEvent<ClaimReply> = client
+            .call(&request, Duration::from_secs(30))
+            .await
+            .expect("claim reply");
+        (t.elapsed(), reply.data.outcome)
+    };
+    // Warm up connections and caches.
+    for i in 0..5 {
+        claim(clients[0].clone(), users[0], format!("warm-{i}")).await;
+    }
+    let mut levels = Vec::new();
+    for (concurrency, total) in sizes.claims_per_level {
+        let per_client = total / concurrency;
+        let tasks = (0..concurrency).map(|c| {
+            let client = clients[c % clients.len()].clone();
+            let user = users[c];
+            async move {
+                let mut out = Vec::new();
+                for n in 0..per_client {
+                    out.push(claim(client.clone(), user, format!("c{concurrency}-{c}-{n}")).await);
+                }
+                out
+            }
+        });
+        let results: Vec<(Duration, ClaimOutcome)> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let misses = results
+            .iter()
+            .filter(|(_, o)| *o != ClaimOutcome::Claimed)
+            .count();
+        levels.push((
+            concurrency,
+            Latency::of(results.into_iter().map(|(d, _)| d).collect()),
+            misses,
+        ));
+    }
+
+    // Replenish: claim → the replacement's provisioner job delivered to a provisioner.
+    broker
+        .channel
+        .queue_purge(
+            broker.queue(QueueKind::ProvisionerJobs).as_str().into(),
+            QueuePurgeOptions::default(),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let conn = prebuilds_runtime::amqp::connect(&broker.url, "bench-provisioner").await?;
+    let ch = conn.create_channel().await?;
+    let mut jobs = ch
+        .basic_consume(
+            broker.queue(QueueKind::ProvisionerJobs).as_str().into(),
+            "bench-prov".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut samples = Vec::new();
+    for n in 0..sizes.replenish_samples {
+        // Drop anything still queued from earlier claims.
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(100), jobs.next()).await
+        {
+            d.ack(BasicAckOptions::default()).await?;
+        }
+        let t = Instant::now();
+        let (_, outcome) = claim(clients[0].clone(), users[1], format!("replenish-{n}")).await;
+        anyhow::ensure!(
+            outcome == ClaimOutcome::Claimed,
+            "ran out of prebuilds during the replenish phase"
+        );
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+                .await?
+                .expect("job")?;
+            d.ack(BasicAckOptions::default()).await?;
+            let job: CloudEvent<ProvisionerJob> = RawEvent::parse(&d.data)?.decode()?;
+            if job.data.stage == BuildStage::Create {
+                samples.push(t.elapsed());
+                break;
+            }
+        }
+    }
+    Ok(Claims {
+        levels,
+        replenish: Latency::of(samples),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4 + 6. Reconcile throughput at steady state, and memory
+
+#[derive(Debug, Clone)]
+pub struct Reconcile {
+    pub presets: usize,
+    /// (workers, seconds for a full pass, peak RSS of the first worker in MiB)
+    pub passes: Vec<(usize, f64, f64)>,
+    pub scheduler_rss_mib: f64,
+    pub scheduler_tick_seconds: Option<f64>,
+}
+
+pub async fn reconcile(sizes: &Sizes) -> anyhow::Result<Reconcile> {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let pg = db.connect().await;
+    let presets = fixtures::world(&pg, sizes.reconcile_presets, 1, 1).await?;
+    let publisher = Publisher::new(&broker.url, "bench-reconcile", broker.topology.clone());
+    publisher.ensure_connected().await?;
+    let mut passes = Vec::new();
+    for workers in [1usize, 2] {
+        let mut services: Vec<(Service, u16)> = (0..workers)
+            .map(|_| stack::start("prebuilds-worker", &db, &broker, &quiet()))
+            .collect();
+        for (_, port) in &services {
+            ready(*port).await;
+        }
+        let ports: Vec<u16> = services.iter().map(|(_, p)| *p).collect();
+        let t = Instant::now();
+        publish_reconciles(&publisher, &presets).await;
+        loop {
+            let done = counter_sum(&ports, "prebuilds_reconcile_jobs_total").await;
+            if done as usize >= presets.len() {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(600),
+                "reconcile pass did not finish ({done} done)"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        let rss = services[0].0.pid().map(peak_rss_mib).unwrap_or(f64::NAN);
+        for (s, _) in &mut services {
+            s.terminate(Duration::from_secs(30)).await;
+        }
+        passes.push((workers, seconds, rss));
+    }
+    // The scheduler over the same presets: let it take leadership, tick and refresh metrics a few times.
+    let (scheduler, port) = stack::start(
+        "prebuilds-scheduler",
+        &db,
+        &broker,
+        &[
+            ("RUST_LOG", "warn"),
+            ("PREBUILDS_RECONCILE_INTERVAL", "2s"),
+            ("PREBUILDS_METRICS_INTERVAL", "2s"),
+        ],
+    );
+    ready(port).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let scheduler_rss_mib = scheduler.pid().map(peak_rss_mib).unwrap_or(f64::NAN);
+    let scheduler_tick_seconds = http_get(port, "/metrics").await.and_then(|(_, body)| {
+        let sum = metric_value(&body, "prebuilds_scheduler_tick_duration_seconds_sum")?;
+        let count = metric_value(&body, "prebuilds_scheduler_tick_duration_seconds_count")?;
+        (count > 0.0).then(|| sum / count)
+    });
+    drop(scheduler);
+    Ok(Reconcile {
+        presets: presets.len(),
+        passes,
+        scheduler_rss_mib,
+        scheduler_tick_seconds,
+    })
+}
+
+fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4b. Cold fill with the simulated provisioner at zero latency
+
+#[derive(Debug, Clone, Copy)]
+pub struct Fill {
+    pub presets: usize,
+    pub prebuilds: usize,
+    pub seconds: f64,
+}
+
+pub async fn cold_fill(sizes: &Sizes) -> anyhow::Result<Fill> {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let pg = db.connect().await;
+    let presets = fixtures::world(&pg, sizes.fill_presets, sizes.fill_instances, 0).await?;
+    let target = (sizes.fill_presets * sizes.fill_instances) as i64;
+    let (_w1, p1) = stack::start("prebuilds-worker", &db, &broker, &quiet());
+    let (_w2, p2) = stack::start("prebuilds-worker", &db, &broker, &quiet());
+    let (_prov, p3) = stack::start(
+        "prebuilds-provisioner",
+        &db,
+        &broker,
+        &[
+            ("RUST_LOG", "warn"),
+            ("PREBUILDS_SIM_DURATION_MIN", "0s"),
+            ("PREBUILDS_SIM_DURATION_MAX", "0s"),
+            ("PREBUILDS_SIM_FAILURE_RATE", "0"),
+            ("PREBUILDS_SIM_AGENT_READY_DELAY", "0s"),
+        ],
+    );
+    for p in [p1, p2, p3] {
+        ready(p).await;
+    }
+    let publisher = Publisher::new(&broker.url, "bench-fill", broker.topology.clone());
+    let t = Instant::now();
+    publish_reconciles(&publisher, &presets).await;
+    loop {
+        let eligible: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM workspaces w
+                 JOIN LATERAL (SELECT job_id FROM workspace_builds b WHERE b.workspace_id = w.id ORDER BY build_number DESC LIMIT 1) lb ON true
+                 JOIN provisioner_jobs j ON j.id = lb.job_id AND j.job_status = 'succeeded'
+                 WHERE NOT w.deleted AND EXISTS (SELECT 1 FROM workspace_agents a WHERE a.job_id = j.id AND a.lifecycle_state = 'ready')",
+                &[],
+            )
+            .await?
+            .get(0);
+        if eligible >= target {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "cold fill did not finish ({eligible}/{target})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Fill {
+        presets: sizes.fill_presets,
+        prebuilds: target as usize,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Provisioner events applied per second by one worker
+
+#[derive(Debug, Clone, Copy)]
+pub struct Events {
+    pub events: usize,
+    pub per_sec: f64,
+}
+
+pub async fn events(sizes: &Sizes) -> anyhow::Result<Events> {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let pg = db.connect().await;
+    let presets = (sizes.events / 200).max(1);
+    fixtures::world(&pg, presets, 100, 100).await?;
+    let jobs: Vec<Uuid> = pg
+        .query("SELECT id FROM provisioner_jobs", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let publisher = Publisher::new(&broker.url, "bench-events", broker.topology.clone());
+    publisher.ensure_connected().await?;
+    // Queue every event first, so the worker is measured, not the publisher.
+    stream::iter(0..sizes.events)
+        .map(|i| {
+            let job_id = jobs[i % jobs.len()];
+            let publisher = &publisher;
+            async move {
+                let event = CloudEvent::new(
+                    "bench",
+                    chrono::Utc::now(),
+                    JobLog {
+                        job_id,
+                        logs: vec![LogLine {
+                            created_at: chrono::Utc::now(),
+                            level: LogLevel::Info,
+                            stage: "apply".into(),
+                            output: format!("line {i}"),
+                        }],
+                    },
+                );
+                publisher
+                    .publish_event(&event)
+                    .await
+                    .expect("publish event");
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await;
+    let (_worker, port) = stack::start(
+        "prebuilds-worker",
+        &db,
+        &broker,
+        &[
+            ("RUST_LOG", "warn"),
+            ("PREBUILDS_WORKER_CONCURRENCY", "32"),
+            ("PREBUILDS_DB_POOL_SIZE", "40"),
+        ],
+    );
+    ready(port).await;
+    let mut first: Option<(Instant, f64)> = None;
+    let started = Instant::now();
+    loop {
+        let done = counter_sum(&[port], "prebuilds_provisioner_events_total").await;
+        if first.is_none() && done > 0.0 {
+            first = Some((Instant::now(), done));
+        }
+        if done as usize >= sizes.events {
+            let (t0, n0) = first.expect("some events were applied");
+            let per_sec = (done - n0) / t0.elapsed().as_secs_f64().max(1e-3);
+            return Ok(Events {
+                events: sizes.events,
+                per_sec,
+            });
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "events not applied ({done})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
