@@ -118,3 +118,38 @@ impl crate::retry::Transient for tokio_postgres::Error {
         is_transient_postgres(self)
     }
 }
+
+/// Statement helpers that prepare once per connection (deadpool's statement cache) instead of on
+/// every call: hot paths run the same few statements thousands of times, and planning plus a parse
+/// round trip per call is most of their cost.
+pub mod cached {
+    use deadpool_postgres::GenericClient;
+    use tokio_postgres::{types::ToSql, Row};
+
+    pub async fn execute<C: GenericClient>(
+        c: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = c.prepare_cached(sql).await?;
+        c.execute(&statement, params).await
+    }
+
+    pub async fn query<C: GenericClient>(
+        c: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = c.prepare_cached(sql).await?;
+        c.query(&statement, params).await
+    }
+
+    pub async fn query_opt<C: GenericClient>(
+        c: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = c.prepare_cached(sql).await?;
+        c.query_opt(&statement, params).await
+    }
+}

@@ -24,15 +24,21 @@ use crate::{
     metrics::ServiceMetrics,
 };
 
+/// The outbox insert: $1 message id, $2 routing key, $3 the whole envelope. Exposed for callers
+/// that pipeline it with their own statements.
+pub const ENQUEUE_SQL: &str =
+    "INSERT INTO outbox (message_id, routing_key, body) VALUES ($1, $2, $3)
+     ON CONFLICT (message_id) DO NOTHING";
+
 /// Writes `event` to the outbox inside the caller's transaction (or statement).
 pub async fn enqueue<C: GenericClient, T: Payload>(
     client: &C,
     event: &CloudEvent<T>,
 ) -> Result<(), tokio_postgres::Error> {
+    let statement = client.prepare_cached(ENQUEUE_SQL).await?;
     client
         .execute(
-            "INSERT INTO outbox (message_id, routing_key, body) VALUES ($1, $2, $3)
-             ON CONFLICT (message_id) DO NOTHING",
+            &statement,
             &[&event.id, &event.routing_key(), &event.to_json()],
         )
         .await?;

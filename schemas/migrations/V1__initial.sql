@@ -119,6 +119,10 @@ CREATE TABLE workspaces (
 -- Workspace names are unique per owner among live workspaces (Coder compares case-insensitively).
 CREATE UNIQUE INDEX workspaces_owner_name_live ON workspaces (owner_id, lower(name)) WHERE NOT deleted;
 CREATE INDEX workspaces_template ON workspaces (template_id) WHERE NOT deleted;
+-- The live prebuilds of a template: what snapshots and claims scan. Bounded by pool sizes, not by
+-- history (claimed and deleted prebuilds leave the index).
+CREATE INDEX workspaces_prebuild_pool ON workspaces (template_id)
+    WHERE owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' AND NOT deleted;
 
 CREATE TABLE provisioner_jobs (
     id           uuid PRIMARY KEY,

@@ -4,7 +4,8 @@
 //! build-#1 jobs, the failure history — is derived here from those rows, so the rules about which
 //! build counts for what live in one place.
 //!
-//! Call it inside the transaction that holds the preset's lock when acting on the result.
+//! Call it inside the transaction that holds the preset's lock when acting on the result. The three
+//! reads are pipelined; under READ COMMITTED each sees every commit made before it started.
 
 use std::collections::HashMap;
 

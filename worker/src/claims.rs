@@ -25,9 +25,10 @@ use prebuilds_runtime::{
 };
 use prebuilds_schemas::{
     BuildStage, ClaimError, ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent,
-    Parameter, ProvisionerJob, RawEvent, ReconcileReason, Transition,
+    Parameter, ProvisionerJob, RawEvent, ReconcilePreset, ReconcileReason, Transition,
 };
 use tokio::sync::Notify;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::metrics::WorkerMetrics;
@@ -140,6 +141,11 @@ fn no_eligible(preset_id: Option<Uuid>) -> ClaimReply {
     }
 }
 
+/// How many times a claim transaction is retried after losing a uniqueness race (a duplicate
+/// delivery that committed first, or a concurrent claim of the same workspace name): the retry
+/// reads the winner's result, so two attempts always suffice; the third is a safety margin.
+const UNIQUE_RACE_ATTEMPTS: usize = 3;
+
 /// Runs one claim request to its reply (idempotent by `request_id`).
 pub async fn claim(
     ctx: &ClaimsContext,
@@ -147,62 +153,139 @@ pub async fn claim(
     request: &ClaimRequest,
 ) -> Result<(ClaimReply, PresetLabels), DbError> {
     let mut client = ctx.pool.get().await?;
-    if let Some(first) = stored_reply(&client, request_id).await? {
-        return Ok((first, PresetLabels::default()));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match claim_once(&mut client, ctx, request_id, request).await {
+            Err(DbError::Postgres(e))
+                if attempt < UNIQUE_RACE_ATTEMPTS
+                    && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            {
+                tracing::debug!(%request_id, error = %e, "claim lost a uniqueness race; retrying");
+            }
+            other => return other,
+        }
     }
+}
+
+async fn claim_once(
+    client: &mut deadpool_postgres::Client,
+    ctx: &ClaimsContext,
+    request_id: Uuid,
+    request: &ClaimRequest,
+) -> Result<(ClaimReply, PresetLabels), DbError> {
     let tx = client.transaction().await?;
-    // Concurrent deliveries of one request queue here; the later ones find the stored reply.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&prebuilds_store::lock::lock_key(request_id)],
-    )
-    .await?;
-    if let Some(first) = stored_reply(&tx, request_id).await? {
+    let begin = tx
+        .prepare_cached(include_str!("sql/claim_begin.sql"))
+        .await?;
+    let row = tx
+        .query_one(
+            &begin,
+            &[&prebuilds_store::lock::lock_key(request_id), &request_id],
+        )
+        .await?;
+    if let Some(first) = row
+        .get::<_, Option<serde_json::Value>>("reply")
+        .and_then(|v| serde_json::from_value(v).ok())
+    {
         tx.commit().await?;
         return Ok((first, PresetLabels::default()));
     }
-    let now: DateTime<Utc> = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
-    let (reply, labels, claimed_preset) = decide(&tx, ctx, request, now).await?;
-    tx.execute(
-        "INSERT INTO claim_requests (request_id, user_id, preset_id, outcome, workspace_id, reply)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            &request_id,
-            &request.user_id,
-            &reply.preset_id,
-            &reply.outcome.as_str(),
-            &reply.workspace_id,
-            &serde_json::to_value(&reply).expect("replies serialise"),
-        ],
-    )
-    .await?;
+    let now: DateTime<Utc> = row.get("now");
+    let (reply, labels, writes) = decide(&tx, ctx, request, now).await?;
+    let record = tx
+        .prepare_cached(
+            "INSERT INTO claim_requests (request_id, user_id, preset_id, outcome, workspace_id, reply)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .await?;
+    let reply_json = serde_json::to_value(&reply).expect("replies serialise");
+    let outcome = reply.outcome.as_str();
+    let record_params: [&(dyn ToSql + Sync); 6] = [
+        &request_id,
+        &request.user_id,
+        &reply.preset_id,
+        &outcome,
+        &reply.workspace_id,
+        &reply_json,
+    ];
+    let record = tx.execute(&record, &record_params);
+    let claimed = writes.is_some();
+    match writes {
+        // The claim's writes and the request record go out pipelined: one round trip of latency.
+        Some(writes) => {
+            futures::try_join!(write_claim(&tx, &writes), record)?;
+        }
+        None => {
+            record.await?;
+        }
+    }
     tx.commit().await?;
-    if claimed_preset.is_some() {
+    if claimed {
         ctx.outbox_waker.notify_one();
     }
     Ok((reply, labels))
 }
 
-async fn stored_reply<C: deadpool_postgres::GenericClient>(
-    client: &C,
-    request_id: Uuid,
-) -> Result<Option<ClaimReply>, DbError> {
-    let row = client
-        .query_opt(
-            "SELECT reply FROM claim_requests WHERE request_id = $1",
-            &[&request_id],
-        )
-        .await?;
-    Ok(row.and_then(|r| serde_json::from_value(r.get(0)).ok()))
+/// Everything a successful claim writes after the claim statement itself.
+struct ClaimWrites {
+    job: CloudEvent<ProvisionerJob>,
+    reconcile: CloudEvent<ReconcilePreset>,
+    initiator: Uuid,
+    now: DateTime<Utc>,
 }
 
-/// Validates and, when possible, claims. Returns the reply, metric labels and the claimed preset.
+async fn write_claim(tx: &Transaction<'_>, w: &ClaimWrites) -> Result<(), tokio_postgres::Error> {
+    let job = &w.job.data;
+    let (insert_job, insert_build, enqueue) = futures::try_join!(
+        tx.prepare_cached(include_str!("sql/insert_job.sql")),
+        tx.prepare_cached(include_str!("sql/insert_build.sql")),
+        tx.prepare_cached(outbox::ENQUEUE_SQL),
+    )?;
+    let input = w.job.data_json();
+    let parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
+    let job_body = w.job.to_json();
+    let reconcile_body = w.reconcile.to_json();
+    let job_key = w.job.routing_key();
+    let reconcile_key = w.reconcile.routing_key();
+    let (pending, start, claim, not_orphan) = ("pending", "start", "claim", false);
+    let job_params: [&(dyn ToSql + Sync); 5] =
+        [&job.job_id, &w.initiator, &input, &w.now, &pending];
+    let build_params: [&(dyn ToSql + Sync); 12] = [
+        &job.build_id,
+        &job.workspace_id,
+        &job.template_version_id,
+        &job.build_number,
+        &start,
+        &w.initiator,
+        &job.job_id,
+        &job.preset_id,
+        &claim,
+        &not_orphan,
+        &parameters,
+        &w.now,
+    ];
+    let job_message: [&(dyn ToSql + Sync); 3] = [&w.job.id, &job_key, &job_body];
+    let reconcile_message: [&(dyn ToSql + Sync); 3] =
+        [&w.reconcile.id, &reconcile_key, &reconcile_body];
+    futures::try_join!(
+        tx.execute(&insert_job, &job_params),
+        tx.execute(&insert_build, &build_params),
+        tx.execute(&enqueue, &job_message),
+        // Replenish now, not at the next tick.
+        tx.execute(&enqueue, &reconcile_message),
+    )?;
+    Ok(())
+}
+
+/// Validates and, when possible, claims. Returns the reply, metric labels and, for a claim, the
+/// writes that complete it.
 async fn decide(
     tx: &Transaction<'_>,
     ctx: &ClaimsContext,
     request: &ClaimRequest,
     now: DateTime<Utc>,
-) -> Result<(ClaimReply, PresetLabels, Option<Uuid>), DbError> {
+) -> Result<(ClaimReply, PresetLabels, Option<ClaimWrites>), DbError> {
     let none = PresetLabels::default();
     if let Err(e) = prebuilds_core::validate_workspace_name(&request.workspace_name) {
         return Ok((
@@ -235,20 +318,23 @@ async fn decide(
             ))
         }
     };
+    let validate = tx
+        .prepare_cached(include_str!("sql/claim_validate.sql"))
+        .await?;
     let row = tx
         .query_one(
-            include_str!("sql/claim_validate.sql"),
+            &validate,
             &[&request.user_id, &preset_id, &request.workspace_name],
         )
         .await?;
-    if !row.get::<_, Option<bool>>("user_exists").unwrap_or(false) {
+    let Some(owner_name) = row.get::<_, Option<String>>("username") else {
         let msg = format!("no user with id {}", request.user_id);
         return Ok((
             rejected(ClaimErrorCode::UnknownUser, msg, Some(preset_id)),
             none,
             None,
         ));
-    }
+    };
     if row.get::<_, Option<Uuid>>("preset_id").is_none() {
         let msg = format!("no preset with id {preset_id}");
         return Ok((
@@ -284,49 +370,34 @@ async fn decide(
             None,
         ));
     }
-    let active_version: Uuid = row.get("active_version_id");
+    let template_id: Uuid = row.get("template_id");
+    let version_id: Uuid = row.get("version_id");
+    let last_invalidated_at: Option<DateTime<Utc>> = row.get("last_invalidated_at");
+    let ttl_secs: i32 = row.get("ttl_secs");
+    let preset_parameters: Vec<Parameter> =
+        serde_json::from_value(row.get("preset_parameters")).unwrap_or_default();
 
-    // A savepoint lets the transaction survive a lost race on the (owner, name) unique index and
-    // still record the rejection.
-    tx.batch_execute("SAVEPOINT claim").await?;
-    let claimed = match tx
+    let claim = tx.prepare_cached(include_str!("sql/claim.sql")).await?;
+    let Some(claimed) = tx
         .query_opt(
-            include_str!("sql/claim.sql"),
-            &[&preset_id, &request.user_id, &request.workspace_name, &now],
+            &claim,
+            &[
+                &preset_id,
+                &request.user_id,
+                &request.workspace_name,
+                &now,
+                &template_id,
+                &version_id,
+                &last_invalidated_at,
+                &ttl_secs,
+            ],
         )
-        .await
-    {
-        Ok(row) => row,
-        // The unique (owner, name) index caught a concurrent claim of the same name.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT claim").await?;
-            let msg = format!(
-                "the user already has a workspace named {:?}",
-                request.workspace_name
-            );
-            return Ok((
-                rejected(ClaimErrorCode::NameConflict, msg, Some(preset_id)),
-                labels,
-                None,
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let Some(claimed) = claimed else {
+        .await?
+    else {
         return Ok((no_eligible(Some(preset_id)), labels, None));
     };
     let workspace_id: Uuid = claimed.get("id");
-    let template_id: Uuid = claimed.get("template_id");
     let previous_build: i32 = claimed.get("build_number");
-
-    let owner_name: String = tx
-        .query_one(
-            "SELECT username FROM users WHERE id = $1",
-            &[&request.user_id],
-        )
-        .await?
-        .get(0);
-    let parameters = claim_parameters(tx, preset_id, &request.parameters).await?;
     let job = ProvisionerJob {
         job_id: Uuid::new_v4(),
         build_id: Uuid::new_v4(),
@@ -335,55 +406,14 @@ async fn decide(
         owner_id: request.user_id,
         owner_name,
         template_id,
-        template_version_id: active_version,
+        template_version_id: version_id,
         preset_id: Some(preset_id),
         transition: Transition::Start,
         build_number: previous_build + 1,
         stage: BuildStage::Claim,
         orphan: false,
-        parameters,
+        parameters: claim_parameters(&preset_parameters, &request.parameters),
     };
-    let event = CloudEvent::new(ctx.source.clone(), now, job);
-    let job = &event.data;
-    let build_parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
-    tx.execute(
-        include_str!("sql/insert_job.sql"),
-        &[
-            &job.job_id,
-            &request.user_id,
-            &event.data_json(),
-            &now,
-            &"pending",
-        ],
-    )
-    .await?;
-    tx.execute(
-        include_str!("sql/insert_build.sql"),
-        &[
-            &job.build_id,
-            &workspace_id,
-            &active_version,
-            &job.build_number,
-            &"start",
-            &request.user_id,
-            &job.job_id,
-            &Some(preset_id),
-            &"claim",
-            &false,
-            &build_parameters,
-            &now,
-        ],
-    )
-    .await?;
-    outbox::enqueue(tx, &event).await?;
-    // Replenish now, not at the next tick.
-    prebuilds_store::attention::request_reconciles(
-        tx,
-        &[preset_id],
-        ReconcileReason::Claim,
-        &ctx.source,
-    )
-    .await?;
     let reply = ClaimReply {
         outcome: ClaimOutcome::Claimed,
         workspace_id: Some(workspace_id),
@@ -392,7 +422,21 @@ async fn decide(
         preset_id: Some(preset_id),
         error: None,
     };
-    Ok((reply, labels, Some(preset_id)))
+    let writes = ClaimWrites {
+        job: CloudEvent::new(ctx.source.clone(), now, job),
+        reconcile: CloudEvent::new(
+            ctx.source.clone(),
+            now,
+            ReconcilePreset {
+                preset_id,
+                reason: ReconcileReason::Claim,
+                requested_at: now,
+            },
+        ),
+        initiator: request.user_id,
+        now,
+    };
+    Ok((reply, labels, Some(writes)))
 }
 
 /// The preset of the template's active version whose parameters all appear with equal values in
@@ -429,29 +473,18 @@ async fn matching_preset(
     Ok(prebuilds_core::match_preset(&candidates, &requested))
 }
 
-/// The claim build's parameters: the preset's values, then the user's extra ones (the preset's
-/// values win for parameters the preset fixes).
-async fn claim_parameters(
-    tx: &Transaction<'_>,
-    preset_id: Uuid,
-    extra: &[Parameter],
-) -> Result<Vec<Parameter>, DbError> {
-    let rows = tx
-        .query(
-            "SELECT name, value FROM template_version_preset_parameters
-             WHERE template_version_preset_id = $1 ORDER BY name",
-            &[&preset_id],
-        )
-        .await?;
-    let mut values: BTreeMap<String, String> = BTreeMap::new();
-    for p in extra {
-        values.insert(p.name.clone(), p.value.clone());
+/// The claim build's parameters: the user's values, overridden by the preset's for the
+/// parameters the preset fixes.
+fn claim_parameters(preset: &[Parameter], extra: &[Parameter]) -> Vec<Parameter> {
+    let mut values: BTreeMap<&str, &str> = BTreeMap::new();
+    for p in extra.iter().chain(preset) {
+        values.insert(&p.name, &p.value);
     }
-    for r in rows {
-        values.insert(r.get(0), r.get(1));
-    }
-    Ok(values
+    values
         .into_iter()
-        .map(|(name, value)| Parameter { name, value })
-        .collect())
+        .map(|(name, value)| Parameter {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })
+        .collect()
 }

@@ -10,6 +10,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use deadpool_postgres::{Pool, Transaction};
+use prebuilds_runtime::db::cached;
 use prebuilds_runtime::{
     amqp::{consumer::Incoming, Handler, HandlerError},
     db::DbError,
@@ -115,27 +116,22 @@ pub async fn apply(
 ) -> Result<Applied, EventError> {
     let mut client = ctx.pool.get().await.map_err(DbError::from)?;
     let tx = client.transaction().await?;
-    let first_time = tx
-        .execute(
-            "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
-            &[&CONSUMER, &event_id],
-        )
-        .await?
-        == 1;
-    if !first_time {
-        tx.commit().await?;
-        record(ctx, event, Applied::Duplicate);
-        return Ok(Applied::Duplicate);
-    }
     let job_id = event.job_id();
+    let lookup = tx
+        .prepare_cached(include_str!("sql/job_for_event.sql"))
+        .await?;
     let Some(row) = tx
-        .query_opt(include_str!("sql/job_for_event.sql"), &[&job_id])
+        .query_opt(&lookup, &[&job_id, &CONSUMER, &event_id])
         .await?
     else {
         // Rolled back: the id stays unrecorded, and the message is dead-lettered.
         return Err(EventError::UnknownJob(job_id));
     };
+    if !row.get::<_, bool>("first_time") {
+        tx.commit().await?;
+        record(ctx, event, Applied::Duplicate);
+        return Ok(Applied::Duplicate);
+    }
     let job = JobContext {
         workspace_id: row.get("workspace_id"),
         transition: row.get("transition"),
@@ -146,12 +142,12 @@ pub async fn apply(
     let mut wake = false;
     let applied = match event {
         ProvisionerEvent::JobStarted(e) => {
-            let n = tx
-                .execute(
-                    include_str!("sql/job_started.sql"),
-                    &[&e.job_id, &e.started_at],
-                )
-                .await?;
+            let n = cached::execute(
+                &tx,
+                include_str!("sql/job_started.sql"),
+                &[&e.job_id, &e.started_at],
+            )
+            .await?;
             changed(n)
         }
         ProvisionerEvent::JobCompleted(e) => {
@@ -215,17 +211,18 @@ async fn job_completed(
     job: &JobContext,
 ) -> Result<Applied, EventError> {
     let error = e.error.as_deref().map(sanitize);
-    let n = tx
-        .execute(
-            include_str!("sql/job_completed.sql"),
-            &[&e.job_id, &e.status.as_str(), &e.completed_at, &error],
-        )
-        .await?;
+    let n = cached::execute(
+        tx,
+        include_str!("sql/job_completed.sql"),
+        &[&e.job_id, &e.status.as_str(), &e.completed_at, &error],
+    )
+    .await?;
     if n == 0 {
         return Ok(Applied::Stale);
     }
     for agent in &e.agents {
-        tx.execute(
+        cached::execute(
+            tx,
             include_str!("sql/agent_upsert.sql"),
             &[
                 &Uuid::new_v4(),
@@ -239,7 +236,8 @@ async fn job_completed(
     // A successful delete build ends the workspace.
     if e.status == JobOutcome::Succeeded && job.transition.as_deref() == Some("delete") {
         if let Some(workspace_id) = job.workspace_id {
-            tx.execute(
+            cached::execute(
+                tx,
                 "UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1",
                 &[&workspace_id],
             )
@@ -250,17 +248,17 @@ async fn job_completed(
 }
 
 async fn agent_lifecycle(tx: &Transaction<'_>, e: &AgentLifecycle) -> Result<Applied, EventError> {
-    let n = tx
-        .execute(
-            include_str!("sql/agent_upsert.sql"),
-            &[
-                &Uuid::new_v4(),
-                &e.job_id,
-                &sanitize(&e.agent_name),
-                &e.lifecycle_state.as_str(),
-            ],
-        )
-        .await?;
+    let n = cached::execute(
+        tx,
+        include_str!("sql/agent_upsert.sql"),
+        &[
+            &Uuid::new_v4(),
+            &e.job_id,
+            &sanitize(&e.agent_name),
+            &e.lifecycle_state.as_str(),
+        ],
+    )
+    .await?;
     Ok(changed(n))
 }
 
@@ -272,7 +270,8 @@ async fn job_log(tx: &Transaction<'_>, e: &JobLog) -> Result<(), EventError> {
     let levels: Vec<&str> = e.logs.iter().map(|l| l.level.as_str()).collect();
     let stages: Vec<String> = e.logs.iter().map(|l| sanitize(&l.stage)).collect();
     let outputs: Vec<String> = e.logs.iter().map(|l| sanitize(&l.output)).collect();
-    tx.execute(
+    cached::execute(
+        tx,
         include_str!("sql/job_logs.sql"),
         &[&e.job_id, &created, &levels, &stages, &outputs],
     )
@@ -296,13 +295,13 @@ async fn plan_result(
         .filter(|r| !resource_type(&r.resource).starts_with("coder_"))
         .collect();
     let stored = serde_json::to_value(&replacements).expect("replacements serialise");
-    let first = tx
-        .execute(
-            "UPDATE provisioner_jobs SET resource_replacements = $2, updated_at = now()
+    let first = cached::execute(
+        tx,
+        "UPDATE provisioner_jobs SET resource_replacements = $2, updated_at = now()
              WHERE id = $1 AND resource_replacements IS NULL",
-            &[&e.job_id, &stored],
-        )
-        .await?
+        &[&e.job_id, &stored],
+    )
+    .await?
         == 1;
     if !first {
         return Ok((Applied::Stale, false));
@@ -310,9 +309,12 @@ async fn plan_result(
     if replacements.is_empty() || job.stage.as_deref() != Some("claim") {
         return Ok((Applied::Applied, false));
     }
-    let Some(names) = tx
-        .query_opt(include_str!("sql/claim_build_context.sql"), &[&e.job_id])
-        .await?
+    let Some(names) = cached::query_opt(
+        tx,
+        include_str!("sql/claim_build_context.sql"),
+        &[&e.job_id],
+    )
+    .await?
     else {
         tracing::warn!(job_id = %e.job_id, "claim build has no prebuild preset; replacements recorded without notification");
         return Ok((Applied::Applied, false));
@@ -339,7 +341,8 @@ async fn plan_result(
     let created: Vec<_> = lines.iter().map(|_| now).collect();
     let levels: Vec<&str> = lines.iter().map(|_| "warn").collect();
     let stages: Vec<&str> = lines.iter().map(|_| "plan").collect();
-    tx.execute(
+    cached::execute(
+        tx,
         include_str!("sql/job_logs.sql"),
         &[&e.job_id, &created, &levels, &stages, &lines],
     )
@@ -379,18 +382,18 @@ async fn plan_result(
         let payload = serde_json::json!({ "labels": labels, "data": data });
         // One build has one job: (job, recipient) identifies (build, admin).
         let key = format!("resource_replaced:{}:{user_id}", e.job_id);
-        let inserted = tx
-            .query_opt(
-                include_str!("sql/insert_notification.sql"),
-                &[
-                    &notification_id,
-                    &RESOURCE_REPLACED_TEMPLATE_ID,
-                    &user_id,
-                    &payload,
-                    &key,
-                ],
-            )
-            .await?;
+        let inserted = cached::query_opt(
+            tx,
+            include_str!("sql/insert_notification.sql"),
+            &[
+                &notification_id,
+                &RESOURCE_REPLACED_TEMPLATE_ID,
+                &user_id,
+                &payload,
+                &key,
+            ],
+        )
+        .await?;
         if inserted.is_none() {
             continue;
         }

@@ -80,7 +80,9 @@ impl WorkerMetrics {
                 "prebuilds_replenish_latency_seconds",
                 "Time from a claim's reconcile request to its replacement prebuild being queued.",
             )
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+            ]),
         )?;
         registry.register(Box::new(replenish_latency.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;

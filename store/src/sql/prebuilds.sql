@@ -1,11 +1,7 @@
 -- Every live prebuild of the given presets with its latest build: the one read from which the
 -- snapshot derives running prebuilds, in-progress counts, pending build-#1 jobs and the failure
--- history. Driven from the builds index so its cost is per preset, not per table. $1 = preset ids.
-WITH candidates AS (
-    SELECT DISTINCT wb.workspace_id
-    FROM workspace_builds wb
-    WHERE wb.template_version_preset_id = ANY($1)        -- workspaces that ever had a build of these presets
-)
+-- history. Driven from the partial index of live prebuilds per template, so its cost follows pool
+-- sizes, not history. $1 = preset ids.
 SELECT cp.preset_id,
        w.id                 AS workspace_id,
        w.created_at         AS workspace_created_at,
@@ -20,11 +16,7 @@ SELECT cp.preset_id,
                  FROM workspace_agents a
                  WHERE a.job_id = lb.job_id
                    AND NOT a.deleted), false) AS ready
-FROM candidates c
-JOIN workspaces w
-  ON w.id = c.workspace_id
- AND NOT w.deleted                                       -- live workspaces only
- AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild (a claimed one is the user's)
+FROM workspaces w
 JOIN LATERAL (
     SELECT b.* FROM workspace_builds b
     WHERE b.workspace_id = w.id
@@ -37,4 +29,10 @@ JOIN LATERAL (
       AND b.template_version_preset_id IS NOT NULL       -- delete builds carry no preset
     ORDER BY b.build_number DESC LIMIT 1                 -- the workspace's current preset
 ) cp ON true
-WHERE cp.preset_id = ANY($1)                             -- it belongs to one of these presets now
+WHERE w.template_id IN (                                 -- templates of the presets asked for
+        SELECT v.template_id FROM template_version_presets p
+        JOIN template_versions v ON v.id = p.template_version_id
+        WHERE p.id = ANY($1))
+  AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild (a claimed one is the user's)
+  AND NOT w.deleted                                      -- live workspaces only
+  AND cp.preset_id = ANY($1)                             -- it belongs to one of these presets now

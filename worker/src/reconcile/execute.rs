@@ -13,6 +13,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use prebuilds_core::{Action, Plan, PrebuildStatus, TemplateParameter};
+use prebuilds_runtime::db::cached;
 use prebuilds_runtime::{db::DbError, outbox};
 use prebuilds_schemas::{
     BuildStage, CloudEvent, Parameter, ProvisionerJob, Transition, PREBUILDS_USER_ID,
@@ -119,7 +120,8 @@ async fn set_status(
     preset_id: Uuid,
     status: PrebuildStatus,
 ) -> Result<(), DbError> {
-    tx.execute(
+    cached::execute(
+        tx,
         "UPDATE template_version_presets SET prebuild_status = $2 WHERE id = $1",
         &[&preset_id, &status.as_str()],
     )
@@ -131,12 +133,12 @@ async fn validated_parameters(
     tx: &Transaction<'_>,
     view: &PresetView,
 ) -> Result<Result<Vec<Parameter>, prebuilds_core::ParameterProblem>, DbError> {
-    let rows = tx
-        .query(
-            include_str!("../sql/preset_parameters.sql"),
-            &[&view.template_version_id, &view.preset_id()],
-        )
-        .await?;
+    let rows = cached::query(
+        tx,
+        include_str!("../sql/preset_parameters.sql"),
+        &[&view.template_version_id, &view.preset_id()],
+    )
+    .await?;
     let mut template = Vec::new();
     let mut preset = Vec::new();
     for r in rows {
@@ -172,7 +174,8 @@ async fn queue_build(
     let event = CloudEvent::new(ctx.source.clone(), now, job);
     let job = &event.data;
     let parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
-    tx.execute(
+    cached::execute(
+        tx,
         include_str!("../sql/insert_job.sql"),
         &[
             &job.job_id,
@@ -183,7 +186,8 @@ async fn queue_build(
         ],
     )
     .await?;
-    tx.execute(
+    cached::execute(
+        tx,
         include_str!("../sql/insert_build.sql"),
         &[
             &job.build_id,
@@ -214,7 +218,8 @@ async fn create_prebuild(
 ) -> Result<(), DbError> {
     let workspace_id = Uuid::new_v4();
     let name = prebuilds_core::prebuild_name(rand::random());
-    tx.execute(
+    cached::execute(
+        tx,
         include_str!("../sql/create_workspace.sql"),
         &[
             &workspace_id,
@@ -254,12 +259,12 @@ async fn delete_prebuild(
     workspace_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, DbError> {
-    let Some(row) = tx
-        .query_opt(
-            include_str!("../sql/mark_deleting.sql"),
-            &[&workspace_id, &now],
-        )
-        .await?
+    let Some(row) = cached::query_opt(
+        tx,
+        include_str!("../sql/mark_deleting.sql"),
+        &[&workspace_id, &now],
+    )
+    .await?
     else {
         return Ok(false);
     };
@@ -295,33 +300,35 @@ async fn cancel_pending(
     preset_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<u32, DbError> {
-    let canceled = tx
-        .query(
-            include_str!("../sql/cancel_pending.sql"),
-            &[&preset_id, &now],
-        )
-        .await?;
+    let canceled = cached::query(
+        tx,
+        include_str!("../sql/cancel_pending.sql"),
+        &[&preset_id, &now],
+    )
+    .await?;
     for row in &canceled {
         let workspace_id: Uuid = row.get("workspace_id");
         let version_id: Uuid = row.get("template_version_id");
-        let deleted = tx
-            .execute(
-                include_str!("../sql/orphan_delete.sql"),
-                &[&workspace_id, &now],
-            )
-            .await?;
+        let deleted = cached::execute(
+            tx,
+            include_str!("../sql/orphan_delete.sql"),
+            &[&workspace_id, &now],
+        )
+        .await?;
         if deleted == 0 {
             continue;
         }
         // A completed orphan delete build keeps the history truthful (build 2 = delete).
         let job_id = Uuid::new_v4();
         let input = serde_json::json!({ "orphan": true, "workspace_id": workspace_id });
-        tx.execute(
+        cached::execute(
+            tx,
             include_str!("../sql/insert_job.sql"),
             &[&job_id, &PREBUILDS_USER_ID, &input, &now, &"succeeded"],
         )
         .await?;
-        tx.execute(
+        cached::execute(
+            tx,
             include_str!("../sql/insert_build.sql"),
             &[
                 &Uuid::new_v4(),

@@ -71,7 +71,9 @@ impl Handler for ReconcileHandler {
             )),
             Ok(ReconcileOutcome::Reconciled(report)) => {
                 if job.reason == ReconcileReason::Claim && report.created > 0 {
-                    let latency = (Utc::now() - job.requested_at).num_microseconds().unwrap_or(0);
+                    let latency = (Utc::now() - job.requested_at)
+                        .num_microseconds()
+                        .unwrap_or(0);
                     self.context
                         .metrics
                         .replenish_latency
@@ -94,15 +96,22 @@ pub async fn reconcile_preset(
     let started = Instant::now();
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
-    prebuilds_store::lock::lock_preset(&tx, preset_id).await?;
-
-    let watermark: Option<DateTime<Utc>> = tx
-        .query_opt(
-            "SELECT last_reconciled_at FROM preset_reconcile_state WHERE preset_id = $1",
-            &[&preset_id],
+    // One round trip: wait for the preset's lock, then read the coalescing watermark and the
+    // database's clock. Every statement after this one sees every change committed before `now`
+    // (READ COMMITTED takes a new snapshot per statement), so `now` is a safe watermark. The
+    // watermark itself may be read from just before the lock was granted: at worst a job that
+    // could have been coalesced is reconciled once more.
+    let begin = tx
+        .prepare_cached(include_str!("../sql/reconcile_begin.sql"))
+        .await?;
+    let row = tx
+        .query_one(
+            &begin,
+            &[&prebuilds_store::lock::lock_key(preset_id), &preset_id],
         )
-        .await?
-        .map(|r| r.get(0));
+        .await?;
+    let watermark: Option<DateTime<Utc>> = row.get("watermark");
+    let now: DateTime<Utc> = row.get("now");
     if watermark.is_some_and(|w| requested_at + COALESCE_MARGIN < w) {
         tx.commit().await?;
         ctx.metrics
@@ -112,9 +121,6 @@ pub async fn reconcile_preset(
         return Ok(ReconcileOutcome::Coalesced);
     }
 
-    // The database's clock, read after the lock: every change committed before this instant is
-    // visible to the snapshot below (READ COMMITTED takes a new snapshot per statement).
-    let now: DateTime<Utc> = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
     let Some(view) = prebuilds_store::load_snapshots(&tx, &[preset_id])
         .await?
         .into_iter()
@@ -143,12 +149,13 @@ pub async fn reconcile_preset(
 
     let report = execute::execute(&tx, ctx, &view, &plan, now).await?;
 
-    tx.execute(
-        "INSERT INTO preset_reconcile_state (preset_id, last_reconciled_at) VALUES ($1, $2)
-         ON CONFLICT (preset_id) DO UPDATE SET last_reconciled_at = EXCLUDED.last_reconciled_at",
-        &[&preset_id, &now],
-    )
-    .await?;
+    let watermark = tx
+        .prepare_cached(
+            "INSERT INTO preset_reconcile_state (preset_id, last_reconciled_at) VALUES ($1, $2)
+             ON CONFLICT (preset_id) DO UPDATE SET last_reconciled_at = EXCLUDED.last_reconciled_at",
+        )
+        .await?;
+    tx.execute(&watermark, &[&preset_id, &now]).await?;
     tx.commit().await?;
 
     if report.outbox_rows > 0 {

@@ -1,6 +1,13 @@
--- The job an event is about, locked so events of one job apply one at a time, with its build and
--- workspace. $1 job id.
-SELECT j.job_status,
+-- One round trip per event: record its id (idempotency) and lock the job it is about, so events of
+-- one job apply one at a time, with its build and workspace. No row = unknown job (the caller rolls
+-- back, so the id stays unrecorded). $1 job id, $2 consumer, $3 event id.
+WITH recorded AS (
+    INSERT INTO processed_messages (consumer, message_id) VALUES ($2, $3)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM recorded) AS first_time,    -- false: a redelivery, nothing to do
+       j.job_status,
        b.id            AS build_id,
        b.workspace_id,
        b.transition,

@@ -1,0 +1,162 @@
+//! `docker-compose.yml` cannot run here (no Docker engine), so this test checks what can go stale
+//! without one: every service command names a real binary of this workspace with flags and
+//! subcommands that binary accepts, every environment variable is one a binary reads, every file
+//! mounted from the repository exists, and `depends_on` only names defined services.
+
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
+
+use prebuilds_tests::process::binary;
+use serde_yaml::Value;
+
+const BINARIES: [&str; 4] = ["prebuilds-scheduler", "prebuilds-worker", "prebuilds-provisioner", "prebuildsctl"];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let mut value: Value = serde_yaml::from_str(&text).unwrap();
+    value.apply_merge().unwrap();
+    // Merge keys nested in services (`<<: *prebuilds` inside a service's mapping) need a pass each.
+    if let Some(services) = value.get_mut("services").and_then(Value::as_mapping_mut) {
+        for (_, service) in services.iter_mut() {
+            service.apply_merge().unwrap();
+            for key in ["environment", "depends_on"] {
+                if let Some(v) = service.get_mut(key) {
+                    v.apply_merge().unwrap();
+                }
+            }
+        }
+    }
+    value
+}
+
+fn help(args: &[&str]) -> String {
+    let (bin, rest) = args.split_first().unwrap();
+    let out = Command::new(binary(bin)).args(rest).arg("--help").output().unwrap();
+    assert!(out.status.success(), "`{} --help` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+        Value::Sequence(items) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+        _ => vec![],
+    }
+}
+
+/// Checks one command line: binary, subcommands and long flags.
+fn check_command(words: &[String], service: &str) {
+    let Some(bin) = words.first() else { return };
+    assert!(BINARIES.contains(&bin.as_str()), "service {service}: {bin} is not one of our binaries");
+    // Subcommands are the leading words before the first flag or argument value.
+    let mut path = vec![bin.as_str()];
+    for w in &words[1..] {
+        if w.starts_with('-') {
+            break;
+        }
+        let text = help(&path);
+        if text.contains("Commands:") && text.lines().any(|l| l.trim_start().starts_with(&format!("{w} ")) || l.trim() == w) {
+            path.push(w);
+        } else {
+            break;
+        }
+    }
+    let text = help(&path);
+    for w in words.iter().filter(|w| w.starts_with("--")) {
+        let flag = w.split('=').next().unwrap();
+        assert!(text.contains(flag), "service {service}: `{}` does not accept {flag}", path.join(" "));
+    }
+}
+
+#[test]
+fn every_service_runs_a_real_binary_with_real_flags_and_known_environment() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().unwrap();
+    let names: BTreeSet<String> = services.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect();
+    let all_help: String = BINARIES.iter().map(|b| help(&[b])).collect();
+    let mut checked = 0;
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let entrypoint = strings(&service["entrypoint"]);
+        let command = strings(&service["command"]);
+        if entrypoint.first().map(String::as_str) == Some("/bin/sh") {
+            // A shell script: check each `prebuildsctl …;` statement.
+            let script = command.join(" ");
+            for statement in script.split(';') {
+                let words: Vec<String> = statement
+                    .split("||")
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                if !words.is_empty() {
+                    check_command(&words, name);
+                    checked += 1;
+                }
+            }
+        } else if let Some(first) = entrypoint.first().or(command.first()) {
+            if BINARIES.contains(&first.as_str()) || !service["build"].is_null() {
+                let mut words = entrypoint.clone();
+                words.extend(command.clone());
+                check_command(&words, name);
+                checked += 1;
+            }
+        }
+        if let Some(env) = service["environment"].as_mapping() {
+            if !service["build"].is_null() {
+                for key in env.keys().filter_map(|k| k.as_str()) {
+                    assert!(all_help.contains(key), "service {name}: no binary reads {key}");
+                }
+            }
+        }
+        if let Some(deps) = service["depends_on"].as_mapping() {
+            for dep in deps.keys().filter_map(|k| k.as_str()) {
+                assert!(names.contains(dep), "service {name} depends on unknown service {dep}");
+            }
+        }
+        for volume in service["volumes"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()) {
+            if let Some(path) = volume.strip_prefix("./") {
+                let local = path.split(':').next().unwrap();
+                assert!(repo().join(local).exists(), "service {name} mounts missing {local}");
+            }
+        }
+    }
+    assert!(checked >= 9, "checked only {checked} commands");
+    for required in ["postgres", "rabbitmq", "migrate", "scheduler-1", "scheduler-2", "worker-1", "worker-2", "worker-3", "provisioner", "seed", "prometheus", "grafana"] {
+        assert!(names.contains(required), "missing service {required}");
+    }
+}
+
+#[test]
+fn prometheus_scrapes_every_process_and_grafana_has_the_dashboard() {
+    let prometheus = std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml")).unwrap();
+    for target in ["scheduler-1:9464", "scheduler-2:9464", "worker-1:9464", "worker-2:9464", "worker-3:9464", "provisioner:9464"] {
+        assert!(prometheus.contains(target), "prometheus does not scrape {target}");
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/dashboards/prebuilds.json")).unwrap()).unwrap();
+    let exprs: String = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for metric in [
+        "coderd_prebuilt_workspaces_desired",
+        "coderd_prebuilt_workspaces_running",
+        "coderd_prebuilt_workspaces_eligible",
+        "prebuilds_claims_total",
+        "coderd_prebuilt_workspace_claim_duration_seconds_bucket",
+        "prebuilds_replenish_latency_seconds_bucket",
+        "coderd_prebuilt_workspaces_preset_hard_limited",
+        "prebuilds_dead_lettered_total",
+        "prebuilds_outbox_lag_seconds",
+    ] {
+        assert!(exprs.contains(metric), "dashboard lacks {metric}");
+    }
+}
