@@ -55,7 +55,7 @@ pub struct ConnectionArgs {
         long,
         global = true,
         env = "PREBUILDS_DB_POOL_SIZE",
-        default_value_t = 16
+        default_value_t = 24
     )]
     pub db_pool_size: usize,
 }

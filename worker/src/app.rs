@@ -86,7 +86,11 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     };
     let spec = |queue: QueueKind| ConsumerSpec {
         queue,
-        prefetch: args.worker_concurrency,
+        prefetch: if queue == QueueKind::Claims {
+            args.claim_concurrency
+        } else {
+            args.worker_concurrency
+        },
         connection_name: format!("{source}/{}", queue.suffix()),
         drain_timeout: args.service.shutdown_timeout,
         transient_retries: 3,

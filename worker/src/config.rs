@@ -19,9 +19,14 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub reconcile: ReconcileArgs,
 
-    /// Deliveries handled at once per queue (the prefetch of each consumer).
+    /// Reconcile jobs and provisioner events handled at once (the prefetch of each consumer).
     #[arg(long, env = "PREBUILDS_WORKER_CONCURRENCY", default_value_t = 8)]
     pub worker_concurrency: u16,
+
+    /// Claim requests handled at once. Claims are short transactions and the latency users feel,
+    /// so they get their own, larger budget.
+    #[arg(long, env = "PREBUILDS_CLAIM_CONCURRENCY", default_value_t = 16)]
+    pub claim_concurrency: u16,
 }
 
 impl WorkerArgs {
@@ -30,17 +35,20 @@ impl WorkerArgs {
         if self.worker_concurrency == 0 {
             return Err("PREBUILDS_WORKER_CONCURRENCY must be at least 1".into());
         }
+        if self.claim_concurrency == 0 {
+            return Err("PREBUILDS_CLAIM_CONCURRENCY must be at least 1".into());
+        }
         Ok(())
     }
 
     /// Handlers beyond the pool size wait for a connection (bounded by the pool's wait timeout);
     /// that throttles rather than fails, but deserves a word at start-up.
     pub fn pool_size_warning(&self) -> Option<String> {
-        let needed = 3 * self.worker_concurrency as usize + 2;
+        let needed = 2 * self.worker_concurrency as usize + self.claim_concurrency as usize + 2;
         (self.connection.db_pool_size < needed).then(|| {
             format!(
-                "PREBUILDS_DB_POOL_SIZE ({}) is below the {needed} connections PREBUILDS_WORKER_CONCURRENCY ({}) can use at once; handlers will queue for connections",
-                self.connection.db_pool_size, self.worker_concurrency
+                "PREBUILDS_DB_POOL_SIZE ({}) is below the {needed} connections that PREBUILDS_WORKER_CONCURRENCY ({}) and PREBUILDS_CLAIM_CONCURRENCY ({}) can use at once; handlers will queue for connections",
+                self.connection.db_pool_size, self.worker_concurrency, self.claim_concurrency
             )
         })
     }

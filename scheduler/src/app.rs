@@ -1,0 +1,228 @@
+//! Wiring and life cycle of the scheduler process.
+//!
+//! 1. Serve `/metrics`, `/healthz`, `/readyz` on one `Registry` (the scheduler's counters and the
+//!    pool-state collector); probe PostgreSQL and RabbitMQ in the background for `/readyz`.
+//! 2. Campaign for the leader lock ([`leader::campaign`]); while standing by, do nothing else.
+//! 3. Once leading, start a **term**: a child cancellation token shared by the tick loop
+//!    ([`ticker`]), the settings watcher ([`settings_watch`]) and the metrics refresher
+//!    ([`pool_metrics::Refresher`]). Every lock-retry interval check the lock connection; if it is
+//!    dead or the check fails, cancel the term at once — in-flight publishes are dropped, the pool
+//!    metrics are forgotten — and campaign again.
+//! 4. On SIGTERM/SIGINT: readiness goes false, the term is cancelled, its tasks stop, the lock is
+//!    released (its connection closed), the publisher and the HTTP server close. The caller bounds
+//!    all of this by `--shutdown-timeout`.
+
+use std::{sync::Arc, time::Duration};
+
+use prebuilds_runtime::{
+    amqp::{Publisher, Topology},
+    db, http, Health,
+};
+use prometheus::Registry;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    jobs::JobPublisher,
+    leader::{self, LeaderLock},
+    metrics::SchedulerMetrics,
+    pass::Passes,
+    pool_metrics::{PoolCollector, PoolState, Refresher},
+    settings_watch, ticker,
+};
+
+/// How long the tasks of an ending term may take to stop before the lock is released anyway.
+const TERM_STOP_BOUND: Duration = Duration::from_secs(5);
+
+/// Runs the scheduler until `shutdown` is cancelled and everything has stopped.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let metrics = SchedulerMetrics::register(&registry)?;
+    let pool_state = PoolState::default();
+    registry.register(Box::new(PoolCollector::new(pool_state.clone())?))?;
+
+    let health = Health::default();
+    let http_shutdown = CancellationToken::new();
+    let (addr, http_task) = http::serve(
+        config.service.metrics_addr,
+        registry.clone(),
+        health.clone(),
+        http_shutdown.clone(),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (PREBUILDS_METRICS_ADDR): {e}",
+            config.service.metrics_addr
+        )
+    })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+
+    let pool = db::pool(
+        &config.connection.database_url,
+        config.connection.db_pool_size,
+    )?;
+    let topology = Topology::new(config.connection.amqp_prefix.clone());
+    let publisher = Arc::new(Publisher::new(
+        config.connection.amqp_url.clone(),
+        "prebuilds-scheduler",
+        topology,
+    ));
+    let probes = tokio::spawn(probe_dependencies(
+        pool.clone(),
+        publisher.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+
+    let passes = Passes {
+        pool: pool.clone(),
+        jobs: JobPublisher::new(
+            publisher.clone(),
+            event_source(),
+            config.publish_concurrency,
+            metrics.clone(),
+        ),
+        metrics: metrics.clone(),
+        pool_state: pool_state.clone(),
+    };
+    let refresher = Refresher {
+        pool: pool.clone(),
+        state: pool_state.clone(),
+        metrics: metrics.clone(),
+        interval: config.reconcile.metrics_interval,
+    };
+    let leadership = Leadership {
+        config: &config,
+        passes,
+        refresher,
+        metrics,
+        pool_state,
+    };
+    leadership.run(&shutdown).await;
+
+    health.set_draining();
+    let _ = probes.await;
+    publisher.close().await;
+    pool.close();
+    http_shutdown.cancel();
+    let _ = http_task.await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+struct Leadership<'a> {
+    config: &'a Config,
+    passes: Passes,
+    refresher: Refresher,
+    metrics: SchedulerMetrics,
+    pool_state: PoolState,
+}
+
+impl Leadership<'_> {
+    /// Campaign → lead → campaign … until shutdown.
+    async fn run(&self, shutdown: &CancellationToken) {
+        loop {
+            self.metrics.is_leader.set(0);
+            let Some(lock) = leader::campaign(
+                &self.config.connection.database_url,
+                self.config.leader_lock_key,
+                self.config.lock_retry_interval,
+                shutdown,
+            )
+            .await
+            else {
+                return;
+            };
+            self.lead(lock, shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// One leader term; returns once it ended and the lock is released.
+    async fn lead(&self, lock: LeaderLock, shutdown: &CancellationToken) {
+        tracing::info!("became leader");
+        let term = shutdown.child_token();
+        self.metrics.is_leader.set(1);
+        self.metrics.leader_terms.inc();
+        self.pool_state.set_leader(true);
+
+        let tasks = TaskTracker::new();
+        tasks.spawn(ticker::run(
+            self.passes.clone(),
+            self.config.reconcile.reconcile_interval,
+            term.clone(),
+        ));
+        tasks.spawn(settings_watch::run(
+            self.passes.clone(),
+            self.config.settings_poll_interval,
+            term.clone(),
+        ));
+        tasks.spawn(self.refresher.clone().run(term.clone()));
+        tasks.close();
+
+        let lost = loop {
+            tokio::select! {
+                _ = term.cancelled() => break None,
+                _ = tokio::time::sleep(self.config.lock_retry_interval) => {
+                    if let Err(e) = lock.check().await {
+                        break Some(e);
+                    }
+                }
+            }
+        };
+        // Stop publishing first, then tell the world.
+        term.cancel();
+        self.pool_state.set_leader(false);
+        self.metrics.is_leader.set(0);
+        match lost {
+            Some(e) => {
+                tracing::error!(error = %e, "lost leadership: stopped publishing; campaigning again")
+            }
+            None => tracing::info!("stepping down"),
+        }
+        if tokio::time::timeout(TERM_STOP_BOUND, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(bound = ?TERM_STOP_BOUND, "leader tasks did not stop in time");
+        }
+        lock.release().await;
+    }
+}
+
+/// Keeps `/readyz` current: PostgreSQL answers and the publisher has a live channel.
+async fn probe_dependencies(
+    pool: deadpool_postgres::Pool,
+    publisher: Arc<Publisher>,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+    loop {
+        let database = tokio::time::timeout(PROBE_TIMEOUT, db::ping(&pool)).await;
+        health.set_database(matches!(database, Ok(Ok(()))));
+        let broker = tokio::time::timeout(PROBE_TIMEOUT, publisher.ensure_connected()).await;
+        if let Ok(Err(e)) = &broker {
+            tracing::warn!(error = %e, "RabbitMQ is not reachable");
+        }
+        health.set_broker(matches!(broker, Ok(Ok(()))));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// CloudEvents `source` of this replica's jobs: `prebuilds-scheduler/<host>/<pid>`.
+fn event_source() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("prebuilds-scheduler/{host}/{}", std::process::id())
+}
