@@ -16,9 +16,18 @@ pub use crate::retry::{retry_policy, with_retries, Transient};
 
 /// Builds the pool. Connections are opened lazily; [`ping`] checks reachability.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let pg_config: tokio_postgres::Config = database_url
+    let mut pg_config: tokio_postgres::Config = database_url
         .parse()
         .map_err(|e| DbError::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+    // Hot-path statements are prepared once per connection (see [`cached`]); generic plans make
+    // each execution skip planning too, instead of re-planning the first five times on every
+    // pooled connection. Our statements look rows up by key, so a generic plan is also the plan
+    // the planner would pick. Options given in DATABASE_URL come first and still apply.
+    let options = match pg_config.get_options() {
+        Some(existing) => format!("{existing} -c plan_cache_mode=force_generic_plan"),
+        None => "-c plan_cache_mode=force_generic_plan".to_owned(),
+    };
+    pg_config.options(&options);
     let manager = Manager::from_config(
         pg_config,
         NoTls,

@@ -95,15 +95,13 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         drain_timeout: args.service.shutdown_timeout,
         transient_retries: 3,
     };
-    let reconcile = Arc::new(ReconcileHandler {
-        context: ReconcileContext {
-            pool: pool.clone(),
-            config: args.core_config(),
-            metrics: worker_metrics.clone(),
-            outbox_waker: waker.clone(),
-            source: source.clone(),
-        },
-    });
+    let reconcile = Arc::new(ReconcileHandler::new(ReconcileContext {
+        pool: pool.clone(),
+        config: args.core_config(),
+        metrics: worker_metrics.clone(),
+        outbox_waker: waker.clone(),
+        source: source.clone(),
+    }));
     let events = Arc::new(EventsHandler {
         context: EventsContext {
             pool: pool.clone(),
@@ -112,10 +110,17 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             source: source.clone(),
         },
     });
+    // Replies get their own unconfirmed connection: they must not wait behind the confirms of
+    // persistent outbox messages.
+    let replies = Arc::new(Publisher::unconfirmed(
+        &args.connection.amqp_url,
+        format!("{source}/replies"),
+        topology.clone(),
+    ));
     let claims = Arc::new(ClaimsHandler {
         context: ClaimsContext {
             pool: pool.clone(),
-            publisher: publisher.clone(),
+            publisher: replies.clone(),
             metrics: worker_metrics.clone(),
             outbox_waker: waker.clone(),
             source: source.clone(),
@@ -152,6 +157,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     let _ =
         prebuilds_runtime::shutdown::within(std::time::Duration::from_secs(10), tasks.wait()).await;
     publisher.close().await;
+    replies.close().await;
     let _ = http.await;
     tracing::info!("worker stopped");
     Ok(())

@@ -36,6 +36,7 @@ use crate::metrics::WorkerMetrics;
 #[derive(Debug, Clone)]
 pub struct ClaimsContext {
     pub pool: Pool,
+    /// Sends replies; unconfirmed (see [`Publisher::unconfirmed`]).
     pub publisher: Arc<Publisher>,
     pub metrics: WorkerMetrics,
     pub outbox_waker: Arc<Notify>,
@@ -72,6 +73,7 @@ impl Handler for ClaimsHandler {
         let (reply, labels) = claim(ctx, request.id, &request.data)
             .await
             .map_err(|e| HandlerError::Transient(e.into()))?;
+        let committed = received.elapsed();
         match send_reply(ctx, message, &reply).await {
             Ok(()) => {}
             // The requester is gone (its reply queue no longer exists): nothing to retry.
@@ -80,6 +82,16 @@ impl Handler for ClaimsHandler {
             }
             Err(e) => return Err(HandlerError::Transient(e.into())),
         }
+        tracing::debug!(
+            request_id = %request.id,
+            outcome = reply.outcome.as_str(),
+            // From the requester stamping the request to this worker starting on it (clock skew
+            // between hosts shows up here too).
+            waited_us = (Utc::now() - request.time).num_microseconds().unwrap_or(0) - received.elapsed().as_micros() as i64,
+            committed_us = committed.as_micros() as u64,
+            replied_us = received.elapsed().as_micros() as u64,
+            "claim handled"
+        );
         ctx.metrics
             .claims
             .with_label_values(&[reply.outcome.as_str()])
@@ -103,6 +115,10 @@ async fn send_reply(
     let event = CloudEvent::new(ctx.source.clone(), Utc::now(), reply.clone());
     let body = serde_json::to_vec(&event).expect("replies serialise");
     let mut message = Outgoing::new("", reply_to, &body);
+    // A reply is transient and best-effort: no persistence, and no `mandatory` (RabbitMQ before
+    // 3.12 returns mandatory publishes to direct reply-to as unroutable even when delivered).
+    message.mandatory = false;
+    message.persistent = false;
     message.correlation_id = request
         .correlation_id
         .clone()

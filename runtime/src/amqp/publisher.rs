@@ -1,7 +1,8 @@
 //! Publishing with publisher confirms, `mandatory` routing and a deadline. A publish succeeds only
 //! when the broker confirmed it *and* routed it to at least one queue: an unroutable message comes
 //! back as an ack carrying the returned message, which is reported as [`PublishError::Unroutable`]
-//! rather than silently dropped. The publisher owns its own connection (flow control on publishing
+//! rather than silently dropped. ([`Publisher::unconfirmed`] trades all of that for latency, for
+//! best-effort traffic only.) The publisher owns its own connection (flow control on publishing
 //! must not stall a consumer's acks) and reconnects lazily after a failure.
 
 use std::time::Duration;
@@ -57,6 +58,10 @@ pub struct Publisher {
     url: String,
     name: String,
     topology: Topology,
+    /// Whether publishes wait for a broker confirm (everything durable) or only for the frame to be
+    /// written (best-effort traffic such as RPC replies, which must not queue behind the confirms of
+    /// persistent messages).
+    confirms: bool,
     state: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -71,6 +76,10 @@ pub struct Outgoing<'a> {
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
     pub headers: FieldTable,
+    /// Ask the broker to return the message when no queue takes it (on by default).
+    pub mandatory: bool,
+    /// Persist the message (on by default).
+    pub persistent: bool,
 }
 
 impl<'a> Outgoing<'a> {
@@ -84,6 +93,8 @@ impl<'a> Outgoing<'a> {
             correlation_id: None,
             reply_to: None,
             headers: FieldTable::default(),
+            mandatory: true,
+            persistent: true,
         }
     }
 
@@ -102,7 +113,21 @@ impl Publisher {
             url: url.into(),
             name: name.into(),
             topology,
+            confirms: true,
             state: Mutex::new(None),
+        }
+    }
+
+    /// A publisher that does not wait for confirms, for best-effort messages (RPC replies: a lost
+    /// reply is recovered by the client retrying with the same request id).
+    pub fn unconfirmed(
+        url: impl Into<String>,
+        name: impl Into<String>,
+        topology: Topology,
+    ) -> Self {
+        Publisher {
+            confirms: false,
+            ..Publisher::new(url, name, topology)
         }
     }
 
@@ -124,9 +149,11 @@ impl Publisher {
         }
         let connection = connect(&self.url, &self.name).await?;
         let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        if self.confirms {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+        }
         self.topology.declare(&channel).await?;
         *state = Some((connection, channel.clone()));
         Ok(channel)
@@ -156,7 +183,7 @@ impl Publisher {
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
         let channel = self.channel().await?;
         let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
+            .with_delivery_mode(if message.persistent { 2 } else { 1 })
             .with_content_type("application/json".into())
             .with_headers(message.headers.clone());
         if let Some(id) = &message.message_id {
@@ -177,7 +204,7 @@ impl Publisher {
                     message.exchange.into(),
                     message.routing_key.into(),
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory: message.mandatory,
                         ..Default::default()
                     },
                     message.body,
@@ -215,7 +242,7 @@ fn classify(confirmation: Confirmation, message: &Outgoing<'_>) -> Result<(), Pu
             routing_key: message.routing_key.to_owned(),
         }),
         Confirmation::Nack(_) => Err(PublishError::Nacked(message.routing_key.to_owned())),
-        // Unreachable in practice: the channel is put in confirm mode before first use.
+        // An unconfirmed publisher: the frame was written, which is all it promises.
         Confirmation::NotRequested => Ok(()),
     }
 }

@@ -11,6 +11,7 @@
 //! Jobs are level-triggered ("look at preset X now"), so duplicates and reordering are harmless.
 
 pub mod execute;
+pub mod single_flight;
 
 use std::{sync::Arc, time::Instant};
 
@@ -54,6 +55,17 @@ pub enum ReconcileOutcome {
 #[derive(Debug)]
 pub struct ReconcileHandler {
     pub context: ReconcileContext,
+    /// Coalesces concurrent jobs of one preset within this process.
+    pub in_flight: single_flight::SingleFlight,
+}
+
+impl ReconcileHandler {
+    pub fn new(context: ReconcileContext) -> Self {
+        ReconcileHandler {
+            context,
+            in_flight: single_flight::SingleFlight::default(),
+        }
+    }
 }
 
 impl Handler for ReconcileHandler {
@@ -64,7 +76,25 @@ impl Handler for ReconcileHandler {
             .decode()
             .map_err(|e| HandlerError::permanent("schema", e.to_string()))?;
         let job = event.data;
-        match reconcile_preset(&self.context, job.preset_id, job.requested_at).await {
+        let flight = self
+            .in_flight
+            .run(job.preset_id, || {
+                reconcile_preset(&self.context, job.preset_id, job.requested_at)
+            })
+            .await;
+        let outcome = match flight {
+            Ok(single_flight::Flight::Ran(outcome)) => Ok(outcome),
+            Ok(single_flight::Flight::Coalesced) => {
+                self.context
+                    .metrics
+                    .reconcile_jobs
+                    .with_label_values(&["coalesced"])
+                    .inc();
+                Ok(ReconcileOutcome::Coalesced)
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
             Ok(ReconcileOutcome::UnknownPreset) => Err(HandlerError::permanent(
                 "unknown_id",
                 format!("unknown preset {}", job.preset_id),
