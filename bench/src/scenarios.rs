@@ -64,7 +64,7 @@ impl Sizes {
                 floor_iterations: 1_000,
                 rate_messages: 20_000,
                 eligible: 1_000,
-                claims_per_level: [(1, 200), (16, 320), (64, 448)],
+                claims_per_level: [(1, 150), (16, 320), (64, 384)],
                 replenish_samples: 50,
                 reconcile_presets: 10_000,
                 fill_presets: 1_000,
@@ -503,8 +503,8 @@ pub async fn reconcile(sizes: &Sizes) -> anyhow::Result<Reconcile> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let scheduler_rss_mib = scheduler.pid().map(peak_rss_mib).unwrap_or(f64::NAN);
     let scheduler_tick_seconds = http_get(port, "/metrics").await.and_then(|(_, body)| {
-        let sum = metric_value(&body, "prebuilds_scheduler_tick_duration_seconds_sum")?;
-        let count = metric_value(&body, "prebuilds_scheduler_tick_duration_seconds_count")?;
+        let sum = metric_sum(&body, "prebuilds_scheduler_pass_duration_seconds_sum");
+        let count = metric_sum(&body, "prebuilds_scheduler_pass_duration_seconds_count");
         (count > 0.0).then(|| sum / count)
     });
     drop(scheduler);
@@ -514,13 +514,6 @@ pub async fn reconcile(sizes: &Sizes) -> anyhow::Result<Reconcile> {
         scheduler_rss_mib,
         scheduler_tick_seconds,
     })
-}
-
-fn metric_value(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 // ---------------------------------------------------------------------------------------------
