@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod json_schema;
 pub mod messages;
 pub mod migrations;
+pub mod plan;
 
 pub use envelope::{CloudEvent, EnvelopeError, RawEvent};
 pub use messages::*;

@@ -12,18 +12,44 @@ fn every_message_type_and_schema_file_is_documented() {
     let doc = document();
     for entry in json_schema::all() {
         let title = entry.schema["title"].as_str().unwrap();
-        assert!(doc.contains(title), "asyncapi.yaml does not mention {title}");
-        assert!(doc.contains(&format!("./json/{}", entry.file_name)), "asyncapi.yaml does not reference {}", entry.file_name);
+        assert!(
+            doc.contains(title),
+            "asyncapi.yaml does not mention {title}"
+        );
+        assert!(
+            doc.contains(&format!("./json/{}", entry.file_name)),
+            "asyncapi.yaml does not reference {}",
+            entry.file_name
+        );
     }
 }
 
 #[test]
 fn every_queue_and_routing_key_is_documented() {
     let doc = document();
-    for suffix in ["reconcile", "claims", "provisioner-jobs", "provisioner-events", "notifications", "dead"] {
-        assert!(doc.contains(&format!("'{{prefix}}.{suffix}'")), "queue {suffix} missing");
+    for suffix in [
+        "reconcile",
+        "claims",
+        "provisioner-jobs",
+        "provisioner-events",
+        "notifications",
+        "dead",
+    ] {
+        assert!(
+            doc.contains(&format!("'{{prefix}}.{suffix}'")),
+            "queue {suffix} missing"
+        );
     }
-    for key in ["reconcile.preset", "claim.request", "provisioner.job.<transition>", "provisioner.event.<kind>", "notification.<kind>", "x-delivery-limit: 5", "{prefix}.dlx", "x-prebuilds-dead-reason"] {
+    for key in [
+        "reconcile.preset",
+        "claim.request",
+        "provisioner.job.<transition>",
+        "provisioner.event.<kind>",
+        "notification.<kind>",
+        "x-delivery-limit: 5",
+        "{prefix}.dlx",
+        "x-prebuilds-dead-reason",
+    ] {
         assert!(doc.contains(key), "{key} missing");
     }
 }

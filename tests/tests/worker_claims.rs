@@ -113,6 +113,8 @@ async fn rejections_carry_the_spec_codes() {
     let broker = TestBroker::new().await;
     let (ctx, _) = contexts(&db, &broker).await;
     let (fx, user) = world(&db, 2).await;
+    let c = db.pool.get().await.unwrap();
+    let before = prebuilds_tests::stack::table_counts(&db).await;
     let code = |r: ClaimReply| r.error.map(|e| e.code);
     assert_eq!(
         code(ask(&ctx, &request(Uuid::new_v4(), "ws", fx.preset_id)).await),
@@ -241,12 +243,12 @@ async fn a_retried_claim_returns_its_first_outcome_and_claims_once() {
 }
 
 #[tokio::test]
-async fn concurrent_claims_never_take_the_same_prebuild() {
+async fn sixty_four_concurrent_claims_against_twenty_prebuilds_claim_each_once() {
     let db = TestDb::new().await;
     let broker = TestBroker::new().await;
     let (ctx, _) = contexts(&db, &broker).await;
-    let (fx, user) = world(&db, 5).await;
-    let claims = (0..20).map(|i| {
+    let (fx, user) = world(&db, 20).await;
+    let claims = (0..64).map(|i| {
         let ctx = ctx.clone();
         tokio::spawn(
             async move { ask(&ctx, &request(user, &format!("ws-{i}"), fx.preset_id)).await },

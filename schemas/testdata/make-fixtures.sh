@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the plan-JSON fixtures of `terraform::replacements_from_plan`'s unit tests with the
+# Regenerates the plan-JSON fixtures of `plan::replacements_from_plan`'s unit tests with the
 # real `terraform` CLI. Only the built-in `terraform_data` resource is used: no provider download.
 #
-#   provisioner/testdata/make-fixtures.sh     (from the repository root or anywhere)
+#   schemas/testdata/make-fixtures.sh     (from the repository root or anywhere)
 #
 # Produces:
 #   plan-create.json   first build of a workspace: everything is created, nothing replaced
