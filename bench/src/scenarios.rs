@@ -89,22 +89,20 @@ async fn ready(port: u16) {
     panic!("service on port {port} never became ready");
 }
 
+/// Sum of a metric over all its label sets in one `/metrics` body.
+fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+        .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// Sum of a counter across processes' `/metrics` (all label sets of `name`).
 async fn counter_sum(ports: &[u16], name: &str) -> f64 {
     let mut total = 0.0;
     for port in ports {
         if let Some((_, body)) = http_get(*port, "/metrics").await {
-            for line in body.lines() {
-                if line.starts_with(name)
-                    && (line[name.len()..].starts_with('{') || line[name.len()..].starts_with(' '))
-                {
-                    total += line
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .unwrap_or(0.0);
-                }
-            }
+            total += metric_sum(&body, name);
         }
     }
     total
