@@ -61,6 +61,9 @@ enum Command {
     Pause(commands::pause::Args),
     /// Resume reconciliation paused with `pause` and reconcile the affected presets at once.
     Resume(commands::pause::Args),
+    /// Operate on one preset (reset a hard-limited or validation-failed preset).
+    #[command(subcommand)]
+    Preset(commands::preset::Command),
     /// Claim a prebuilt workspace for a user (what the platform does when a user creates one).
     Claim(commands::claim::Args),
     /// Inspect prebuilt workspaces.
@@ -88,6 +91,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => commands::status::run(connection, args).await,
         Command::Pause(args) => commands::pause::run(connection, args, true).await,
         Command::Resume(args) => commands::pause::run(connection, args, false).await,
+        Command::Preset(command) => commands::preset::run(connection, command).await,
         Command::Claim(args) => commands::claim::run(connection, args).await,
         Command::Prebuilds(command) => commands::prebuilds::run(connection, command).await,
         Command::Jobs(command) => commands::jobs::run(connection, command).await,

@@ -94,6 +94,9 @@ fn fixture(now: DateTime<Utc>) -> Vec<PresetSnapshot> {
                 },
                 pending_non_active: rng.next(2) as u32,
                 start_builds,
+                hard_limit: None,
+                failures_reset_at: None,
+                failed: Vec::new(),
             }
         })
         .collect()

@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::failures::{backoff, is_hard_limited, Backoff};
+use crate::failures::{backoff, failed_to_delete, Backoff};
+use crate::recovery::{hard_limit, HardLimitDecision};
 use crate::schedule::{desired_instances, DesiredCount};
 use crate::snapshot::{PrebuildStatus, PresetSnapshot, ReconcileConfig, RunningPrebuild};
 use crate::state::{is_expired, state_with_desired, PresetState};
@@ -48,15 +49,18 @@ pub struct Plan {
     pub backoff: Option<Backoff>,
     /// End of the backoff while it is in effect (`now <= until`).
     pub backoff_until: Option<DateTime<Utc>>,
-    /// The failure history is at the hard limit: creates are skipped at execution.
+    /// The hard limit holds creates back: they are skipped at execution, except one probe when
+    /// `hard_limit.probe` is set (see [`crate::recovery`]).
     pub hard_limited: bool,
     /// A `prebuild_status` the shell must store:
     /// 1. `healthy` at the hard limit → `HardLimited`;
-    /// 2. `hard_limited` no longer at the limit (an operator removed the failed prebuilds) →
-    ///    `Healthy`, so the pool recovers instead of staying limited forever;
+    /// 2. `hard_limited` no longer at the limit (the probe succeeded, or an operator removed the
+    ///    failed prebuilds) → `Healthy`;
     /// 3. `validation_failed` never changes here: it is set by the shell on a rejected create and
-    ///    is sticky (a new template version brings new presets).
+    ///    cleared by an operator (`prebuildsctl preset reset`) or a new template version.
     pub status_change: Option<PrebuildStatus>,
+    /// The hard-limit circuit breaker's full decision (record to store, probe, next probe time).
+    pub hard_limit: HardLimitDecision,
 }
 
 /// Plans one preset at `now`.
@@ -70,7 +74,9 @@ pub struct Plan {
 ///    3. inactive → `[CancelPending]` if pending build-#1 jobs exist, then
 ///       `[Delete(all running, expired included, oldest first)]`;
 ///    4. active → `[Delete(expired, oldest first)]`, `[Delete(oldest extraneous non-expired)]`,
-///       `[Create(max(desired − (actual − expired) − starting, 0))]`, each only when non-empty.
+///       `[Create(max(desired − (actual − expired) − starting, 0))]`, each only when non-empty;
+///    5. in both 3 and 4, when `failed_retention` is set, `[Delete(failed prebuilds beyond the
+///       newest failed_keep and older than the retention, oldest first)]` before any create.
 ///
 /// "Oldest first" orders by `created_at`, then by workspace id, so the result does not depend on
 /// the order of `running`. In-flight stops and deletes never reduce the create count, and in-flight
@@ -84,22 +90,14 @@ pub fn plan(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileCon
     let backoff_until = backoff
         .map(|b| b.until(config.backoff_interval))
         .filter(|until| now <= *until);
-    let hard_limited = is_hard_limited(snapshot, config);
-    let status_change = match (preset.prebuild_status, hard_limited) {
-        (PrebuildStatus::Healthy, true) => Some(PrebuildStatus::HardLimited),
-        (PrebuildStatus::HardLimited, false) => Some(PrebuildStatus::Healthy),
-        // `validation_failed` is sticky: the preset cannot build at all, whatever its history.
-        (PrebuildStatus::ValidationFailed, _)
-        | (PrebuildStatus::Healthy, false)
-        | (PrebuildStatus::HardLimited, true) => None,
-    };
+    let hard_limit = hard_limit(snapshot, now, config);
 
     let actions = if preset.paused {
         Vec::new()
     } else if let Some(until) = backoff_until {
         vec![Action::Backoff { until }]
     } else {
-        decide(snapshot, now, &state)
+        decide(snapshot, now, &state, config)
     };
 
     Plan {
@@ -108,13 +106,19 @@ pub fn plan(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileCon
         desired,
         backoff,
         backoff_until,
-        hard_limited,
-        status_change,
+        hard_limited: hard_limit.holds_creates,
+        status_change: hard_limit.status_change,
+        hard_limit,
     }
 }
 
-/// Rules 3.3 and 3.4 of [`plan`].
-fn decide(snapshot: &PresetSnapshot, now: DateTime<Utc>, state: &PresetState) -> Vec<Action> {
+/// Rules 3.3 to 3.5 of [`plan`].
+fn decide(
+    snapshot: &PresetSnapshot,
+    now: DateTime<Utc>,
+    state: &PresetState,
+    config: &ReconcileConfig,
+) -> Vec<Action> {
     let preset = &snapshot.preset;
     let mut actions = Vec::new();
 
@@ -124,6 +128,10 @@ fn decide(snapshot: &PresetSnapshot, now: DateTime<Utc>, state: &PresetState) ->
         }
         let mut all: Vec<&RunningPrebuild> = snapshot.running.iter().collect();
         push_delete(&mut actions, oldest_first(&mut all));
+        push_delete(
+            &mut actions,
+            failed_to_delete(snapshot, now, config).into_iter(),
+        );
         return actions;
     }
 
@@ -135,6 +143,10 @@ fn decide(snapshot: &PresetSnapshot, now: DateTime<Utc>, state: &PresetState) ->
     let fresh = oldest_first(&mut fresh);
     // `extraneous` = fresh − desired when positive, so it is never more than `fresh.len()`.
     push_delete(&mut actions, fresh.take(state.extraneous as usize));
+    push_delete(
+        &mut actions,
+        failed_to_delete(snapshot, now, config).into_iter(),
+    );
 
     let create = state
         .desired
@@ -170,13 +182,15 @@ pub fn actions(
 }
 
 /// Coder's `CanSkipReconciliation`: an inactive preset with no running prebuilds (expired
-/// included), no pending build-#1 jobs and no backoff row has nothing to do. Active presets are
-/// never skipped. The stored status is not considered (an inactive preset's status is moot).
+/// included), no pending build-#1 jobs, no backoff row and no failed prebuilds due for clean-up
+/// has nothing to do. Active presets are never skipped. The stored status is not considered (an
+/// inactive preset's status is moot).
 pub fn can_skip(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileConfig) -> bool {
     !snapshot.preset.is_active()
         && snapshot.running.is_empty()
         && snapshot.pending_non_active == 0
         && backoff(snapshot, now, config).is_none()
+        && failed_to_delete(snapshot, now, config).is_empty()
 }
 
 /// Why creates were not executed.
@@ -196,6 +210,9 @@ pub struct CreateDecision {
     pub clamped_from: Option<u32>,
     /// Set when a positive count is not executed.
     pub skipped: Option<SkipReason>,
+    /// The count is the hard-limit probe (one create): the shell stores `plan.hard_limit.probe`
+    /// when it makes it.
+    pub probe: bool,
 }
 
 /// Execution-time guard for a `Create { count: requested }` action (defence in depth: the plan
@@ -203,7 +220,8 @@ pub struct CreateDecision {
 ///
 /// 1. Re-evaluate the desired count at `now`; a larger request is clamped to it.
 /// 2. Nothing left → create nothing (no skip reason).
-/// 3. Paused → skip. Hard limited (per `plan`) → skip. Stored status `validation_failed` → skip.
+/// 3. Paused → skip. Hard limited (per `plan`) → skip, unless a probe is due: then create one.
+///    Stored status `validation_failed` → skip.
 /// 4. Otherwise create the (clamped) count.
 pub fn creates_to_execute(
     requested: u32,
@@ -217,20 +235,30 @@ pub fn creates_to_execute(
     } else {
         (requested, None)
     };
+    let probe = count > 0
+        && !snapshot.preset.paused
+        && plan.hard_limited
+        && plan.hard_limit.probe.is_some();
     let skipped = if count == 0 {
         None
     } else if snapshot.preset.paused {
         Some(SkipReason::Paused)
-    } else if plan.hard_limited {
+    } else if plan.hard_limited && !probe {
         Some(SkipReason::HardLimited)
     } else if snapshot.preset.prebuild_status == PrebuildStatus::ValidationFailed {
         Some(SkipReason::ValidationFailed)
     } else {
         None
     };
+    let count = match (skipped, probe) {
+        (Some(_), _) => 0,
+        (None, true) => count.min(1),
+        (None, false) => count,
+    };
     CreateDecision {
-        count: if skipped.is_some() { 0 } else { count },
+        count,
         clamped_from,
         skipped,
+        probe: probe && skipped.is_none(),
     }
 }

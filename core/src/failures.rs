@@ -5,6 +5,11 @@
 //! is a `start`, newest first. Failed prebuilds are never deleted by the reconciler, so they keep
 //! counting until they leave the lookback window or an operator removes them.
 //!
+//! Builds created before the preset's `failures_reset_at` (an operator's `prebuildsctl preset
+//! reset`) are left out of that population: a reset forgives the history that caused the limit.
+//!
+//! Failed-prebuild clean-up ([`failed_to_delete`]) is opt-in (`PREBUILDS_FAILED_RETENTION`).
+//!
 //! Which presets are considered mirrors Coder's queries, so the shell can pass the history of
 //! any preset unfiltered:
 //! - backoff: only presets whose version is the template's active version and whose template is
@@ -18,6 +23,8 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
+
+use uuid::Uuid;
 
 use crate::snapshot::{BuildOutcome, PresetSnapshot, ReconcileConfig, StartBuild};
 use crate::state::count;
@@ -67,7 +74,7 @@ pub fn backoff(
         .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let in_window =
         |b: &&StartBuild| b.outcome == BuildOutcome::Failed && b.created_at >= window_start;
-    let builds = newest_first(&snapshot.start_builds);
+    let builds = history(snapshot);
     let last_failed_at = builds
         .iter()
         .take(n)
@@ -96,22 +103,66 @@ pub fn backoff_until(
 /// not 0, at least `failure_hard_limit` builds exist and the newest that many all failed.
 pub fn is_hard_limited(snapshot: &PresetSnapshot, config: &ReconcileConfig) -> bool {
     let limit = config.failure_hard_limit as usize;
-    if limit == 0 || !snapshot.preset.version_is_active || snapshot.start_builds.len() < limit {
+    if limit == 0 || !snapshot.preset.version_is_active {
         return false;
     }
-    newest_first(&snapshot.start_builds)
+    let builds = history(snapshot);
+    if builds.len() < limit {
+        return false;
+    }
+    builds
         .iter()
         .take(limit)
         .all(|b| b.outcome == BuildOutcome::Failed)
 }
 
-/// The history newest first. The shell already sorts it; a copy is made only if it did not, so
-/// "the newest N" never depends on the caller getting the order right.
-fn newest_first(builds: &[StartBuild]) -> Cow<'_, [StartBuild]> {
-    if builds.is_sorted_by(|a, b| a.created_at >= b.created_at) {
+/// The newest start build of the counted history (after any reset), if there is one.
+pub fn newest_build(snapshot: &PresetSnapshot) -> Option<StartBuild> {
+    history(snapshot).first().copied()
+}
+
+/// The counted history newest first: builds created before `failures_reset_at` are left out. The
+/// shell already sorts it; a copy is made only if it did not (or a reset filters it), so "the
+/// newest N" never depends on the caller getting the order right.
+fn history(snapshot: &PresetSnapshot) -> Cow<'_, [StartBuild]> {
+    let builds = &snapshot.start_builds;
+    let forgiven = |b: &StartBuild| {
+        snapshot
+            .failures_reset_at
+            .is_some_and(|at| b.created_at < at)
+    };
+    if builds.is_sorted_by(|a, b| a.created_at >= b.created_at) && !builds.iter().any(forgiven) {
         return Cow::Borrowed(builds);
     }
-    let mut sorted = builds.to_vec();
+    let mut sorted: Vec<StartBuild> = builds.iter().filter(|b| !forgiven(b)).copied().collect();
     sorted.sort_by_key(|b| std::cmp::Reverse(b.created_at));
     Cow::Owned(sorted)
+}
+
+/// Failed prebuilds to delete (opt-in clean-up), oldest first:
+/// 1. nothing unless `failed_retention` is set;
+/// 2. the newest `failed_keep` failed prebuilds (by creation time, then id) are always kept as
+///    evidence;
+/// 3. of the rest, those created strictly before `now − failed_retention` are deleted.
+pub fn failed_to_delete(
+    snapshot: &PresetSnapshot,
+    now: DateTime<Utc>,
+    config: &ReconcileConfig,
+) -> Vec<Uuid> {
+    let Some(retention) = config.failed_retention else {
+        return Vec::new();
+    };
+    let cutoff = now
+        .checked_sub_signed(retention)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let mut failed: Vec<_> = snapshot.failed.iter().collect();
+    // Newest first; ties broken by id so the result does not depend on the input order.
+    failed.sort_unstable_by_key(|f| std::cmp::Reverse((f.created_at, f.workspace_id)));
+    let mut doomed: Vec<_> = failed
+        .into_iter()
+        .skip(config.failed_keep as usize)
+        .filter(|f| f.created_at < cutoff)
+        .collect();
+    doomed.reverse();
+    doomed.into_iter().map(|f| f.workspace_id).collect()
 }

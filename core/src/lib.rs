@@ -8,14 +8,17 @@
 //!
 //! Modules: [`snapshot`] (inputs), [`state`](mod@state) (derived counts), [`schedule`] and [`cron`] (desired
 //! count over time and schedule validation), [`failures`] (backoff and hard limit), [`actions`](mod@actions)
-//! (the plan), [`names`] (workspace names), [`claim`] (preset matching for claims).
+//! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps and
+//! their fair share), [`names`] (workspace names), [`claim`] (preset matching for claims).
 
 pub mod actions;
+pub mod capacity;
 pub mod claim;
 pub mod cron;
 pub mod failures;
 pub mod names;
 pub mod parameters;
+pub mod recovery;
 pub mod schedule;
 pub mod snapshot;
 pub mod state;
@@ -23,17 +26,19 @@ pub mod state;
 pub use actions::{
     actions, can_skip, creates_to_execute, plan, Action, CreateDecision, Plan, SkipReason,
 };
+pub use capacity::{creates_allowed, Capacity};
 pub use claim::{match_preset, PresetCandidate};
 pub use cron::{matches_cron, CronField, CronSpec, OverlapWitness};
-pub use failures::{backoff, backoff_until, is_hard_limited, Backoff};
+pub use failures::{backoff, backoff_until, failed_to_delete, is_hard_limited, Backoff};
 pub use names::{prebuild_name, validate_workspace_name, NameError, MAX_WORKSPACE_NAME_LEN};
 pub use parameters::{build_parameters, ParameterProblem, TemplateParameter};
+pub use recovery::{hard_limit, HardLimitChange, HardLimitDecision};
 pub use schedule::{
     desired_instances, validate_schedules, DesiredCount, DesiredSource, ScheduleError,
 };
 pub use snapshot::{
-    BuildOutcome, InProgress, PrebuildStatus, PresetInfo, PresetSnapshot, ReconcileConfig,
-    RunningPrebuild, Schedule, StartBuild, UnknownStatus,
+    BuildOutcome, FailedPrebuild, HardLimitRecord, InProgress, PrebuildStatus, PresetInfo,
+    PresetSnapshot, ReconcileConfig, RunningPrebuild, Schedule, StartBuild, UnknownStatus,
 };
 pub use state::{is_expired, state, PresetState};
 

@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 /// The preset's stored `prebuild_status` (column `template_version_presets.prebuild_status`).
 ///
-/// Only the reconciler moves a preset away from `Healthy`; nothing moves it back (recovery is a
-/// new template version, as in Coder).
+/// Only the reconciler moves a preset away from `Healthy`. A `hard_limited` preset recovers through
+/// the probe of [`crate::recovery`]; `validation_failed` is cleared by an operator
+/// (`prebuildsctl preset reset`) or a new template version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrebuildStatus {
@@ -144,6 +145,31 @@ pub struct StartBuild {
     pub outcome: BuildOutcome,
 }
 
+/// The stored hard-limit circuit breaker of a preset (columns `hard_limited_at`,
+/// `hard_limit_probe_at`, `hard_limit_cooldown_secs`): when it tripped, the current cooldown and
+/// when the next probe create may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardLimitRecord {
+    pub since: DateTime<Utc>,
+    pub cooldown_secs: i64,
+    pub next_probe_at: DateTime<Utc>,
+}
+
+impl HardLimitRecord {
+    pub fn cooldown(&self) -> TimeDelta {
+        TimeDelta::try_seconds(self.cooldown_secs).unwrap_or(TimeDelta::MAX)
+    }
+}
+
+/// A prebuild whose latest build is a `start` whose job failed (kept as evidence; see
+/// `failures::failed_to_delete`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedPrebuild {
+    pub workspace_id: Uuid,
+    /// The workspace's creation time.
+    pub created_at: DateTime<Utc>,
+}
+
 /// Everything the rules look at for one preset, read in one consistent snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresetSnapshot {
@@ -157,10 +183,22 @@ pub struct PresetSnapshot {
     pub pending_non_active: u32,
     /// Failure-history input, newest first.
     pub start_builds: Vec<StartBuild>,
+    /// The stored hard-limit record, when the preset has one.
+    #[serde(default)]
+    pub hard_limit: Option<HardLimitRecord>,
+    /// An operator reset the preset (`prebuildsctl preset reset`) at this instant: builds created
+    /// before it no longer count toward backoff or the hard limit.
+    #[serde(default)]
+    pub failures_reset_at: Option<DateTime<Utc>>,
+    /// Failed prebuilds of the preset, in any order.
+    #[serde(default)]
+    pub failed: Vec<FailedPrebuild>,
 }
 
 /// The reconciler's tunables (`PREBUILDS_BACKOFF_INTERVAL`, `PREBUILDS_BACKOFF_LOOKBACK`,
-/// `PREBUILDS_FAILURE_HARD_LIMIT`).
+/// `PREBUILDS_FAILURE_HARD_LIMIT`, `PREBUILDS_HARD_LIMIT_COOLDOWN[_MAX]`,
+/// `PREBUILDS_MAX_INFLIGHT_JOBS`, `PREBUILDS_MAX_INFLIGHT_PER_PRESET`,
+/// `PREBUILDS_FAILED_RETENTION`, `PREBUILDS_FAILED_KEEP`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconcileConfig {
     /// Added to the last failure once per failure in the lookback window.
@@ -169,6 +207,19 @@ pub struct ReconcileConfig {
     pub backoff_lookback: TimeDelta,
     /// This many newest builds all failed → hard limited. 0 disables.
     pub failure_hard_limit: u32,
+    /// Wait before the first probe create of a hard-limited preset.
+    pub hard_limit_cooldown: TimeDelta,
+    /// The cooldown doubles after each failed probe, up to this.
+    pub hard_limit_cooldown_max: TimeDelta,
+    /// Global cap on in-flight prebuild create jobs (0 = unlimited).
+    pub max_inflight_jobs: u32,
+    /// Per-preset cap on in-flight prebuild create jobs (0 = unlimited).
+    pub max_inflight_per_preset: u32,
+    /// Failed prebuilds older than this are deleted (beyond the newest `failed_keep`); `None` =
+    /// never (the default: failed prebuilds are evidence).
+    pub failed_retention: Option<TimeDelta>,
+    /// Newest failed prebuilds per preset that are always kept.
+    pub failed_keep: u32,
 }
 
 impl Default for ReconcileConfig {
@@ -177,6 +228,12 @@ impl Default for ReconcileConfig {
             backoff_interval: TimeDelta::minutes(1),
             backoff_lookback: TimeDelta::hours(1),
             failure_hard_limit: 3,
+            hard_limit_cooldown: TimeDelta::minutes(30),
+            hard_limit_cooldown_max: TimeDelta::hours(4),
+            max_inflight_jobs: 0,
+            max_inflight_per_preset: 0,
+            failed_retention: None,
+            failed_keep: 3,
         }
     }
 }

@@ -102,6 +102,7 @@ prop_compose! {
             backoff_interval: TimeDelta::seconds(interval),
             backoff_lookback: TimeDelta::seconds(lookback),
             failure_hard_limit: limit,
+            ..ReconcileConfig::default()
         }
     }
 }
@@ -381,4 +382,99 @@ proptest! {
 #[test]
 fn ids_are_distinct() {
     assert_ne!(id(0), id(1));
+}
+
+// Issue 12: capacity, failed clean-up, hard-limit recovery.
+
+prop_compose! {
+    fn capacity()(max_inflight in 0..10u32, inflight in 0..15u32, max_per_preset in 0..5u32,
+                  preset_inflight in 0..6u32, others_waiting in 0..30u32) -> Capacity {
+        Capacity { max_inflight, inflight, max_per_preset, preset_inflight, others_waiting }
+    }
+}
+
+proptest! {
+    /// Never more than asked, never past either cap, and progress whenever there is room.
+    #[test]
+    fn creates_allowed_respects_caps_and_progresses(requested in 0..20u32, c in capacity()) {
+        let n = creates_allowed(requested, &c);
+        prop_assert!(n <= requested);
+        if c.max_inflight > 0 {
+            prop_assert!(n == 0 || c.inflight + n <= c.max_inflight);
+        }
+        if c.max_per_preset > 0 {
+            prop_assert!(n == 0 || c.preset_inflight + n <= c.max_per_preset);
+        }
+        let global_room = c.max_inflight == 0 || c.inflight < c.max_inflight;
+        let preset_room = c.max_per_preset == 0 || c.preset_inflight < c.max_per_preset;
+        if requested > 0 && global_room && preset_room {
+            prop_assert!(n >= 1, "no progress: {:?}", c);
+        }
+    }
+
+    /// Clean-up deletes only failed prebuilds older than the retention, always keeps the newest K,
+    /// and does nothing without a retention.
+    #[test]
+    fn failed_clean_up_keeps_the_newest_and_the_recent(
+        ages in prop::collection::vec(0..600i64, 0..12), keep in 0..5u32,
+        retention in prop::option::of(0..300i64), now in instant(),
+    ) {
+        let mut s = snapshot(common::preset(1));
+        s.failed = ages.iter().enumerate().map(|(i, age)| FailedPrebuild {
+            workspace_id: id(i),
+            created_at: now - TimeDelta::minutes(*age),
+        }).collect();
+        let cfg = ReconcileConfig {
+            failed_retention: retention.map(TimeDelta::minutes),
+            failed_keep: keep,
+            ..ReconcileConfig::default()
+        };
+        let doomed = failed_to_delete(&s, now, &cfg);
+        let Some(retention) = cfg.failed_retention else {
+            prop_assert!(doomed.is_empty());
+            return Ok(());
+        };
+        let mut newest: Vec<&FailedPrebuild> = s.failed.iter().collect();
+        newest.sort_by_key(|f| std::cmp::Reverse((f.created_at, f.workspace_id)));
+        let kept: HashSet<_> = newest.iter().take(keep as usize).map(|f| f.workspace_id).collect();
+        for id in &doomed {
+            let f = s.failed.iter().find(|f| f.workspace_id == *id).expect("a failed prebuild");
+            prop_assert!(!kept.contains(id));
+            prop_assert!(f.created_at < now - retention);
+        }
+        let expected = newest.iter().skip(keep as usize).filter(|f| f.created_at < now - retention).count();
+        prop_assert_eq!(doomed.len(), expected);
+    }
+
+    /// The circuit breaker: a probe only when hard-limited, at the limit, past the stored probe
+    /// time; the next probe is later than now and its cooldown within [base, max].
+    #[test]
+    fn hard_limit_probes_only_after_the_cooldown(
+        s in preset_snapshot(), now in instant(), cfg in reconcile_config(),
+        cooldown in 1..10_000i64, offset in -10_000..10_000i64,
+    ) {
+        let mut s = s;
+        s.hard_limit = Some(HardLimitRecord {
+            since: now - TimeDelta::seconds(20_000),
+            cooldown_secs: cooldown,
+            next_probe_at: now + TimeDelta::seconds(offset),
+        });
+        let d = hard_limit(&s, now, &cfg);
+        if let Some(next) = d.probe {
+            prop_assert_eq!(s.preset.prebuild_status, PrebuildStatus::HardLimited);
+            prop_assert!(offset <= 0);
+            prop_assert!(is_hard_limited(&s, &cfg));
+            prop_assert!(next.next_probe_at > now);
+            prop_assert!(next.cooldown() <= cfg.hard_limit_cooldown_max);
+            prop_assert!(d.holds_creates);
+        }
+        if d.holds_creates && d.probe.is_none() {
+            let p = plan(&s, now, &cfg);
+            for a in &p.actions {
+                if let Action::Create { count } = a {
+                    prop_assert_eq!(creates_to_execute(*count, &s, &p, now).count, 0);
+                }
+            }
+        }
+    }
 }

@@ -533,7 +533,8 @@ mod can_skip_reconciliation {
             CreateDecision {
                 count: 0,
                 clamped_from: None,
-                skipped: Some(SkipReason::HardLimited)
+                skipped: Some(SkipReason::HardLimited),
+                probe: false,
             }
         );
     }
@@ -552,7 +553,8 @@ mod execution {
             CreateDecision {
                 count: 2,
                 clamped_from: Some(5),
-                skipped: None
+                skipped: None,
+                probe: false,
             }
         );
         assert_eq!(
@@ -560,7 +562,8 @@ mod execution {
             CreateDecision {
                 count: 2,
                 clamped_from: None,
-                skipped: None
+                skipped: None,
+                probe: false,
             }
         );
     }
@@ -581,7 +584,8 @@ mod execution {
             CreateDecision {
                 count: 1,
                 clamped_from: Some(4),
-                skipped: None
+                skipped: None,
+                probe: false,
             }
         );
     }

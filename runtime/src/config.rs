@@ -138,6 +138,32 @@ pub struct ReconcileArgs {
     /// Refresh period of the pool-state gauges.
     #[arg(long, env = "PREBUILDS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
+
+    /// Wait before a hard-limited preset gets one probe create (half-open circuit breaker).
+    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN", default_value = "30m", value_parser = parse_duration)]
+    pub hard_limit_cooldown: Duration,
+
+    /// The cooldown doubles after each failed probe, up to this.
+    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
+    pub hard_limit_cooldown_max: Duration,
+
+    /// Global cap on in-flight prebuild create jobs (0 = unlimited). Deletes, cancels and claim
+    /// builds are never held back.
+    #[arg(long, env = "PREBUILDS_MAX_INFLIGHT_JOBS", default_value_t = 0)]
+    pub max_inflight_jobs: u32,
+
+    /// Per-preset cap on in-flight prebuild create jobs (0 = unlimited).
+    #[arg(long, env = "PREBUILDS_MAX_INFLIGHT_PER_PRESET", default_value_t = 0)]
+    pub max_inflight_per_preset: u32,
+
+    /// Delete failed prebuilds older than this, beyond the newest PREBUILDS_FAILED_KEEP per preset
+    /// (unset = never: failed prebuilds are kept for investigation).
+    #[arg(long, env = "PREBUILDS_FAILED_RETENTION", value_parser = parse_duration)]
+    pub failed_retention: Option<Duration>,
+
+    /// Newest failed prebuilds per preset always kept as evidence.
+    #[arg(long, env = "PREBUILDS_FAILED_KEEP", default_value_t = 3)]
+    pub failed_keep: u32,
 }
 
 impl ReconcileArgs {
@@ -153,6 +179,15 @@ impl ReconcileArgs {
             return Err(format!(
                 "PREBUILDS_BACKOFF_LOOKBACK ({:?}) must be at least PREBUILDS_BACKOFF_INTERVAL ({:?})",
                 self.backoff_lookback, self.backoff_interval
+            ));
+        }
+        if self.hard_limit_cooldown.is_zero() {
+            return Err("PREBUILDS_HARD_LIMIT_COOLDOWN must be greater than 0".into());
+        }
+        if self.hard_limit_cooldown_max < self.hard_limit_cooldown {
+            return Err(format!(
+                "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX ({:?}) must be at least PREBUILDS_HARD_LIMIT_COOLDOWN ({:?})",
+                self.hard_limit_cooldown_max, self.hard_limit_cooldown
             ));
         }
         Ok(())

@@ -19,6 +19,7 @@
 //! | `coderd_prebuilt_workspaces_eligible` | gauge | presets on active versions |
 //! | `coderd_prebuilt_workspaces_preset_hard_limited` | gauge | 1 per hard-limited active preset; absent otherwise |
 //! | `coderd_prebuilt_workspaces_preset_validation_failed` | gauge | 1 per validation-failed active preset; absent otherwise |
+//! | `prebuilds_preset_next_probe_timestamp_seconds` | gauge | per hard-limited active preset: unix time of its next probe create (absent otherwise) |
 //! | `coderd_prebuilt_workspaces_reconciliation_paused` | gauge | one, no labels |
 //! | `coderd_prebuilt_workspaces_metrics_last_updated` | gauge | one, no labels (unix seconds) |
 //!
@@ -88,6 +89,7 @@ pub struct PoolSnapshot {
     pub eligible: BTreeMap<SeriesKey, f64>,
     pub hard_limited: BTreeMap<SeriesKey, f64>,
     pub validation_failed: BTreeMap<SeriesKey, f64>,
+    pub next_probe: BTreeMap<SeriesKey, f64>,
 }
 
 impl PoolSnapshot {
@@ -120,6 +122,12 @@ impl PoolSnapshot {
             *s.eligible.entry(key.clone()).or_default() += f64::from(state.eligible);
             match preset.prebuild_status {
                 PrebuildStatus::HardLimited => {
+                    if let Some(record) = view.snapshot.hard_limit {
+                        // Presets sharing a label set: the earliest probe.
+                        let at = record.next_probe_at.timestamp() as f64;
+                        let entry = s.next_probe.entry(key.clone()).or_insert(at);
+                        *entry = entry.min(at);
+                    }
                     s.hard_limited.insert(key, 1.0);
                 }
                 PrebuildStatus::ValidationFailed => {
@@ -196,12 +204,13 @@ enum Family {
     Eligible,
     HardLimited,
     ValidationFailed,
+    NextProbe,
     Paused,
     LastUpdated,
 }
 
 impl Family {
-    const ALL: [Family; 10] = [
+    const ALL: [Family; 11] = [
         Family::Created,
         Family::Failed,
         Family::Claimed,
@@ -210,6 +219,7 @@ impl Family {
         Family::Eligible,
         Family::HardLimited,
         Family::ValidationFailed,
+        Family::NextProbe,
         Family::Paused,
         Family::LastUpdated,
     ];
@@ -224,6 +234,7 @@ impl Family {
             Family::Eligible => "coderd_prebuilt_workspaces_eligible",
             Family::HardLimited => "coderd_prebuilt_workspaces_preset_hard_limited",
             Family::ValidationFailed => "coderd_prebuilt_workspaces_preset_validation_failed",
+            Family::NextProbe => "prebuilds_preset_next_probe_timestamp_seconds",
             Family::Paused => "coderd_prebuilt_workspaces_reconciliation_paused",
             Family::LastUpdated => "coderd_prebuilt_workspaces_metrics_last_updated",
         }
@@ -240,6 +251,7 @@ impl Family {
             Family::Eligible => "Current number of prebuilt workspaces that are eligible to be claimed by users. These are workspaces that have completed their build process with their agent reporting 'ready' status.",
             Family::HardLimited => "Indicates whether a given preset has reached the hard failure limit (1 = hard-limited). Metric is omitted otherwise.",
             Family::ValidationFailed => "Indicates whether a given preset failed validation when creating prebuilt workspaces (1 = validation failed). Metric is omitted otherwise.",
+            Family::NextProbe => "Unix time at which a hard-limited preset gets its next probe create (automatic recovery). Metric is omitted for presets that are not hard-limited.",
             Family::Paused => "Indicates whether prebuilds reconciliation is currently paused (1 = paused, 0 = not paused).",
             Family::LastUpdated => "The unix timestamp when the metrics related to prebuilt workspaces were last updated; these metrics are cached.",
         }
@@ -263,6 +275,7 @@ impl Family {
             Family::Eligible => &s.eligible,
             Family::HardLimited => &s.hard_limited,
             Family::ValidationFailed => &s.validation_failed,
+            Family::NextProbe => &s.next_probe,
             Family::Paused | Family::LastUpdated => {
                 unreachable!("unlabelled families have no series map")
             }
@@ -510,6 +523,9 @@ mod tests {
                 in_progress: InProgress::default(),
                 pending_non_active: 0,
                 start_builds: vec![],
+                hard_limit: None,
+                failures_reset_at: None,
+                failed: Vec::new(),
             },
             preset_name: preset.into(),
             template_id: Uuid::new_v4(),

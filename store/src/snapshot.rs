@@ -1,7 +1,7 @@
 //! Reading per-preset snapshots for the pure core. Three queries serve any number of presets (the
 //! worker asks for one, the scheduler and `prebuildsctl status` for all): presets, schedules, and
 //! live prebuilds with their latest build. Everything else — running, in-progress counts, pending
-//! build-#1 jobs, the failure history — is derived here from those rows, so the rules about which
+//! build-#1 jobs, the failure history, failed prebuilds — is derived here from those rows, so the rules about which
 //! build counts for what live in one place.
 //!
 //! Call it inside the transaction that holds the preset's lock when acting on the result. The three
@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use prebuilds_core::{
-    BuildOutcome, InProgress, PrebuildStatus, PresetInfo, PresetSnapshot, RunningPrebuild,
-    Schedule, StartBuild,
+    BuildOutcome, FailedPrebuild, HardLimitRecord, InProgress, PrebuildStatus, PresetInfo,
+    PresetSnapshot, RunningPrebuild, Schedule, StartBuild,
 };
 use prebuilds_schemas::PREBUILDS_USER_ID;
 use uuid::Uuid;
@@ -111,6 +111,19 @@ pub async fn load_snapshots<C: GenericClient>(
             prebuild_status: status.parse().unwrap_or(PrebuildStatus::Healthy),
             paused: global_paused || template_paused || preset_paused,
         };
+        // The three columns are written together; a partial row reads as no record.
+        let hard_limit = match (
+            r.get::<_, Option<DateTime<Utc>>>("hard_limited_at"),
+            r.get::<_, Option<i64>>("hard_limit_cooldown_secs"),
+            r.get::<_, Option<DateTime<Utc>>>("hard_limit_probe_at"),
+        ) {
+            (Some(since), Some(cooldown_secs), Some(next_probe_at)) => Some(HardLimitRecord {
+                since,
+                cooldown_secs,
+                next_probe_at,
+            }),
+            _ => None,
+        };
         views.push(PresetView {
             snapshot: PresetSnapshot {
                 preset,
@@ -119,6 +132,9 @@ pub async fn load_snapshots<C: GenericClient>(
                 in_progress: d.in_progress,
                 pending_non_active: d.pending_build_one,
                 start_builds: d.start_builds,
+                hard_limit,
+                failures_reset_at: r.get("failures_reset_at"),
+                failed: d.failed,
             },
             preset_name: r.get("preset_name"),
             template_id: r.get("template_id"),
@@ -153,6 +169,7 @@ struct Derived {
     in_progress: InProgress,
     pending_build_one: u32,
     start_builds: Vec<StartBuild>,
+    failed: Vec<FailedPrebuild>,
 }
 
 impl Derived {
@@ -197,6 +214,13 @@ impl Derived {
                 created_at: row.build_created_at,
                 outcome,
             });
+            // 5. Failed prebuilds (clean-up candidates): the latest build is a failed start.
+            if outcome == BuildOutcome::Failed {
+                self.failed.push(FailedPrebuild {
+                    workspace_id: row.workspace_id,
+                    created_at: row.workspace_created_at,
+                });
+            }
         }
     }
 }

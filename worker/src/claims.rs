@@ -96,6 +96,24 @@ impl Handler for ClaimsHandler {
             .claims
             .with_label_values(&[reply.outcome.as_str()])
             .inc();
+        // Labels are only known for a known preset (empty for a replayed reply, which was counted
+        // the first time); a miss counts only for an active preset (the claim statement ran).
+        let hit_or_miss = match reply.outcome {
+            ClaimOutcome::Claimed => Some("hit"),
+            ClaimOutcome::NoEligiblePrebuild => Some("miss"),
+            ClaimOutcome::Rejected => None,
+        };
+        if let (Some(outcome), false) = (hit_or_miss, labels.preset.is_empty()) {
+            ctx.metrics
+                .claims_by_preset
+                .with_label_values(&[
+                    &labels.template,
+                    &labels.preset,
+                    &labels.organization,
+                    outcome,
+                ])
+                .inc();
+        }
         ctx.metrics
             .claim_duration
             .with_label_values(&[&labels.organization, &labels.template, &labels.preset])

@@ -57,10 +57,17 @@ impl WorkerArgs {
         let delta = |d: std::time::Duration| {
             chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
         };
+        let r = &self.reconcile;
         prebuilds_core::ReconcileConfig {
-            backoff_interval: delta(self.reconcile.backoff_interval),
-            backoff_lookback: delta(self.reconcile.backoff_lookback),
-            failure_hard_limit: self.reconcile.failure_hard_limit,
+            backoff_interval: delta(r.backoff_interval),
+            backoff_lookback: delta(r.backoff_lookback),
+            failure_hard_limit: r.failure_hard_limit,
+            hard_limit_cooldown: delta(r.hard_limit_cooldown),
+            hard_limit_cooldown_max: delta(r.hard_limit_cooldown_max),
+            max_inflight_jobs: r.max_inflight_jobs,
+            max_inflight_per_preset: r.max_inflight_per_preset,
+            failed_retention: r.failed_retention.map(delta),
+            failed_keep: r.failed_keep,
         }
     }
 }

@@ -5,7 +5,9 @@
 //! reordered events are harmless.
 //!
 //! Event-driven replenishment: a completed prebuild build or an agent becoming ready queues an
-//! immediate reconcile of the preset through the outbox instead of waiting for the next tick.
+//! immediate reconcile of the preset through the outbox instead of waiting for the next tick. A
+//! completed prebuild *create* build also frees in-flight capacity: it re-queues the presets that
+//! waited longest for it ([`WAKE_PER_COMPLETION`], `prebuilds_store::capacity::take_waiting`).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -25,6 +27,11 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::metrics::WorkerMetrics;
+
+/// Held-back presets re-queued per completed create build. One slot was freed; waking two keeps
+/// the capacity busy when a woken preset no longer needs a create (it leaves the list), and the
+/// scheduler's tick covers anything left.
+pub const WAKE_PER_COMPLETION: i64 = 2;
 
 /// Consumer name under which event ids are recorded.
 const CONSUMER: &str = "provisioner-events";
@@ -153,7 +160,7 @@ pub async fn apply(
         ProvisionerEvent::JobCompleted(e) => {
             let applied = job_completed(&tx, e, &job).await?;
             if applied == Applied::Applied && job.is_prebuild() {
-                wake |= request_reconcile(&tx, ctx, &job).await?;
+                wake |= request_reconcile(&tx, ctx, &job, true).await?;
             }
             applied
         }
@@ -163,7 +170,7 @@ pub async fn apply(
                 && e.lifecycle_state == AgentLifecycleState::Ready
                 && job.is_prebuild()
             {
-                wake |= request_reconcile(&tx, ctx, &job).await?;
+                wake |= request_reconcile(&tx, ctx, &job, false).await?;
             }
             applied
         }
@@ -430,18 +437,29 @@ fn resource_type(address: &str) -> &str {
     address
 }
 
-/// Queues an immediate reconcile of the job's preset; returns whether it wrote to the outbox.
+/// Queues an immediate reconcile of the job's preset — and, when `frees_capacity` (a completed
+/// create build), of the presets that waited longest for capacity; returns whether it wrote to
+/// the outbox.
 async fn request_reconcile(
     tx: &Transaction<'_>,
     ctx: &EventsContext,
     job: &JobContext,
+    frees_capacity: bool,
 ) -> Result<bool, EventError> {
-    let Some(preset_id) = job.preset_id else {
+    let mut presets: Vec<Uuid> = job.preset_id.into_iter().collect();
+    if frees_capacity && job.stage.as_deref() == Some("create") {
+        for waiting in prebuilds_store::capacity::take_waiting(tx, WAKE_PER_COMPLETION).await? {
+            if !presets.contains(&waiting) {
+                presets.push(waiting);
+            }
+        }
+    }
+    if presets.is_empty() {
         return Ok(false);
-    };
+    }
     prebuilds_store::attention::request_reconciles(
         tx,
-        &[preset_id],
+        &presets,
         ReconcileReason::JobCompleted,
         &ctx.source,
     )

@@ -15,6 +15,10 @@ pub struct WorkerMetrics {
     pub claim_duration: HistogramVec,
     /// `prebuilds_claims_total{outcome}`.
     pub claims: IntCounterVec,
+    /// `coderd_prebuilt_workspaces_claims_total{template_name,preset_name,organization_name,outcome}`:
+    /// warm hits (`hit`: a prebuild was claimed) and cold misses (`miss`: no eligible prebuild for
+    /// a known, active preset). Retried requests answered from the record are not counted again.
+    pub claims_by_preset: IntCounterVec,
     /// `coderd_prebuilt_workspaces_resource_replacements_total{template_name,preset_name,organization_name}`.
     pub resource_replacements: IntCounterVec,
     /// `prebuilds_provisioner_events_total{kind,result}`: applied, duplicate, stale.
@@ -61,6 +65,13 @@ impl WorkerMetrics {
             ),
             &["outcome"],
         )?;
+        let claims_by_preset = IntCounterVec::new(
+            Opts::new(
+                "coderd_prebuilt_workspaces_claims_total",
+                "Claims per preset: hit = a prebuilt workspace was claimed, miss = none was eligible.",
+            ),
+            &["template_name", "preset_name", "organization_name", "outcome"],
+        )?;
         let resource_replacements = IntCounterVec::new(
             Opts::new(
                 "coderd_prebuilt_workspaces_resource_replacements_total",
@@ -90,6 +101,7 @@ impl WorkerMetrics {
         registry.register(Box::new(reconcile_actions.clone()))?;
         registry.register(Box::new(claim_duration.clone()))?;
         registry.register(Box::new(claims.clone()))?;
+        registry.register(Box::new(claims_by_preset.clone()))?;
         registry.register(Box::new(resource_replacements.clone()))?;
         registry.register(Box::new(provisioner_events.clone()))?;
         Ok(WorkerMetrics {
@@ -98,6 +110,7 @@ impl WorkerMetrics {
             reconcile_actions,
             claim_duration,
             claims,
+            claims_by_preset,
             resource_replacements,
             provisioner_events,
             replenish_latency,

@@ -7,6 +7,7 @@ pub mod migrate;
 pub mod org;
 pub mod pause;
 pub mod prebuilds;
+pub mod preset;
 pub mod status;
 pub mod template;
 pub mod user;

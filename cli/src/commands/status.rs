@@ -1,6 +1,8 @@
 //! `prebuildsctl status [--template NAME] [--watch] [--json]`: one row per preset, computed the
 //! way the reconciler computes it — the shared snapshot query (`prebuilds_store::load_snapshots`)
-//! and the pure core's `plan` at now, with the same tunables as the workers.
+//! and the pure core's `plan` at now, with the same tunables as the workers — plus the hard-limit
+//! recovery state (`hard_limited_at`, `next_probe_at`) and the claim history (hits and misses in the
+//! last 5/10/30/60/120 minutes, `prebuilds_store::claims`).
 
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
 use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
 use prebuilds_runtime::config::{parse_duration, ConnectionArgs};
+use prebuilds_store::claims::ClaimHistory;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -57,6 +60,12 @@ pub struct RuleArgs {
     /// Consecutive failed builds that hard-limit a preset (0 disables).
     #[arg(long, env = "PREBUILDS_FAILURE_HARD_LIMIT", default_value_t = 3)]
     failure_hard_limit: u32,
+    /// Wait before a hard-limited preset's first probe create.
+    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN", default_value = "30m", value_parser = parse_duration)]
+    hard_limit_cooldown: Duration,
+    /// Longest cooldown between probes.
+    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
+    hard_limit_cooldown_max: Duration,
 }
 
 impl RuleArgs {
@@ -68,6 +77,12 @@ impl RuleArgs {
             backoff_interval: delta(self.backoff_interval, "PREBUILDS_BACKOFF_INTERVAL")?,
             backoff_lookback: delta(self.backoff_lookback, "PREBUILDS_BACKOFF_LOOKBACK")?,
             failure_hard_limit: self.failure_hard_limit,
+            hard_limit_cooldown: delta(self.hard_limit_cooldown, "PREBUILDS_HARD_LIMIT_COOLDOWN")?,
+            hard_limit_cooldown_max: delta(
+                self.hard_limit_cooldown_max,
+                "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX",
+            )?,
+            ..ReconcileConfig::default()
         })
     }
 }
@@ -95,11 +110,19 @@ pub struct Row {
     extraneous: u32,
     status: PrebuildStatus,
     backoff_until: Option<DateTime<Utc>>,
+    /// When the preset became hard-limited (null when it is not).
+    hard_limited_at: Option<DateTime<Utc>>,
+    /// When a hard-limited preset gets its next probe create (null when not hard-limited, or while
+    /// a probe is building).
+    next_probe_at: Option<DateTime<Utc>>,
     paused: bool,
     /// `global`, `template` or `preset` (the widest scope that pauses it), null when running.
     paused_by: Option<&'static str>,
     /// Why the schedules were ignored, when they were.
     schedule_error: Option<String>,
+    /// `claims_5m`, `misses_5m`, … `claims_120m`, `misses_120m`.
+    #[serde(flatten)]
+    claim_history: ClaimHistory,
 }
 
 pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> {
@@ -168,6 +191,7 @@ async fn print(rows: &[Row], json: bool, compact: bool) -> anyhow::Result<()> {
         "deleting",
         "expired",
         "status",
+        "hits/misses 60m",
         "paused",
     ];
     let table: Vec<Vec<String>> = rows
@@ -178,10 +202,17 @@ async fn print(rows: &[Row], json: bool, compact: bool) -> anyhow::Result<()> {
                 "invalid_schedules" => format!("{} (schedules invalid)", r.desired),
                 _ => r.desired.to_string(),
             };
-            let status = match r.backoff_until {
-                Some(until) => format!("backoff until {}", output::time(until)),
-                None => r.status.to_string(),
+            let status = match (r.backoff_until, r.next_probe_at) {
+                (Some(until), _) => format!("backoff until {}", output::time(until)),
+                (None, Some(probe)) if r.status == PrebuildStatus::HardLimited => {
+                    format!("hard_limited (probe at {})", output::time(probe))
+                }
+                _ => r.status.to_string(),
             };
+            let history = format!(
+                "{}/{}",
+                r.claim_history.claims_60m, r.claim_history.misses_60m
+            );
             let paused = match r.paused_by {
                 Some(scope) => format!("yes ({scope})"),
                 None => "no".to_owned(),
@@ -201,6 +232,7 @@ async fn print(rows: &[Row], json: bool, compact: bool) -> anyhow::Result<()> {
                 r.deleting.to_string(),
                 r.expired.to_string(),
                 status,
+                history,
                 paused,
             ]
         })
@@ -254,6 +286,7 @@ async fn collect(
         .map(|r| r.get(0))
         .collect();
     let views = prebuilds_store::load_snapshots(&client, &ids).await?;
+    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now).await?;
     let mut rows: Vec<Row> = views
         .into_iter()
         .map(|view| {
@@ -276,7 +309,19 @@ async fn collect(
             } else {
                 None
             };
+            let status = p
+                .status_change
+                .unwrap_or(view.snapshot.preset.prebuild_status);
+            let limited = status == PrebuildStatus::HardLimited;
+            let record = match p.hard_limit.record_change {
+                Some(prebuilds_core::HardLimitChange::Set(r)) => Some(r),
+                Some(prebuilds_core::HardLimitChange::Clear) => None,
+                None => view.snapshot.hard_limit,
+            };
             Row {
+                claim_history: history.remove(&view.snapshot.preset.id).unwrap_or_default(),
+                hard_limited_at: record.filter(|_| limited).map(|r| r.since),
+                next_probe_at: p.hard_limit.next_probe_at.filter(|_| limited),
                 organization: view.organization_name,
                 template: view.template_name,
                 template_version: view.template_version_name,
@@ -295,9 +340,7 @@ async fn collect(
                 extraneous: p.state.extraneous,
                 // What the reconciler acts on: the stored status, updated by this plan's change
                 // (which the next reconcile stores).
-                status: p
-                    .status_change
-                    .unwrap_or(view.snapshot.preset.prebuild_status),
+                status,
                 backoff_until: p.backoff_until,
                 paused: paused_by.is_some(),
                 paused_by,

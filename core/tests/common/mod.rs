@@ -59,6 +59,9 @@ pub fn snapshot(preset: PresetInfo) -> PresetSnapshot {
         in_progress: InProgress::default(),
         pending_non_active: 0,
         start_builds: Vec::new(),
+        hard_limit: None,
+        failures_reset_at: None,
+        failed: Vec::new(),
     }
 }
 

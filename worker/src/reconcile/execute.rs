@@ -8,11 +8,19 @@
 //! - the preset's parameters are validated once per cycle before the first create; a problem marks
 //!   the preset `validation_failed` and no create of the cycle is attempted;
 //! - a delete marks and locks the workspace row in one guarded statement, so a claimed workspace
-//!   is never deleted.
+//!   is never deleted;
+//! - creates are limited to the in-flight capacity (`prebuilds_store::capacity`, fair share from
+//!   `prebuilds_core::creates_allowed`), counted under the global capacity lock only when a create
+//!   is about to happen; a held-back preset is recorded so a completing create re-queues it.
+//!   Deletes and cancels are never held back;
+//! - the hard-limit record (`prebuilds_core::recovery`) is stored with the status; a probe create
+//!   stores the next probe time with it.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
-use prebuilds_core::{Action, Plan, PrebuildStatus, TemplateParameter};
+use prebuilds_core::{
+    Action, HardLimitChange, HardLimitRecord, Plan, PrebuildStatus, TemplateParameter,
+};
 use prebuilds_runtime::db::cached;
 use prebuilds_runtime::{db::DbError, outbox};
 use prebuilds_schemas::{
@@ -32,6 +40,10 @@ pub struct ExecutionReport {
     pub delete_skipped: u32,
     pub canceled: u32,
     pub validation_failed: bool,
+    /// Creates held back by the in-flight capacity.
+    pub held_back: u32,
+    /// A hard-limit probe create was made.
+    pub probed: bool,
     pub outbox_rows: u32,
 }
 
@@ -45,8 +57,12 @@ pub async fn execute(
     let preset_id = view.preset_id();
     let mut report = ExecutionReport::default();
     if let Some(status) = plan.status_change {
-        tracing::warn!(%preset_id, preset = %view.preset_name, status = %status, "preset status changed");
+        tracing::warn!(%preset_id, preset = %view.preset_name, status = %status,
+            next_probe_at = ?plan.hard_limit.next_probe_at, "preset status changed");
         set_status(tx, preset_id, status).await?;
+    }
+    if let Some(change) = plan.hard_limit.record_change {
+        set_hard_limit(tx, preset_id, change).await?;
     }
     for action in &plan.actions {
         match action {
@@ -85,6 +101,11 @@ pub async fn execute(
                 if decision.count == 0 {
                     continue;
                 }
+                let count = within_capacity(tx, ctx, view, decision.count).await?;
+                report.held_back += decision.count - count;
+                if count == 0 {
+                    continue;
+                }
                 let parameters = match validated_parameters(tx, view).await? {
                     Ok(p) => p,
                     Err(problem) => {
@@ -94,10 +115,16 @@ pub async fn execute(
                         continue;
                     }
                 };
-                for _ in 0..decision.count {
+                for _ in 0..count {
                     create_prebuild(tx, ctx, view, &parameters, now).await?;
                     report.created += 1;
                     report.outbox_rows += 1;
+                }
+                if let (true, Some(next)) = (decision.probe, plan.hard_limit.probe) {
+                    tracing::warn!(%preset_id, preset = %view.preset_name, next_probe_at = %next.next_probe_at,
+                        "hard-limited preset: probe create queued");
+                    set_hard_limit(tx, preset_id, HardLimitChange::Set(next)).await?;
+                    report.probed = true;
                 }
             }
         }
@@ -112,7 +139,64 @@ pub async fn execute(
     actions
         .with_label_values(&["cancel"])
         .inc_by(report.canceled.into());
+    actions
+        .with_label_values(&["create_held_back"])
+        .inc_by(report.held_back.into());
     Ok(report)
+}
+
+/// How many of `wanted` creates fit the in-flight capacity (all of them when no cap is set).
+/// With a cap, records whether the preset is left waiting for capacity.
+async fn within_capacity(
+    tx: &Transaction<'_>,
+    ctx: &ReconcileContext,
+    view: &PresetView,
+    wanted: u32,
+) -> Result<u32, DbError> {
+    let (max_inflight, max_per_preset) = (
+        ctx.config.max_inflight_jobs,
+        ctx.config.max_inflight_per_preset,
+    );
+    if max_inflight == 0 && max_per_preset == 0 {
+        return Ok(wanted);
+    }
+    let preset_id = view.preset_id();
+    let capacity =
+        prebuilds_store::capacity::count_inflight(tx, preset_id, max_inflight, max_per_preset)
+            .await?;
+    let allowed = prebuilds_core::creates_allowed(wanted, &capacity);
+    if allowed < wanted {
+        tracing::info!(%preset_id, preset = %view.preset_name, wanted, allowed, ?capacity,
+            "prebuild creates held back by the in-flight capacity");
+    }
+    prebuilds_store::capacity::set_waiting(tx, preset_id, allowed < wanted).await?;
+    Ok(allowed)
+}
+
+/// Stores or clears the hard-limit record (`recovery`).
+async fn set_hard_limit(
+    tx: &Transaction<'_>,
+    preset_id: Uuid,
+    change: HardLimitChange,
+) -> Result<(), DbError> {
+    let record: Option<HardLimitRecord> = match change {
+        HardLimitChange::Set(r) => Some(r),
+        HardLimitChange::Clear => None,
+    };
+    cached::execute(
+        tx,
+        "UPDATE template_version_presets
+         SET hard_limited_at = $2, hard_limit_probe_at = $3, hard_limit_cooldown_secs = $4
+         WHERE id = $1",
+        &[
+            &preset_id,
+            &record.map(|r| r.since),
+            &record.map(|r| r.next_probe_at),
+            &record.map(|r| r.cooldown_secs),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn set_status(
