@@ -8,10 +8,18 @@ use std::{collections::BTreeSet, path::PathBuf, process::Command};
 use prebuilds_tests::process::binary;
 use serde_yaml::Value;
 
-const BINARIES: [&str; 4] = ["prebuilds-scheduler", "prebuilds-worker", "prebuilds-provisioner", "prebuildsctl"];
+const BINARIES: [&str; 4] = [
+    "prebuilds-scheduler",
+    "prebuilds-worker",
+    "prebuilds-provisioner",
+    "prebuildsctl",
+];
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn compose() -> Value {
@@ -34,15 +42,27 @@ fn compose() -> Value {
 
 fn help(args: &[&str]) -> String {
     let (bin, rest) = args.split_first().unwrap();
-    let out = Command::new(binary(bin)).args(rest).arg("--help").output().unwrap();
-    assert!(out.status.success(), "`{} --help` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(binary(bin))
+        .args(rest)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{} --help` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn strings(v: &Value) -> Vec<String> {
     match v {
         Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
-        Value::Sequence(items) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+        Value::Sequence(items) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
         _ => vec![],
     }
 }
@@ -50,7 +70,10 @@ fn strings(v: &Value) -> Vec<String> {
 /// Checks one command line: binary, subcommands and long flags.
 fn check_command(words: &[String], service: &str) {
     let Some(bin) = words.first() else { return };
-    assert!(BINARIES.contains(&bin.as_str()), "service {service}: {bin} is not one of our binaries");
+    assert!(
+        BINARIES.contains(&bin.as_str()),
+        "service {service}: {bin} is not one of our binaries"
+    );
     // Subcommands are the leading words before the first flag or argument value.
     let mut path = vec![bin.as_str()];
     for w in &words[1..] {
@@ -58,7 +81,11 @@ fn check_command(words: &[String], service: &str) {
             break;
         }
         let text = help(&path);
-        if text.contains("Commands:") && text.lines().any(|l| l.trim_start().starts_with(&format!("{w} ")) || l.trim() == w) {
+        if text.contains("Commands:")
+            && text
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{w} ")) || l.trim() == w)
+        {
             path.push(w);
         } else {
             break;
@@ -67,7 +94,11 @@ fn check_command(words: &[String], service: &str) {
     let text = help(&path);
     for w in words.iter().filter(|w| w.starts_with("--")) {
         let flag = w.split('=').next().unwrap();
-        assert!(text.contains(flag), "service {service}: `{}` does not accept {flag}", path.join(" "));
+        assert!(
+            text.contains(flag),
+            "service {service}: `{}` does not accept {flag}",
+            path.join(" ")
+        );
     }
 }
 
@@ -75,7 +106,10 @@ fn check_command(words: &[String], service: &str) {
 fn every_service_runs_a_real_binary_with_real_flags_and_known_environment() {
     let compose = compose();
     let services = compose["services"].as_mapping().unwrap();
-    let names: BTreeSet<String> = services.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect();
+    let names: BTreeSet<String> = services
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
     let all_help: String = BINARIES.iter().map(|b| help(&[b])).collect();
     let mut checked = 0;
     for (name, service) in services {
@@ -109,41 +143,87 @@ fn every_service_runs_a_real_binary_with_real_flags_and_known_environment() {
         if let Some(env) = service["environment"].as_mapping() {
             if !service["build"].is_null() {
                 for key in env.keys().filter_map(|k| k.as_str()) {
-                    assert!(all_help.contains(key), "service {name}: no binary reads {key}");
+                    assert!(
+                        all_help.contains(key),
+                        "service {name}: no binary reads {key}"
+                    );
                 }
             }
         }
         if let Some(deps) = service["depends_on"].as_mapping() {
             for dep in deps.keys().filter_map(|k| k.as_str()) {
-                assert!(names.contains(dep), "service {name} depends on unknown service {dep}");
+                assert!(
+                    names.contains(dep),
+                    "service {name} depends on unknown service {dep}"
+                );
             }
         }
-        for volume in service["volumes"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()) {
+        for volume in service["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+        {
             if let Some(path) = volume.strip_prefix("./") {
                 let local = path.split(':').next().unwrap();
-                assert!(repo().join(local).exists(), "service {name} mounts missing {local}");
+                assert!(
+                    repo().join(local).exists(),
+                    "service {name} mounts missing {local}"
+                );
             }
         }
     }
     assert!(checked >= 9, "checked only {checked} commands");
-    for required in ["postgres", "rabbitmq", "migrate", "scheduler-1", "scheduler-2", "worker-1", "worker-2", "worker-3", "provisioner", "seed", "prometheus", "grafana"] {
+    for required in [
+        "postgres",
+        "rabbitmq",
+        "migrate",
+        "scheduler-1",
+        "scheduler-2",
+        "worker-1",
+        "worker-2",
+        "worker-3",
+        "provisioner",
+        "seed",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(names.contains(required), "missing service {required}");
     }
 }
 
 #[test]
 fn prometheus_scrapes_every_process_and_grafana_has_the_dashboard() {
-    let prometheus = std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml")).unwrap();
-    for target in ["scheduler-1:9464", "scheduler-2:9464", "worker-1:9464", "worker-2:9464", "worker-3:9464", "provisioner:9464"] {
-        assert!(prometheus.contains(target), "prometheus does not scrape {target}");
+    let prometheus =
+        std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml")).unwrap();
+    for target in [
+        "scheduler-1:9464",
+        "scheduler-2:9464",
+        "worker-1:9464",
+        "worker-2:9464",
+        "worker-3:9464",
+        "provisioner:9464",
+    ] {
+        assert!(
+            prometheus.contains(target),
+            "prometheus does not scrape {target}"
+        );
     }
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/dashboards/prebuilds.json")).unwrap()).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/dashboards/prebuilds.json")).unwrap(),
+    )
+    .unwrap();
     let exprs: String = dashboard["panels"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_owned())
+        })
         .collect::<Vec<_>>()
         .join("\n");
     for metric in [

@@ -34,7 +34,11 @@ fn ctl(db: &TestDb, broker: &TestBroker, args: &[&str]) -> String {
         .env("PREBUILDS_AMQP_PREFIX", broker.prefix())
         .output()
         .expect("run prebuildsctl");
-    assert!(out.status.success(), "prebuildsctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prebuildsctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -49,13 +53,51 @@ async fn world(db: &TestDb, broker: &TestBroker) -> (Uuid, Uuid) {
     )
     .unwrap();
     ctl(db, broker, &["org", "create", "acme"]);
-    ctl(db, broker, &["user", "create", "--username", "admin-a", "--role", "template-admin"]);
-    ctl(db, broker, &["user", "create", "--username", "admin-b", "--role", "template-admin"]);
+    ctl(
+        db,
+        broker,
+        &[
+            "user",
+            "create",
+            "--username",
+            "admin-a",
+            "--role",
+            "template-admin",
+        ],
+    );
+    ctl(
+        db,
+        broker,
+        &[
+            "user",
+            "create",
+            "--username",
+            "admin-b",
+            "--role",
+            "template-admin",
+        ],
+    );
     ctl(db, broker, &["user", "create", "--username", "alice"]);
-    ctl(db, broker, &["template", "push", dir.join("template.yaml").to_str().unwrap()]);
+    ctl(
+        db,
+        broker,
+        &[
+            "template",
+            "push",
+            dir.join("template.yaml").to_str().unwrap(),
+        ],
+    );
     let c = db.pool.get().await.unwrap();
-    let preset: Uuid = c.query_one("SELECT id FROM template_version_presets", &[]).await.unwrap().get(0);
-    let alice: Uuid = c.query_one("SELECT id FROM users WHERE username = 'alice'", &[]).await.unwrap().get(0);
+    let preset: Uuid = c
+        .query_one("SELECT id FROM template_version_presets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let alice: Uuid = c
+        .query_one("SELECT id FROM users WHERE username = 'alice'", &[])
+        .await
+        .unwrap()
+        .get(0);
     (preset, alice)
 }
 
@@ -65,42 +107,84 @@ fn tempdir() -> std::path::PathBuf {
     dir
 }
 
-async fn claim_and_check_the_drift_report(db: &TestDb, broker: &TestBroker, worker_port: u16, preset: Uuid, alice: Uuid, resource: &str) {
-    wait_for(Duration::from_secs(60), "a ready prebuild", || async { pool_counts(db, preset).await.eligible == 1 }).await;
-    let rpc = RpcClient::connect(&broker.url, "drift", broker.topology.clone()).await.unwrap();
+async fn claim_and_check_the_drift_report(
+    db: &TestDb,
+    broker: &TestBroker,
+    worker_port: u16,
+    preset: Uuid,
+    alice: Uuid,
+    resource: &str,
+) {
+    wait_for(Duration::from_secs(60), "a ready prebuild", || async {
+        pool_counts(db, preset).await.eligible == 1
+    })
+    .await;
+    let rpc = RpcClient::connect(&broker.url, "drift", broker.topology.clone())
+        .await
+        .unwrap();
     let request = CloudEvent::new(
         "test",
         Utc::now(),
-        ClaimRequest { user_id: alice, workspace_name: "alice-ws".into(), preset_id: Some(preset), template_id: None, parameters: vec![] },
+        ClaimRequest {
+            user_id: alice,
+            workspace_name: "alice-ws".into(),
+            preset_id: Some(preset),
+            template_id: None,
+            parameters: vec![],
+        },
     );
     let reply: CloudEvent<ClaimReply> = rpc.call(&request, Duration::from_secs(10)).await.unwrap();
     assert_eq!(reply.data.outcome, ClaimOutcome::Claimed);
     let job = reply.data.job_id.unwrap();
     let c = db.pool.get().await.unwrap();
-    wait_for(Duration::from_secs(60), "one notification per template admin", || async {
-        let n: i64 = c.query_one("SELECT count(*) FROM notification_messages", &[]).await.unwrap().get(0);
-        n == 2
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "one notification per template admin",
+        || async {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM notification_messages", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n == 2
+        },
+    )
     .await;
     let warns: Vec<String> = c
-        .query("SELECT output FROM provisioner_job_logs WHERE job_id = $1 AND level = 'warn'", &[&job])
+        .query(
+            "SELECT output FROM provisioner_job_logs WHERE job_id = $1 AND level = 'warn'",
+            &[&job],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(warns.iter().any(|w| w.contains(resource)), "WARN lines name {resource}: {warns:?}");
+    assert!(
+        warns.iter().any(|w| w.contains(resource)),
+        "WARN lines name {resource}: {warns:?}"
+    );
     // Delivered three more times (a provisioner retry re-sends under new ids): still one each.
     let publisher = Publisher::new(&broker.url, "again", broker.topology.clone());
     for _ in 0..3 {
         let again = PlanResult {
             job_id: job,
-            resource_replacements: vec![ResourceReplacement { resource: resource.into(), paths: vec!["triggers_replace".into()] }],
+            resource_replacements: vec![ResourceReplacement {
+                resource: resource.into(),
+                paths: vec!["triggers_replace".into()],
+            }],
         };
-        publisher.publish_event(&CloudEvent::new("test", Utc::now(), again)).await.unwrap();
+        publisher
+            .publish_event(&CloudEvent::new("test", Utc::now(), again))
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let n: i64 = c.query_one("SELECT count(*) FROM notification_messages", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM notification_messages", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
     let (_, metrics) = stack::http_get(worker_port, "/metrics").await.unwrap();
     assert!(
@@ -108,11 +192,17 @@ async fn claim_and_check_the_drift_report(db: &TestDb, broker: &TestBroker, work
         "{metrics}"
     );
     let notified: i64 = c
-        .query_one("SELECT count(*) FROM outbox WHERE routing_key = 'notification.resource_replaced'", &[])
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE routing_key = 'notification.resource_replaced'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(notified, 2, "each notification published once through the outbox");
+    assert_eq!(
+        notified, 2,
+        "each notification published once through the outbox"
+    );
 }
 
 #[tokio::test]
@@ -131,10 +221,21 @@ async fn a_claim_that_replaces_a_terraform_resource_warns_counts_and_notifies_ea
         "prebuilds-provisioner",
         &db,
         &broker,
-        &[("PREBUILDS_PROVISIONER_BACKEND", "terraform"), ("PREBUILDS_TERRAFORM_WORKDIR", workdir.to_str().unwrap())],
+        &[
+            ("PREBUILDS_PROVISIONER_BACKEND", "terraform"),
+            ("PREBUILDS_TERRAFORM_WORKDIR", workdir.to_str().unwrap()),
+        ],
     );
     ctl(&db, &broker, &["template", "invalidate", "drift"]); // a reconcile now, not at a tick
-    claim_and_check_the_drift_report(&db, &broker, worker_port, preset, alice, "terraform_data.workspace").await;
+    claim_and_check_the_drift_report(
+        &db,
+        &broker,
+        worker_port,
+        preset,
+        alice,
+        "terraform_data.workspace",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -156,5 +257,13 @@ async fn the_same_flow_passes_with_the_sim_backend_at_replacement_rate_one() {
     );
     ctl(&db, &broker, &["template", "invalidate", "drift"]);
     // The sim reports one or two resources; the first is always the workspace container.
-    claim_and_check_the_drift_report(&db, &broker, worker_port, preset, alice, "docker_container.workspace[0]").await;
+    claim_and_check_the_drift_report(
+        &db,
+        &broker,
+        worker_port,
+        preset,
+        alice,
+        "docker_container.workspace[0]",
+    )
+    .await;
 }
