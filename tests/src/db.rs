@@ -26,15 +26,24 @@ pub struct TestDb {
 const TEMPLATE_LOCK: i64 = 0x7465_7374_746d_706c;
 
 fn template_name() -> String {
-    // One template per migration set: changing a migration makes a new template.
+    // One template per migration set: adding or changing a migration makes a new template.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/migrations");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("schemas/migrations is readable")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for name in prebuilds_schemas::migrations::embedded_names() {
-        for b in name.bytes() {
+    for file in files {
+        let bytes = std::fs::read(&file).expect("migration is readable");
+        for b in file
+            .file_name()
+            .into_iter()
+            .flat_map(|n| n.as_encoded_bytes().to_vec())
+            .chain(bytes)
+        {
             hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
-    }
-    for b in include_str!("../../schemas/migrations/V1__initial.sql").bytes() {
-        hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
     format!("prebuilds_test_tmpl_{hash:016x}")
 }
