@@ -35,9 +35,13 @@ struct Args {
     #[arg(value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,
 
-    /// Smaller sizes (for a smoke run); figures are then not comparable with the goals.
+    /// Smaller sizes; figures are then not comparable with the goals.
     #[arg(long)]
     quick: bool,
+
+    /// Tiny sizes that only prove every scenario still runs (the test suite uses this).
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
 
     /// Where to write the report (only `all` writes it).
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -47,7 +51,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sizes = scenarios::Sizes::new(args.quick);
+    let sizes = if args.smoke {
+        scenarios::Sizes::smoke()
+    } else {
+        scenarios::Sizes::new(args.quick)
+    };
     let mut report = report::Report::new(&args, sizes);
     let run = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
 

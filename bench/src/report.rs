@@ -22,6 +22,9 @@ impl Report {
         if args.quick {
             command.push_str(" --quick");
         }
+        if args.smoke {
+            command.push_str(" --smoke");
+        }
         Report {
             command,
             sizes,

@@ -44,6 +44,22 @@ pub struct Sizes {
 }
 
 impl Sizes {
+    /// Tiny sizes for the test suite's smoke run: every scenario runs, figures mean nothing.
+    pub fn smoke() -> Sizes {
+        Sizes {
+            quick: true,
+            floor_iterations: 20,
+            rate_messages: 200,
+            eligible: 60,
+            claims_per_level: [(1, 5), (4, 8), (8, 16)],
+            replenish_samples: 3,
+            reconcile_presets: 50,
+            fill_presets: 10,
+            fill_instances: 2,
+            events: 200,
+        }
+    }
+
     pub fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
