@@ -240,3 +240,69 @@ fn prometheus_scrapes_every_process_and_grafana_has_the_dashboard() {
         assert!(exprs.contains(metric), "dashboard lacks {metric}");
     }
 }
+
+/// Every metric a dashboard panel queries is registered somewhere in the services' code, so a
+/// renamed metric cannot leave an empty panel behind.
+#[test]
+fn the_dashboard_only_queries_metrics_the_code_registers() {
+    let mut sources = String::new();
+    for dir in [
+        "worker/src",
+        "scheduler/src",
+        "runtime/src",
+        "provisioner/src",
+    ] {
+        collect_rust(&repo().join(dir), &mut sources);
+    }
+    let dashboard =
+        std::fs::read_to_string(repo().join("deploy/grafana/dashboards/prebuilds.json")).unwrap();
+    let mut checked = 0;
+    for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !(word.starts_with("coderd_") || word.starts_with("prebuilds_")) {
+            continue;
+        }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| word.strip_suffix(suffix))
+            .unwrap_or(word);
+        assert!(
+            sources.contains(&format!("\"{base}\"")),
+            "the dashboard queries {word}, which no service registers"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "checked only {checked} metric references");
+}
+
+/// Prometheus scrapes each service on the port its `PREBUILDS_METRICS_ADDR` listens on.
+#[test]
+fn scraped_ports_match_the_services_metrics_address() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().unwrap();
+    let prometheus =
+        std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml")).unwrap();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let Some(addr) = service["environment"]["PREBUILDS_METRICS_ADDR"].as_str() else {
+            continue;
+        };
+        let port = addr.rsplit(':').next().unwrap();
+        if prometheus.contains(&format!("\"{name}:")) {
+            assert!(
+                prometheus.contains(&format!("\"{name}:{port}\"")),
+                "{name} listens on {port} but is scraped elsewhere"
+            );
+        }
+    }
+}
+
+fn collect_rust(dir: &std::path::Path, out: &mut String) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_rust(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+}
