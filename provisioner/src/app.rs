@@ -31,8 +31,6 @@ use crate::{
     terraform::TerraformBackend,
 };
 
-/// In-place retries of a transient failure before the delivery is requeued.
-const TRANSIENT_RETRIES: usize = 3;
 /// Period of the database probe behind `/readyz` (terraform backend).
 const DB_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -127,7 +125,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         prefetch: cli.concurrency,
         connection_name: "prebuilds-provisioner".to_owned(),
         drain_timeout: cli.service.shutdown_timeout,
-        transient_retries: TRANSIENT_RETRIES,
+        transient_window: std::time::Duration::from_secs(60),
     };
     let context = ConsumerContext {
         amqp_url: cli.connection.amqp_url.clone(),

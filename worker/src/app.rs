@@ -25,6 +25,10 @@ use crate::{
     reconcile::{ReconcileContext, ReconcileHandler},
 };
 
+/// How long one delivery rides out a database or broker outage before it is requeued (the
+/// delivery limit allows five such windows: minutes of outage lose nothing).
+const TRANSIENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs the worker until `shutdown` is cancelled, then drains within the configured bound.
 pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
@@ -93,7 +97,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         },
         connection_name: format!("{source}/{}", queue.suffix()),
         drain_timeout: args.service.shutdown_timeout,
-        transient_retries: 3,
+        transient_window: TRANSIENT_WINDOW,
     };
     let reconcile = Arc::new(ReconcileHandler::new(ReconcileContext {
         pool: pool.clone(),

@@ -5,8 +5,9 @@
 //! 2. [`HandlerError::Permanent`] → republish to the dead-letter exchange with the reason in the
 //!    `x-prebuilds-dead-reason` header, then ack; never requeued. If that republish fails the
 //!    delivery is rejected without requeue, so the broker dead-letters it (without our header).
-//! 3. [`HandlerError::Transient`] → retried in place with jittered backoff a few times; if it still
-//!    fails, rejected *with* requeue, so the queue's delivery limit bounds the total attempts.
+//! 3. [`HandlerError::Transient`] → retried in place with jittered backoff for up to
+//!    [`ConsumerSpec::transient_window`]; if it still fails, rejected *with* requeue, so the
+//!    queue's delivery limit bounds the total attempts (5 windows).
 //!
 //! The loop survives broker restarts (reconnect with backoff) and a broker-side consumer cancel
 //! (the stream ends: consume again). On shutdown it cancels the consumer, lets in-flight handlers
@@ -100,8 +101,11 @@ pub struct ConsumerSpec {
     pub connection_name: String,
     /// How long shutdown waits for in-flight handlers.
     pub drain_timeout: Duration,
-    /// In-place retries of a transient failure before the delivery is requeued.
-    pub transient_retries: usize,
+    /// How long a delivery keeps being retried in place while its failure is transient (database
+    /// or broker unreachable) before it is requeued. Requeues count toward the queue's delivery
+    /// limit, so requeueing at once would dead-letter valid messages within seconds of an outage;
+    /// retrying in place rides out restarts of this length without losing anything.
+    pub transient_window: Duration,
 }
 
 /// Everything the supervisor needs besides the handler.
@@ -228,15 +232,24 @@ async fn settle<H: Handler>(
 ) {
     let queue_label = spec.queue.suffix();
     let incoming = Incoming::from_delivery(&delivery);
-    let mut delays = crate::retry::retry_policy()
-        .with_max_times(spec.transient_retries)
+    // Jittered exponential backoff capped at 5 s, bounded by the window in total time.
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_total_delay(Some(spec.transient_window))
+        .with_jitter()
         .build();
     let outcome = loop {
         match handler.handle(&incoming).await {
             Err(HandlerError::Transient(e)) => match delays.next() {
                 Some(delay) if !shutdown.is_cancelled() => {
                     tracing::warn!(queue = queue_label, error = %format!("{e:#}"), retry_in = ?delay, "transient failure handling message; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // Shutting down: stop retrying; the delivery is requeued below.
+                        _ = shutdown.cancelled() => {}
+                    }
                 }
                 _ => break Err(HandlerError::Transient(e)),
             },
@@ -271,6 +284,15 @@ async fn settle<H: Handler>(
                     delivery.reject(BasicRejectOptions { requeue: false }).await
                 }
             }
+        }
+        Err(HandlerError::Transient(e)) if shutdown.is_cancelled() => {
+            tracing::info!(queue = queue_label, error = %format!("{e:#}"), "shutting down during a transient failure; requeueing");
+            context
+                .metrics
+                .messages
+                .with_label_values(&[queue_label, "requeued"])
+                .inc();
+            delivery.reject(BasicRejectOptions { requeue: true }).await
         }
         Err(HandlerError::Transient(e)) => {
             tracing::error!(queue = queue_label, error = %format!("{e:#}"), "giving up on this delivery for now; requeueing (the delivery limit bounds attempts)");

@@ -1,0 +1,368 @@
+//! One scenario's world: a fresh database and AMQP prefix (the test harness's [`TestDb`] and
+//! [`TestBroker`]), a bulk fixture of presets and claimants, and the real binaries — workers, one
+//! scheduler (short reconcile interval, so convergence after a fault never waits long) and the
+//! sim provisioner — plus taps on the provisioner job and event routing keys.
+
+use std::time::Duration;
+
+use prebuilds_runtime::amqp::QueueKind;
+use prebuilds_tests::{
+    stack::{self, http_get},
+    Service, TestBroker, TestDb,
+};
+use rand::Rng;
+use uuid::Uuid;
+
+use crate::{
+    wire::{Relay, Tap},
+    Profile,
+};
+
+/// A running binary with its metrics port and the highest VmHWM sampled.
+#[derive(Debug)]
+pub struct Proc {
+    pub service: Service,
+    pub port: u16,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Option<u32> {
+        self.service.pid()
+    }
+
+    /// Alive = the process exists and is not a zombie (a crashed child stays unreaped).
+    pub fn alive(&self) -> bool {
+        self.pid().is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
+                })
+                .unwrap_or(false)
+        })
+    }
+
+    /// Peak resident set (VmHWM) in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.pid()
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    }
+}
+
+/// Waits until `/readyz` answers 200 (bounded).
+pub async fn ready(port: u16, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if matches!(http_get(port, "/readyz").await, Some((200, _))) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Sum of every series of metric `name` on `port` (None when /metrics does not answer).
+pub async fn metric_sum(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics").await?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// How a stack is wired.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wiring {
+    /// Put the provisioner behind a relay that delivers every job and event twice, shuffled.
+    pub duplicate_and_reorder: bool,
+}
+
+#[derive(Debug)]
+pub struct Stack {
+    pub profile: Profile,
+    pub db: TestDb,
+    pub broker: TestBroker,
+    pub presets: Vec<Uuid>,
+    pub users: Vec<Uuid>,
+    pub workers: Vec<Proc>,
+    pub scheduler: Proc,
+    pub provisioner: Proc,
+    /// Every `provisioner.job.*` message the workers published.
+    pub jobs_tap: Tap,
+    /// Every `provisioner.event.*` message that reached the workers' exchange.
+    pub events_tap: Tap,
+    /// Workers killed on purpose, and the highest VmHWM any worker reached before it was killed.
+    pub killed: usize,
+    pub killed_peak_rss_mib: f64,
+    relays: Vec<Relay>,
+    provisioner_broker: Option<TestBroker>,
+}
+
+fn worker_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("RUST_LOG", "error"),
+        // PostgreSQL here allows 100 connections: workers, scheduler, provisioner and the checks
+        // must fit, killed workers' replacements included.
+        ("PREBUILDS_WORKER_CONCURRENCY", "8"),
+        ("PREBUILDS_CLAIM_CONCURRENCY", "8"),
+        ("PREBUILDS_DB_POOL_SIZE", "16"),
+        ("PREBUILDS_SHUTDOWN_TIMEOUT", "5s"),
+    ]
+}
+
+impl Stack {
+    /// Builds the world (`presets` presets desiring `instances`, no prebuilds yet) and starts every
+    /// process; the pools begin to fill at once.
+    pub async fn start(profile: Profile, wiring: Wiring) -> anyhow::Result<Stack> {
+        let db = TestDb::new().await;
+        let broker = TestBroker::new().await;
+        let pg = db.connect().await;
+        let presets = world(&pg, profile.presets, profile.instances).await?;
+        let users = claimants(&pg, profile.claim_clients.max(1) * 4).await?;
+
+        let exchange = broker.topology.exchange();
+        let jobs_tap = Tap::start(
+            &broker.url,
+            format!("{}.tap-jobs", broker.prefix()),
+            exchange.clone(),
+            "provisioner.job.*",
+        )
+        .await?;
+        let events_tap = Tap::start(
+            &broker.url,
+            format!("{}.tap-events", broker.prefix()),
+            exchange.clone(),
+            "provisioner.event.*",
+        )
+        .await?;
+
+        let mut relays = Vec::new();
+        let provisioner_broker = if wiring.duplicate_and_reorder {
+            // The provisioner lives on a prefix of its own; two relays join the prefixes, each
+            // delivering every message twice in shuffled batches.
+            let other = TestBroker::new().await;
+            relays.push(Relay::start(
+                &broker.url,
+                broker.queue(QueueKind::ProvisionerJobs),
+                other.topology.exchange(),
+                2,
+                32,
+            ));
+            relays.push(Relay::start(
+                &broker.url,
+                other.queue(QueueKind::ProvisionerEvents),
+                exchange.clone(),
+                2,
+                32,
+            ));
+            Some(other)
+        } else {
+            None
+        };
+
+        let sim = [
+            ("RUST_LOG", "error"),
+            ("PREBUILDS_SIM_DURATION_MIN", profile.sim_duration_min),
+            ("PREBUILDS_SIM_DURATION_MAX", profile.sim_duration_max),
+            ("PREBUILDS_SIM_FAILURE_RATE", "0"),
+            (
+                "PREBUILDS_SIM_AGENT_READY_DELAY",
+                profile.sim_agent_ready_delay,
+            ),
+            ("PREBUILDS_PROVISIONER_CONCURRENCY", "64"),
+            ("PREBUILDS_PROVISIONER_REMEMBERED_JOBS", "100000"),
+            ("PREBUILDS_DB_POOL_SIZE", "4"),
+        ];
+        let (service, port) = stack::start(
+            "prebuilds-provisioner",
+            &db,
+            provisioner_broker.as_ref().unwrap_or(&broker),
+            &sim,
+        );
+        let provisioner = Proc { service, port };
+        let (service, port) = stack::start(
+            "prebuilds-scheduler",
+            &db,
+            &broker,
+            &[
+                ("RUST_LOG", "error"),
+                ("PREBUILDS_RECONCILE_INTERVAL", "2s"),
+                ("PREBUILDS_METRICS_INTERVAL", "5s"),
+                ("PREBUILDS_DB_POOL_SIZE", "4"),
+            ],
+        );
+        let scheduler = Proc { service, port };
+        let mut stack = Stack {
+            profile,
+            db,
+            broker,
+            presets,
+            users,
+            workers: Vec::new(),
+            scheduler,
+            provisioner,
+            jobs_tap,
+            events_tap,
+            killed: 0,
+            killed_peak_rss_mib: 0.0,
+            relays,
+            provisioner_broker,
+        };
+        for _ in 0..profile.workers {
+            stack.start_worker();
+        }
+        for port in stack
+            .workers
+            .iter()
+            .map(|w| w.port)
+            .chain([stack.scheduler.port, stack.provisioner.port])
+            .collect::<Vec<_>>()
+        {
+            anyhow::ensure!(
+                ready(port, Duration::from_secs(30)).await,
+                "a service on port {port} never became ready"
+            );
+        }
+        Ok(stack)
+    }
+
+    pub fn start_worker(&mut self) {
+        let (service, port) =
+            stack::start("prebuilds-worker", &self.db, &self.broker, &worker_env());
+        self.workers.push(Proc { service, port });
+    }
+
+    /// SIGKILLs a random worker and starts a replacement.
+    pub async fn kill_random_worker(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
+        let i = rand::rng().random_range(0..self.workers.len());
+        let mut victim = self.workers.swap_remove(i);
+        self.killed_peak_rss_mib = self.killed_peak_rss_mib.max(victim.peak_rss_mib());
+        victim.service.kill().await;
+        self.killed += 1;
+        self.start_worker();
+    }
+
+    /// Processes that should be running but are not (crashed), by name.
+    pub fn crashed(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .chain([&self.scheduler, &self.provisioner])
+            .filter(|p| !p.alive())
+            .map(|p| format!("{} (pid {:?})", p.service.name, p.pid()))
+            .collect()
+    }
+
+    /// Highest VmHWM of any worker, live or killed.
+    pub fn worker_peak_rss_mib(&self) -> f64 {
+        self.workers
+            .iter()
+            .map(Proc::peak_rss_mib)
+            .fold(self.killed_peak_rss_mib, f64::max)
+    }
+
+    /// Jobs the provisioner executed (not replayed from memory), from its `/metrics`.
+    pub async fn provisioner_executed(&self) -> Option<f64> {
+        metric_sum(self.provisioner.port, "prebuilds_provisioner_jobs_total").await
+    }
+
+    pub async fn provisioner_replayed(&self) -> Option<f64> {
+        metric_sum(
+            self.provisioner.port,
+            "prebuilds_provisioner_jobs_replayed_total",
+        )
+        .await
+    }
+
+    /// Stops the relays, taps and processes (SIGTERM, then SIGKILL on drop) and deletes the
+    /// suite's own queues; the harness values drop the database and prefixes.
+    pub async fn shutdown(mut self) {
+        for relay in self.relays.drain(..) {
+            relay.stop().await;
+        }
+        for w in &mut self.workers {
+            w.service.terminate(Duration::from_secs(10)).await;
+        }
+        self.scheduler
+            .service
+            .terminate(Duration::from_secs(10))
+            .await;
+        self.provisioner
+            .service
+            .terminate(Duration::from_secs(10))
+            .await;
+        self.jobs_tap.stop().await;
+        self.events_tap.stop().await;
+        drop(self.provisioner_broker.take());
+    }
+}
+
+/// Inserts `presets` templates, each with one active version and one preset desiring `instances`
+/// (no prebuilds yet), in set-based SQL. Returns the preset ids.
+pub async fn world(
+    client: &tokio_postgres::Client,
+    presets: usize,
+    instances: i32,
+) -> anyhow::Result<Vec<Uuid>> {
+    let org = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO organizations (id, name) VALUES ($1, $2)",
+            &[&org, &format!("rel-{}", org.simple())],
+        )
+        .await?;
+    let n = presets as i32;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO templates (id, organization_id, name)
+               SELECT md5('{org}t' || i)::uuid, '{org}', 'rel-' || i FROM generate_series(1, {n}) i;
+             INSERT INTO template_versions (id, template_id, name)
+               SELECT md5('{org}v' || i)::uuid, md5('{org}t' || i)::uuid, 'v1' FROM generate_series(1, {n}) i;
+             UPDATE templates t SET active_version_id = v.id FROM template_versions v
+               WHERE v.template_id = t.id AND t.organization_id = '{org}';
+             INSERT INTO template_version_presets (id, template_version_id, name, desired_instances)
+               SELECT md5('{org}p' || i)::uuid, md5('{org}v' || i)::uuid, 'default', {instances}
+               FROM generate_series(1, {n}) i;"
+        ))
+        .await?;
+    let ids = client
+        .query(
+            "SELECT p.id FROM template_version_presets p
+             JOIN template_versions v ON v.id = p.template_version_id
+             JOIN templates t ON t.id = v.template_id WHERE t.organization_id = $1",
+            &[&org],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(ids)
+}
+
+/// Users who claim.
+pub async fn claimants(client: &tokio_postgres::Client, n: usize) -> anyhow::Result<Vec<Uuid>> {
+    let rows = client
+        .query(
+            &format!(
+                "INSERT INTO users (id, username)
+                 SELECT gen_random_uuid(), 'rel-user-' || i || '-' || substr(md5(random()::text), 1, 8)
+                 FROM generate_series(1, {n}) i RETURNING id"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
