@@ -92,7 +92,7 @@ impl Sizes {
 }
 
 fn quiet() -> Vec<(&'static str, &'static str)> {
-    vec![("RUST_LOG", "warn")]
+    vec![("RUST_LOG", "warn"), ("PREBUILDS_DB_POOL_SIZE", "24")]
 }
 
 async fn ready(port: u16) {

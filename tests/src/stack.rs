@@ -45,7 +45,11 @@ pub fn start(
         ("PREBUILDS_AMQP_PREFIX", broker.prefix()),
         ("PREBUILDS_METRICS_ADDR", &addr),
         ("RUST_LOG", "info"),
+        // Tests run several services at once against one server (max_connections is 100 by
+        // default): keep each process's pool small unless a test asks for more.
+        ("PREBUILDS_DB_POOL_SIZE", "8"),
     ];
+    // Later entries win, so `extra` overrides the defaults above.
     env.extend_from_slice(extra);
     (Service::start(binary, &[], &env), port)
 }
