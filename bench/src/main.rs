@@ -6,7 +6,6 @@
 //!
 //! Run: `cargo build --release --bins && cargo run --release -p bench -- all`.
 
-mod fixtures;
 mod report;
 mod scenarios;
 mod stats;

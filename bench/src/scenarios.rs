@@ -26,7 +26,9 @@ use prebuilds_tests::{
 };
 use uuid::Uuid;
 
-use crate::{fixtures, stats::Latency};
+use prebuilds_tests::bulk as fixtures;
+
+use crate::stats::Latency;
 
 /// Problem sizes; `--quick` shrinks them for a smoke run.
 #[derive(Debug, Clone, Copy)]

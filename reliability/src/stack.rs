@@ -311,58 +311,16 @@ impl Stack {
 }
 
 /// Inserts `presets` templates, each with one active version and one preset desiring `instances`
-/// (no prebuilds yet), in set-based SQL. Returns the preset ids.
+/// (no prebuilds yet). Returns the preset ids.
 pub async fn world(
     client: &tokio_postgres::Client,
     presets: usize,
     instances: i32,
 ) -> anyhow::Result<Vec<Uuid>> {
-    let org = Uuid::new_v4();
-    client
-        .execute(
-            "INSERT INTO organizations (id, name) VALUES ($1, $2)",
-            &[&org, &format!("rel-{}", org.simple())],
-        )
-        .await?;
-    let n = presets as i32;
-    client
-        .batch_execute(&format!(
-            "INSERT INTO templates (id, organization_id, name)
-               SELECT md5('{org}t' || i)::uuid, '{org}', 'rel-' || i FROM generate_series(1, {n}) i;
-             INSERT INTO template_versions (id, template_id, name)
-               SELECT md5('{org}v' || i)::uuid, md5('{org}t' || i)::uuid, 'v1' FROM generate_series(1, {n}) i;
-             UPDATE templates t SET active_version_id = v.id FROM template_versions v
-               WHERE v.template_id = t.id AND t.organization_id = '{org}';
-             INSERT INTO template_version_presets (id, template_version_id, name, desired_instances)
-               SELECT md5('{org}p' || i)::uuid, md5('{org}v' || i)::uuid, 'default', {instances}
-               FROM generate_series(1, {n}) i;"
-        ))
-        .await?;
-    let ids = client
-        .query(
-            "SELECT p.id FROM template_version_presets p
-             JOIN template_versions v ON v.id = p.template_version_id
-             JOIN templates t ON t.id = v.template_id WHERE t.organization_id = $1",
-            &[&org],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(ids)
+    prebuilds_tests::bulk::world(client, presets, instances.max(0) as usize, 0).await
 }
 
 /// Users who claim.
 pub async fn claimants(client: &tokio_postgres::Client, n: usize) -> anyhow::Result<Vec<Uuid>> {
-    let rows = client
-        .query(
-            &format!(
-                "INSERT INTO users (id, username)
-                 SELECT gen_random_uuid(), 'rel-user-' || i || '-' || substr(md5(random()::text), 1, 8)
-                 FROM generate_series(1, {n}) i RETURNING id"
-            ),
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    prebuilds_tests::bulk::users(client, n).await
 }

@@ -10,6 +10,7 @@
 //! and `PREBUILDS_TEST_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
 pub mod broker;
+pub mod bulk;
 pub mod db;
 pub mod fixtures;
 pub mod process;

@@ -1,4 +1,5 @@
-//! Bulk worlds for benchmarks, written with set-based SQL (seconds for tens of thousands of rows).
+//! Bulk worlds for benchmarks and the reliability suite, written with set-based SQL (seconds for
+//! tens of thousands of rows).
 
 use uuid::Uuid;
 
