@@ -241,6 +241,9 @@ async fn settle<H: Handler>(
         .with_jitter()
         .build();
     let outcome = loop {
+        if let Err(refused) = check_content_type(&incoming) {
+            break Err(refused);
+        }
         match handler.handle(&incoming).await {
             Err(HandlerError::Transient(e)) => match delays.next() {
                 Some(delay) if !shutdown.is_cancelled() => {
@@ -307,6 +310,18 @@ async fn settle<H: Handler>(
     if let Err(e) = settled {
         // The channel is gone; the broker redelivers the message, and handlers are idempotent.
         tracing::warn!(queue = queue_label, error = %e, "could not settle delivery; it will be redelivered");
+    }
+}
+
+/// Every queue carries JSON CloudEvents; a message that declares another content type is refused
+/// before any handler parses it (a missing property is tolerated: the body is checked anyway).
+fn check_content_type(incoming: &Incoming) -> Result<(), HandlerError> {
+    match incoming.content_type.as_deref() {
+        None | Some("application/json") | Some("application/cloudevents+json") => Ok(()),
+        Some(other) => Err(HandlerError::permanent(
+            "content_type",
+            format!("content type {other:?} is not application/json"),
+        )),
     }
 }
 
