@@ -42,19 +42,13 @@ pub struct PresetFixture {
     pub preset_id: Uuid,
 }
 
-/// Inserts a template with an active version holding one preset with `desired` prebuilds.
-pub async fn template_with_preset<C: GenericClient>(
-    c: &C,
-    organization_id: Uuid,
-    template: &str,
-    desired: Option<i32>,
-) -> PresetFixture {
+/// Inserts a template with one active version `v1`; returns (template id, version id).
+pub async fn template<C: GenericClient>(c: &C, organization_id: Uuid, name: &str) -> (Uuid, Uuid) {
     let template_id = Uuid::new_v4();
     let version_id = Uuid::new_v4();
-    let preset_id = Uuid::new_v4();
     c.execute(
         "INSERT INTO templates (id, organization_id, name) VALUES ($1, $2, $3)",
-        &[&template_id, &organization_id, &template],
+        &[&template_id, &organization_id, &name],
     )
     .await
     .expect("insert template");
@@ -70,6 +64,18 @@ pub async fn template_with_preset<C: GenericClient>(
     )
     .await
     .expect("activate version");
+    (template_id, version_id)
+}
+
+/// Inserts a template with an active version holding one preset with `desired` prebuilds.
+pub async fn template_with_preset<C: GenericClient>(
+    c: &C,
+    organization_id: Uuid,
+    template_name: &str,
+    desired: Option<i32>,
+) -> PresetFixture {
+    let (template_id, version_id) = template(c, organization_id, template_name).await;
+    let preset_id = Uuid::new_v4();
     c.execute(
         "INSERT INTO template_version_presets (id, template_version_id, name, desired_instances)
          VALUES ($1, $2, 'default', $3)",

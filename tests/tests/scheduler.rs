@@ -12,6 +12,7 @@ use std::{
 };
 
 use prebuilds_runtime::amqp::QueueKind;
+use prebuilds_tests::fixtures::template;
 use prebuilds_tests::{eventually, fixtures, TestBroker, TestDb};
 use scheduler_support::*;
 use uuid::Uuid;

@@ -320,31 +320,6 @@ pub async fn prebuild<C: GenericClient>(c: &C, at: PresetRef, p: Prebuild<'_>) -
     workspace_id
 }
 
-/// A template (optionally deleted) with one active version; returns (template id, version id).
-pub async fn template<C: GenericClient>(c: &C, org: Uuid, name: &str) -> (Uuid, Uuid) {
-    let template_id = Uuid::new_v4();
-    let version_id = Uuid::new_v4();
-    c.execute(
-        "INSERT INTO templates (id, organization_id, name) VALUES ($1, $2, $3)",
-        &[&template_id, &org, &name],
-    )
-    .await
-    .expect("insert template");
-    c.execute(
-        "INSERT INTO template_versions (id, template_id, name) VALUES ($1, $2, 'v1')",
-        &[&version_id, &template_id],
-    )
-    .await
-    .expect("insert version");
-    c.execute(
-        "UPDATE templates SET active_version_id = $1 WHERE id = $2",
-        &[&version_id, &template_id],
-    )
-    .await
-    .expect("activate version");
-    (template_id, version_id)
-}
-
 /// Adds a version (not activated) to a template.
 pub async fn version<C: GenericClient>(c: &C, template_id: Uuid, name: &str) -> Uuid {
     let id = Uuid::new_v4();
