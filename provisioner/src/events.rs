@@ -94,7 +94,7 @@ impl Event {
 
     /// Publishes, retrying a failure with jittered backoff a bounded number of times.
     pub async fn publish_with_retries(&self, publisher: &Publisher) -> Result<(), PublishError> {
-        let mut delays = prebuilds_runtime::db::retry_policy().build();
+        let mut delays = prebuilds_runtime::retry::retry_policy().build();
         loop {
             match self.publish(publisher).await {
                 Ok(()) => return Ok(()),

@@ -11,8 +11,6 @@ use deadpool_postgres::{
 use tokio_postgres::{error::SqlState, NoTls};
 
 pub use deadpool_postgres::{Client as PooledClient, Transaction};
-// Retrying is most often about database calls; keep it reachable from here.
-pub use crate::retry::{retry_policy, with_retries, Transient};
 
 /// Builds the pool. Connections are opened lazily; [`ping`] checks reachability.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use prebuilds_runtime::db::{self, DbError};
+use prebuilds_runtime::db::DbError;
 use prebuilds_schemas::ReconcileReason;
 use prebuilds_store::{attention, settings};
 use tokio_util::sync::CancellationToken;
@@ -64,7 +64,10 @@ impl Passes {
         term: &CancellationToken,
     ) -> Result<PassOutcome, PassError> {
         let started = Instant::now();
-        let read = tokio::time::timeout(QUERY_TIMEOUT, db::with_retries(|| self.read()));
+        let read = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            prebuilds_runtime::retry::with_retries(|| self.read()),
+        );
         let work = tokio::select! {
             _ = term.cancelled() => return Ok(PassOutcome::Interrupted),
             r = read => r.map_err(|_| PassError::Timeout(QUERY_TIMEOUT))??,

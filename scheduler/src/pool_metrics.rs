@@ -43,7 +43,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use prebuilds_core::PrebuildStatus;
-use prebuilds_runtime::db::{self, DbError};
+use prebuilds_runtime::db::DbError;
 use prebuilds_store::PresetView;
 use prometheus::{
     core::{Collector, Desc},
@@ -435,7 +435,8 @@ impl Refresher {
 
     /// One refresh; returns how many presets it evaluated.
     pub async fn refresh_once(&self) -> Result<usize, DbError> {
-        let (snapshot, paused, presets) = db::with_retries(|| self.read()).await?;
+        let (snapshot, paused, presets) =
+            prebuilds_runtime::retry::with_retries(|| self.read()).await?;
         self.state.set_snapshot(snapshot, paused);
         Ok(presets)
     }
