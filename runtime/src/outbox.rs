@@ -118,6 +118,10 @@ impl Relay {
     /// Runs passes until `shutdown`; a final pass flushes what was committed before it.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut last_cleanup = std::time::Instant::now();
+        // Due at once on the first pass.
+        let mut last_backlog = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(std::time::Instant::now);
         loop {
             let report = match self.pass().await {
                 Ok(r) => r,
@@ -126,6 +130,14 @@ impl Relay {
                     PassReport::default()
                 }
             };
+            // The backlog gauges cost a query: refresh them once a second, not on every wake-up
+            // (a busy worker wakes the relay after every commit).
+            if last_backlog.elapsed() >= Duration::from_secs(1) {
+                last_backlog = std::time::Instant::now();
+                if let Err(e) = self.refresh_backlog().await {
+                    tracing::warn!(error = %e, "outbox backlog query failed");
+                }
+            }
             if last_cleanup.elapsed() > Duration::from_secs(60) {
                 last_cleanup = std::time::Instant::now();
                 if let Err(e) = self.cleanup().await {
@@ -153,7 +165,7 @@ impl Relay {
         }
     }
 
-    /// Leases, publishes and marks one batch. Also refreshes the backlog gauges.
+    /// Leases, publishes and marks one batch.
     pub async fn pass(&self) -> Result<PassReport, DbError> {
         let rows = self.lease().await?;
         let mut report = PassReport::default();
@@ -192,15 +204,21 @@ impl Relay {
                 tracing::warn!(failed = failed.len(), error = %first_error, "outbox rows not published; will retry");
             }
         }
-        if let Some(m) = &self.metrics {
-            let (pending, oldest) = self.backlog().await?;
-            m.outbox_pending.set(pending);
-            let lag = oldest
-                .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
-                .unwrap_or(0.0);
-            m.outbox_lag_seconds.set(lag);
-        }
         Ok(report)
+    }
+
+    /// Refreshes the backlog gauges (pending rows, age of the oldest).
+    async fn refresh_backlog(&self) -> Result<(), DbError> {
+        let Some(m) = &self.metrics else {
+            return Ok(());
+        };
+        let (pending, oldest) = self.backlog().await?;
+        m.outbox_pending.set(pending);
+        let lag = oldest
+            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        m.outbox_lag_seconds.set(lag);
+        Ok(())
     }
 
     async fn lease(&self) -> Result<Vec<LeasedRow>, DbError> {
