@@ -153,7 +153,7 @@ async fn probe_database(
             Ok(()) => health.set_database(true),
             Err(e) => {
                 health.set_database(false);
-                tracing::warn!(error = %e, "PostgreSQL is not reachable (the terraform backend reads template sources from it)");
+                tracing::warn!(error = %e, "PostgreSQL is not reachable (the terraform backend reads template sources and job cancellations from it)");
             }
         }
         tokio::select! {

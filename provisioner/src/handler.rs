@@ -6,17 +6,25 @@
 //! 2. Take the job's in-process lock, so a duplicate delivery waits for the first one.
 //! 3. If this process already finished the job, republish its recorded events (same ids, same
 //!    content) and stop: a job is never executed twice here.
-//! 4. Otherwise execute it: `job_started`; the build (orphan deletes succeed at once: nothing was
+//! 4. If the backend can read the job's `provisioner_jobs` row (terraform) and the job was canceled
+//!    or is being canceled, do not run it: a `job_log` line saying so, then `job_completed`
+//!    `canceled` (no `job_started`: it never started). The reconciler cancels a pending create in
+//!    the database while its message may still be queued; running it would provision real
+//!    infrastructure for a workspace that is already orphan-deleted. The worker applies that
+//!    completion as a no-op to a `canceled` job and finishes a `canceling` one. It is recorded like
+//!    any outcome (step 6), so a duplicate delivery republishes the same events (and one arriving
+//!    after the record was forgotten finds the job still canceled: same events, same ids).
+//! 5. Otherwise execute it: `job_started`; the build (orphan deletes succeed at once: nothing was
 //!    provisioned), which streams `job_log` batches and, for start builds, emits `plan_result`;
 //!    `job_completed`; for a successful start build each agent's `starting`, the agent-ready
 //!    delay, then `ready`.
-//! 5. Remember the record, make sure every event is confirmed by the broker, and only then return
+//! 6. Remember the record, make sure every event is confirmed by the broker, and only then return
 //!    `Ok` (the supervisor acknowledges the delivery). A publish failure is transient: the
 //!    supervisor retries, and the retry republishes the record rather than re-running the build.
 //!
-//! A build interrupted by shutdown, or one that could not read the database, produced no outcome:
-//! the error is transient, the delivery goes back to the queue and the job runs again later with
-//! the same event ids.
+//! A build interrupted by shutdown, or one that could not read the database (the cancellation
+//! check included), produced no outcome: the error is transient, the delivery goes back to the
+//! queue and the job runs again later with the same event ids.
 
 use std::{sync::Arc, time::Instant};
 
@@ -83,6 +91,21 @@ impl JobHandler {
         job: &ProvisionerJob,
         emitter: &mut Emitter,
     ) -> Result<JobOutcome, RunError> {
+        // Checked first, before anything is published or provisioned: see step 4 of the module
+        // documentation. A database error here is transient (the job is retried, never run
+        // unchecked).
+        if let Some(job_status) = self.backend.canceled(job).await? {
+            tracing::info!(job_id = %job.job_id, %job_status, "provisioner job was canceled before it ran; not running it");
+            emitter
+                .log(
+                    LogLevel::Info,
+                    "init",
+                    format!("The job was canceled (job_status {job_status}) before it started: nothing was provisioned."),
+                )
+                .await;
+            emitter.job_completed(JobOutcome::Canceled, None, &[]).await;
+            return Ok(JobOutcome::Canceled);
+        }
         let started = Instant::now();
         emitter.job_started().await;
         let result = if job.orphan && job.transition == Transition::Delete {

@@ -1153,3 +1153,166 @@ async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
         serde_json::from_slice(&requeued.delivery.data).expect("a job");
     assert_eq!(again.data.job_id, slow.job_id);
 }
+
+/// Inserts the `provisioner_jobs` row of `job_id` with `job_status`, canceled now when `canceled`
+/// (as the worker's `cancel_pending` leaves it, or an operator's cancel that is still in progress).
+async fn job_row(db: &TestDb, job_id: Uuid, job_status: &str, canceled: bool) {
+    let client = db.pool.get().await.expect("db");
+    client
+        .execute(
+            "INSERT INTO provisioner_jobs (id, initiator_id, job_status, canceled_at, completed_at)
+             VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END,
+                     CASE WHEN $3 = 'canceled' THEN now() END)",
+            &[&job_id, &PREBUILDS_USER_ID, &job_status, &canceled],
+        )
+        .await
+        .expect("insert provisioner job");
+}
+
+#[tokio::test]
+async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
+    if !terraform_available() {
+        return;
+    }
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let workdir = TempDir::new();
+    let version = template_version(&db, Some(TEMPLATE)).await;
+    let port = free_port();
+    let _service = provisioner(
+        &broker,
+        port,
+        &[
+            "--backend",
+            "terraform",
+            "--terraform-workdir",
+            workdir.0.to_str().expect("utf-8 path"),
+            "--terraform-timeout",
+            "2m",
+        ],
+        &[("DATABASE_URL", db.url.as_str())],
+    );
+    wait_ready(port).await;
+    let publisher = test_publisher(&broker);
+    let mut reader = EventReader::new(&broker);
+
+    // The reconciler canceled the pending create (`cancel_pending`) after its message was queued;
+    // and a job whose cancel is still in progress (`canceling`, no `canceled_at` yet).
+    let mut canceled = job(
+        Transition::Start,
+        BuildStage::Create,
+        &[("image", "ubuntu")],
+    );
+    canceled.template_version_id = version;
+    job_row(&db, canceled.job_id, "canceled", true).await;
+    let mut canceling = job(
+        Transition::Start,
+        BuildStage::Create,
+        &[("image", "ubuntu")],
+    );
+    canceling.template_version_id = version;
+    job_row(&db, canceling.job_id, "canceling", false).await;
+    // A pending job with a row runs as before (the check only stops canceled ones).
+    let mut pending = job(
+        Transition::Start,
+        BuildStage::Create,
+        &[("image", "ubuntu")],
+    );
+    pending.template_version_id = version;
+    job_row(&db, pending.job_id, "pending", false).await;
+    let message = publish(&publisher, &canceled).await;
+    publish(&publisher, &canceling).await;
+    publish(&publisher, &pending).await;
+
+    for job in [&canceled, &canceling] {
+        reader
+            .until(job.job_id, Duration::from_secs(120), "job_completed", |e| {
+                has(e, "job_completed")
+            })
+            .await;
+    }
+    let events = reader
+        .until(
+            pending.job_id,
+            Duration::from_secs(120),
+            "pending job built",
+            |e| has(e, "agent_lifecycle:ready") || has(e, "job_completed"),
+        )
+        .await;
+    assert_eq!(
+        the(&events, "job_completed").data["status"],
+        "succeeded",
+        "{:#?}",
+        log_lines(&events)
+    );
+    assert!(workdir
+        .0
+        .join(pending.workspace_id.to_string())
+        .join("terraform.tfstate")
+        .exists());
+    reader.settle(Duration::from_millis(700)).await;
+    let mut first_run = Vec::new();
+    for job in [&canceled, &canceling] {
+        let events = reader.of(job.job_id);
+        // Nothing ran: no job_started (the job never started), no plan, no agents.
+        assert_eq!(
+            shape(&events),
+            ["job_log", "job_completed"],
+            "{:#?}",
+            log_lines(&events)
+        );
+        let completed = the(&events, "job_completed");
+        assert_eq!(completed.data["status"], "canceled");
+        assert!(completed.data["error"].is_null(), "{completed:?}");
+        assert_eq!(completed.data["agents"], serde_json::json!([]));
+        let lines = log_lines(&events);
+        assert!(
+            !lines
+                .iter()
+                .any(|(_, stage, _)| stage == "plan" || stage == "apply"),
+            "terraform did not run: {lines:#?}"
+        );
+        assert!(
+            lines.iter().any(|(_, _, o)| o.contains("canceled")),
+            "{lines:#?}"
+        );
+        assert!(
+            !workdir.0.join(job.workspace_id.to_string()).exists(),
+            "no working directory, no terraform state for a canceled job"
+        );
+        first_run.push(events);
+    }
+
+    // A duplicate delivery republishes the recorded events (same ids, same content).
+    publish_again(&publisher, &message).await;
+    let both = reader
+        .until(canceled.job_id, WAIT, "republication", |e| {
+            count(e, "job_completed") == 2
+        })
+        .await;
+    assert_eq!(both[..both.len() / 2], both[both.len() / 2..]);
+    assert_eq!(both[..both.len() / 2], first_run[0][..]);
+    assert!(!workdir.0.join(canceled.workspace_id.to_string()).exists());
+
+    assert_eq!(
+        metric(
+            port,
+            "prebuilds_provisioner_jobs_total{status=\"canceled\",transition=\"start\"}"
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        metric(
+            port,
+            "prebuilds_provisioner_jobs_total{status=\"succeeded\",transition=\"start\"}"
+        )
+        .await,
+        1.0,
+        "only the pending job ran"
+    );
+    assert_eq!(
+        metric(port, "prebuilds_provisioner_jobs_replayed_total").await,
+        1.0
+    );
+}
