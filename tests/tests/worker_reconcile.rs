@@ -13,7 +13,10 @@ use prebuilds_tests::{
 };
 use prebuilds_worker::{
     metrics::WorkerMetrics,
-    reconcile::{reconcile_preset, ReconcileContext, ReconcileOutcome},
+    reconcile::{
+        batch::Batcher, reconcile_batch, reconcile_preset, Attempt, Job, ReconcileContext,
+        ReconcileOutcome,
+    },
 };
 use uuid::Uuid;
 
@@ -129,13 +132,30 @@ fn expected(transition: &str, status: &str, active: bool) -> Expect {
 
 #[tokio::test]
 async fn every_latest_build_state_on_active_and_inactive_presets_gets_the_spec_action() {
+    decision_matrix(Reconciled::OneByOne).await;
+}
+
+#[tokio::test]
+async fn a_batch_of_all_matrix_presets_takes_the_same_actions_as_one_by_one() {
+    decision_matrix(Reconciled::InOneBatch).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconciled {
+    OneByOne,
+    InOneBatch,
+}
+
+/// One preset per (transition × status × active/old version/deleted template) with one prebuild
+/// in that state, each checked against SPEC.md §2.
+async fn decision_matrix(how: Reconciled) {
     let db = TestDb::new().await;
     let ctx = context(&db);
     let c = db.pool.get().await.unwrap();
     let org = fixtures::organization(&c, "matrix").await;
     // Old enough to be outside the backoff lookback, so a failed start does not back off.
     let created_at = Utc::now() - TimeDelta::hours(2);
-    let mut cases = 0;
+    let mut cases = Vec::new();
     for transition in ["start", "stop", "delete"] {
         for status in [
             "pending",
@@ -175,50 +195,181 @@ async fn every_latest_build_state_on_active_and_inactive_presets_gets_the_spec_a
                     }
                     _ => {}
                 }
-                let outcome = reconcile(&ctx, fx.preset_id).await;
-                let ReconcileOutcome::Reconciled(report) = outcome else {
-                    panic!("{name}: {outcome:?}");
-                };
                 let want = expected(transition, status, active);
-                let got = if report.created > 0 {
-                    Expect::Create
-                } else if report.deleted > 0 {
-                    Expect::DeleteIt
-                } else if report.canceled > 0 {
-                    Expect::CancelIt
-                } else {
-                    Expect::Nothing
-                };
-                assert_eq!(got, want, "{name}: {report:?}");
-                assert!(report.created <= 1, "{name}: never more than desired");
-                // Effects are in the tables, not just in the report.
-                let latest: (String, String, bool) = {
-                    let r = c
-                        .query_one(
-                            "SELECT lb.transition, j.job_status, w.deleted FROM workspaces w
-                             JOIN LATERAL (SELECT * FROM workspace_builds b WHERE b.workspace_id = w.id
-                                           ORDER BY build_number DESC LIMIT 1) lb ON true
-                             JOIN provisioner_jobs j ON j.id = lb.job_id WHERE w.id = $1",
-                            &[&workspace],
-                        )
-                        .await
-                        .unwrap();
-                    (r.get(0), r.get(1), r.get(2))
-                };
-                match want {
-                    Expect::DeleteIt => assert_eq!(
-                        (latest.0.as_str(), latest.1.as_str()),
-                        ("delete", "pending"),
-                        "{name}"
-                    ),
-                    Expect::CancelIt => assert!(latest.2, "{name}: orphan-deleted"),
-                    _ => assert!(!latest.2, "{name}: untouched"),
-                }
-                cases += 1;
+                cases.push((name, fx.preset_id, workspace, want));
             }
         }
     }
-    assert_eq!(cases, 54);
+    assert_eq!(cases.len(), 54);
+    let outcomes: Vec<ReconcileOutcome> = match how {
+        Reconciled::OneByOne => {
+            let mut outcomes = Vec::new();
+            for (_, preset_id, _, _) in &cases {
+                outcomes.push(reconcile(&ctx, *preset_id).await);
+            }
+            outcomes
+        }
+        Reconciled::InOneBatch => {
+            let jobs: Vec<Job> = cases.iter().map(|(_, p, _, _)| fresh_job(*p)).collect();
+            reconcile_batch(&ctx, &jobs)
+                .await
+                .expect("batch")
+                .into_iter()
+                .map(|attempt| match attempt {
+                    Attempt::Done(outcome) => outcome,
+                    Attempt::LockBusy => panic!("nothing else holds a lock"),
+                })
+                .collect()
+        }
+    };
+    for ((name, _, workspace, want), outcome) in cases.into_iter().zip(outcomes) {
+        let ReconcileOutcome::Reconciled(report) = outcome else {
+            panic!("{name}: {outcome:?}");
+        };
+        let got = if report.created > 0 {
+            Expect::Create
+        } else if report.deleted > 0 {
+            Expect::DeleteIt
+        } else if report.canceled > 0 {
+            Expect::CancelIt
+        } else {
+            Expect::Nothing
+        };
+        assert_eq!(got, want, "{name}: {report:?}");
+        assert!(report.created <= 1, "{name}: never more than desired");
+        // Effects are in the tables, not just in the report.
+        let latest: (String, String, bool) = {
+            let r = c
+                .query_one(
+                    "SELECT lb.transition, j.job_status, w.deleted FROM workspaces w
+                     JOIN LATERAL (SELECT * FROM workspace_builds b WHERE b.workspace_id = w.id
+                                   ORDER BY build_number DESC LIMIT 1) lb ON true
+                     JOIN provisioner_jobs j ON j.id = lb.job_id WHERE w.id = $1",
+                    &[&workspace],
+                )
+                .await
+                .unwrap();
+            (r.get(0), r.get(1), r.get(2))
+        };
+        match want {
+            Expect::DeleteIt => assert_eq!(
+                (latest.0.as_str(), latest.1.as_str()),
+                ("delete", "pending"),
+                "{name}"
+            ),
+            Expect::CancelIt => assert!(latest.2, "{name}: orphan-deleted"),
+            _ => assert!(!latest.2, "{name}: untouched"),
+        }
+    }
+}
+
+/// A job requested after everything so far: never coalesced.
+fn fresh_job(preset_id: Uuid) -> Job {
+    Job {
+        preset_id,
+        requested_at: Utc::now() + TimeDelta::hours(1),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_skips_presets_locked_elsewhere_and_coalesces_what_is_already_answered() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "batch").await;
+    let fill = fixtures::template_with_preset(&c, org, "fill", Some(2)).await;
+    let busy = fixtures::template_with_preset(&c, org, "busy", Some(1)).await;
+    let answered = fixtures::template_with_preset(&c, org, "answered", Some(1)).await;
+    reconcile(&ctx, answered.preset_id).await;
+    let unknown = Uuid::new_v4();
+
+    // Another transaction (a worker reconciling it alone) holds `busy`'s lock throughout.
+    let mut holder = db.pool.get().await.unwrap();
+    let holding = holder.transaction().await.unwrap();
+    prebuilds_store::lock::lock_preset(&holding, busy.preset_id)
+        .await
+        .unwrap();
+
+    let jobs = [
+        fresh_job(fill.preset_id),
+        fresh_job(busy.preset_id),
+        Job {
+            preset_id: answered.preset_id,
+            requested_at: Utc::now() - TimeDelta::minutes(5),
+        },
+        fresh_job(unknown),
+        fresh_job(fill.preset_id),
+    ];
+    let attempts = tokio::time::timeout(Duration::from_secs(10), reconcile_batch(&ctx, &jobs))
+        .await
+        .expect("a batch never waits for a lock")
+        .expect("batch");
+    assert!(
+        matches!(&attempts[0], Attempt::Done(ReconcileOutcome::Reconciled(r)) if r.created == 2),
+        "{:?}",
+        attempts[0]
+    );
+    assert_eq!(attempts[1], Attempt::LockBusy);
+    assert_eq!(attempts[2], Attempt::Done(ReconcileOutcome::Coalesced));
+    assert_eq!(attempts[3], Attempt::Done(ReconcileOutcome::UnknownPreset));
+    assert_eq!(
+        attempts[4],
+        Attempt::Done(ReconcileOutcome::Coalesced),
+        "a repeat in the same batch is answered by the first"
+    );
+    assert_eq!(pool_counts(&db, fill.preset_id).await.created, 2);
+    assert_eq!(
+        pool_counts(&db, busy.preset_id).await.created,
+        0,
+        "a busy preset is left alone"
+    );
+    holding.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_preset_that_fails_inside_a_batch_fails_only_its_own_job() {
+    let db = TestDb::new().await;
+    let ctx = context(&db);
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "faulty").await;
+    let mut presets = Vec::new();
+    for i in 0..6 {
+        presets.push(
+            fixtures::template_with_preset(&c, org, &format!("p{i}"), Some(1))
+                .await
+                .preset_id,
+        );
+    }
+    let faulty = presets[3];
+    // Injected fault: any build of the faulty preset is refused by the database.
+    c.batch_execute(&format!(
+        "CREATE FUNCTION refuse_faulty_build() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected fault'; END $$;
+         CREATE TRIGGER refuse_faulty_build BEFORE INSERT ON workspace_builds FOR EACH ROW
+         WHEN (NEW.template_version_preset_id = '{faulty}') EXECUTE FUNCTION refuse_faulty_build();"
+    ))
+    .await
+    .unwrap();
+    let jobs: Vec<Job> = presets.iter().map(|p| fresh_job(*p)).collect();
+    assert!(
+        reconcile_batch(&ctx, &jobs).await.is_err(),
+        "the fault fails a whole batch"
+    );
+
+    // Through the batcher every other preset still gets its prebuild.
+    let batcher = Batcher::start(ctx.clone(), 2, 32);
+    let results = futures::future::join_all(jobs.iter().map(|job| batcher.reconcile(*job))).await;
+    for (preset_id, result) in presets.iter().zip(results) {
+        if *preset_id == faulty {
+            assert!(result.is_err(), "the faulty preset reports its error");
+        } else {
+            assert!(
+                matches!(result, Ok(ReconcileOutcome::Reconciled(ref r)) if r.created == 1),
+                "{preset_id}: {result:?}"
+            );
+            assert_eq!(pool_counts(&db, *preset_id).await.created, 1);
+        }
+    }
 }
 
 #[tokio::test]

@@ -90,22 +90,26 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     };
     let spec = |queue: QueueKind| ConsumerSpec {
         queue,
-        prefetch: if queue == QueueKind::Claims {
-            args.claim_concurrency
-        } else {
-            args.worker_concurrency
+        prefetch: match queue {
+            QueueKind::Claims => args.claim_concurrency,
+            QueueKind::Reconcile => args.reconcile_prefetch(),
+            _ => args.worker_concurrency,
         },
         connection_name: format!("{source}/{}", queue.suffix()),
         drain_timeout: args.service.shutdown_timeout,
         transient_window: TRANSIENT_WINDOW,
     };
-    let reconcile = Arc::new(ReconcileHandler::new(ReconcileContext {
-        pool: pool.clone(),
-        config: args.core_config(),
-        metrics: worker_metrics.clone(),
-        outbox_waker: waker.clone(),
-        source: source.clone(),
-    }));
+    let reconcile = Arc::new(ReconcileHandler::new(
+        ReconcileContext {
+            pool: pool.clone(),
+            config: args.core_config(),
+            metrics: worker_metrics.clone(),
+            outbox_waker: waker.clone(),
+            source: source.clone(),
+        },
+        args.worker_concurrency.into(),
+        args.reconcile_batch_size.into(),
+    ));
     let events = Arc::new(EventsHandler {
         context: EventsContext {
             pool: pool.clone(),

@@ -19,9 +19,15 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub reconcile: ReconcileArgs,
 
-    /// Reconcile jobs and provisioner events handled at once (the prefetch of each consumer).
+    /// Reconcile transactions and provisioner events handled at once.
     #[arg(long, env = "PREBUILDS_WORKER_CONCURRENCY", default_value_t = 8)]
     pub worker_concurrency: u16,
+
+    /// Most presets reconciled in one transaction. Reconcile jobs waiting at the same moment share
+    /// a transaction, so a full pass over many presets costs a few statements per batch instead of
+    /// per preset. 1 turns batching off.
+    #[arg(long, env = "PREBUILDS_RECONCILE_BATCH_SIZE", default_value_t = 32)]
+    pub reconcile_batch_size: u16,
 
     /// Claim requests handled at once. Claims are short transactions and the latency users feel,
     /// so they get their own, larger budget.
@@ -38,6 +44,9 @@ impl WorkerArgs {
         if self.claim_concurrency == 0 {
             return Err("PREBUILDS_CLAIM_CONCURRENCY must be at least 1".into());
         }
+        if self.reconcile_batch_size == 0 {
+            return Err("PREBUILDS_RECONCILE_BATCH_SIZE must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -51,6 +60,12 @@ impl WorkerArgs {
                 self.connection.db_pool_size, self.worker_concurrency, self.claim_concurrency
             )
         })
+    }
+
+    /// Reconcile jobs taken from the queue at once: enough to fill every transaction's batch.
+    pub fn reconcile_prefetch(&self) -> u16 {
+        self.worker_concurrency
+            .saturating_mul(self.reconcile_batch_size)
     }
 
     pub fn core_config(&self) -> prebuilds_core::ReconcileConfig {

@@ -1,28 +1,36 @@
-//! `reconcile.preset` jobs. One job = one transaction:
+//! `reconcile.preset` jobs. Jobs waiting at the same moment share one transaction ([`batch`]);
+//! for each preset in it:
 //!
-//! 1. take the preset's transaction-level advisory lock (per-preset serialization across workers);
+//! 1. take the preset's transaction-level advisory lock (per-preset serialization across workers;
+//!    a batch only tries the locks, and a preset locked elsewhere is reconciled on its own);
 //! 2. coalesce: if a reconcile of this preset read its snapshot well after this job was requested,
 //!    that reconcile already saw everything the job could ask for — commit and stop;
 //! 3. read the snapshot (`prebuilds_store::load_snapshots`) and the database clock;
 //! 4. plan with the pure core; execute the actions ([`execute`]) in the same transaction, writing
 //!    provisioner jobs to the outbox;
-//! 5. record the watermark, commit, wake the outbox relay.
+//! 5. record the watermarks, commit, wake the outbox relay.
 //!
 //! Jobs are level-triggered ("look at preset X now"), so duplicates and reordering are harmless.
 
+pub mod batch;
 pub mod execute;
 pub mod single_flight;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
-use prebuilds_core::{DesiredSource, ReconcileConfig};
+use prebuilds_core::{DesiredSource, Plan, ReconcileConfig};
 use prebuilds_runtime::{
     amqp::{consumer::Incoming, Handler, HandlerError},
-    db::DbError,
+    db::{cached, DbError},
 };
 use prebuilds_schemas::{CloudEvent, RawEvent, ReconcilePreset, ReconcileReason};
+use prebuilds_store::PresetView;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -57,11 +65,15 @@ pub struct ReconcileHandler {
     pub context: ReconcileContext,
     /// Coalesces concurrent jobs of one preset within this process.
     pub in_flight: single_flight::SingleFlight,
+    batcher: batch::Batcher,
 }
 
 impl ReconcileHandler {
-    pub fn new(context: ReconcileContext) -> Self {
+    /// `concurrency` reconcile transactions at once, each covering up to `max_batch` presets.
+    /// Needs a Tokio runtime (starts the batch drainers).
+    pub fn new(context: ReconcileContext, concurrency: usize, max_batch: usize) -> Self {
         ReconcileHandler {
+            batcher: batch::Batcher::start(context.clone(), concurrency, max_batch),
             context,
             in_flight: single_flight::SingleFlight::default(),
         }
@@ -79,7 +91,10 @@ impl Handler for ReconcileHandler {
         let flight = self
             .in_flight
             .run(job.preset_id, || {
-                reconcile_preset(&self.context, job.preset_id, job.requested_at)
+                self.batcher.reconcile(Job {
+                    preset_id: job.preset_id,
+                    requested_at: job.requested_at,
+                })
             })
             .await;
         let outcome = match flight {
@@ -117,54 +132,167 @@ impl Handler for ReconcileHandler {
     }
 }
 
-/// Reconciles one preset (see the module doc for the algorithm).
+/// One reconcile job: "look at this preset now".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Job {
+    pub preset_id: Uuid,
+    pub requested_at: DateTime<Utc>,
+}
+
+/// What a batched transaction did for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Done(ReconcileOutcome),
+    /// Another transaction holds the preset's lock; reconcile it on its own ([`reconcile_preset`]).
+    LockBusy,
+}
+
+/// How a transaction takes its presets' locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locking {
+    /// Wait for the lock; exactly one preset per transaction.
+    Wait,
+    /// Try every lock without waiting; busy presets are left alone.
+    Try,
+}
+
+/// Reconciles one preset, waiting for its lock (see the module doc for the algorithm).
 pub async fn reconcile_preset(
     ctx: &ReconcileContext,
     preset_id: Uuid,
     requested_at: DateTime<Utc>,
 ) -> Result<ReconcileOutcome, DbError> {
+    let job = Job {
+        preset_id,
+        requested_at,
+    };
+    let attempt = reconcile_in_one_transaction(ctx, &[job], Locking::Wait)
+        .await?
+        .pop();
+    match attempt {
+        Some(Attempt::Done(outcome)) => Ok(outcome),
+        // A waiting lock is always granted, and one job always yields one attempt.
+        other => unreachable!("a single waiting reconcile ended as {other:?}"),
+    }
+}
+
+/// Reconciles several presets in one transaction, one attempt per job in order. Locks are only
+/// tried, never waited for (a transaction holding several may not wait, or two could deadlock):
+/// presets locked elsewhere come back as [`Attempt::LockBusy`]. A failure fails the whole batch.
+pub async fn reconcile_batch(
+    ctx: &ReconcileContext,
+    jobs: &[Job],
+) -> Result<Vec<Attempt>, DbError> {
+    reconcile_in_one_transaction(ctx, jobs, Locking::Try).await
+}
+
+async fn reconcile_in_one_transaction(
+    ctx: &ReconcileContext,
+    jobs: &[Job],
+    locking: Locking,
+) -> Result<Vec<Attempt>, DbError> {
     let started = Instant::now();
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
-    // One round trip: wait for the preset's lock, then read the coalescing watermark and the
+    // One round trip: take (or try) the locks, then read the coalescing watermarks and the
     // database's clock. Every statement after this one sees every change committed before `now`
-    // (READ COMMITTED takes a new snapshot per statement), so `now` is a safe watermark. The
-    // watermark itself may be read from just before the lock was granted: at worst a job that
-    // could have been coalesced is reconciled once more.
-    let begin = tx
-        .prepare_cached(include_str!("../sql/reconcile_begin.sql"))
-        .await?;
-    let row = tx
-        .query_one(
-            &begin,
-            &[&prebuilds_store::lock::lock_key(preset_id), &preset_id],
-        )
-        .await?;
-    let watermark: Option<DateTime<Utc>> = row.get("watermark");
-    let now: DateTime<Utc> = row.get("now");
-    if watermark.is_some_and(|w| requested_at + COALESCE_MARGIN < w) {
-        tx.commit().await?;
-        ctx.metrics
-            .reconcile_jobs
-            .with_label_values(&["coalesced"])
-            .inc();
-        return Ok(ReconcileOutcome::Coalesced);
+    // (READ COMMITTED takes a new snapshot per statement), so `now` is a safe watermark. A
+    // watermark may be read from just before a lock was granted: at worst a job that could have
+    // been coalesced is reconciled once more.
+    let begin = match locking {
+        Locking::Wait => include_str!("../sql/reconcile_begin.sql"),
+        Locking::Try => include_str!("../sql/reconcile_begin_batch.sql"),
+    };
+    let keys: Vec<i64> = jobs
+        .iter()
+        .map(|j| prebuilds_store::lock::lock_key(j.preset_id))
+        .collect();
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.preset_id).collect();
+    let rows = cached::query(&tx, begin, &[&keys, &ids]).await?;
+
+    let mut attempts: Vec<Option<Attempt>> = vec![None; jobs.len()];
+    let mut seen = HashSet::with_capacity(jobs.len());
+    let mut to_plan: Vec<(usize, DateTime<Utc>)> = Vec::with_capacity(jobs.len());
+    let (mut coalesced, mut unknown) = (0u64, 0u64);
+    for row in rows {
+        let index = usize::try_from(row.get::<_, i64>("position") - 1)
+            .expect("positions come from WITH ORDINALITY and start at 1");
+        let job = jobs[index];
+        if !row.get::<_, bool>("locked") {
+            attempts[index] = Some(Attempt::LockBusy);
+            continue;
+        }
+        let watermark: Option<DateTime<Utc>> = row.get("watermark");
+        // A preset twice in one batch: the first occurrence's reconcile starts after both arrived.
+        let repeated = !seen.insert(job.preset_id);
+        if repeated || watermark.is_some_and(|w| job.requested_at + COALESCE_MARGIN < w) {
+            attempts[index] = Some(Attempt::Done(ReconcileOutcome::Coalesced));
+            coalesced += 1;
+            continue;
+        }
+        to_plan.push((index, row.get("now")));
     }
 
-    let Some(view) = prebuilds_store::load_snapshots(&tx, &[preset_id])
+    let wanted: Vec<Uuid> = to_plan.iter().map(|(i, _)| jobs[*i].preset_id).collect();
+    let mut views: HashMap<Uuid, PresetView> = prebuilds_store::load_snapshots(&tx, &wanted)
         .await?
         .into_iter()
-        .next()
-    else {
-        tx.commit().await?;
-        ctx.metrics
-            .reconcile_jobs
-            .with_label_values(&["unknown_preset"])
-            .inc();
-        return Ok(ReconcileOutcome::UnknownPreset);
-    };
+        .map(|view| (view.preset_id(), view))
+        .collect();
+    let mut marked: Vec<Uuid> = Vec::with_capacity(to_plan.len());
+    let mut marked_at: Vec<DateTime<Utc>> = Vec::with_capacity(to_plan.len());
+    let mut outbox_rows = 0;
+    for (index, now) in to_plan {
+        let preset_id = jobs[index].preset_id;
+        let Some(view) = views.remove(&preset_id) else {
+            attempts[index] = Some(Attempt::Done(ReconcileOutcome::UnknownPreset));
+            unknown += 1;
+            continue;
+        };
+        let plan = plan_preset(&view, now, &ctx.config);
+        let report = execute::execute(&tx, ctx, &view, &plan, now).await?;
+        outbox_rows += report.outbox_rows;
+        marked.push(preset_id);
+        marked_at.push(now);
+        attempts[index] = Some(Attempt::Done(ReconcileOutcome::Reconciled(report)));
+    }
+    if !marked.is_empty() {
+        cached::execute(
+            &tx,
+            include_str!("../sql/record_watermarks.sql"),
+            &[&marked, &marked_at],
+        )
+        .await?;
+    }
+    tx.commit().await?;
 
-    let plan = prebuilds_core::plan(&view.snapshot, now, &ctx.config);
+    if outbox_rows > 0 {
+        ctx.outbox_waker.notify_one();
+    }
+    let jobs_total = &ctx.metrics.reconcile_jobs;
+    jobs_total
+        .with_label_values(&["coalesced"])
+        .inc_by(coalesced);
+    jobs_total
+        .with_label_values(&["unknown_preset"])
+        .inc_by(unknown);
+    jobs_total
+        .with_label_values(&["reconciled"])
+        .inc_by(marked.len() as u64);
+    let elapsed = started.elapsed().as_secs_f64();
+    for _ in &marked {
+        ctx.metrics.reconcile_duration.observe(elapsed);
+    }
+    Ok(attempts
+        .into_iter()
+        .map(|a| a.expect("the begin statement returns one row per job"))
+        .collect())
+}
+
+/// The pure core's plan for one preset, with the log lines every reconcile writes.
+fn plan_preset(view: &PresetView, now: DateTime<Utc>, config: &ReconcileConfig) -> Plan {
+    let preset_id = view.preset_id();
+    let plan = prebuilds_core::plan(&view.snapshot, now, config);
     if let DesiredSource::InvalidSchedules(e) = &plan.desired.source {
         tracing::error!(preset_id = %preset_id, error = %e, "invalid prebuild schedules; using the base instance count");
     }
@@ -176,27 +304,5 @@ pub async fn reconcile_preset(
         actions = ?plan.actions,
         "calculated reconciliation state for preset"
     );
-
-    let report = execute::execute(&tx, ctx, &view, &plan, now).await?;
-
-    let watermark = tx
-        .prepare_cached(
-            "INSERT INTO preset_reconcile_state (preset_id, last_reconciled_at) VALUES ($1, $2)
-             ON CONFLICT (preset_id) DO UPDATE SET last_reconciled_at = EXCLUDED.last_reconciled_at",
-        )
-        .await?;
-    tx.execute(&watermark, &[&preset_id, &now]).await?;
-    tx.commit().await?;
-
-    if report.outbox_rows > 0 {
-        ctx.outbox_waker.notify_one();
-    }
-    ctx.metrics
-        .reconcile_jobs
-        .with_label_values(&["reconciled"])
-        .inc();
-    ctx.metrics
-        .reconcile_duration
-        .observe(started.elapsed().as_secs_f64());
-    Ok(ReconcileOutcome::Reconciled(report))
+    plan
 }
