@@ -412,22 +412,32 @@ async fn decide(
         serde_json::from_value(row.get("preset_parameters")).unwrap_or_default();
 
     let claim = tx.prepare_cached(include_str!("sql/claim.sql")).await?;
-    let Some(claimed) = tx
-        .query_opt(
-            &claim,
-            &[
-                &preset_id,
-                &request.user_id,
-                &request.workspace_name,
-                &now,
-                &template_id,
-                &version_id,
-                &last_invalidated_at,
-                &ttl_secs,
-            ],
-        )
-        .await?
-    else {
+    // Start at a random id so concurrent claims of one pool spread over it instead of all
+    // walking past the same freshly locked rows; wrap round to the lowest id when nothing
+    // eligible lies above the start.
+    let mut claimed = None;
+    for start in [Uuid::new_v4(), Uuid::nil()] {
+        claimed = tx
+            .query_opt(
+                &claim,
+                &[
+                    &preset_id,
+                    &request.user_id,
+                    &request.workspace_name,
+                    &now,
+                    &template_id,
+                    &version_id,
+                    &last_invalidated_at,
+                    &ttl_secs,
+                    &start,
+                ],
+            )
+            .await?;
+        if claimed.is_some() {
+            break;
+        }
+    }
+    let Some(claimed) = claimed else {
         return Ok((no_eligible(Some(preset_id)), labels, None));
     };
     let workspace_id: Uuid = claimed.get("id");

@@ -4,7 +4,11 @@
 -- latest build a successful start on the preset's (= active) version, every agent ready, not
 -- expired. PostgreSQL re-checks the workspace row's own predicates after locking it, so a delete
 -- committed meanwhile (deleting_at set) or a concurrent claim (owner changed) never wins it too.
--- $1 preset, $2 user, $3 name, $4 now, $5 template, $6 version, $7 last_invalidated_at, $8 TTL secs.
+-- The scan starts at workspace id $9 and walks up the index: concurrent claims start at random ids
+-- and so rarely meet the rows another claim just locked (the caller retries from the lowest id
+-- when nothing lies above the start).
+-- $1 preset, $2 user, $3 name, $4 now, $5 template, $6 version, $7 last_invalidated_at, $8 TTL secs,
+-- $9 first workspace id to consider.
 WITH picked AS (
     SELECT w.id, lb.build_number
     FROM workspaces w
@@ -18,6 +22,7 @@ WITH picked AS (
     ) lb ON true
     JOIN provisioner_jobs j ON j.id = lb.job_id
     WHERE w.template_id = $5
+      AND w.id >= $9
       AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild
       AND NOT w.deleted
       AND w.deleting_at IS NULL                              -- no delete queued
@@ -28,6 +33,7 @@ WITH picked AS (
       AND ($7::timestamptz IS NULL OR w.created_at >= $7)    -- not invalidated
       AND ($8::int <= 0                                      -- not past its TTL
            OR $4::timestamptz - w.created_at <= make_interval(secs => $8))
+    ORDER BY w.id
     LIMIT 1
     FOR UPDATE OF w SKIP LOCKED
 )
