@@ -109,6 +109,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         },
         args.worker_concurrency.into(),
         args.reconcile_batch_size.into(),
+        args.reconcile_spacing,
     ));
     let events = Arc::new(EventsHandler {
         context: EventsContext {

@@ -1,7 +1,9 @@
 //! Worker configuration: connection, service and reconcile settings plus concurrency.
 
 use clap::Parser;
-use prebuilds_runtime::config::{ConnectionArgs, ReconcileArgs, ServiceArgs};
+use std::time::Duration;
+
+use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ReconcileArgs, ServiceArgs};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -28,6 +30,12 @@ pub struct WorkerArgs {
     /// per preset. 1 turns batching off.
     #[arg(long, env = "PREBUILDS_RECONCILE_BATCH_SIZE", default_value_t = 32)]
     pub reconcile_batch_size: u16,
+
+    /// Least time between the starts of two reconciles of one preset in this worker while jobs
+    /// for it keep coming (a stream of claims); jobs arriving meanwhile share the next reconcile.
+    /// Bounds how often a large pool is re-read; adds at most this much to replenish latency.
+    #[arg(long, env = "PREBUILDS_RECONCILE_SPACING", default_value = "100ms", value_parser = parse_duration)]
+    pub reconcile_spacing: Duration,
 
     /// Claim requests handled at once. Claims are short transactions and the latency users feel,
     /// so they get their own, larger budget.

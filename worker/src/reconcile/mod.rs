@@ -69,13 +69,19 @@ pub struct ReconcileHandler {
 }
 
 impl ReconcileHandler {
-    /// `concurrency` reconcile transactions at once, each covering up to `max_batch` presets.
-    /// Needs a Tokio runtime (starts the batch drainers).
-    pub fn new(context: ReconcileContext, concurrency: usize, max_batch: usize) -> Self {
+    /// `concurrency` reconcile transactions at once, each covering up to `max_batch` presets;
+    /// reconciles of one preset start at least `spacing` apart. Needs a Tokio runtime (starts
+    /// the batch drainers).
+    pub fn new(
+        context: ReconcileContext,
+        concurrency: usize,
+        max_batch: usize,
+        spacing: std::time::Duration,
+    ) -> Self {
         ReconcileHandler {
             batcher: batch::Batcher::start(context.clone(), concurrency, max_batch),
             context,
-            in_flight: single_flight::SingleFlight::default(),
+            in_flight: single_flight::SingleFlight::with_spacing(spacing),
         }
     }
 }

@@ -3,10 +3,14 @@
 //! reconcile at a time; jobs arriving meanwhile wait for the next run, which starts after all of
 //! them arrived and so answers them all. A burst of claims on one preset therefore costs a
 //! couple of reconciles, not one each. A failed run satisfies nobody: its waiters run again.
+//!
+//! Runs of one preset also start at least `spacing` apart while jobs keep coming: a sustained
+//! stream of claims on a large pool would otherwise keep a reconcile of it running back to back,
+//! re-reading the whole pool each time. Jobs arriving during the gap join the next run.
 
-use std::{collections::HashMap, future::Future, sync::Mutex};
+use std::{collections::HashMap, future::Future, sync::Mutex, time::Duration};
 
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
 #[derive(Debug)]
@@ -16,6 +20,8 @@ struct Slot {
     /// Highest request number a completed run satisfied.
     satisfied: u64,
     running: bool,
+    /// When the last run started (kept while the slot lives, i.e. while jobs keep coming).
+    last_started: Option<Instant>,
     /// Waiters currently interested in this slot (to drop idle slots).
     interested: usize,
     done: watch::Sender<u64>,
@@ -33,9 +39,21 @@ pub enum Flight<T> {
 #[derive(Debug, Default)]
 pub struct SingleFlight {
     slots: Mutex<HashMap<Uuid, Slot>>,
+    /// Least time between the starts of two runs of one key.
+    spacing: Duration,
+    /// When idle slots of all keys were last swept.
+    swept_at: Mutex<Option<Instant>>,
 }
 
 impl SingleFlight {
+    pub fn with_spacing(spacing: Duration) -> Self {
+        SingleFlight {
+            slots: Mutex::default(),
+            spacing,
+            swept_at: Mutex::default(),
+        }
+    }
+
     /// Runs `work` for `key` unless a run starting after this call completes first.
     pub async fn run<T, E, F, Fut>(&self, key: Uuid, mut work: F) -> Result<Flight<T>, E>
     where
@@ -51,6 +69,7 @@ impl SingleFlight {
                 requested: 0,
                 satisfied: 0,
                 running: false,
+                last_started: None,
                 interested: 0,
                 done: watch::channel(0).0,
             });
@@ -74,14 +93,28 @@ impl SingleFlight {
                     None
                 } else {
                     slot.running = true;
-                    // Every request seen so far arrived before this run starts.
-                    Some(slot.requested)
+                    Some(slot.last_started)
                 }
             };
-            let Some(covers) = start else {
+            let Some(last_started) = start else {
                 // Someone else is running: wait for it to finish, then look again.
                 let _ = done.changed().await;
                 continue;
+            };
+            if let Some(last_started) = last_started {
+                tokio::time::sleep_until(last_started + self.spacing).await;
+            }
+            let covers = {
+                let mut slots = self
+                    .slots
+                    .lock()
+                    .expect("single-flight map is never poisoned");
+                let slot = slots
+                    .get_mut(&key)
+                    .expect("the slot lives while someone is interested");
+                slot.last_started = Some(Instant::now());
+                // Every request seen so far arrived before this run starts.
+                slot.requested
             };
             let result = work().await;
             let mut slots = self
@@ -102,16 +135,31 @@ impl SingleFlight {
             .slots
             .lock()
             .expect("single-flight map is never poisoned");
+        let now = Instant::now();
+        let spacing = self.spacing;
+        // Idle slots go once their spacing has passed; one that ran recently stays, so the next
+        // job for its key still waits out the gap. Other keys' stale slots are swept at most once
+        // per spacing (the map holds only keys active within about one spacing).
+        let stale = |slot: &Slot| {
+            slot.interested == 0
+                && !slot.running
+                && slot.last_started.is_none_or(|t| now >= t + spacing)
+        };
         if let Some(slot) = slots.get_mut(&key) {
             slot.interested -= 1;
-            if slot.interested == 0 && !slot.running {
+            if stale(slot) {
                 slots.remove(&key);
             }
+        }
+        let mut swept_at = self.swept_at.lock().expect("never poisoned");
+        if swept_at.is_none_or(|t| now >= t + spacing) {
+            slots.retain(|_, slot| !stale(slot));
+            *swept_at = Some(now);
         }
         outcome
     }
 
-    /// Presets with a slot (for tests: idle slots are dropped).
+    /// Presets with a slot (for tests: idle slots are dropped once their spacing has passed).
     pub fn tracked(&self) -> usize {
         self.slots
             .lock()
@@ -124,7 +172,7 @@ impl SingleFlight {
 mod tests {
     use std::sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     };
 
     use super::*;
@@ -185,6 +233,49 @@ mod tests {
         let second = flight.run(key, || async { Ok::<_, ()>(2) }).await.unwrap();
         assert_eq!(second, Flight::Ran(2));
         assert_eq!(first.await.unwrap().unwrap(), Flight::Ran(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_of_one_key_start_at_least_the_spacing_apart_and_share_the_gap() {
+        let spacing = Duration::from_millis(100);
+        let flight = Arc::new(SingleFlight::with_spacing(spacing));
+        let key = Uuid::new_v4();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        // A steady stream: a job every 10 ms for a second, each run taking 5 ms.
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let flight = flight.clone();
+            let starts = starts.clone();
+            tasks.push(tokio::spawn(async move {
+                flight
+                    .run(key, || {
+                        let starts = starts.clone();
+                        async move {
+                            starts.lock().unwrap().push(Instant::now());
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            Ok::<_, ()>(())
+                        }
+                    })
+                    .await
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for t in tasks {
+            assert!(t.await.unwrap().is_ok(), "every job is answered");
+        }
+        let starts = starts.lock().unwrap();
+        for pair in starts.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= spacing,
+                "runs {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
+        assert!(
+            (9..=12).contains(&starts.len()),
+            "{} runs for 100 jobs over a second",
+            starts.len()
+        );
     }
 
     #[tokio::test]
