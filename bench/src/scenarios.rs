@@ -62,6 +62,11 @@ impl Sizes {
         }
     }
 
+    /// Concurrencies at which the floors are measured: those of the claim levels.
+    pub fn floor_levels(&self) -> Vec<usize> {
+        self.claims_per_level.iter().map(|(c, _)| *c).collect()
+    }
+
     pub fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
@@ -165,12 +170,56 @@ async fn publish_reconciles(publisher: &Publisher, presets: &[Uuid]) {
 // ---------------------------------------------------------------------------------------------
 // 1. Floors
 
-#[derive(Debug, Clone, Copy)]
+/// The machine's own limits, measured at each claim concurrency so a claim level can be compared
+/// with what the broker and the database alone do under the same load.
+#[derive(Debug, Clone)]
 pub struct Floors {
-    pub rpc_echo: Latency,
-    pub claim_tx: Latency,
+    /// (concurrent requesters, latency of one RPC echo round trip)
+    pub rpc_echo: Vec<(usize, Latency)>,
+    /// (concurrent connections, latency of one claim-shaped transaction)
+    pub claim_tx: Vec<(usize, Latency)>,
     pub publish_per_sec: f64,
     pub consume_per_sec: f64,
+}
+
+impl Floors {
+    /// RPC echo + claim transaction p50 at `concurrency` (the single-client floor when absent).
+    pub fn p50_at(&self, concurrency: usize) -> Duration {
+        let at = |levels: &[(usize, Latency)]| {
+            levels
+                .iter()
+                .find(|(c, _)| *c == concurrency)
+                .or(levels.first())
+                .map(|(_, l)| l.p50)
+                .unwrap_or_default()
+        };
+        at(&self.rpc_echo) + at(&self.claim_tx)
+    }
+}
+
+/// Each of `concurrency` tasks runs `op` back to back until `total` runs are done; returns every
+/// run's latency.
+async fn closed_loop<F, Fut>(concurrency: usize, total: usize, op: F) -> anyhow::Result<Latency>
+where
+    F: Fn(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let per_task = total.div_ceil(concurrency);
+    let op = &op;
+    let tasks = (0..concurrency).map(|task| async move {
+        let mut samples = Vec::with_capacity(per_task);
+        for n in 0..per_task {
+            let t = Instant::now();
+            op(task, n).await?;
+            samples.push(t.elapsed());
+        }
+        anyhow::Ok(samples)
+    });
+    let mut samples = Vec::new();
+    for result in futures::future::join_all(tasks).await {
+        samples.extend(result?);
+    }
+    Ok(Latency::of(samples))
 }
 
 pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
@@ -219,49 +268,76 @@ pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
             let _ = d.ack(BasicAckOptions::default()).await;
         }
     });
-    let client =
-        RpcClient::connect(&broker.url, "bench-echo-client", broker.topology.clone()).await?;
-    let body = vec![b'x'; 300];
-    let mut samples = Vec::new();
-    for i in 0..sizes.floor_iterations {
-        let id = format!("echo-{i}");
-        let t = Instant::now();
-        client
-            .request(
-                "",
-                &echo_queue,
-                &body,
-                &id,
-                "bench.echo",
-                Duration::from_secs(5),
+    // The same client shape as the claims scenario: a few connections shared by the requesters.
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(
+            RpcClient::connect(
+                &broker.url,
+                &format!("bench-echo-client-{i}"),
+                broker.topology.clone(),
             )
-            .await?;
-        samples.push(t.elapsed());
+            .await?,
+        );
     }
-    let rpc_echo = Latency::of(samples);
+    let body = vec![b'x'; 300];
+    let mut rpc_echo = Vec::new();
+    for concurrency in sizes.floor_levels() {
+        let latency = closed_loop(concurrency, sizes.floor_iterations, |task, n| {
+            let client = &clients[task % clients.len()];
+            let id = format!("echo-{concurrency}-{task}-{n}");
+            let (body, echo_queue) = (&body, &echo_queue);
+            async move {
+                client
+                    .request(
+                        "",
+                        echo_queue,
+                        body,
+                        &id,
+                        "bench.echo",
+                        Duration::from_secs(5),
+                    )
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rpc_echo.push((concurrency, latency));
+    }
     echo_task.abort();
 
-    // One claim-shaped transaction: BEGIN; UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED); COMMIT.
+    // One claim-shaped transaction: BEGIN; UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED);
+    // COMMIT — one connection per concurrent client, all claiming from the same table.
+    let levels = sizes.floor_levels();
     let pg = db.connect().await;
     pg.batch_execute(&format!(
         "CREATE TABLE bench_floor (id int PRIMARY KEY, owner int NOT NULL DEFAULT 0);
          INSERT INTO bench_floor (id) SELECT generate_series(1, {});",
-        sizes.floor_iterations + 10
+        (sizes.floor_iterations + 64) * levels.len()
     ))
     .await?;
-    let mut samples = Vec::new();
-    for _ in 0..sizes.floor_iterations {
-        let t = Instant::now();
-        pg.batch_execute("BEGIN").await?;
-        pg.query_one(
-            "UPDATE bench_floor SET owner = 1 WHERE id = (SELECT id FROM bench_floor WHERE owner = 0 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
-            &[],
-        )
-        .await?;
-        pg.batch_execute("COMMIT").await?;
-        samples.push(t.elapsed());
+    let mut connections = Vec::new();
+    for _ in 0..levels.iter().copied().max().unwrap_or(1) {
+        connections.push(db.connect().await);
     }
-    let claim_tx = Latency::of(samples);
+    let mut claim_tx = Vec::new();
+    for concurrency in levels {
+        let latency = closed_loop(concurrency, sizes.floor_iterations, |task, _| {
+            let pg = &connections[task];
+            async move {
+                pg.batch_execute("BEGIN").await?;
+                pg.query_one(
+                    "UPDATE bench_floor SET owner = 1 WHERE id = (SELECT id FROM bench_floor WHERE owner = 0 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+                    &[],
+                )
+                .await?;
+                pg.batch_execute("COMMIT").await?;
+                Ok(())
+            }
+        })
+        .await?;
+        claim_tx.push((concurrency, latency));
+    }
 
     // Persistent messages with confirms into a quorum queue, then consumed with acks.
     let rate_queue = format!("{}.bench-rate", broker.prefix());

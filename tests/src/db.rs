@@ -131,6 +131,11 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         self.pool.close();
         let name = self.name.clone();
+        // For post-mortems (EXPLAIN on the state a test or benchmark left behind).
+        if std::env::var_os("PREBUILDS_TEST_KEEP_DB").is_some() {
+            eprintln!("PREBUILDS_TEST_KEEP_DB: kept database {name}");
+            return;
+        }
         let url = database_url("postgres");
         // Drop runs outside async context guarantees: use a thread with its own runtime.
         let _ = std::thread::spawn(move || {
