@@ -30,8 +30,11 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
         pg_config,
         NoTls,
         ManagerConfig {
-            // Verified: a connection that died while idle (server restart) is replaced before use.
-            recycling_method: RecyclingMethod::Verified,
+            // Fast: a connection the server closed while idle (restart, idle timeout) is already
+            // marked closed by its connection task and is replaced before use; checking every
+            // checkout with a round trip (Verified) added ~0.1–0.2 ms to each claim. A connection
+            // that breaks silently surfaces as a transient error, which handlers retry in place.
+            recycling_method: RecyclingMethod::Fast,
         },
     );
     Pool::builder(manager)
@@ -149,6 +152,15 @@ pub mod cached {
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
         let statement = c.prepare_cached(sql).await?;
         c.query(&statement, params).await
+    }
+
+    pub async fn query_one<C: GenericClient>(
+        c: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let statement = c.prepare_cached(sql).await?;
+        c.query_one(&statement, params).await
     }
 
     pub async fn query_opt<C: GenericClient>(

@@ -3,8 +3,9 @@
 //!
 //! 1. Idempotency: the request's CloudEvents `id` is the request id; a request seen before gets its
 //!    first reply again (`claim_requests`), whatever happened since.
-//! 2. Validation (one round trip): user exists, name valid and free, preset exists and is active
-//!    (or is matched from the template's active-version presets by parameters).
+//! 2. Validation: user exists, name valid and free, preset exists and is active (or is matched
+//!    from the template's active-version presets by parameters). When the request names its preset,
+//!    these reads are pipelined with step 1's: one round trip for both.
 //! 3. The guarded claim statement (`sql/claim.sql`, `FOR UPDATE SKIP LOCKED`): concurrent claims
 //!    never pick the same prebuild and never wait on each other; a prebuild being deleted is never
 //!    claimed, and a claimed one is never deleted (see `sql/mark_deleting.sql`).
@@ -20,7 +21,7 @@ use prebuilds_runtime::{
     amqp::{
         consumer::Incoming, publisher::Outgoing, Handler, HandlerError, PublishError, Publisher,
     },
-    db::DbError,
+    db::{cached, DbError},
     outbox,
 };
 use prebuilds_schemas::{
@@ -28,7 +29,7 @@ use prebuilds_schemas::{
     Parameter, ProvisionerJob, RawEvent, ReconcilePreset, ReconcileReason, Transition,
 };
 use tokio::sync::Notify;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::{types::ToSql, Row};
 use uuid::Uuid;
 
 use crate::metrics::WorkerMetrics;
@@ -209,15 +210,27 @@ async fn claim_once(
     request: &ClaimRequest,
 ) -> Result<(ClaimReply, PresetLabels), DbError> {
     let tx = client.transaction().await?;
-    let begin = tx
-        .prepare_cached(include_str!("sql/claim_begin.sql"))
-        .await?;
-    let row = tx
-        .query_one(
-            &begin,
-            &[&prebuilds_store::lock::lock_key(request_id), &request_id],
-        )
-        .await?;
+    let (begin, validate) = futures::try_join!(
+        tx.prepare_cached(include_str!("sql/claim_begin.sql")),
+        tx.prepare_cached(include_str!("sql/claim_validate.sql")),
+    )?;
+    let lock_key = prebuilds_store::lock::lock_key(request_id);
+    let begin_params: [&(dyn ToSql + Sync); 2] = [&lock_key, &request_id];
+    let begin = tx.query_one(&begin, &begin_params);
+    // The usual request names its preset: its checks go out with the begin statement (one round
+    // trip for both). They run after the lock is granted, so they see what an earlier delivery of
+    // the same request committed; they are simply unused when that delivery already answered.
+    let name_ok = prebuilds_core::validate_workspace_name(&request.workspace_name).is_ok();
+    let (row, checks) = match request.preset_id {
+        Some(preset_id) if name_ok => {
+            let check_params: [&(dyn ToSql + Sync); 3] =
+                [&request.user_id, &preset_id, &request.workspace_name];
+            let checks = tx.query_one(&validate, &check_params);
+            let (row, checks) = futures::try_join!(begin, checks)?;
+            (row, Some(checks))
+        }
+        _ => (begin.await?, None),
+    };
     if let Some(first) = row
         .get::<_, Option<serde_json::Value>>("reply")
         .and_then(|v| serde_json::from_value(v).ok())
@@ -226,7 +239,7 @@ async fn claim_once(
         return Ok((first, PresetLabels::default()));
     }
     let now: DateTime<Utc> = row.get("now");
-    let (reply, labels, writes) = decide(&tx, ctx, request, now).await?;
+    let (reply, labels, writes) = decide(&tx, ctx, request, checks, now).await?;
     let record = tx
         .prepare_cached(
             "INSERT INTO claim_requests (request_id, user_id, preset_id, outcome, workspace_id, reply)
@@ -318,6 +331,7 @@ async fn decide(
     tx: &Transaction<'_>,
     ctx: &ClaimsContext,
     request: &ClaimRequest,
+    checks: Option<Row>,
     now: DateTime<Utc>,
 ) -> Result<(ClaimReply, PresetLabels, Option<ClaimWrites>), DbError> {
     let none = PresetLabels::default();
@@ -352,15 +366,21 @@ async fn decide(
             ))
         }
     };
-    let validate = tx
-        .prepare_cached(include_str!("sql/claim_validate.sql"))
-        .await?;
-    let row = tx
-        .query_one(
-            &validate,
-            &[&request.user_id, &preset_id, &request.workspace_name],
-        )
-        .await?;
+    let row = match checks {
+        Some(row) => row,
+        None => {
+            cached::query_one(
+                tx,
+                include_str!("sql/claim_validate.sql"),
+                &[
+                    &request.user_id,
+                    &preset_id,
+                    &request.workspace_name.as_str(),
+                ],
+            )
+            .await?
+        }
+    };
     let Some(owner_name) = row.get::<_, Option<String>>("username") else {
         let msg = format!("no user with id {}", request.user_id);
         return Ok((

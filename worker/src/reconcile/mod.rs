@@ -64,7 +64,7 @@ pub enum ReconcileOutcome {
 pub struct ReconcileHandler {
     pub context: ReconcileContext,
     /// Coalesces concurrent jobs of one preset within this process.
-    pub in_flight: single_flight::SingleFlight,
+    pub in_flight: single_flight::SingleFlight<ReconcileOutcome>,
     batcher: batch::Batcher,
 }
 
@@ -104,23 +104,24 @@ impl Handler for ReconcileHandler {
             })
             .await;
         let outcome = match flight {
-            Ok(single_flight::Flight::Ran(outcome)) => Ok(outcome),
-            Ok(single_flight::Flight::Coalesced) => {
+            Ok(single_flight::Flight::Ran(outcome)) => outcome,
+            // Answered by another job's run: its result is this job's too.
+            Ok(single_flight::Flight::Coalesced(outcome)) => {
                 self.context
                     .metrics
                     .reconcile_jobs
                     .with_label_values(&["coalesced"])
                     .inc();
-                Ok(ReconcileOutcome::Coalesced)
+                outcome
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(HandlerError::Transient(e.into())),
         };
         match outcome {
-            Ok(ReconcileOutcome::UnknownPreset) => Err(HandlerError::permanent(
+            ReconcileOutcome::UnknownPreset => Err(HandlerError::permanent(
                 "unknown_id",
                 format!("unknown preset {}", job.preset_id),
             )),
-            Ok(ReconcileOutcome::Reconciled(report)) => {
+            ReconcileOutcome::Reconciled(report) => {
                 if job.reason == ReconcileReason::Claim && report.created > 0 {
                     let latency = (Utc::now() - job.requested_at)
                         .num_microseconds()
@@ -132,8 +133,7 @@ impl Handler for ReconcileHandler {
                 }
                 Ok(())
             }
-            Ok(ReconcileOutcome::Coalesced) => Ok(()),
-            Err(e) => Err(HandlerError::Transient(e.into())),
+            ReconcileOutcome::Coalesced => Ok(()),
         }
     }
 }

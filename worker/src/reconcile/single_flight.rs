@@ -14,7 +14,7 @@ use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
 #[derive(Debug)]
-struct Slot {
+struct Slot<T> {
     /// Requests seen so far (a counter; each request needs a run that starts after it).
     requested: u64,
     /// Highest request number a completed run satisfied.
@@ -22,6 +22,8 @@ struct Slot {
     running: bool,
     /// When the last run started (kept while the slot lives, i.e. while jobs keep coming).
     last_started: Option<Instant>,
+    /// What the last successful run returned (handed to the requests it answered).
+    last_output: Option<T>,
     /// Waiters currently interested in this slot (to drop idle slots).
     interested: usize,
     done: watch::Sender<u64>,
@@ -32,20 +34,26 @@ struct Slot {
 pub enum Flight<T> {
     /// This request ran the reconcile.
     Ran(T),
-    /// A run that started after this request arrived completed successfully.
-    Coalesced,
+    /// A run that started after this request arrived completed successfully with this result.
+    Coalesced(T),
 }
 
-#[derive(Debug, Default)]
-pub struct SingleFlight {
-    slots: Mutex<HashMap<Uuid, Slot>>,
+#[derive(Debug)]
+pub struct SingleFlight<T> {
+    slots: Mutex<HashMap<Uuid, Slot<T>>>,
     /// Least time between the starts of two runs of one key.
     spacing: Duration,
     /// When idle slots of all keys were last swept.
     swept_at: Mutex<Option<Instant>>,
 }
 
-impl SingleFlight {
+impl<T: Clone> Default for SingleFlight<T> {
+    fn default() -> Self {
+        SingleFlight::with_spacing(Duration::ZERO)
+    }
+}
+
+impl<T: Clone> SingleFlight<T> {
     pub fn with_spacing(spacing: Duration) -> Self {
         SingleFlight {
             slots: Mutex::default(),
@@ -55,7 +63,7 @@ impl SingleFlight {
     }
 
     /// Runs `work` for `key` unless a run starting after this call completes first.
-    pub async fn run<T, E, F, Fut>(&self, key: Uuid, mut work: F) -> Result<Flight<T>, E>
+    pub async fn run<E, F, Fut>(&self, key: Uuid, mut work: F) -> Result<Flight<T>, E>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -70,6 +78,7 @@ impl SingleFlight {
                 satisfied: 0,
                 running: false,
                 last_started: None,
+                last_output: None,
                 interested: 0,
                 done: watch::channel(0).0,
             });
@@ -87,7 +96,11 @@ impl SingleFlight {
                     .get_mut(&key)
                     .expect("the slot lives while someone is interested");
                 if slot.satisfied >= mine {
-                    break Ok(Flight::Coalesced);
+                    let output = slot
+                        .last_output
+                        .clone()
+                        .expect("a satisfied request was answered by a successful run");
+                    break Ok(Flight::Coalesced(output));
                 }
                 if slot.running {
                     None
@@ -125,8 +138,9 @@ impl SingleFlight {
                 .get_mut(&key)
                 .expect("the slot lives while someone is interested");
             slot.running = false;
-            if result.is_ok() {
+            if let Ok(output) = &result {
                 slot.satisfied = slot.satisfied.max(covers);
+                slot.last_output = Some(output.clone());
             }
             slot.done.send_replace(slot.satisfied);
             break result.map(Flight::Ran);
@@ -140,7 +154,7 @@ impl SingleFlight {
         // Idle slots go once their spacing has passed; one that ran recently stays, so the next
         // job for its key still waits out the gap. Other keys' stale slots are swept at most once
         // per spacing (the map holds only keys active within about one spacing).
-        let stale = |slot: &Slot| {
+        let stale = |slot: &Slot<T>| {
             slot.interested == 0
                 && !slot.running
                 && slot.last_started.is_none_or(|t| now >= t + spacing)
@@ -188,18 +202,26 @@ mod tests {
                 let runs = runs.clone();
                 tokio::spawn(async move {
                     flight
-                        .run(key, || async {
-                            runs.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                            Ok::<_, ()>(())
+                        .run(key, || {
+                            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                            async move {
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                                Ok::<_, ()>(run)
+                            }
                         })
                         .await
                 })
             })
             .collect();
+        let mut answers = Vec::new();
         for t in tasks {
-            assert!(t.await.unwrap().is_ok());
+            answers.push(t.await.unwrap().unwrap());
         }
+        // A coalesced request carries the result of the run that answered it.
+        let last_run = runs.load(Ordering::SeqCst);
+        assert!(answers.iter().all(|a| match a {
+            Flight::Ran(run) | Flight::Coalesced(run) => (1..=last_run).contains(run),
+        }));
         let n = runs.load(Ordering::SeqCst);
         assert!((1..=2).contains(&n), "{n} runs for one burst");
         assert_eq!(flight.tracked(), 0, "idle slots are dropped");
@@ -283,7 +305,7 @@ mod tests {
         let flight = SingleFlight::default();
         let key = Uuid::new_v4();
         assert!(flight
-            .run(key, || async { Err::<(), _>("down") })
+            .run(key, || async { Err::<i32, _>("down") })
             .await
             .is_err());
         assert_eq!(
