@@ -18,10 +18,12 @@ fn every_scenario_runs_and_is_reported() {
     );
     let report = std::fs::read_to_string(&output).expect("report written");
     for row in [
-        "floor: RabbitMQ RPC echo round trip",
-        "floor: one claim-shaped transaction",
+        "floor: RabbitMQ RPC echo round trip, 1 clients",
+        "floor: RabbitMQ RPC echo round trip, 8 clients",
+        "floor: claim-shaped transaction, 8 connections",
         "claim latency, 1 clients",
         "claim latency, 8 clients",
+        "the floor at 8 clients",
         "replenish: claim request",
         "reconcile pass, 50 presets at steady state, 2 worker(s)",
         "scheduler with 50 presets",
