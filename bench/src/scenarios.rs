@@ -646,11 +646,18 @@ pub async fn cold_fill(sizes: &Sizes) -> anyhow::Result<Fill> {
     publish_reconciles(&publisher, &presets).await;
     loop {
         let eligible: i64 = pg
+            // Correlated lookups only: the tables grow from empty during the fill, and a join
+            // planned on empty-table statistics turned this probe quadratic (0.4 s a poll, CPU
+            // taken from the system under test).
             .query_one(
                 "SELECT count(*) FROM workspaces w
-                 JOIN LATERAL (SELECT job_id FROM workspace_builds b WHERE b.workspace_id = w.id ORDER BY build_number DESC LIMIT 1) lb ON true
-                 JOIN provisioner_jobs j ON j.id = lb.job_id AND j.job_status = 'succeeded'
-                 WHERE NOT w.deleted AND EXISTS (SELECT 1 FROM workspace_agents a WHERE a.job_id = j.id AND a.lifecycle_state = 'ready')",
+                 WHERE NOT w.deleted
+                   AND (SELECT j.job_status = 'succeeded'
+                               AND EXISTS (SELECT 1 FROM workspace_agents a
+                                           WHERE a.job_id = j.id AND a.lifecycle_state = 'ready')
+                        FROM workspace_builds b JOIN provisioner_jobs j ON j.id = b.job_id
+                        WHERE b.workspace_id = w.id
+                        ORDER BY b.build_number DESC LIMIT 1)",
                 &[],
             )
             .await?

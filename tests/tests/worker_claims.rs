@@ -356,6 +356,7 @@ async fn replacements_on_a_claim_build_warn_count_and_notify_each_admin_exactly_
         metrics: WorkerMetrics::register(&registry).unwrap(),
         outbox_waker: Arc::new(tokio::sync::Notify::new()),
         source: "test".into(),
+        wakes_held_back: true,
     };
     let plan = ProvisionerEvent::PlanResult(PlanResult {
         job_id: job,

@@ -23,6 +23,7 @@ fn ctx(db: &TestDb) -> EventsContext {
         metrics: WorkerMetrics::register(&prometheus::Registry::new()).unwrap(),
         outbox_waker: Arc::new(tokio::sync::Notify::new()),
         source: "test".into(),
+        wakes_held_back: true,
     }
 }
 

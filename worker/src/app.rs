@@ -117,6 +117,8 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             metrics: worker_metrics.clone(),
             outbox_waker: waker.clone(),
             source: source.clone(),
+            wakes_held_back: args.reconcile.max_inflight_jobs > 0
+                || args.reconcile.max_inflight_per_preset > 0,
         },
     });
     // Replies get their own unconfirmed connection: they must not wait behind the confirms of

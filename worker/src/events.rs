@@ -42,6 +42,10 @@ pub struct EventsContext {
     pub metrics: WorkerMetrics,
     pub outbox_waker: Arc<Notify>,
     pub source: String,
+    /// A completed create wakes presets held back by capacity. Only with a cap configured:
+    /// without one nothing is held back, and the wake-up's global lock would serialize every
+    /// completion for nothing.
+    pub wakes_held_back: bool,
 }
 
 #[derive(Debug)]
@@ -447,7 +451,7 @@ async fn request_reconcile(
     frees_capacity: bool,
 ) -> Result<bool, EventError> {
     let mut presets: Vec<Uuid> = job.preset_id.into_iter().collect();
-    if frees_capacity && job.stage.as_deref() == Some("create") {
+    if frees_capacity && ctx.wakes_held_back && job.stage.as_deref() == Some("create") {
         for waiting in prebuilds_store::capacity::take_waiting(tx, WAKE_PER_COMPLETION).await? {
             if !presets.contains(&waiting) {
                 presets.push(waiting);

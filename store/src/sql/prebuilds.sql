@@ -16,7 +16,19 @@ SELECT cp.preset_id,
                  FROM workspace_agents a
                  WHERE a.job_id = lb.job_id
                    AND NOT a.deleted), false) AS ready
-FROM workspaces w
+FROM (SELECT DISTINCT v.template_id                       -- templates of the presets asked for
+      FROM template_version_presets p
+      JOIN template_versions v ON v.id = p.template_version_id
+      WHERE p.id = ANY($1)) t
+-- Per template, so the template filter applies at the scan of workspaces whatever plan PostgreSQL
+-- picks (even one made while the table was nearly empty): the per-row lookups below only ever run
+-- for the pools asked for, never for every live prebuild.
+JOIN LATERAL (
+    SELECT w.id, w.created_at FROM workspaces w
+    WHERE w.template_id = t.template_id
+      AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild (a claimed one is the user's)
+      AND NOT w.deleted                                      -- live workspaces only
+) w ON true
 JOIN LATERAL (
     SELECT b.* FROM workspace_builds b
     WHERE b.workspace_id = w.id
@@ -29,10 +41,4 @@ JOIN LATERAL (
       AND b.template_version_preset_id IS NOT NULL       -- delete builds carry no preset
     ORDER BY b.build_number DESC LIMIT 1                 -- the workspace's current preset
 ) cp ON true
-WHERE w.template_id IN (                                 -- templates of the presets asked for
-        SELECT v.template_id FROM template_version_presets p
-        JOIN template_versions v ON v.id = p.template_version_id
-        WHERE p.id = ANY($1))
-  AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild (a claimed one is the user's)
-  AND NOT w.deleted                                      -- live workspaces only
-  AND cp.preset_id = ANY($1)                             -- it belongs to one of these presets now
+WHERE cp.preset_id = ANY($1)                             -- it belongs to one of these presets now
