@@ -161,6 +161,12 @@ impl Leadership<'_> {
             term.clone(),
         ));
         tasks.spawn(self.refresher.clone().run(term.clone()));
+        tasks.spawn(db::refresh_plans_as_tables_grow(
+            self.passes.pool.clone(),
+            prebuilds_store::GROWING_TABLES,
+            std::time::Duration::from_secs(10),
+            term.clone(),
+        ));
         tasks.close();
 
         let lost = loop {

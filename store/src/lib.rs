@@ -11,3 +11,15 @@ pub mod settings;
 pub mod snapshot;
 
 pub use snapshot::{load_snapshots, PresetView};
+
+/// Tables that grow with use and that hot-path statements look rows up in: when one of them has
+/// doubled, cached generic plans are made again (`prebuilds_runtime::db::refresh_plans_as_tables_grow`).
+pub const GROWING_TABLES: &[&str] = &[
+    "workspaces",
+    "workspace_builds",
+    "provisioner_jobs",
+    "workspace_agents",
+    "processed_messages",
+    "claim_requests",
+    "outbox",
+];

@@ -25,6 +25,9 @@ use crate::{
     reconcile::{ReconcileContext, ReconcileHandler},
 };
 
+/// How often the sizes behind cached plans are checked (one cheap query).
+const PLAN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long one delivery rides out a database or broker outage before it is requeued (the
 /// delivery limit allows five such windows: minutes of outage lose nothing).
 const TRANSIENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -78,6 +81,12 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn(watch_database(
         pool.clone(),
         health.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(db::refresh_plans_as_tables_grow(
+        pool.clone(),
+        prebuilds_store::GROWING_TABLES,
+        PLAN_CHECK_INTERVAL,
         shutdown.clone(),
     ));
 
