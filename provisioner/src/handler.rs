@@ -34,10 +34,11 @@ use prebuilds_schemas::{
 };
 use tokio_util::sync::CancellationToken;
 
+use prebuilds_runtime::keyed_locks::KeyedLocks;
+
 use crate::{
     backend::{Backend, BuildResult, RunError},
     events::{Emitter, JobRecord},
-    locks::KeyedLocks,
     metrics::ProvisionerMetrics,
     records::CompletedJobs,
 };

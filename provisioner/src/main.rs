@@ -3,15 +3,14 @@
 //!
 //! Modules: [`config`] (flags and validation), [`app`] (wiring and shutdown), [`handler`] (one job
 //! delivery, start to ack), [`events`] (deterministic event ids, recording and publishing),
-//! [`backend`], [`sim`] and [`terraform`] (the executors), [`records`] and [`locks`] (in-process
-//! idempotence), [`metrics`].
+//! [`backend`], [`sim`] and [`terraform`] (the executors), [`records`] (in-process idempotence,
+//! with `prebuilds_runtime::keyed_locks`), [`metrics`].
 
 mod app;
 mod backend;
 mod config;
 mod events;
 mod handler;
-mod locks;
 mod metrics;
 mod records;
 mod sim;

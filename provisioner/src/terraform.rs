@@ -51,10 +51,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use prebuilds_runtime::keyed_locks::KeyedLocks;
+
 use crate::{
     backend::{BuildResult, RunError},
     events::Emitter,
-    locks::KeyedLocks,
 };
 
 const TEMPLATE_SOURCE_SQL: &str = include_str!("sql/template_source.sql");

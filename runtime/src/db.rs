@@ -52,7 +52,7 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
 
 /// A table must reach this many pages before its growth triggers a refresh (below it, plans for a
 /// tiny table are cheap whatever their shape).
-const PLAN_REFRESH_MIN_PAGES: i64 = 16;
+const PLAN_REFRESH_MIN_PAGES: i64 = 8;
 
 /// Drops every pooled connection's cached statements whenever one of `tables` has doubled in size
 /// since the statements were prepared, so their generic plans are made again.

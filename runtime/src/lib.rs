@@ -3,13 +3,14 @@
 //! ([`db`]), the AMQP topology, publisher and consumer supervisor ([`amqp`]), the transactional
 //! outbox and its relay ([`outbox`]), the `/metrics` `/healthz` `/readyz` server ([`http`]),
 //! process-level counters ([`metrics`]), readiness ([`health`]) and graceful shutdown
-//! ([`shutdown`]), and bounded retries ([`retry`]).
+//! ([`shutdown`]), bounded retries ([`retry`]) and in-process locks by key ([`keyed_locks`]).
 
 pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod health;
 pub mod http;
+pub mod keyed_locks;
 pub mod metrics;
 pub mod outbox;
 pub mod retry;

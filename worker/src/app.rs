@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// How often the sizes behind cached plans are checked (one cheap query).
-const PLAN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+const PLAN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long one delivery rides out a database or broker outage before it is requeued (the
 /// delivery limit allows five such windows: minutes of outage lose nothing).
@@ -102,6 +102,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         prefetch: match queue {
             QueueKind::Claims => args.claim_concurrency,
             QueueKind::Reconcile => args.reconcile_prefetch(),
+            QueueKind::ProvisionerEvents => args.events_prefetch(),
             _ => args.worker_concurrency,
         },
         connection_name: format!("{source}/{}", queue.suffix()),
@@ -120,8 +121,8 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         args.reconcile_batch_size.into(),
         args.reconcile_spacing,
     ));
-    let events = Arc::new(EventsHandler {
-        context: EventsContext {
+    let events = Arc::new(EventsHandler::new(
+        EventsContext {
             pool: pool.clone(),
             metrics: worker_metrics.clone(),
             outbox_waker: waker.clone(),
@@ -129,7 +130,8 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             wakes_held_back: args.reconcile.max_inflight_jobs > 0
                 || args.reconcile.max_inflight_per_preset > 0,
         },
-    });
+        args.worker_concurrency.into(),
+    ));
     // Replies get their own unconfirmed connection: they must not wait behind the confirms of
     // persistent outbox messages.
     let replies = Arc::new(Publisher::unconfirmed(

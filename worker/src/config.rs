@@ -76,6 +76,12 @@ impl WorkerArgs {
             .saturating_mul(self.reconcile_batch_size)
     }
 
+    /// Provisioner events taken from the queue at once: a few per transaction slot, so that while
+    /// one job's events wait for each other, other jobs' events are at hand.
+    pub fn events_prefetch(&self) -> u16 {
+        self.worker_concurrency.saturating_mul(4)
+    }
+
     pub fn core_config(&self) -> prebuilds_core::ReconcileConfig {
         let delta = |d: std::time::Duration| {
             chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)

@@ -1,6 +1,7 @@
 //! Provisioner events (`<prefix>.provisioner-events`) → database. Each event is applied in one
 //! transaction together with the record of its id (`processed_messages`), so a redelivered event is
-//! acknowledged without effect. Events of one job are serialized by locking the job row; state only
+//! acknowledged without effect. Events of one job are serialized by locking the job row (and,
+//! within a worker, before any connection is taken: [`EventsHandler`]); state only
 //! moves forward (a completed job never goes back to running, an agent never back from ready), so
 //! reordered events are harmless.
 //!
@@ -13,6 +14,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use deadpool_postgres::{Pool, Transaction};
 use prebuilds_runtime::db::cached;
+use prebuilds_runtime::keyed_locks::KeyedLocks;
 use prebuilds_runtime::{
     amqp::{consumer::Incoming, Handler, HandlerError},
     db::DbError,
@@ -23,7 +25,7 @@ use prebuilds_schemas::{
     Notification, PlanResult, ProvisionerEvent, RawEvent, ReconcileReason, ResourceReplacement,
     PREBUILDS_USER_ID, RESOURCE_REPLACED_TEMPLATE_ID,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
 use crate::metrics::WorkerMetrics;
@@ -51,6 +53,23 @@ pub struct EventsContext {
 #[derive(Debug)]
 pub struct EventsHandler {
     pub context: EventsContext,
+    /// Events of one job wait for each other here, holding no connection: a provisioner sends a
+    /// job's events back to back, and waiting for the job row's lock inside a transaction would
+    /// idle a connection and a handler slot per waiting event.
+    jobs: KeyedLocks,
+    /// Event transactions at once. The consumer takes more deliveries than this, so events of
+    /// other jobs keep flowing while one job's events wait their turn.
+    slots: Semaphore,
+}
+
+impl EventsHandler {
+    pub fn new(context: EventsContext, concurrency: usize) -> Self {
+        EventsHandler {
+            context,
+            jobs: KeyedLocks::default(),
+            slots: Semaphore::new(concurrency.max(1)),
+        }
+    }
 }
 
 /// How an event was applied.
@@ -82,6 +101,12 @@ impl Handler for EventsHandler {
             .map_err(|e| HandlerError::permanent("envelope", e.to_string()))?;
         let (id, event) = ProvisionerEvent::decode(raw)
             .map_err(|e| HandlerError::permanent("schema", e.to_string()))?;
+        let _job = self.jobs.lock(event.job_id()).await;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("the events semaphore is never closed");
         match apply(&self.context, id, &event).await {
             Ok(_) => Ok(()),
             Err(EventError::UnknownJob(job)) => Err(HandlerError::permanent(

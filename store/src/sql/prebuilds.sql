@@ -21,13 +21,16 @@ FROM (SELECT DISTINCT v.template_id                       -- templates of the pr
       JOIN template_versions v ON v.id = p.template_version_id
       WHERE p.id = ANY($1)) t
 -- Per template, so the template filter applies at the scan of workspaces whatever plan PostgreSQL
--- picks (even one made while the table was nearly empty): the per-row lookups below only ever run
--- for the pools asked for, never for every live prebuild.
+-- picks (even a generic plan made while the tables were nearly empty): the per-row lookups below
+-- only ever run for the pools asked for, never for every live prebuild. OFFSET 0 keeps the planner
+-- from flattening the subquery and moving that filter after the lookups (seen: 12 s per read
+-- during a cold fill).
 JOIN LATERAL (
     SELECT w.id, w.created_at FROM workspaces w
     WHERE w.template_id = t.template_id
       AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild (a claimed one is the user's)
       AND NOT w.deleted                                      -- live workspaces only
+    OFFSET 0
 ) w ON true
 JOIN LATERAL (
     SELECT b.* FROM workspace_builds b

@@ -1,7 +1,8 @@
-//! In-process mutual exclusion by key: one job id runs at a time (a duplicate delivery waits for
-//! the first and then finds its record), and one workspace's terraform working directory is used by
-//! one build at a time. Entries are removed when the last holder or waiter leaves, so the map stays
-//! as small as the work in flight.
+//! In-process mutual exclusion by key (a job id, a workspace id): holders of one key run one at a
+//! time, waiting without holding anything else (no database connection, no thread). Used where
+//! work on one key must not overlap within a process: a provisioner's duplicate deliveries of a
+//! job, its builds of one workspace, a worker's events of one job. Entries are removed when the
+//! last holder or waiter leaves, so the map stays as small as the work in flight.
 
 use std::{
     collections::HashMap,
