@@ -794,6 +794,54 @@ impl Drop for TempDir {
     }
 }
 
+/// What every terraform test starts from: a fresh database and broker, and the provisioner binary
+/// on the terraform backend in its own working directory (`extra` flags appended), ready. `None`,
+/// with a loud note, when terraform is not installed.
+struct TerraformRig {
+    db: TestDb,
+    broker: TestBroker,
+    workdir: TempDir,
+    port: u16,
+    service: Service,
+    publisher: Publisher,
+}
+
+async fn terraform_rig(extra: &[&str]) -> Option<TerraformRig> {
+    if !terraform_available() {
+        return None;
+    }
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let workdir = TempDir::new();
+    let port = free_port();
+    let dir = workdir.0.to_str().expect("utf-8 path").to_owned();
+    let mut args = vec![
+        "--backend",
+        "terraform",
+        "--terraform-workdir",
+        dir.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let service = provisioner(&broker, port, &args, &[("DATABASE_URL", db.url.as_str())]);
+    wait_ready(port).await;
+    let publisher = test_publisher(&broker);
+    Some(TerraformRig {
+        db,
+        broker,
+        workdir,
+        port,
+        service,
+        publisher,
+    })
+}
+
+/// A prebuild create job (build 1, `start`) of template version `version`.
+fn create_job(version: Uuid, parameters: &[(&str, &str)]) -> ProvisionerJob {
+    let mut create = job(Transition::Start, BuildStage::Create, parameters);
+    create.template_version_id = version;
+    create
+}
+
 /// Inserts a template version with `source` (None: a version without source).
 async fn template_version(db: &TestDb, source: Option<&str>) -> Uuid {
     let client = db.pool.get().await.expect("db");
@@ -813,40 +861,17 @@ async fn template_version(db: &TestDb, source: Option<&str>) -> Uuid {
 
 #[tokio::test]
 async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() {
-    if !terraform_available() {
+    let Some(rig) = terraform_rig(&["--terraform-timeout", "2m"]).await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let workdir = TempDir::new();
-    let version = template_version(&db, Some(TEMPLATE)).await;
-    let port = free_port();
-    let _service = provisioner(
-        &broker,
-        port,
-        &[
-            "--backend",
-            "terraform",
-            "--terraform-workdir",
-            workdir.0.to_str().expect("utf-8 path"),
-            "--terraform-timeout",
-            "2m",
-        ],
-        &[("DATABASE_URL", db.url.as_str())],
-    );
-    wait_ready(port).await;
-    let publisher = test_publisher(&broker);
-    let mut reader = EventReader::new(&broker);
+    };
+    let (db, workdir, publisher) = (&rig.db, &rig.workdir, &rig.publisher);
+    let version = template_version(db, Some(TEMPLATE)).await;
+    let mut reader = EventReader::new(&rig.broker);
 
     // 1. The prebuild is created.
-    let mut create = job(
-        Transition::Start,
-        BuildStage::Create,
-        &[("image", "ubuntu")],
-    );
-    create.template_version_id = version;
+    let create = create_job(version, &[("image", "ubuntu")]);
     let started = Instant::now();
-    publish(&publisher, &create).await;
+    publish(publisher, &create).await;
     let events = reader
         .until(
             create.job_id,
@@ -907,7 +932,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     claim.owner_id = Uuid::new_v4();
     claim.owner_name = "alice".into();
     let started = Instant::now();
-    publish(&publisher, &claim).await;
+    publish(publisher, &claim).await;
     let events = reader
         .until(claim.job_id, Duration::from_secs(120), "claim build", |e| {
             has(e, "agent_lifecycle:ready")
@@ -943,7 +968,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     // 3. Delete: no parameters (the previous build's variables are reused), state destroyed.
     let delete = next_build(&claim, Transition::Delete, BuildStage::None, &[]);
     let started = Instant::now();
-    publish(&publisher, &delete).await;
+    publish(publisher, &delete).await;
     let events = reader
         .until(
             delete.job_id,
@@ -976,36 +1001,19 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
 
 #[tokio::test]
 async fn terraform_failures_are_reported_with_terraforms_error() {
-    if !terraform_available() {
+    let Some(rig) = terraform_rig(&[]).await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let workdir = TempDir::new();
-    let needs_image = template_version(&db, Some(TEMPLATE)).await;
-    let without_source = template_version(&db, None).await;
-    let _service = provisioner(
-        &broker,
-        free_port(),
-        &[
-            "--backend",
-            "terraform",
-            "--terraform-workdir",
-            workdir.0.to_str().expect("utf-8 path"),
-        ],
-        &[("DATABASE_URL", db.url.as_str())],
-    );
-    let publisher = test_publisher(&broker);
-    let mut reader = EventReader::new(&broker);
+    };
+    let needs_image = template_version(&rig.db, Some(TEMPLATE)).await;
+    let without_source = template_version(&rig.db, None).await;
+    let mut reader = EventReader::new(&rig.broker);
 
     // A required variable is missing.
-    let mut missing_var = job(Transition::Start, BuildStage::Create, &[]);
-    missing_var.template_version_id = needs_image;
+    let missing_var = create_job(needs_image, &[]);
     // No source at all.
-    let mut no_source = job(Transition::Start, BuildStage::Create, &[]);
-    no_source.template_version_id = without_source;
-    publish(&publisher, &missing_var).await;
-    publish(&publisher, &no_source).await;
+    let no_source = create_job(without_source, &[]);
+    publish(&rig.publisher, &missing_var).await;
+    publish(&rig.publisher, &no_source).await;
 
     for (job, expected) in [
         (&missing_var, "No value for required variable"),
@@ -1043,32 +1051,14 @@ resource "terraform_data" "slow" {
 
 #[tokio::test]
 async fn terraform_invocations_are_bounded_by_the_timeout() {
-    if !terraform_available() {
+    let Some(rig) = terraform_rig(&["--terraform-timeout", "3s"]).await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let workdir = TempDir::new();
-    let version = template_version(&db, Some(SLOW_TEMPLATE)).await;
-    let _service = provisioner(
-        &broker,
-        free_port(),
-        &[
-            "--backend",
-            "terraform",
-            "--terraform-workdir",
-            workdir.0.to_str().expect("utf-8 path"),
-            "--terraform-timeout",
-            "3s",
-        ],
-        &[("DATABASE_URL", db.url.as_str())],
-    );
-    let publisher = test_publisher(&broker);
-    let mut reader = EventReader::new(&broker);
-    let mut slow = job(Transition::Start, BuildStage::Create, &[]);
-    slow.template_version_id = version;
+    };
+    let version = template_version(&rig.db, Some(SLOW_TEMPLATE)).await;
+    let mut reader = EventReader::new(&rig.broker);
+    let slow = create_job(version, &[]);
     let started = Instant::now();
-    publish(&publisher, &slow).await;
+    publish(&rig.publisher, &slow).await;
     let events = reader
         .until(
             slow.job_id,
@@ -1093,31 +1083,13 @@ async fn terraform_invocations_are_bounded_by_the_timeout() {
 
 #[tokio::test]
 async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
-    if !terraform_available() {
+    let Some(mut rig) = terraform_rig(&["--shutdown-timeout", "6s"]).await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let workdir = TempDir::new();
-    let version = template_version(&db, Some(SLOW_TEMPLATE)).await;
-    let mut service = provisioner(
-        &broker,
-        free_port(),
-        &[
-            "--backend",
-            "terraform",
-            "--terraform-workdir",
-            workdir.0.to_str().expect("utf-8 path"),
-            "--shutdown-timeout",
-            "6s",
-        ],
-        &[("DATABASE_URL", db.url.as_str())],
-    );
-    let publisher = test_publisher(&broker);
-    let mut reader = EventReader::new(&broker);
-    let mut slow = job(Transition::Start, BuildStage::Create, &[]);
-    slow.template_version_id = version;
-    publish(&publisher, &slow).await;
+    };
+    let version = template_version(&rig.db, Some(SLOW_TEMPLATE)).await;
+    let slow = create_job(version, &[]);
+    publish(&rig.publisher, &slow).await;
+    let mut reader = EventReader::new(&rig.broker);
     reader
         .until(slow.job_id, Duration::from_secs(60), "apply running", |e| {
             log_lines(e).iter().any(|(_, stage, output)| {
@@ -1126,7 +1098,8 @@ async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
         })
         .await;
     let stopping = Instant::now();
-    let status = service
+    let status = rig
+        .service
         .terminate(Duration::from_secs(20))
         .await
         .expect("exits within the bound");
@@ -1142,9 +1115,10 @@ async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
         "an interrupted build has no outcome: {:?}",
         labels(&reader.of(slow.job_id))
     );
-    let requeued = broker
+    let requeued = rig
+        .broker
         .get(
-            &broker.queue(QueueKind::ProvisionerJobs),
+            &rig.broker.queue(QueueKind::ProvisionerJobs),
             Duration::from_secs(5),
         )
         .await
@@ -1171,58 +1145,26 @@ async fn job_row(db: &TestDb, job_id: Uuid, job_status: &str, canceled: bool) {
 
 #[tokio::test]
 async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
-    if !terraform_available() {
+    let Some(rig) = terraform_rig(&["--terraform-timeout", "2m"]).await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let workdir = TempDir::new();
-    let version = template_version(&db, Some(TEMPLATE)).await;
-    let port = free_port();
-    let _service = provisioner(
-        &broker,
-        port,
-        &[
-            "--backend",
-            "terraform",
-            "--terraform-workdir",
-            workdir.0.to_str().expect("utf-8 path"),
-            "--terraform-timeout",
-            "2m",
-        ],
-        &[("DATABASE_URL", db.url.as_str())],
-    );
-    wait_ready(port).await;
-    let publisher = test_publisher(&broker);
-    let mut reader = EventReader::new(&broker);
+    };
+    let (db, workdir, port, publisher) = (&rig.db, &rig.workdir, &rig.port, &rig.publisher);
+    let version = template_version(db, Some(TEMPLATE)).await;
+    let mut reader = EventReader::new(&rig.broker);
 
     // The reconciler canceled the pending create (`cancel_pending`) after its message was queued;
     // and a job whose cancel is still in progress (`canceling`, no `canceled_at` yet).
-    let mut canceled = job(
-        Transition::Start,
-        BuildStage::Create,
-        &[("image", "ubuntu")],
-    );
-    canceled.template_version_id = version;
-    job_row(&db, canceled.job_id, "canceled", true).await;
-    let mut canceling = job(
-        Transition::Start,
-        BuildStage::Create,
-        &[("image", "ubuntu")],
-    );
-    canceling.template_version_id = version;
-    job_row(&db, canceling.job_id, "canceling", false).await;
+    let image = [("image", "ubuntu")];
+    let canceled = create_job(version, &image);
+    job_row(db, canceled.job_id, "canceled", true).await;
+    let canceling = create_job(version, &image);
+    job_row(db, canceling.job_id, "canceling", false).await;
     // A pending job with a row runs as before (the check only stops canceled ones).
-    let mut pending = job(
-        Transition::Start,
-        BuildStage::Create,
-        &[("image", "ubuntu")],
-    );
-    pending.template_version_id = version;
-    job_row(&db, pending.job_id, "pending", false).await;
-    let message = publish(&publisher, &canceled).await;
-    publish(&publisher, &canceling).await;
-    publish(&publisher, &pending).await;
+    let pending = create_job(version, &image);
+    job_row(db, pending.job_id, "pending", false).await;
+    let message = publish(publisher, &canceled).await;
+    publish(publisher, &canceling).await;
+    publish(publisher, &pending).await;
 
     for job in [&canceled, &canceling] {
         reader
@@ -1284,7 +1226,7 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
     }
 
     // A duplicate delivery republishes the recorded events (same ids, same content).
-    publish_again(&publisher, &message).await;
+    publish_again(publisher, &message).await;
     let both = reader
         .until(canceled.job_id, WAIT, "republication", |e| {
             count(e, "job_completed") == 2
@@ -1296,7 +1238,7 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
 
     assert_eq!(
         metric(
-            port,
+            *port,
             "prebuilds_provisioner_jobs_total{status=\"canceled\",transition=\"start\"}"
         )
         .await,
@@ -1304,7 +1246,7 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
     );
     assert_eq!(
         metric(
-            port,
+            *port,
             "prebuilds_provisioner_jobs_total{status=\"succeeded\",transition=\"start\"}"
         )
         .await,
@@ -1312,7 +1254,7 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
         "only the pending job ran"
     );
     assert_eq!(
-        metric(port, "prebuilds_provisioner_jobs_replayed_total").await,
+        metric(*port, "prebuilds_provisioner_jobs_replayed_total").await,
         1.0
     );
 }

@@ -87,27 +87,24 @@ impl<T: Clone> SingleFlight<T> {
             (slot.requested, slot.done.subscribe())
         };
         let outcome = loop {
-            let start = {
-                let mut slots = self
-                    .slots
-                    .lock()
-                    .expect("single-flight map is never poisoned");
-                let slot = slots
-                    .get_mut(&key)
-                    .expect("the slot lives while someone is interested");
+            let start = self.with_slot(key, |slot| {
                 if slot.satisfied >= mine {
                     let output = slot
                         .last_output
                         .clone()
                         .expect("a satisfied request was answered by a successful run");
-                    break Ok(Flight::Coalesced(output));
+                    return Err(output);
                 }
                 if slot.running {
-                    None
+                    Ok(None)
                 } else {
                     slot.running = true;
-                    Some(slot.last_started)
+                    Ok(Some(slot.last_started))
                 }
+            });
+            let start = match start {
+                Err(output) => break Ok(Flight::Coalesced(output)),
+                Ok(start) => start,
             };
             let Some(last_started) = start else {
                 // Someone else is running: wait for it to finish, then look again.
@@ -117,32 +114,20 @@ impl<T: Clone> SingleFlight<T> {
             if let Some(last_started) = last_started {
                 tokio::time::sleep_until(last_started + self.spacing).await;
             }
-            let covers = {
-                let mut slots = self
-                    .slots
-                    .lock()
-                    .expect("single-flight map is never poisoned");
-                let slot = slots
-                    .get_mut(&key)
-                    .expect("the slot lives while someone is interested");
+            let covers = self.with_slot(key, |slot| {
                 slot.last_started = Some(Instant::now());
                 // Every request seen so far arrived before this run starts.
                 slot.requested
-            };
+            });
             let result = work().await;
-            let mut slots = self
-                .slots
-                .lock()
-                .expect("single-flight map is never poisoned");
-            let slot = slots
-                .get_mut(&key)
-                .expect("the slot lives while someone is interested");
-            slot.running = false;
-            if let Ok(output) = &result {
-                slot.satisfied = slot.satisfied.max(covers);
-                slot.last_output = Some(output.clone());
-            }
-            slot.done.send_replace(slot.satisfied);
+            self.with_slot(key, |slot| {
+                slot.running = false;
+                if let Ok(output) = &result {
+                    slot.satisfied = slot.satisfied.max(covers);
+                    slot.last_output = Some(output.clone());
+                }
+                slot.done.send_replace(slot.satisfied);
+            });
             break result.map(Flight::Ran);
         };
         let mut slots = self
@@ -171,6 +156,17 @@ impl<T: Clone> SingleFlight<T> {
             *swept_at = Some(now);
         }
         outcome
+    }
+
+    /// Runs `f` on the slot of `key`, which lives while someone is interested in it.
+    fn with_slot<R>(&self, key: Uuid, f: impl FnOnce(&mut Slot<T>) -> R) -> R {
+        let mut slots = self
+            .slots
+            .lock()
+            .expect("single-flight map is never poisoned");
+        f(slots
+            .get_mut(&key)
+            .expect("the slot lives while someone is interested"))
     }
 
     /// Presets with a slot (for tests: idle slots are dropped once their spacing has passed).
