@@ -1,4 +1,4 @@
-//! PostgreSQL access shared by every binary: the connection pool (verified recycling and bounded
+//! PostgreSQL access shared by every binary: the connection pool (closed connections replaced, bounded
 //! waits, so a dead server surfaces as an error instead of a hang), dedicated connections for
 //! session-scoped work (leader lock, migrations), the refresh of cached plans as tables grow
 //! ([`refresh_plans_as_tables_grow`]), and the classification of errors into transient (retry) and
