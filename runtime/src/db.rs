@@ -27,6 +27,15 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
         None => "-c plan_cache_mode=force_generic_plan".to_owned(),
     };
     pg_config.options(&options);
+    // A connection that dies silently (failover, a dropped NAT entry) must fail within seconds,
+    // not hang a handler for the kernel's defaults (hours of keepalive, minutes of retransmits):
+    // checkouts no longer verify connections with a round trip. Values given in DATABASE_URL win.
+    if pg_config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        pg_config.keepalives_idle(Duration::from_secs(30));
+    }
+    if pg_config.get_tcp_user_timeout().is_none() {
+        pg_config.tcp_user_timeout(Duration::from_secs(30));
+    }
     let manager = Manager::from_config(
         pg_config,
         NoTls,

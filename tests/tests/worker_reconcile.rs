@@ -217,7 +217,7 @@ async fn decision_matrix(how: Reconciled) {
                 .into_iter()
                 .map(|attempt| match attempt {
                     Attempt::Done(outcome) => outcome,
-                    Attempt::LockBusy => panic!("nothing else holds a lock"),
+                    Attempt::Alone => panic!("nothing else holds a lock, and no cap is set"),
                 })
                 .collect()
         }
@@ -309,7 +309,7 @@ async fn a_batch_skips_presets_locked_elsewhere_and_coalesces_what_is_already_an
         "{:?}",
         attempts[0]
     );
-    assert_eq!(attempts[1], Attempt::LockBusy);
+    assert_eq!(attempts[1], Attempt::Alone);
     assert_eq!(attempts[2], Attempt::Done(ReconcileOutcome::Coalesced));
     assert_eq!(attempts[3], Attempt::Done(ReconcileOutcome::UnknownPreset));
     assert_eq!(
@@ -324,6 +324,38 @@ async fn a_batch_skips_presets_locked_elsewhere_and_coalesces_what_is_already_an
         "a busy preset is left alone"
     );
     holding.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn under_a_global_cap_a_batch_leaves_creates_to_lone_reconciles() {
+    let db = TestDb::new().await;
+    let ctx = ReconcileContext {
+        config: ReconcileConfig {
+            max_inflight_jobs: 5,
+            ..ReconcileConfig::default()
+        },
+        ..context(&db)
+    };
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "capped").await;
+    let empty = fixtures::template_with_preset(&c, org, "empty", Some(2)).await;
+    let steady = fixtures::template_with_preset(&c, org, "steady", Some(0)).await;
+    let attempts = reconcile_batch(
+        &ctx,
+        &[fresh_job(empty.preset_id), fresh_job(steady.preset_id)],
+    )
+    .await
+    .expect("batch");
+    // The global capacity lock would be held for the rest of the batch: the create goes alone.
+    assert_eq!(attempts[0], Attempt::Alone);
+    assert!(matches!(
+        attempts[1],
+        Attempt::Done(ReconcileOutcome::Reconciled(_))
+    ));
+    assert_eq!(pool_counts(&db, empty.preset_id).await.created, 0);
+    // Alone, it creates within the cap.
+    reconcile(&ctx, empty.preset_id).await;
+    assert_eq!(pool_counts(&db, empty.preset_id).await.created, 2);
 }
 
 #[tokio::test]

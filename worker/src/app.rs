@@ -127,8 +127,8 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             metrics: worker_metrics.clone(),
             outbox_waker: waker.clone(),
             source: source.clone(),
-            wakes_held_back: args.reconcile.max_inflight_jobs > 0
-                || args.reconcile.max_inflight_per_preset > 0,
+            // A per-preset cap is freed by the preset's own completions, which re-queue it anyway.
+            wakes_held_back: args.reconcile.max_inflight_jobs > 0,
         },
         args.worker_concurrency.into(),
     ));

@@ -433,10 +433,10 @@ async fn decide(
 
     let claim = tx.prepare_cached(include_str!("sql/claim.sql")).await?;
     // Start at a random id so concurrent claims of one pool spread over it instead of all
-    // walking past the same freshly locked rows; wrap round to the lowest id when nothing
-    // eligible lies above the start.
+    // walking past the same freshly locked rows; then cover the ids below the start.
     let mut claimed = None;
-    for start in [Uuid::new_v4(), Uuid::nil()] {
+    let start = Uuid::new_v4();
+    for (from, below) in [(start, None), (Uuid::nil(), Some(start))] {
         claimed = tx
             .query_opt(
                 &claim,
@@ -449,7 +449,8 @@ async fn decide(
                     &version_id,
                     &last_invalidated_at,
                     &ttl_secs,
-                    &start,
+                    &from,
+                    &below,
                 ],
             )
             .await?;

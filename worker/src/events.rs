@@ -44,9 +44,9 @@ pub struct EventsContext {
     pub metrics: WorkerMetrics,
     pub outbox_waker: Arc<Notify>,
     pub source: String,
-    /// A completed create wakes presets held back by capacity. Only with a cap configured:
-    /// without one nothing is held back, and the wake-up's global lock would serialize every
-    /// completion for nothing.
+    /// A completed create wakes presets held back by the global in-flight cap. Only with that cap
+    /// configured: otherwise the wake-up's global lock would serialize every completion for
+    /// nothing (a per-preset cap is freed by the preset's own completions, which re-queue it).
     pub wakes_held_back: bool,
 }
 

@@ -7,14 +7,17 @@
 //! worker's reconcile concurrency) takes whatever is queued, up to `max_batch`, as one batch. No
 //! job waits for a batch to fill: under light load a batch is a single job and takes the ordinary
 //! waiting-lock path. A job whose preset was locked elsewhere, or whose batch failed, is
-//! reconciled on its own by its handler, so one bad preset fails only its own job.
+//! reconciled on its own by its handler, so one bad preset fails only its own job (and, while it
+//! keeps failing, its retries stay out of batches).
 //!
 //! Batched or alone, at most `slots` reconcile transactions run at once in this process.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use prebuilds_runtime::db::DbError;
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
+
+use uuid::Uuid;
 
 use super::{reconcile_batch, reconcile_preset, Attempt, Job, ReconcileContext, ReconcileOutcome};
 
@@ -31,6 +34,28 @@ pub struct Batcher {
     queue: mpsc::UnboundedSender<Queued>,
     /// Reconcile transactions allowed at once, batched or alone.
     slots: Arc<Semaphore>,
+    /// Presets whose last reconcile on their own failed: their retries stay alone until one
+    /// succeeds, so a preset that keeps failing does not keep breaking other presets' batches.
+    failing: Arc<Failing>,
+}
+
+/// Presets whose last reconcile on their own failed (see [`Batcher`]).
+#[derive(Debug, Default)]
+struct Failing(std::sync::Mutex<HashSet<Uuid>>);
+
+impl Failing {
+    fn contains(&self, preset_id: Uuid) -> bool {
+        self.0.lock().expect("never poisoned").contains(&preset_id)
+    }
+
+    fn record<T, E>(&self, preset_id: Uuid, result: &Result<T, E>) {
+        let mut failing = self.0.lock().expect("never poisoned");
+        if result.is_err() {
+            failing.insert(preset_id);
+        } else {
+            failing.remove(&preset_id);
+        }
+    }
 }
 
 impl Batcher {
@@ -39,11 +64,13 @@ impl Batcher {
         let slots = Arc::new(Semaphore::new(slots.max(1)));
         let (queue, receiver) = mpsc::unbounded_channel();
         let receiver = Arc::new(Mutex::new(receiver));
+        let failing = Arc::new(Failing::default());
         for _ in 0..slots.available_permits() {
             tokio::spawn(drain(
                 context.clone(),
                 receiver.clone(),
                 slots.clone(),
+                failing.clone(),
                 max_batch.max(1),
             ));
         }
@@ -51,15 +78,18 @@ impl Batcher {
             context,
             queue,
             slots,
+            failing,
         }
     }
 
     /// Reconciles the job's preset, in a batch when others are waiting too.
     pub async fn reconcile(&self, job: Job) -> Result<ReconcileOutcome, DbError> {
-        let (reply, outcome) = oneshot::channel();
-        if self.queue.send(Queued { job, reply }).is_ok() {
-            if let Ok(Some(result)) = outcome.await {
-                return result;
+        if !self.failing.contains(job.preset_id) {
+            let (reply, outcome) = oneshot::channel();
+            if self.queue.send(Queued { job, reply }).is_ok() {
+                if let Ok(Some(result)) = outcome.await {
+                    return result;
+                }
             }
         }
         let _slot = self
@@ -67,7 +97,9 @@ impl Batcher {
             .acquire()
             .await
             .expect("the batcher never closes its semaphore");
-        reconcile_preset(&self.context, job.preset_id, job.requested_at).await
+        let result = reconcile_preset(&self.context, job.preset_id, job.requested_at).await;
+        self.failing.record(job.preset_id, &result);
+        result
     }
 }
 
@@ -76,6 +108,7 @@ async fn drain(
     context: ReconcileContext,
     receiver: Arc<Mutex<mpsc::UnboundedReceiver<Queued>>>,
     slots: Arc<Semaphore>,
+    failing: Arc<Failing>,
     max_batch: usize,
 ) {
     loop {
@@ -103,6 +136,7 @@ async fn drain(
             // Nothing to share the transaction with: wait for the lock as a lone job would.
             let job = single.job;
             let result = reconcile_preset(&context, job.preset_id, job.requested_at).await;
+            failing.record(job.preset_id, &result);
             let [single] = <[Queued; 1]>::try_from(batch).expect("checked: one job");
             let _ = single.reply.send(Some(result));
             continue;
@@ -113,7 +147,7 @@ async fn drain(
                 for (queued, attempt) in batch.into_iter().zip(attempts) {
                     let outcome = match attempt {
                         Attempt::Done(outcome) => Some(Ok(outcome)),
-                        Attempt::LockBusy => None,
+                        Attempt::Alone => None,
                     };
                     let _ = queued.reply.send(outcome);
                 }

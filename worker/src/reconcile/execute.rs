@@ -129,20 +129,27 @@ pub async fn execute(
             }
         }
     }
-    let actions = &ctx.metrics.reconcile_actions;
-    actions
-        .with_label_values(&["create"])
-        .inc_by(report.created.into());
-    actions
-        .with_label_values(&["delete"])
-        .inc_by(report.deleted.into());
-    actions
-        .with_label_values(&["cancel"])
-        .inc_by(report.canceled.into());
-    actions
-        .with_label_values(&["create_held_back"])
-        .inc_by(report.held_back.into());
     Ok(report)
+}
+
+impl ExecutionReport {
+    /// Counts the report's actions; call after the transaction committed (a rolled-back batch is
+    /// re-run, and its actions must not count twice).
+    pub fn count(&self, metrics: &crate::metrics::WorkerMetrics) {
+        let actions = &metrics.reconcile_actions;
+        actions
+            .with_label_values(&["create"])
+            .inc_by(self.created.into());
+        actions
+            .with_label_values(&["delete"])
+            .inc_by(self.deleted.into());
+        actions
+            .with_label_values(&["cancel"])
+            .inc_by(self.canceled.into());
+        actions
+            .with_label_values(&["create_held_back"])
+            .inc_by(self.held_back.into());
+    }
 }
 
 /// How many of `wanted` creates fit the in-flight capacity (all of them when no cap is set).

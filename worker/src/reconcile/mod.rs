@@ -105,6 +105,16 @@ impl Handler for ReconcileHandler {
             .await;
         let outcome = match flight {
             Ok(single_flight::Flight::Ran(outcome)) => outcome,
+            // The run that covered this job was itself coalesced against its own (possibly much
+            // older) request time; that says nothing about this job: check it on its own.
+            Ok(single_flight::Flight::Coalesced(ReconcileOutcome::Coalesced)) => self
+                .batcher
+                .reconcile(Job {
+                    preset_id: job.preset_id,
+                    requested_at: job.requested_at,
+                })
+                .await
+                .map_err(|e| HandlerError::Transient(e.into()))?,
             // Answered by another job's run: its result is this job's too.
             Ok(single_flight::Flight::Coalesced(outcome)) => {
                 self.context
@@ -149,8 +159,10 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempt {
     Done(ReconcileOutcome),
-    /// Another transaction holds the preset's lock; reconcile it on its own ([`reconcile_preset`]).
-    LockBusy,
+    /// Reconcile it on its own ([`reconcile_preset`]): another transaction holds its lock, or it
+    /// creates under a global in-flight cap (whose lock a batch must not hold for the rest of
+    /// the batch).
+    Alone,
 }
 
 /// How a transaction takes its presets' locks.
@@ -184,7 +196,8 @@ pub async fn reconcile_preset(
 
 /// Reconciles several presets in one transaction, one attempt per job in order. Locks are only
 /// tried, never waited for (a transaction holding several may not wait, or two could deadlock):
-/// presets locked elsewhere come back as [`Attempt::LockBusy`]. A failure fails the whole batch.
+/// presets locked elsewhere come back as [`Attempt::Alone`], as do presets that would create
+/// under a global in-flight cap. A failure fails the whole batch.
 pub async fn reconcile_batch(
     ctx: &ReconcileContext,
     jobs: &[Job],
@@ -217,7 +230,7 @@ async fn reconcile_in_one_transaction(
     let rows = cached::query(&tx, begin, &[&keys, &ids]).await?;
 
     let mut attempts: Vec<Option<Attempt>> = vec![None; jobs.len()];
-    let mut seen = HashSet::with_capacity(jobs.len());
+    let mut planned = HashSet::with_capacity(jobs.len());
     let mut to_plan: Vec<(usize, DateTime<Utc>)> = Vec::with_capacity(jobs.len());
     let (mut coalesced, mut unknown) = (0u64, 0u64);
     for row in rows {
@@ -225,17 +238,20 @@ async fn reconcile_in_one_transaction(
             .expect("positions come from WITH ORDINALITY and start at 1");
         let job = jobs[index];
         if !row.get::<_, bool>("locked") {
-            attempts[index] = Some(Attempt::LockBusy);
+            attempts[index] = Some(Attempt::Alone);
             continue;
         }
         let watermark: Option<DateTime<Utc>> = row.get("watermark");
-        // A preset twice in one batch: the first occurrence's reconcile starts after both arrived.
-        let repeated = !seen.insert(job.preset_id);
-        if repeated || watermark.is_some_and(|w| job.requested_at + COALESCE_MARGIN < w) {
+        // A preset twice in one batch: the first occurrence to be planned reads the snapshot
+        // after both arrived, and answers both.
+        if planned.contains(&job.preset_id)
+            || watermark.is_some_and(|w| job.requested_at + COALESCE_MARGIN < w)
+        {
             attempts[index] = Some(Attempt::Done(ReconcileOutcome::Coalesced));
             coalesced += 1;
             continue;
         }
+        planned.insert(job.preset_id);
         to_plan.push((index, row.get("now")));
     }
 
@@ -248,6 +264,7 @@ async fn reconcile_in_one_transaction(
     let mut marked: Vec<Uuid> = Vec::with_capacity(to_plan.len());
     let mut marked_at: Vec<DateTime<Utc>> = Vec::with_capacity(to_plan.len());
     let mut outbox_rows = 0;
+    let creates_need_global_lock = locking == Locking::Try && ctx.config.max_inflight_jobs > 0;
     for (index, now) in to_plan {
         let preset_id = jobs[index].preset_id;
         let Some(view) = views.remove(&preset_id) else {
@@ -256,6 +273,15 @@ async fn reconcile_in_one_transaction(
             continue;
         };
         let plan = plan_preset(&view, now, &ctx.config);
+        if creates_need_global_lock
+            && plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, prebuilds_core::Action::Create { count } if *count > 0))
+        {
+            attempts[index] = Some(Attempt::Alone);
+            continue;
+        }
         let report = execute::execute(&tx, ctx, &view, &plan, now).await?;
         outbox_rows += report.outbox_rows;
         marked.push(preset_id);
@@ -274,6 +300,11 @@ async fn reconcile_in_one_transaction(
 
     if outbox_rows > 0 {
         ctx.outbox_waker.notify_one();
+    }
+    for attempt in attempts.iter().flatten() {
+        if let Attempt::Done(ReconcileOutcome::Reconciled(report)) = attempt {
+            report.count(&ctx.metrics);
+        }
     }
     let jobs_total = &ctx.metrics.reconcile_jobs;
     jobs_total

@@ -29,6 +29,20 @@ struct Slot<T> {
     done: watch::Sender<u64>,
 }
 
+/// One caller's interest in a key, given up on drop (see [`SingleFlight::leave`]).
+struct Interest<'a, T: Clone> {
+    flight: &'a SingleFlight<T>,
+    key: Uuid,
+    /// This caller is running (or sleeping before) the key's run and has not finished it.
+    running: bool,
+}
+
+impl<T: Clone> Drop for Interest<'_, T> {
+    fn drop(&mut self) {
+        self.flight.leave(self.key, self.running);
+    }
+}
+
 /// What happened to one request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flight<T> {
@@ -86,7 +100,14 @@ impl<T: Clone> SingleFlight<T> {
             slot.interested += 1;
             (slot.requested, slot.done.subscribe())
         };
-        let outcome = loop {
+        // Dropped when this call ends, returned or cancelled: gives up the interest (and the run,
+        // if it was ours and unfinished, so waiters do not wait for it forever).
+        let mut guard = Interest {
+            flight: self,
+            key,
+            running: false,
+        };
+        loop {
             let start = self.with_slot(key, |slot| {
                 if slot.satisfied >= mine {
                     let output = slot
@@ -103,7 +124,7 @@ impl<T: Clone> SingleFlight<T> {
                 }
             });
             let start = match start {
-                Err(output) => break Ok(Flight::Coalesced(output)),
+                Err(output) => return Ok(Flight::Coalesced(output)),
                 Ok(start) => start,
             };
             let Some(last_started) = start else {
@@ -111,6 +132,7 @@ impl<T: Clone> SingleFlight<T> {
                 let _ = done.changed().await;
                 continue;
             };
+            guard.running = true;
             if let Some(last_started) = last_started {
                 tokio::time::sleep_until(last_started + self.spacing).await;
             }
@@ -120,6 +142,7 @@ impl<T: Clone> SingleFlight<T> {
                 slot.requested
             });
             let result = work().await;
+            guard.running = false;
             self.with_slot(key, |slot| {
                 slot.running = false;
                 if let Ok(output) = &result {
@@ -128,8 +151,13 @@ impl<T: Clone> SingleFlight<T> {
                 }
                 slot.done.send_replace(slot.satisfied);
             });
-            break result.map(Flight::Ran);
-        };
+            return result.map(Flight::Ran);
+        }
+    }
+
+    /// Gives up one caller's interest in `key` (ending its unfinished run, if any) and drops idle
+    /// slots whose spacing has passed.
+    fn leave(&self, key: Uuid, abandoned_run: bool) {
         let mut slots = self
             .slots
             .lock()
@@ -145,6 +173,11 @@ impl<T: Clone> SingleFlight<T> {
                 && slot.last_started.is_none_or(|t| now >= t + spacing)
         };
         if let Some(slot) = slots.get_mut(&key) {
+            if abandoned_run {
+                // Nobody was answered: wake the waiters so one of them runs instead.
+                slot.running = false;
+                slot.done.send_replace(slot.satisfied);
+            }
             slot.interested -= 1;
             if stale(slot) {
                 slots.remove(&key);
@@ -155,7 +188,6 @@ impl<T: Clone> SingleFlight<T> {
             slots.retain(|_, slot| !stale(slot));
             *swept_at = Some(now);
         }
-        outcome
     }
 
     /// Runs `f` on the slot of `key`, which lives while someone is interested in it.
@@ -294,6 +326,35 @@ mod tests {
             "{} runs for 100 jobs over a second",
             starts.len()
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_abandoned_midway_does_not_stall_its_key() {
+        let flight = Arc::new(SingleFlight::default());
+        let key = Uuid::new_v4();
+        let stuck = {
+            let flight = flight.clone();
+            tokio::spawn(async move {
+                flight
+                    .run(key, std::future::pending::<Result<i32, ()>>)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A request arrives while the first run hangs; then the first is cancelled.
+        let waiter = {
+            let flight = flight.clone();
+            tokio::spawn(async move { flight.run(key, || async { Ok::<_, ()>(2) }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stuck.abort();
+        let answer = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter runs instead of waiting forever")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, Flight::Ran(2));
+        assert_eq!(flight.tracked(), 0, "no slot left behind");
     }
 
     #[tokio::test]

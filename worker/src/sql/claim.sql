@@ -5,10 +5,10 @@
 -- expired. PostgreSQL re-checks the workspace row's own predicates after locking it, so a delete
 -- committed meanwhile (deleting_at set) or a concurrent claim (owner changed) never wins it too.
 -- The scan starts at workspace id $9 and walks up the index: concurrent claims start at random ids
--- and so rarely meet the rows another claim just locked (the caller retries from the lowest id
--- when nothing lies above the start).
+-- and so rarely meet the rows another claim just locked (the caller then covers the ids below the
+-- start: $9 the lowest id, $10 the first pass's start; NULL = no upper bound).
 -- $1 preset, $2 user, $3 name, $4 now, $5 template, $6 version, $7 last_invalidated_at, $8 TTL secs,
--- $9 first workspace id to consider.
+-- $9 first workspace id to consider, $10 first id not to consider (NULL: none).
 WITH picked AS (
     SELECT w.id, lb.build_number
     FROM workspaces w
@@ -23,6 +23,7 @@ WITH picked AS (
     JOIN provisioner_jobs j ON j.id = lb.job_id
     WHERE w.template_id = $5
       AND w.id >= $9
+      AND ($10::uuid IS NULL OR w.id < $10)
       AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' -- still a prebuild
       AND NOT w.deleted
       AND w.deleting_at IS NULL                              -- no delete queued
