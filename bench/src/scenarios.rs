@@ -18,7 +18,7 @@ use lapin::{
 use prebuilds_runtime::amqp::{publisher::Outgoing, rpc::RpcClient, Publisher, QueueKind};
 use prebuilds_schemas::{
     BuildStage, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, JobLog, LogLevel, LogLine,
-    ProvisionerJob, RawEvent, ReconcilePreset, ReconcileReason,
+    ProvisionerJob, RawEvent,
 };
 use prebuilds_tests::{
     stack::{self, http_get},
@@ -147,21 +147,7 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
 
 async fn publish_reconciles(publisher: &Publisher, presets: &[Uuid]) {
     stream::iter(presets.iter().copied())
-        .map(|preset_id| async move {
-            let event = CloudEvent::new(
-                "bench",
-                chrono::Utc::now(),
-                ReconcilePreset {
-                    preset_id,
-                    reason: ReconcileReason::Manual,
-                    requested_at: chrono::Utc::now(),
-                },
-            );
-            publisher
-                .publish_event(&event)
-                .await
-                .expect("publish reconcile job");
-        })
+        .map(|preset_id| stack::request_reconcile(publisher, preset_id))
         .buffer_unordered(256)
         .collect::<Vec<_>>()
         .await;

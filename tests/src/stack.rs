@@ -306,3 +306,21 @@ where
     })
     .await
 }
+
+/// Publishes a `reconcile.preset` job for `preset_id` (reason `manual`), as the scheduler or an
+/// operator would.
+pub async fn request_reconcile(publisher: &Publisher, preset_id: Uuid) {
+    let job = CloudEvent::new(
+        "test",
+        chrono::Utc::now(),
+        prebuilds_schemas::ReconcilePreset {
+            preset_id,
+            reason: prebuilds_schemas::ReconcileReason::Manual,
+            requested_at: chrono::Utc::now(),
+        },
+    );
+    publisher
+        .publish_event(&job)
+        .await
+        .expect("publish a reconcile job");
+}

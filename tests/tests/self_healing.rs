@@ -16,33 +16,15 @@ use std::{
 
 use chrono::{TimeDelta, Utc};
 use prebuilds_runtime::amqp::{rpc::RpcClient, Publisher};
-use prebuilds_schemas::{
-    BuildStage, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, ReconcilePreset,
-    ReconcileReason,
-};
+use prebuilds_schemas::{BuildStage, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent};
 use prebuilds_tests::{
     fixtures::{self, PrebuildSpec},
     process::binary,
-    stack::{self, pool_counts, wait_for, FakeOutcome, FakeProvisioner},
+    stack::{self, pool_counts, request_reconcile, wait_for, FakeOutcome, FakeProvisioner},
     TestBroker, TestDb,
 };
 use serde_json::Value;
 use uuid::Uuid;
-
-async fn request_reconcile(publisher: &Publisher, preset_id: Uuid) {
-    publisher
-        .publish_event(&CloudEvent::new(
-            "test",
-            Utc::now(),
-            ReconcilePreset {
-                preset_id,
-                reason: ReconcileReason::Manual,
-                requested_at: Utc::now(),
-            },
-        ))
-        .await
-        .unwrap();
-}
 
 async fn ctl(db: &TestDb, broker: &TestBroker, args: &[&str]) -> std::process::Output {
     let out = tokio::process::Command::new(binary("prebuildsctl"))

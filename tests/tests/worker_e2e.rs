@@ -14,25 +14,10 @@ use prebuilds_schemas::{
 };
 use prebuilds_tests::{
     fixtures,
-    stack::{self, pool_counts, wait_for, FakeOutcome, FakeProvisioner},
+    stack::{self, pool_counts, request_reconcile, wait_for, FakeOutcome, FakeProvisioner},
     TestBroker, TestDb,
 };
 use uuid::Uuid;
-
-async fn request_reconcile(publisher: &Publisher, preset_id: Uuid) {
-    publisher
-        .publish_event(&CloudEvent::new(
-            "test",
-            Utc::now(),
-            ReconcilePreset {
-                preset_id,
-                reason: ReconcileReason::Manual,
-                requested_at: Utc::now(),
-            },
-        ))
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn a_pool_fills_and_is_replenished_right_after_a_claim() {
