@@ -273,3 +273,17 @@ pub async fn new_active_version<C: GenericClient>(
         ..*fx
     }
 }
+
+/// The stored log lines of a job, oldest first; only those of `level` when given.
+pub async fn job_log_lines<C: GenericClient>(c: &C, job: Uuid, level: Option<&str>) -> Vec<String> {
+    c.query(
+        "SELECT output FROM provisioner_job_logs
+         WHERE job_id = $1 AND ($2::text IS NULL OR level = $2) ORDER BY id",
+        &[&job, &level],
+    )
+    .await
+    .expect("read job logs")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}

@@ -12,6 +12,7 @@ use prebuilds_schemas::{
     ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, PlanResult, ResourceReplacement,
 };
 use prebuilds_tests::{
+    fixtures,
     process::binary,
     stack::{self, pool_counts, wait_for},
     TestBroker, TestDb,
@@ -150,16 +151,7 @@ async fn claim_and_check_the_drift_report(
         },
     )
     .await;
-    let warns: Vec<String> = c
-        .query(
-            "SELECT output FROM provisioner_job_logs WHERE job_id = $1 AND level = 'warn'",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let warns = fixtures::job_log_lines(&c, job, Some("warn")).await;
     assert!(
         warns.iter().any(|w| w.contains(resource)),
         "WARN lines name {resource}: {warns:?}"

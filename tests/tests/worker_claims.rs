@@ -405,16 +405,7 @@ async fn replacements_on_a_claim_build_warn_count_and_notify_each_admin_exactly_
         .unwrap()
         .get(0);
     assert_eq!(queued, 2);
-    let warns: Vec<String> = c
-        .query(
-            "SELECT output FROM provisioner_job_logs WHERE job_id = $1 AND level = 'warn'",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let warns = fixtures::job_log_lines(&c, job, Some("warn")).await;
     assert_eq!(warns.len(), 1, "coder_ resources are ignored: {warns:?}");
     assert!(warns[0].contains("docker_container.ws[0]") && warns[0].contains("env, image"));
     let text = prometheus::TextEncoder::new()

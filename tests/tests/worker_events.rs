@@ -167,16 +167,7 @@ async fn redelivered_events_are_acknowledged_without_effect() {
         assert_eq!(apply(&ctx, id, &log).await.unwrap(), Applied::Duplicate);
     }
     let c = db.pool.get().await.unwrap();
-    let lines: Vec<String> = c
-        .query(
-            "SELECT output FROM provisioner_job_logs WHERE job_id = $1",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let lines = fixtures::job_log_lines(&c, job, None).await;
     assert_eq!(
         lines,
         vec!["it's \"quoted\"; DROP TABLE users; --\u{FFFD}".to_owned()],
