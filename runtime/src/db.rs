@@ -2,7 +2,10 @@
 //! waits, so a dead server surfaces as an error instead of a hang), dedicated connections for
 //! session-scoped work (leader lock, migrations), the refresh of cached plans as tables grow
 //! ([`refresh_plans_as_tables_grow`]), and the classification of errors into transient (retry) and
-//! permanent (give up) for [`crate::retry`].
+//! permanent (give up) for [`crate::retry`]. [`pipelined`] has transactions whose `BEGIN` and
+//! `COMMIT` share round trips with their statements.
+
+pub mod pipelined;
 
 use std::time::Duration;
 
@@ -156,6 +159,10 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// A statement's result broke its contract (say, no row where exactly one is certain): a bug,
+    /// not worth retrying.
+    #[error("PostgreSQL returned an unexpected result: {0}")]
+    Unexpected(String),
 }
 
 impl DbError {
@@ -163,7 +170,7 @@ impl DbError {
     /// transaction lost a serialization race or a deadlock.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Config(_) => false,
+            DbError::Config(_) | DbError::Unexpected(_) => false,
             DbError::Pool(_) | DbError::Timeout(_) => true,
             DbError::Postgres(e) => is_transient_postgres(e),
         }

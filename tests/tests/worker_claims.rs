@@ -245,6 +245,64 @@ async fn a_retried_claim_returns_its_first_outcome_and_claims_once() {
     assert_eq!(owned, 1);
 }
 
+/// Deliveries of one request that all waited on the request lock: the first to get it claims;
+/// each later one finds the stored reply in the statement that follows the lock, claims nothing
+/// and answers the same.
+#[tokio::test]
+async fn duplicates_waiting_on_the_request_lock_all_answer_the_first_claim() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (fx, user) = world(&db, 3).await;
+    let id = Uuid::new_v4();
+    let req = request(user, "queued", fx.preset_id);
+    let mut holder = db.connect().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&prebuilds_store::lock::lock_key(id)],
+    )
+    .await
+    .unwrap();
+    let deliveries: Vec<_> = (0..4)
+        .map(|_| {
+            let (ctx, req) = (ctx.clone(), req.clone());
+            tokio::spawn(async move { claim(&ctx, id, &req).await.unwrap().0 })
+        })
+        .collect();
+    let watcher = db.connect().await;
+    let four_waiting = "four deliveries waiting on the request lock";
+    prebuilds_tests::stack::wait_for(std::time::Duration::from_secs(10), four_waiting, || async {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 4
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    let replies: Vec<ClaimReply> = futures::future::join_all(deliveries)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(replies[0].outcome, ClaimOutcome::Claimed);
+    assert!(replies.iter().all(|r| r == &replies[0]), "{replies:#?}");
+    let owned: i64 = watcher
+        .query_one(
+            "SELECT count(*) FROM workspaces WHERE owner_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owned, 1);
+}
+
 #[tokio::test]
 async fn sixty_four_concurrent_claims_against_twenty_prebuilds_claim_each_once() {
     let db = TestDb::new().await;

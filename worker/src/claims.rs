@@ -2,26 +2,35 @@
 //! user in one transaction, and replies only after commit.
 //!
 //! 1. Idempotency: the request's CloudEvents `id` is the request id; a request seen before gets its
-//!    first reply again (`claim_requests`), whatever happened since.
-//! 2. Validation: user exists, name valid and free, preset exists and is active (or is matched
-//!    from the template's active-version presets by parameters). When the request names its preset,
-//!    these reads are pipelined with step 1's: one round trip for both.
-//! 3. The guarded claim statement (`sql/claim.sql`, `FOR UPDATE SKIP LOCKED`): concurrent claims
-//!    never pick the same prebuild and never wait on each other; a prebuild being deleted is never
-//!    claimed, and a claimed one is never deleted (see `sql/mark_deleting.sql`).
-//! 4. Build N+1 `start` (initiator the user, stage `claim`, preset parameters plus the user's),
+//!    first reply again (`claim_requests`), whatever happened since. Deliveries of one request
+//!    are serialized by an advisory lock on its id (`sql/claim_begin.sql`).
+//! 2. The claim attempt (`sql/claim_attempt.sql`): one statement reads every check (user exists,
+//!    preset exists and is active, name free, request not answered yet) and, only when they all
+//!    pass, claims one eligible prebuild with `FOR UPDATE SKIP LOCKED`: concurrent claims never
+//!    pick the same prebuild and never wait on each other; a prebuild being deleted is never
+//!    claimed, and a claimed one is never deleted (see `sql/mark_deleting.sql`). A request that
+//!    names a template and parameters instead of a preset is matched to a preset first.
+//! 3. Build N+1 `start` (initiator the user, stage `claim`, preset parameters plus the user's),
 //!    its provisioner job and an immediate reconcile of the preset (reason `claim`) go to the
 //!    outbox in the same transaction — the replacement prebuild is queued right after commit.
+//!
+//! Latency is mostly round trips, so a request that names its preset takes two: `BEGIN`, the lock
+//! and the attempt together; then the writes, the request record and `COMMIT` together
+//! ([`PipelinedTransaction`]).
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{Client, Pool};
 use prebuilds_runtime::{
     amqp::{
         consumer::Incoming, publisher::Outgoing, Handler, HandlerError, PublishError, Publisher,
     },
-    db::{cached, DbError},
+    db::{
+        cached,
+        pipelined::{PipelinedTransaction, Step},
+        DbError,
+    },
     outbox,
 };
 use prebuilds_schemas::{
@@ -29,7 +38,7 @@ use prebuilds_schemas::{
     Parameter, ProvisionerJob, RawEvent, ReconcilePreset, ReconcileReason, Transition,
 };
 use tokio::sync::Notify;
-use tokio_postgres::{types::ToSql, Row};
+use tokio_postgres::{types::ToSql, Row, Statement};
 use uuid::Uuid;
 
 use crate::metrics::WorkerMetrics;
@@ -187,65 +196,81 @@ pub async fn claim(
     request_id: Uuid,
     request: &ClaimRequest,
 ) -> Result<(ClaimReply, PresetLabels), DbError> {
-    let mut client = ctx.pool.get().await?;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match claim_once(&mut client, ctx, request_id, request).await {
+        let tx = PipelinedTransaction::new(ctx.pool.get().await?);
+        match claim_once(&tx, ctx, request_id, request).await {
             Err(DbError::Postgres(e))
                 if attempt < UNIQUE_RACE_ATTEMPTS
                     && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
             {
                 tracing::debug!(%request_id, error = %e, "claim lost a uniqueness race; retrying");
+                // Keeps the connection when the rollback works; the drop discards it otherwise.
+                let _ = tx.rollback().await;
             }
             other => return other,
         }
     }
 }
 
+/// One attempt, in two round trips when the request names its preset: `BEGIN` + the request
+/// lock + the claim attempt (checks and claim in one statement); then the writes + the request
+/// record + `COMMIT`.
 async fn claim_once(
-    client: &mut deadpool_postgres::Client,
+    tx: &PipelinedTransaction,
     ctx: &ClaimsContext,
     request_id: Uuid,
     request: &ClaimRequest,
 ) -> Result<(ClaimReply, PresetLabels), DbError> {
-    let tx = client.transaction().await?;
-    let (begin, validate) = futures::try_join!(
-        tx.prepare_cached(include_str!("sql/claim_begin.sql")),
-        tx.prepare_cached(include_str!("sql/claim_validate.sql")),
+    let client = tx.client();
+    let (begin, attempt, record) = futures::try_join!(
+        client.prepare_cached(include_str!("sql/claim_begin.sql")),
+        client.prepare_cached(include_str!("sql/claim_attempt.sql")),
+        client.prepare_cached(include_str!("sql/claim_record.sql")),
     )?;
     let lock_key = prebuilds_store::lock::lock_key(request_id);
     let begin_params: [&(dyn ToSql + Sync); 2] = [&lock_key, &request_id];
-    let begin = tx.query_one(&begin, &begin_params);
-    // The usual request names its preset: its checks go out with the begin statement (one round
-    // trip for both). They run after the lock is granted, so they see what an earlier delivery of
-    // the same request committed; they are simply unused when that delivery already answered.
-    let name_ok = prebuilds_core::validate_workspace_name(&request.workspace_name).is_ok();
-    let (row, checks) = match request.preset_id {
-        Some(preset_id) if name_ok => {
-            let check_params: [&(dyn ToSql + Sync); 3] =
-                [&request.user_id, &preset_id, &request.workspace_name];
-            let checks = tx.query_one(&validate, &check_params);
-            let (row, checks) = futures::try_join!(begin, checks)?;
-            (row, Some(checks))
-        }
-        _ => (begin.await?, None),
+    // Start at a random id so concurrent claims of one pool spread over it instead of all
+    // walking past the same freshly locked rows.
+    let start = Uuid::new_v4();
+    let attempt = Attempt {
+        statement: &attempt,
+        request_id,
+        request,
+        start,
     };
-    if let Some(first) = row
-        .get::<_, Option<serde_json::Value>>("reply")
-        .and_then(|v| serde_json::from_value(v).ok())
-    {
-        tx.commit().await?;
-        return Ok((first, PresetLabels::default()));
+    // The usual request names its preset: its attempt goes out with the begin statement.
+    let name_ok = prebuilds_core::validate_workspace_name(&request.workspace_name).is_ok();
+    let named = request.preset_id.filter(|_| name_ok);
+    let named_params = named.map(|preset_id| attempt.params(preset_id, start, None));
+    let named_refs = named_params.as_ref().map(AttemptParams::refs);
+    let mut first: Vec<Step<'_>> = vec![(&begin, &begin_params)];
+    if let Some(refs) = &named_refs {
+        first.push((attempt.statement, refs));
     }
-    let now: DateTime<Utc> = row.get("now");
-    let (reply, labels, writes) = decide(&tx, ctx, request, checks, now).await?;
-    let record = tx
-        .prepare_cached(
-            "INSERT INTO claim_requests (request_id, user_id, preset_id, outcome, workspace_id, reply)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .await?;
+    let mut results = tx.begin_with(&first).await?.into_iter();
+    let begun = single_row(results.next())?;
+    let attempted = results
+        .next()
+        .map(|rows| single_row(Some(rows)))
+        .transpose()?;
+    let decision = match stored_reply(&begun, "reply") {
+        Some(reply) => Decision::Replayed(reply),
+        None => decide(client, ctx, &attempt, attempted).await?,
+    };
+    let (reply, labels, writes) = match decision {
+        Decision::Replayed(reply) => {
+            // An earlier delivery answered: nothing was claimed, nothing is written.
+            tx.rollback().await?;
+            return Ok((reply, PresetLabels::default()));
+        }
+        Decision::Answer {
+            reply,
+            labels,
+            writes,
+        } => (reply, labels, writes),
+    };
     let reply_json = serde_json::to_value(&reply).expect("replies serialise");
     let outcome = reply.outcome.as_str();
     let record_params: [&(dyn ToSql + Sync); 6] = [
@@ -256,22 +281,102 @@ async fn claim_once(
         &reply.workspace_id,
         &reply_json,
     ];
-    let record = tx.execute(&record, &record_params);
-    let claimed = writes.is_some();
-    match writes {
-        // The claim's writes and the request record go out pipelined: one round trip of latency.
-        Some(writes) => {
-            futures::try_join!(write_claim(&tx, &writes), record)?;
-        }
+    let record = (&record, &record_params[..]);
+    match &writes {
+        Some(writes) => commit_claim(tx, writes, record).await?,
         None => {
-            record.await?;
+            tx.commit_with(&[record]).await?;
         }
     }
-    tx.commit().await?;
-    if claimed {
+    if writes.is_some() {
         ctx.outbox_waker.notify_one();
     }
     Ok((reply, labels))
+}
+
+/// What a delivery gets: the reply an earlier delivery of the same request stored, or its own.
+enum Decision {
+    Replayed(ClaimReply),
+    Answer {
+        reply: ClaimReply,
+        labels: PresetLabels,
+        /// For a claim: what completes it.
+        writes: Option<ClaimWrites>,
+    },
+}
+
+/// The reply stored in `column` (NULL: the request was not answered before).
+fn stored_reply(row: &Row, column: &str) -> Option<ClaimReply> {
+    row.get::<_, Option<serde_json::Value>>(column)
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+/// `sql/claim_attempt.sql` for one request.
+struct Attempt<'a> {
+    statement: &'a Statement,
+    request_id: Uuid,
+    request: &'a ClaimRequest,
+    /// Where the first pass over the pool starts.
+    start: Uuid,
+}
+
+/// The parameters of one claim attempt (see the statement's header).
+struct AttemptParams<'a> {
+    user_id: Uuid,
+    preset_id: Uuid,
+    workspace_name: &'a str,
+    request_id: Uuid,
+    from: Uuid,
+    below: Option<Uuid>,
+}
+
+impl<'a> Attempt<'a> {
+    fn params(&self, preset_id: Uuid, from: Uuid, below: Option<Uuid>) -> AttemptParams<'a> {
+        AttemptParams {
+            user_id: self.request.user_id,
+            preset_id,
+            workspace_name: &self.request.workspace_name,
+            request_id: self.request_id,
+            from,
+            below,
+        }
+    }
+
+    /// Runs the attempt over the pool's ids in `[from, below)`.
+    async fn run(
+        &self,
+        client: &Client,
+        preset_id: Uuid,
+        from: Uuid,
+        below: Option<Uuid>,
+    ) -> Result<Row, DbError> {
+        let params = self.params(preset_id, from, below);
+        Ok(client.query_one(self.statement, &params.refs()).await?)
+    }
+}
+
+impl AttemptParams<'_> {
+    fn refs(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.user_id,
+            &self.preset_id,
+            &self.workspace_name,
+            &self.request_id,
+            &self.from,
+            &self.below,
+        ]
+    }
+}
+
+/// The one row a statement must return (`query_one`'s rule, for rows fetched by a pipeline).
+fn single_row(rows: Option<Vec<Row>>) -> Result<Row, DbError> {
+    let mut rows = rows.unwrap_or_default();
+    match rows.len() {
+        1 => Ok(rows.remove(0)),
+        n => Err(DbError::Unexpected(format!(
+            "a claim statement returned {n} rows instead of one"
+        ))),
+    }
 }
 
 /// Everything a successful claim writes after the claim statement itself.
@@ -282,12 +387,19 @@ struct ClaimWrites {
     now: DateTime<Utc>,
 }
 
-async fn write_claim(tx: &Transaction<'_>, w: &ClaimWrites) -> Result<(), tokio_postgres::Error> {
+/// Writes the claim build, its job and the two outbox messages, then `record` (the request's
+/// reply), then commits — one round trip for all of it.
+async fn commit_claim(
+    tx: &PipelinedTransaction,
+    w: &ClaimWrites,
+    record: Step<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    let client = tx.client();
     let job = &w.job.data;
     let (insert_job, insert_build, enqueue) = futures::try_join!(
-        tx.prepare_cached(include_str!("sql/insert_job.sql")),
-        tx.prepare_cached(include_str!("sql/insert_build.sql")),
-        tx.prepare_cached(outbox::ENQUEUE_SQL),
+        client.prepare_cached(include_str!("sql/insert_job.sql")),
+        client.prepare_cached(include_str!("sql/insert_build.sql")),
+        client.prepare_cached(outbox::ENQUEUE_SQL),
     )?;
     let input = w.job.data_json();
     let parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
@@ -315,87 +427,73 @@ async fn write_claim(tx: &Transaction<'_>, w: &ClaimWrites) -> Result<(), tokio_
     let job_message: [&(dyn ToSql + Sync); 3] = [&w.job.id, &job_key, &job_body];
     let reconcile_message: [&(dyn ToSql + Sync); 3] =
         [&w.reconcile.id, &reconcile_key, &reconcile_body];
-    futures::try_join!(
-        tx.execute(&insert_job, &job_params),
-        tx.execute(&insert_build, &build_params),
-        tx.execute(&enqueue, &job_message),
+    tx.commit_with(&[
+        (&insert_job, &job_params),
+        (&insert_build, &build_params),
+        (&enqueue, &job_message),
         // Replenish now, not at the next tick.
-        tx.execute(&enqueue, &reconcile_message),
-    )?;
+        (&enqueue, &reconcile_message),
+        record,
+    ])
+    .await?;
     Ok(())
 }
 
-/// Validates and, when possible, claims. Returns the reply, metric labels and, for a claim, the
-/// writes that complete it.
+/// Validates and, when possible, claims. `attempted` is the first pass's row when it went out
+/// with the begin statement.
 async fn decide(
-    tx: &Transaction<'_>,
+    client: &Client,
     ctx: &ClaimsContext,
-    request: &ClaimRequest,
-    checks: Option<Row>,
-    now: DateTime<Utc>,
-) -> Result<(ClaimReply, PresetLabels, Option<ClaimWrites>), DbError> {
-    let none = PresetLabels::default();
+    attempt: &Attempt<'_>,
+    attempted: Option<Row>,
+) -> Result<Decision, DbError> {
+    let request = attempt.request;
+    let answer = |reply, labels| Decision::Answer {
+        reply,
+        labels,
+        writes: None,
+    };
     if let Err(e) = prebuilds_core::validate_workspace_name(&request.workspace_name) {
-        return Ok((
-            rejected(
-                ClaimErrorCode::InvalidName,
-                e.to_string(),
-                request.preset_id,
-            ),
-            none,
-            None,
-        ));
+        let reply = rejected(
+            ClaimErrorCode::InvalidName,
+            e.to_string(),
+            request.preset_id,
+        );
+        return Ok(answer(reply, PresetLabels::default()));
     }
     let preset_id = match (request.preset_id, request.template_id) {
         (Some(id), _) => id,
         (None, Some(template_id)) => {
-            match matching_preset(tx, template_id, &request.parameters).await? {
+            match matching_preset(client, template_id, &request.parameters).await? {
                 Some(id) => id,
-                None => return Ok((no_eligible(None), none, None)),
+                None => return Ok(answer(no_eligible(None), PresetLabels::default())),
             }
         }
         (None, None) => {
-            return Ok((
-                rejected(
-                    ClaimErrorCode::InvalidRequest,
-                    "a claim needs preset_id, or template_id and parameters to match a preset",
-                    None,
-                ),
-                none,
+            let reply = rejected(
+                ClaimErrorCode::InvalidRequest,
+                "a claim needs preset_id, or template_id and parameters to match a preset",
                 None,
-            ))
+            );
+            return Ok(answer(reply, PresetLabels::default()));
         }
     };
-    let row = match checks {
+    let row = match attempted {
         Some(row) => row,
-        None => {
-            cached::query_one(
-                tx,
-                include_str!("sql/claim_validate.sql"),
-                &[
-                    &request.user_id,
-                    &preset_id,
-                    &request.workspace_name.as_str(),
-                ],
-            )
-            .await?
-        }
+        None => attempt.run(client, preset_id, attempt.start, None).await?,
     };
+    if let Some(reply) = stored_reply(&row, "answered_reply") {
+        return Ok(Decision::Replayed(reply));
+    }
     let Some(owner_name) = row.get::<_, Option<String>>("username") else {
         let msg = format!("no user with id {}", request.user_id);
-        return Ok((
-            rejected(ClaimErrorCode::UnknownUser, msg, Some(preset_id)),
-            none,
-            None,
-        ));
+        let reply = rejected(ClaimErrorCode::UnknownUser, msg, Some(preset_id));
+        return Ok(answer(reply, PresetLabels::default()));
     };
     if row.get::<_, Option<Uuid>>("preset_id").is_none() {
         let msg = format!("no preset with id {preset_id}");
-        return Ok((
-            rejected(ClaimErrorCode::UnknownPreset, msg, Some(preset_id)),
-            none,
-            None,
-        ));
+        let reply = rejected(ClaimErrorCode::UnknownPreset, msg, Some(preset_id));
+        return Ok(answer(reply, PresetLabels::default()));
     }
     let labels = PresetLabels {
         organization: row.get("organization_name"),
@@ -407,62 +505,34 @@ async fn decide(
             "preset {} of template {} is not on the active version (or the template is deleted or deprecated)",
             labels.preset, labels.template
         );
-        return Ok((
-            rejected(ClaimErrorCode::PresetInactive, msg, Some(preset_id)),
-            labels,
-            None,
-        ));
+        let reply = rejected(ClaimErrorCode::PresetInactive, msg, Some(preset_id));
+        return Ok(answer(reply, labels));
     }
     if row.get::<_, bool>("name_taken") {
         let msg = format!(
             "the user already has a workspace named {:?}",
             request.workspace_name
         );
-        return Ok((
-            rejected(ClaimErrorCode::NameConflict, msg, Some(preset_id)),
-            labels,
-            None,
-        ));
+        let reply = rejected(ClaimErrorCode::NameConflict, msg, Some(preset_id));
+        return Ok(answer(reply, labels));
     }
-    let template_id: Uuid = row.get("template_id");
-    let version_id: Uuid = row.get("version_id");
-    let last_invalidated_at: Option<DateTime<Utc>> = row.get("last_invalidated_at");
-    let ttl_secs: i32 = row.get("ttl_secs");
+    // Every check passed, so the attempt tried to claim; nothing above the start: cover the ids
+    // below it.
+    let claimed = match claimed_prebuild(&row) {
+        Some(claimed) => Some(claimed),
+        None => {
+            let wrapped = attempt
+                .run(client, preset_id, Uuid::nil(), Some(attempt.start))
+                .await?;
+            claimed_prebuild(&wrapped)
+        }
+    };
+    let Some((workspace_id, previous_build)) = claimed else {
+        return Ok(answer(no_eligible(Some(preset_id)), labels));
+    };
+    let now: DateTime<Utc> = row.get("now");
     let preset_parameters: Vec<Parameter> =
         serde_json::from_value(row.get("preset_parameters")).unwrap_or_default();
-
-    let claim = tx.prepare_cached(include_str!("sql/claim.sql")).await?;
-    // Start at a random id so concurrent claims of one pool spread over it instead of all
-    // walking past the same freshly locked rows; then cover the ids below the start.
-    let mut claimed = None;
-    let start = Uuid::new_v4();
-    for (from, below) in [(start, None), (Uuid::nil(), Some(start))] {
-        claimed = tx
-            .query_opt(
-                &claim,
-                &[
-                    &preset_id,
-                    &request.user_id,
-                    &request.workspace_name,
-                    &now,
-                    &template_id,
-                    &version_id,
-                    &last_invalidated_at,
-                    &ttl_secs,
-                    &from,
-                    &below,
-                ],
-            )
-            .await?;
-        if claimed.is_some() {
-            break;
-        }
-    }
-    let Some(claimed) = claimed else {
-        return Ok((no_eligible(Some(preset_id)), labels, None));
-    };
-    let workspace_id: Uuid = claimed.get("id");
-    let previous_build: i32 = claimed.get("build_number");
     let job = ProvisionerJob {
         job_id: Uuid::new_v4(),
         build_id: Uuid::new_v4(),
@@ -470,8 +540,8 @@ async fn decide(
         workspace_name: request.workspace_name.clone(),
         owner_id: request.user_id,
         owner_name,
-        template_id,
-        template_version_id: version_id,
+        template_id: row.get("template_id"),
+        template_version_id: row.get("version_id"),
         preset_id: Some(preset_id),
         transition: Transition::Start,
         build_number: previous_build + 1,
@@ -501,22 +571,32 @@ async fn decide(
         initiator: request.user_id,
         now,
     };
-    Ok((reply, labels, Some(writes)))
+    Ok(Decision::Answer {
+        reply,
+        labels,
+        writes: Some(writes),
+    })
+}
+
+/// The workspace an attempt claimed and its latest build number.
+fn claimed_prebuild(row: &Row) -> Option<(Uuid, i32)> {
+    let workspace_id = row.get::<_, Option<Uuid>>("claimed_workspace_id")?;
+    Some((workspace_id, row.get("claimed_build_number")))
 }
 
 /// The preset of the template's active version whose parameters all appear with equal values in
 /// the request, preferring the one with most parameters.
 async fn matching_preset(
-    tx: &Transaction<'_>,
+    client: &Client,
     template_id: Uuid,
     requested: &[Parameter],
 ) -> Result<Option<Uuid>, DbError> {
-    let rows = tx
-        .query(
-            include_str!("sql/claim_match_candidates.sql"),
-            &[&template_id],
-        )
-        .await?;
+    let rows = cached::query(
+        client,
+        include_str!("sql/claim_match_candidates.sql"),
+        &[&template_id],
+    )
+    .await?;
     let mut by_preset: BTreeMap<Uuid, Vec<(String, String)>> = BTreeMap::new();
     for r in rows {
         let params = by_preset.entry(r.get("id")).or_default();
