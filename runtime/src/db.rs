@@ -159,8 +159,8 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("timed out {0}")]
     Timeout(&'static str),
-    /// A statement's result broke its contract (say, no row where exactly one is certain): a bug,
-    /// not worth retrying.
+    /// A statement or its result broke its contract (say, no row where exactly one is certain,
+    /// or parameters that don't encode): a bug in this program, not in the database.
     #[error("PostgreSQL returned an unexpected result: {0}")]
     Unexpected(String),
 }

@@ -49,9 +49,10 @@ async fn statements_between_begin_and_commit_are_one_transaction() {
     let (db, pool) = setup().await;
     let tx = PipelinedTransaction::new(pool.get().await.unwrap());
     let insert = tx.client().prepare_cached(INSERT).await.unwrap();
+    // An id assigned to the current transaction: only if the insert before ran in it.
     let in_tx = tx
         .client()
-        .prepare_cached("SELECT now() <> statement_timestamp()")
+        .prepare_cached("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
         .await
         .unwrap();
     let rows = tx
@@ -91,6 +92,9 @@ async fn a_statement_failing_before_commit_writes_nothing_and_keeps_the_connecti
         .commit_with(&[(&insert, &[&2i32]), (&insert, &[&1i32])])
         .await
         .unwrap_err();
+    let db::DbError::Postgres(err) = err else {
+        panic!("expected the server's error, got {err}");
+    };
     assert_eq!(
         err.code(),
         Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
@@ -106,6 +110,35 @@ async fn a_statement_failing_before_commit_writes_nothing_and_keeps_the_connecti
         "the COMMIT answered, so the block is known to be over: the connection is kept"
     );
     assert!(!pooled_connection_in_transaction(&pool).await);
+}
+
+/// A parameter that can't be encoded fails on this side, before it reaches the server: were
+/// the steps behind it and COMMIT sent anyway, they would commit without it.
+#[tokio::test]
+async fn a_step_that_cannot_be_encoded_sends_nothing_and_commits_nothing() {
+    let (db, pool) = setup().await;
+    let tx = PipelinedTransaction::new(pool.get().await.unwrap());
+    let insert = tx.client().prepare_cached(INSERT).await.unwrap();
+    tx.begin_with(&[(&insert, &[&1i32])]).await.unwrap();
+    let wrong_type = tx
+        .commit_with(&[(&insert, &[&"two"]), (&insert, &[&3i32])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(wrong_type, db::DbError::Unexpected(_)),
+        "{wrong_type}"
+    );
+    let wrong_count = tx
+        .commit_with(&[(&insert, &[&2i32, &2i32]), (&insert, &[&3i32])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(wrong_count, db::DbError::Unexpected(_)),
+        "{wrong_count}"
+    );
+    drop(tx);
+    assert!(ids(&db).await.is_empty(), "nothing committed");
+    assert_eq!(pool.status().size, 0, "the transaction was still open");
 }
 
 #[tokio::test]

@@ -14,9 +14,10 @@
 //!    its provisioner job and an immediate reconcile of the preset (reason `claim`) go to the
 //!    outbox in the same transaction — the replacement prebuild is queued right after commit.
 //!
-//! Latency is mostly round trips, so a request that names its preset takes two: `BEGIN`, the lock
-//! and the attempt together; then the writes, the request record and `COMMIT` together
-//! ([`PipelinedTransaction`]).
+//! Latency is mostly round trips, so a request that names its preset usually takes two: `BEGIN`,
+//! the lock and the attempt together; then the writes, the request record and `COMMIT` together
+//! ([`PipelinedTransaction`]). A third comes in when nothing is found above the random start
+//! and the ids below it are tried.
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -224,11 +225,20 @@ async fn claim_once(
     request: &ClaimRequest,
 ) -> Result<(ClaimReply, PresetLabels), DbError> {
     let client = tx.client();
-    let (begin, attempt, record) = futures::try_join!(
+    // Prepared before BEGIN (a no-op once cached), so no prepare lands inside the transaction.
+    let (begin, attempt, record, insert_job, insert_build, enqueue) = futures::try_join!(
         client.prepare_cached(include_str!("sql/claim_begin.sql")),
         client.prepare_cached(include_str!("sql/claim_attempt.sql")),
         client.prepare_cached(include_str!("sql/claim_record.sql")),
+        client.prepare_cached(include_str!("sql/insert_job.sql")),
+        client.prepare_cached(include_str!("sql/insert_build.sql")),
+        client.prepare_cached(outbox::ENQUEUE_SQL),
     )?;
+    let write_statements = WriteStatements {
+        insert_job,
+        insert_build,
+        enqueue,
+    };
     let lock_key = prebuilds_store::lock::lock_key(request_id);
     let begin_params: [&(dyn ToSql + Sync); 2] = [&lock_key, &request_id];
     // Start at a random id so concurrent claims of one pool spread over it instead of all
@@ -283,7 +293,7 @@ async fn claim_once(
     ];
     let record = (&record, &record_params[..]);
     match &writes {
-        Some(writes) => commit_claim(tx, writes, record).await?,
+        Some(writes) => commit_claim(tx, &write_statements, writes, record).await?,
         None => {
             tx.commit_with(&[record]).await?;
         }
@@ -379,6 +389,13 @@ fn single_row(rows: Option<Vec<Row>>) -> Result<Row, DbError> {
     }
 }
 
+/// The statements of [`commit_claim`].
+struct WriteStatements {
+    insert_job: Statement,
+    insert_build: Statement,
+    enqueue: Statement,
+}
+
 /// Everything a successful claim writes after the claim statement itself.
 struct ClaimWrites {
     job: CloudEvent<ProvisionerJob>,
@@ -391,16 +408,16 @@ struct ClaimWrites {
 /// reply), then commits — one round trip for all of it.
 async fn commit_claim(
     tx: &PipelinedTransaction,
+    statements: &WriteStatements,
     w: &ClaimWrites,
     record: Step<'_>,
-) -> Result<(), tokio_postgres::Error> {
-    let client = tx.client();
+) -> Result<(), DbError> {
+    let WriteStatements {
+        insert_job,
+        insert_build,
+        enqueue,
+    } = statements;
     let job = &w.job.data;
-    let (insert_job, insert_build, enqueue) = futures::try_join!(
-        client.prepare_cached(include_str!("sql/insert_job.sql")),
-        client.prepare_cached(include_str!("sql/insert_build.sql")),
-        client.prepare_cached(outbox::ENQUEUE_SQL),
-    )?;
     let input = w.job.data_json();
     let parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
     let job_body = w.job.to_json();
@@ -428,11 +445,11 @@ async fn commit_claim(
     let reconcile_message: [&(dyn ToSql + Sync); 3] =
         [&w.reconcile.id, &reconcile_key, &reconcile_body];
     tx.commit_with(&[
-        (&insert_job, &job_params),
-        (&insert_build, &build_params),
-        (&enqueue, &job_message),
+        (insert_job, &job_params),
+        (insert_build, &build_params),
+        (enqueue, &job_message),
         // Replenish now, not at the next tick.
-        (&enqueue, &reconcile_message),
+        (enqueue, &reconcile_message),
         record,
     ])
     .await?;
@@ -517,7 +534,9 @@ async fn decide(
         return Ok(answer(reply, labels));
     }
     // Every check passed, so the attempt tried to claim; nothing above the start: cover the ids
-    // below it.
+    // below it. The second pass reads the checks again under a new snapshot: should one fail in
+    // between (say, the preset just went inactive) it claims nothing and the reply is "no
+    // eligible prebuild"; the claim build keeps the first pass's clock either way.
     let claimed = match claimed_prebuild(&row) {
         Some(claimed) => Some(claimed),
         None => {
