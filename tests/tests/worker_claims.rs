@@ -52,6 +52,17 @@ async fn ask(ctx: &ClaimsContext, req: &ClaimRequest) -> ClaimReply {
     claim(ctx, Uuid::new_v4(), req).await.expect("claim").0
 }
 
+async fn workspaces_owned_by(db: &TestDb, user: Uuid) -> i64 {
+    let c = db.pool.get().await.unwrap();
+    c.query_one(
+        "SELECT count(*) FROM workspaces WHERE owner_id = $1",
+        &[&user],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 async fn world(db: &TestDb, eligible: usize) -> (PresetFixture, Uuid) {
     let c = db.pool.get().await.unwrap();
     let org = fixtures::organization(&c, &format!("o{}", Uuid::new_v4().simple())).await;
@@ -230,19 +241,7 @@ async fn a_retried_claim_returns_its_first_outcome_and_claims_once() {
     assert_eq!(a, b);
     assert_eq!(a, c);
     assert_eq!(a.outcome, ClaimOutcome::Claimed);
-    let owned: i64 = db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM workspaces WHERE owner_id = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(owned, 1);
+    assert_eq!(workspaces_owned_by(&db, user).await, 1);
 }
 
 /// Deliveries of one request that all waited on the request lock: the first to get it claims;
@@ -292,15 +291,7 @@ async fn duplicates_waiting_on_the_request_lock_all_answer_the_first_claim() {
         .collect();
     assert_eq!(replies[0].outcome, ClaimOutcome::Claimed);
     assert!(replies.iter().all(|r| r == &replies[0]), "{replies:#?}");
-    let owned: i64 = watcher
-        .query_one(
-            "SELECT count(*) FROM workspaces WHERE owner_id = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(owned, 1);
+    assert_eq!(workspaces_owned_by(&db, user).await, 1);
 }
 
 #[tokio::test]

@@ -33,15 +33,20 @@ JOIN LATERAL (
     OFFSET 0
 ) w ON true
 JOIN LATERAL (
-    SELECT b.* FROM workspace_builds b
+    SELECT b.build_number, b.transition, b.initiator_id, b.created_at, b.job_id,
+           b.template_version_preset_id
+    FROM workspace_builds b
     WHERE b.workspace_id = w.id
     ORDER BY b.build_number DESC LIMIT 1                 -- the latest build
 ) lb ON true
 JOIN provisioner_jobs j ON j.id = lb.job_id
-JOIN LATERAL (
-    SELECT b.template_version_preset_id AS preset_id FROM workspace_builds b
-    WHERE b.workspace_id = w.id
-      AND b.template_version_preset_id IS NOT NULL       -- delete builds carry no preset
-    ORDER BY b.build_number DESC LIMIT 1                 -- the workspace's current preset
-) cp ON true
+-- The workspace's current preset: the latest build's, or for a delete build (which carries none)
+-- that of the latest build that has one. COALESCE looks that up only for delete builds.
+CROSS JOIN LATERAL (
+    SELECT COALESCE(lb.template_version_preset_id,
+                    (SELECT b.template_version_preset_id FROM workspace_builds b
+                     WHERE b.workspace_id = w.id
+                       AND b.template_version_preset_id IS NOT NULL
+                     ORDER BY b.build_number DESC LIMIT 1)) AS preset_id
+) cp
 WHERE cp.preset_id = ANY($1)                             -- it belongs to one of these presets now
