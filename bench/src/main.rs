@@ -58,12 +58,14 @@ async fn main() -> anyhow::Result<()> {
     let mut report = report::Report::new(&args, sizes);
     let run = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
 
-    let floors = scenarios::floors(&sizes).await?;
+    let floor_rig = scenarios::FloorRig::start(&sizes).await?;
+    let floors = scenarios::floors(&sizes, &floor_rig).await?;
     report.floors(&floors);
     if run(Scenario::Claims) || run(Scenario::Replenish) {
-        let claims = scenarios::claims(&sizes).await?;
-        report.claims(&claims, &floors);
+        let claims = scenarios::claims(&sizes, &floor_rig).await?;
+        report.claims(&claims);
     }
+    floor_rig.stop().await?;
     if run(Scenario::Reconcile) || run(Scenario::Memory) {
         let reconcile = scenarios::reconcile(&sizes).await?;
         report.reconcile(&reconcile);

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    scenarios::{Claims, Events, Fill, Floors, Reconcile, Sizes},
+    scenarios::{Claims, Events, Fill, Floors, Reconcile, Sizes, CLAIM_ROUNDS},
     stats::ms,
     Args,
 };
@@ -74,22 +74,21 @@ impl Report {
         );
     }
 
-    pub fn claims(&mut self, c: &Claims, f: &Floors) {
-        let single = f.p50_at(1);
-        for (concurrency, latency, misses) in &c.levels {
+    pub fn claims(&mut self, c: &Claims) {
+        for level in &c.levels {
+            let (concurrency, latency) = (level.concurrency, &level.latency);
             let ratio =
                 |floor: std::time::Duration| latency.p50.as_secs_f64() / floor.as_secs_f64();
-            let goal = if *concurrency == 64 {
+            let goal = if concurrency == 64 {
                 "p50 ≤ 2× floor, p99 ≤ 25 ms"
             } else {
                 "p50 ≤ 2× floor"
             };
-            let same_load = if *concurrency > 1 {
-                let floor = f.p50_at(*concurrency);
+            let same_load = if concurrency > 1 {
                 format!(
                     "; {:.2}× the floor at {concurrency} clients ({})",
-                    ratio(floor),
-                    ms(floor)
+                    ratio(level.same_load_floor),
+                    ms(level.same_load_floor)
                 )
             } else {
                 String::new()
@@ -104,10 +103,12 @@ impl Report {
                 ),
                 goal,
                 format!(
-                    "p50 = {:.2}× the 1-client floor ({}){same_load}; {} claims, {misses} misses",
-                    ratio(single),
-                    ms(single),
-                    latency.count
+                    "p50 = {:.2}× the 1-client floor ({}){same_load}; floors measured between \
+                     the level's {CLAIM_ROUNDS} rounds; {} claims, {} misses",
+                    ratio(level.single_client_floor),
+                    ms(level.single_client_floor),
+                    latency.count,
+                    level.misses
                 ),
             );
         }

@@ -52,7 +52,7 @@ impl Sizes {
             quick: true,
             floor_iterations: 20,
             rate_messages: 200,
-            eligible: 60,
+            eligible: 100,
             claims_per_level: [(1, 5), (4, 8), (8, 16)],
             replenish_samples: 3,
             reconcile_presets: 50,
@@ -73,8 +73,8 @@ impl Sizes {
                 quick,
                 floor_iterations: 200,
                 rate_messages: 2_000,
-                eligible: 300,
-                claims_per_level: [(1, 50), (16, 96), (64, 128)],
+                eligible: 600,
+                claims_per_level: [(1, 50), (16, 160), (64, 320)],
                 replenish_samples: 10,
                 reconcile_presets: 1_000,
                 fill_presets: 100,
@@ -168,24 +168,13 @@ pub struct Floors {
     pub consume_per_sec: f64,
 }
 
-impl Floors {
-    /// RPC echo + claim transaction p50 at `concurrency` (the single-client floor when absent).
-    pub fn p50_at(&self, concurrency: usize) -> Duration {
-        let at = |levels: &[(usize, Latency)]| {
-            levels
-                .iter()
-                .find(|(c, _)| *c == concurrency)
-                .or(levels.first())
-                .map(|(_, l)| l.p50)
-                .unwrap_or_default()
-        };
-        at(&self.rpc_echo) + at(&self.claim_tx)
-    }
-}
-
 /// Each of `concurrency` tasks runs `op` back to back until `total` runs are done; returns every
 /// run's latency.
-async fn closed_loop<F, Fut>(concurrency: usize, total: usize, op: F) -> anyhow::Result<Latency>
+async fn closed_loop<F, Fut>(
+    concurrency: usize,
+    total: usize,
+    op: F,
+) -> anyhow::Result<Vec<Duration>>
 where
     F: Fn(usize, usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -205,81 +194,132 @@ where
     for result in futures::future::join_all(tasks).await {
         samples.extend(result?);
     }
-    Ok(Latency::of(samples))
+    Ok(samples)
 }
 
-pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let queue_args = broker.topology.work_queue_arguments();
+/// The RPC echo responder and the claim-shaped transaction's table, kept up so the two floors can
+/// be measured again between the rounds of another scenario: on a shared machine, a floor
+/// measured a minute earlier can be 30% off.
+pub struct FloorRig {
+    db: TestDb,
+    broker: TestBroker,
+    echo_queue: String,
+    echo_task: tokio::task::JoinHandle<()>,
+    /// A few connections shared by the requesters, as in the claims scenario.
+    clients: Vec<RpcClient>,
+    /// One connection per concurrent claim-shaped transaction.
+    connections: Vec<tokio_postgres::Client>,
+    echo_requests: std::sync::atomic::AtomicUsize,
+}
 
-    // RPC echo through the same broker: a responder on a quorum queue, direct reply-to back.
-    let echo_queue = format!("{}.bench-echo", broker.prefix());
-    broker
-        .channel
-        .queue_declare(
-            echo_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            queue_args.clone(),
-        )
-        .await?;
-    let responder_conn = prebuilds_runtime::amqp::connect(&broker.url, "bench-echo").await?;
-    let responder = responder_conn.create_channel().await?;
-    responder.basic_qos(64, BasicQosOptions::default()).await?;
-    let mut requests = responder
-        .basic_consume(
-            echo_queue.as_str().into(),
-            "echo".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let echo_task = tokio::spawn(async move {
-        while let Some(Ok(d)) = requests.next().await {
-            let props = BasicProperties::default()
-                .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
-            let reply_to = d.properties.reply_to().clone().unwrap_or_default();
-            let _ = responder
-                .basic_publish(
-                    "".into(),
-                    reply_to.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &d.data,
-                    props,
-                )
-                .await;
-            let _ = d.ack(BasicAckOptions::default()).await;
-        }
-    });
-    // The same client shape as the claims scenario: a few connections shared by the requesters.
-    let mut clients = Vec::new();
-    for i in 0..4 {
-        clients.push(
-            RpcClient::connect(
-                &broker.url,
-                &format!("bench-echo-client-{i}"),
-                broker.topology.clone(),
+impl FloorRig {
+    pub async fn start(sizes: &Sizes) -> anyhow::Result<FloorRig> {
+        let db = TestDb::new().await;
+        let broker = TestBroker::new().await;
+
+        // RPC echo through the same broker: a responder on a quorum queue, direct reply-to back.
+        let echo_queue = format!("{}.bench-echo", broker.prefix());
+        broker
+            .channel
+            .queue_declare(
+                echo_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                broker.topology.work_queue_arguments(),
             )
-            .await?,
-        );
+            .await?;
+        let responder_conn = prebuilds_runtime::amqp::connect(&broker.url, "bench-echo").await?;
+        let responder = responder_conn.create_channel().await?;
+        responder.basic_qos(64, BasicQosOptions::default()).await?;
+        let mut requests = responder
+            .basic_consume(
+                echo_queue.as_str().into(),
+                "echo".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let echo_task = tokio::spawn(async move {
+            // Owns the connection for as long as it answers.
+            let _connection = responder_conn;
+            while let Some(Ok(d)) = requests.next().await {
+                let props = BasicProperties::default()
+                    .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
+                let reply_to = d.properties.reply_to().clone().unwrap_or_default();
+                let _ = responder
+                    .basic_publish(
+                        "".into(),
+                        reply_to.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        props,
+                    )
+                    .await;
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+        });
+        let mut clients = Vec::new();
+        for i in 0..4 {
+            clients.push(
+                RpcClient::connect(
+                    &broker.url,
+                    &format!("bench-echo-client-{i}"),
+                    broker.topology.clone(),
+                )
+                .await?,
+            );
+        }
+
+        // The claim-shaped transaction's pool: a partial index of the unclaimed rows, as the real
+        // claim scans its pool index, so the cost stays flat as rows are claimed. Enough rows
+        // for the floors plus every round measured between other scenarios.
+        let pg = db.connect().await;
+        let levels = sizes.floor_levels();
+        pg.batch_execute(&format!(
+            "CREATE TABLE bench_floor (id int PRIMARY KEY, owner int NOT NULL DEFAULT 0);
+             CREATE INDEX bench_floor_unclaimed ON bench_floor (id) WHERE owner = 0;
+             INSERT INTO bench_floor (id) SELECT generate_series(1, {});
+             ANALYZE bench_floor;",
+            (sizes.floor_iterations * 4 + 64 * CLAIM_ROUNDS) * levels.len() * 2
+        ))
+        .await?;
+        let mut connections = Vec::new();
+        for _ in 0..levels.iter().copied().max().unwrap_or(1) {
+            connections.push(db.connect().await);
+        }
+        Ok(FloorRig {
+            db,
+            broker,
+            echo_queue,
+            echo_task,
+            clients,
+            connections,
+            echo_requests: Default::default(),
+        })
     }
-    let body = vec![b'x'; 300];
-    let mut rpc_echo = Vec::new();
-    for concurrency in sizes.floor_levels() {
-        let latency = closed_loop(concurrency, sizes.floor_iterations, |task, n| {
-            let client = &clients[task % clients.len()];
-            let id = format!("echo-{concurrency}-{task}-{n}");
-            let (body, echo_queue) = (&body, &echo_queue);
+
+    /// `total` RPC echo round trips by `concurrency` requesters.
+    pub async fn rpc_echo(
+        &self,
+        concurrency: usize,
+        total: usize,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let body = vec![b'x'; 300];
+        closed_loop(concurrency, total, |task, _| {
+            let client = &self.clients[task % self.clients.len()];
+            let n = self
+                .echo_requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (body, echo_queue) = (&body, &self.echo_queue);
             async move {
                 client
                     .request(
                         "",
                         echo_queue,
                         body,
-                        &id,
+                        &format!("echo-{n}"),
                         "bench.echo",
                         Duration::from_secs(5),
                     )
@@ -287,33 +327,22 @@ pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
                 Ok(())
             }
         })
-        .await?;
-        rpc_echo.push((concurrency, latency));
+        .await
     }
-    echo_task.abort();
 
-    // One claim-shaped transaction: BEGIN; UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED);
-    // COMMIT — one connection per concurrent client, all claiming from the same table.
-    let levels = sizes.floor_levels();
-    let pg = db.connect().await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE bench_floor (id int PRIMARY KEY, owner int NOT NULL DEFAULT 0);
-         INSERT INTO bench_floor (id) SELECT generate_series(1, {});",
-        (sizes.floor_iterations + 64) * levels.len()
-    ))
-    .await?;
-    let mut connections = Vec::new();
-    for _ in 0..levels.iter().copied().max().unwrap_or(1) {
-        connections.push(db.connect().await);
-    }
-    let mut claim_tx = Vec::new();
-    for concurrency in levels {
-        let latency = closed_loop(concurrency, sizes.floor_iterations, |task, _| {
-            let pg = &connections[task];
+    /// `total` claim-shaped transactions (BEGIN; UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP
+    /// LOCKED); COMMIT) on `concurrency` connections, all claiming from the same table.
+    pub async fn claim_tx(
+        &self,
+        concurrency: usize,
+        total: usize,
+    ) -> anyhow::Result<Vec<Duration>> {
+        closed_loop(concurrency, total, |task, _| {
+            let pg = &self.connections[task];
             async move {
                 pg.batch_execute("BEGIN").await?;
                 pg.query_one(
-                    "UPDATE bench_floor SET owner = 1 WHERE id = (SELECT id FROM bench_floor WHERE owner = 0 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+                    "UPDATE bench_floor SET owner = 1 WHERE id = (SELECT id FROM bench_floor WHERE owner = 0 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
                     &[],
                 )
                 .await?;
@@ -321,11 +350,65 @@ pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
                 Ok(())
             }
         })
-        .await?;
-        claim_tx.push((concurrency, latency));
+        .await
+    }
+
+    /// Both floors at `concurrency`, `total` runs each.
+    async fn round(&self, concurrency: usize, total: usize) -> anyhow::Result<FloorSamples> {
+        Ok(FloorSamples {
+            rpc_echo: self.rpc_echo(concurrency, total).await?,
+            claim_tx: self.claim_tx(concurrency, total).await?,
+        })
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.echo_task.abort();
+        self.broker
+            .channel
+            .queue_delete(
+                self.echo_queue.as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await?;
+        drop(self.db);
+        Ok(())
+    }
+}
+
+/// Samples of both floors, gathered over one or more rounds.
+#[derive(Debug, Default)]
+struct FloorSamples {
+    rpc_echo: Vec<Duration>,
+    claim_tx: Vec<Duration>,
+}
+
+impl FloorSamples {
+    fn extend(&mut self, more: FloorSamples) {
+        self.rpc_echo.extend(more.rpc_echo);
+        self.claim_tx.extend(more.claim_tx);
+    }
+
+    /// RPC echo p50 + claim transaction p50.
+    fn p50(self) -> Duration {
+        Latency::of(self.rpc_echo).p50 + Latency::of(self.claim_tx).p50
+    }
+}
+
+pub async fn floors(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Floors> {
+    let mut rpc_echo = Vec::new();
+    let mut claim_tx = Vec::new();
+    for concurrency in sizes.floor_levels() {
+        let echo = rig.rpc_echo(concurrency, sizes.floor_iterations).await?;
+        rpc_echo.push((concurrency, Latency::of(echo)));
+    }
+    for concurrency in sizes.floor_levels() {
+        let tx = rig.claim_tx(concurrency, sizes.floor_iterations).await?;
+        claim_tx.push((concurrency, Latency::of(tx)));
     }
 
     // Persistent messages with confirms into a quorum queue, then consumed with acks.
+    let broker = &rig.broker;
+    let queue_args = broker.topology.work_queue_arguments();
     let rate_queue = format!("{}.bench-rate", broker.prefix());
     broker
         .channel
@@ -368,12 +451,10 @@ pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
         d.ack(BasicAckOptions::default()).await?;
     }
     let consume_per_sec = sizes.rate_messages as f64 / t.elapsed().as_secs_f64();
-    for q in [&echo_queue, &rate_queue] {
-        broker
-            .channel
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
+    broker
+        .channel
+        .queue_delete(rate_queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
     Ok(Floors {
         rpc_echo,
         claim_tx,
@@ -385,13 +466,29 @@ pub async fn floors(sizes: &Sizes) -> anyhow::Result<Floors> {
 // ---------------------------------------------------------------------------------------------
 // 2 + 3. Claim latency at several concurrencies, and replenish latency
 
+/// Each claim level runs in this many rounds, with both floors measured before each round (at
+/// one client and at the level's concurrency), so claims and floors share the machine's mood.
+pub const CLAIM_ROUNDS: usize = 5;
+
 #[derive(Debug, Clone)]
 pub struct Claims {
-    pub levels: Vec<(usize, Latency, usize)>,
+    pub levels: Vec<ClaimLevel>,
     pub replenish: Latency,
 }
 
-pub async fn claims(sizes: &Sizes) -> anyhow::Result<Claims> {
+/// One claim concurrency, with the floors measured between its rounds.
+#[derive(Debug, Clone)]
+pub struct ClaimLevel {
+    pub concurrency: usize,
+    pub latency: Latency,
+    pub misses: usize,
+    /// RPC echo p50 + claim transaction p50, one client.
+    pub single_client_floor: Duration,
+    /// The same at this level's concurrency.
+    pub same_load_floor: Duration,
+}
+
+pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
     let db = TestDb::new().await;
     let broker = TestBroker::new().await;
     let pg = db.connect().await;
@@ -439,32 +536,45 @@ pub async fn claims(sizes: &Sizes) -> anyhow::Result<Claims> {
     }
     let mut levels = Vec::new();
     for (concurrency, total) in sizes.claims_per_level {
-        let per_client = total / concurrency;
-        let tasks = (0..concurrency).map(|c| {
-            let client = clients[c % clients.len()].clone();
-            let user = users[c];
-            async move {
-                let mut out = Vec::new();
-                for n in 0..per_client {
-                    out.push(claim(client.clone(), user, format!("c{concurrency}-{c}-{n}")).await);
-                }
-                out
+        let floor_runs = (sizes.floor_iterations / CLAIM_ROUNDS).max(1);
+        let (mut single, mut same_load) = (FloorSamples::default(), FloorSamples::default());
+        let mut results: Vec<(Duration, ClaimOutcome)> = Vec::new();
+        for round in 0..CLAIM_ROUNDS {
+            single.extend(rig.round(1, floor_runs).await?);
+            if concurrency > 1 {
+                same_load.extend(rig.round(concurrency, floor_runs).await?);
             }
-        });
-        let results: Vec<(Duration, ClaimOutcome)> = futures::future::join_all(tasks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+            let per_client = (total / CLAIM_ROUNDS / concurrency).max(1);
+            let tasks = (0..concurrency).map(|c| {
+                let client = clients[c % clients.len()].clone();
+                let user = users[c];
+                async move {
+                    let mut out = Vec::new();
+                    for n in 0..per_client {
+                        let name = format!("c{concurrency}-{round}-{c}-{n}");
+                        out.push(claim(client.clone(), user, name).await);
+                    }
+                    out
+                }
+            });
+            results.extend(futures::future::join_all(tasks).await.into_iter().flatten());
+        }
         let misses = results
             .iter()
             .filter(|(_, o)| *o != ClaimOutcome::Claimed)
             .count();
-        levels.push((
+        let single_client_floor = single.p50();
+        levels.push(ClaimLevel {
             concurrency,
-            Latency::of(results.into_iter().map(|(d, _)| d).collect()),
+            latency: Latency::of(results.into_iter().map(|(d, _)| d).collect()),
             misses,
-        ));
+            single_client_floor,
+            same_load_floor: if concurrency > 1 {
+                same_load.p50()
+            } else {
+                single_client_floor
+            },
+        });
     }
 
     // Replenish: claim → the replacement's provisioner job delivered to a provisioner.

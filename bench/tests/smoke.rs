@@ -24,6 +24,7 @@ fn every_scenario_runs_and_is_reported() {
         "claim latency, 1 clients",
         "claim latency, 8 clients",
         "the floor at 8 clients",
+        "floors measured between the level's 5 rounds",
         "replenish: claim request",
         "reconcile pass, 50 presets at steady state, 2 worker(s)",
         "scheduler with 50 presets",
