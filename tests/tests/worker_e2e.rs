@@ -19,6 +19,16 @@ use prebuilds_tests::{
 };
 use uuid::Uuid;
 
+/// Reconcile jobs the worker has finished, whatever their result.
+async fn reconcile_jobs_handled(port: u16) -> f64 {
+    let (_, metrics) = stack::http_get(port, "/metrics").await.unwrap();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("prebuilds_reconcile_jobs_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn a_pool_fills_and_is_replenished_right_after_a_claim() {
     let db = TestDb::new().await;
@@ -34,6 +44,27 @@ async fn a_pool_fills_and_is_replenished_right_after_a_claim() {
     wait_for(Duration::from_secs(20), "pool of 2 eligible", || async {
         pool_counts(&db, fx.preset_id).await.eligible == 2
     })
+    .await;
+    // Let the reconciles the fill queued (job completions, agents ready) finish first: one of
+    // them running after the claim would create the replacement itself, and the claim's own
+    // reconcile would find nothing left to do and record no replenish latency.
+    wait_for(
+        Duration::from_secs(10),
+        "the fill's reconciles done",
+        || async {
+            let before = reconcile_jobs_handled(port).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let unpublished: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            unpublished == 0 && reconcile_jobs_handled(port).await == before
+        },
+    )
     .await;
 
     let rpc = RpcClient::connect(&broker.url, "test-claims", broker.topology.clone())
