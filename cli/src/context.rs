@@ -1,17 +1,18 @@
 //! What every command shares: connecting to PostgreSQL and RabbitMQ with errors that say what to
-//! check, relaying the outbox after a commit, resolving templates by name, and the usage-error
-//! type that maps to exit code 2.
+//! check, applying a change together with the reconcile jobs it causes (and relaying them after the
+//! commit), resolving templates by name, and the usage-error type that maps to exit code 2.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _};
-use deadpool_postgres::{GenericClient, Pool};
+use deadpool_postgres::{GenericClient, Pool, Transaction};
 use prebuilds_runtime::{
     amqp::{self, Publisher, Topology},
     config::{redact_url, ConnectionArgs},
     db,
     outbox::{Relay, RelayConfig},
 };
+use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
 /// A bad argument value found after parsing (exit code 2, like clap's own usage errors).
@@ -61,13 +62,17 @@ pub async fn connect_amqp(
 ) -> anyhow::Result<lapin::Connection> {
     amqp::connect(&connection.amqp_url, name)
         .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot connect to RabbitMQ at {}: {e}\n\
-                 check AMQP_URL (or --amqp-url) and that the broker is running",
-                redact_url(&connection.amqp_url)
-            )
-        })
+        .map_err(|e| amqp_unreachable(connection, e))
+}
+
+/// The error for a broker the CLI cannot reach, however it connected (plain connection or RPC
+/// client): it names the redacted URL and what to check.
+pub fn amqp_unreachable(connection: &ConnectionArgs, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!(
+        "cannot connect to RabbitMQ at {}: {e}\n\
+         check AMQP_URL (or --amqp-url) and that the broker is running",
+        redact_url(&connection.amqp_url)
+    )
 }
 
 /// A confirming publisher on the configured prefix.
@@ -259,7 +264,7 @@ pub fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 pub async fn request_reconciles<C: GenericClient>(
     c: &C,
     preset_ids: &[Uuid],
-    reason: prebuilds_schemas::ReconcileReason,
+    reason: ReconcileReason,
 ) -> Result<usize, tokio_postgres::Error> {
     let mut ids = preset_ids.to_vec();
     ids.sort();
@@ -269,4 +274,48 @@ pub async fn request_reconciles<C: GenericClient>(
     }
     prebuilds_store::attention::request_reconciles(c, &ids, reason, EVENT_SOURCE).await?;
     Ok(ids.len())
+}
+
+/// What a change made through [`apply_change`] returns: the presets whose pools it affects, and
+/// whatever the command reports about it.
+pub struct Change<T> {
+    pub outcome: T,
+    /// May be empty: then no reconcile job is written.
+    pub reconcile: Vec<Uuid>,
+    pub reason: ReconcileReason,
+}
+
+/// A committed change: its outcome, how many reconcile jobs it wrote and how many of them were
+/// published before the command returned.
+pub struct Applied<T> {
+    pub outcome: T,
+    pub requested: usize,
+    pub published: usize,
+}
+
+/// Runs `change` in one transaction, writes its reconcile jobs to the outbox in that same
+/// transaction, commits, and relays the outbox. The jobs thus exist exactly when the change does;
+/// an error from `change` rolls everything back.
+pub async fn apply_change<T>(
+    connection: &ConnectionArgs,
+    change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
+) -> anyhow::Result<Applied<T>> {
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let Change {
+        outcome,
+        reconcile,
+        reason,
+    } = change(&tx).await?;
+    let requested = request_reconciles(&tx, &reconcile, reason).await?;
+    tx.commit().await?;
+    // Back to the (two-connection) pool before relaying: the relay takes its connections from it.
+    drop(client);
+    let published = relay_outbox(&pool, connection, requested).await;
+    Ok(Applied {
+        outcome,
+        requested,
+        published,
+    })
 }

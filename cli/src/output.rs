@@ -51,6 +51,23 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>], empty: &str) {
     }
 }
 
+/// Prints `rows` for `--json` as a JSON array, otherwise as a table of each row's `cells` (or
+/// `empty` when there are none), so every listing picks between its two forms the same way.
+pub fn print_rows<T: Serialize>(
+    rows: &[T],
+    json: bool,
+    headers: &[&str],
+    empty: &str,
+    cells: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(rows);
+    }
+    let table: Vec<Vec<String>> = rows.iter().map(cells).collect();
+    print_table(headers, &table, empty);
+    Ok(())
+}
+
 /// A timestamp for tables: RFC 3339, UTC, whole seconds.
 pub fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)

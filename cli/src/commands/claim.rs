@@ -16,14 +16,16 @@ use prebuilds_runtime::{
         rpc::{RpcClient, RpcError},
         Topology,
     },
-    config::{parse_duration, redact_url, ConnectionArgs},
+    config::{parse_duration, ConnectionArgs},
 };
 use prebuilds_schemas::{ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, Parameter};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    context::{connect_amqp, connect_db, resolve_template, UsageError, EVENT_SOURCE},
+    context::{
+        amqp_unreachable, connect_amqp, connect_db, resolve_template, UsageError, EVENT_SOURCE,
+    },
     output,
 };
 
@@ -242,13 +244,7 @@ async fn call(
     let _ = amqp.close(200, "done".into()).await;
     let client = RpcClient::connect(&connection.amqp_url, "prebuildsctl claim", topology)
         .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot connect to RabbitMQ at {}: {e}\n\
-                 check AMQP_URL (or --amqp-url) and that the broker is running",
-                redact_url(&connection.amqp_url)
-            )
-        })?;
+        .map_err(|e| amqp_unreachable(connection, e))?;
     let started = Instant::now();
     let outcome = client
         .call::<ClaimRequest, ClaimReply>(event, timeout)

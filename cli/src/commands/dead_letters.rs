@@ -247,23 +247,9 @@ async fn list(connection: &ConnectionArgs, limit: u16, json: bool) -> anyhow::Re
     requeue(&deliveries.iter().collect::<Vec<_>>()).await?;
     let ready = queue.ready;
     queue.close().await;
-    if json {
-        return output::print_json(&rows);
-    }
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                output::opt_text(r.message_id.as_deref()),
-                r.routing_key.clone(),
-                output::opt_text(r.event_type.as_deref()),
-                output::opt_text(r.source_queue.as_deref()),
-                r.reason.clone(),
-                r.size.to_string(),
-            ]
-        })
-        .collect();
-    output::print_table(
+    output::print_rows(
+        &rows,
+        json,
         &[
             "message_id",
             "routing_key",
@@ -272,10 +258,20 @@ async fn list(connection: &ConnectionArgs, limit: u16, json: bool) -> anyhow::Re
             "reason",
             "size",
         ],
-        &table,
         "no dead-lettered messages",
-    );
-    if (ready as usize) > rows.len() {
+        |r| {
+            vec![
+                output::opt_text(r.message_id.as_deref()),
+                r.routing_key.clone(),
+                output::opt_text(r.event_type.as_deref()),
+                output::opt_text(r.source_queue.as_deref()),
+                r.reason.clone(),
+                r.size.to_string(),
+            ]
+        },
+    )?;
+    // The note is for people; --json prints the array alone.
+    if !json && (ready as usize) > rows.len() {
         println!(
             "({} of {ready} shown; raise --limit to see more)",
             rows.len()
@@ -375,29 +371,23 @@ async fn replay(
                 .any(|r| r.message_id.as_deref() == Some(id.as_str()))
         })
         .collect();
-    if json {
-        output::print_json(&results)?;
-    } else {
-        let table: Vec<Vec<String>> = results
-            .iter()
-            .map(|r| {
-                vec![
-                    output::opt_text(r.message_id.as_deref()),
-                    r.routing_key.clone(),
-                    if r.replayed {
-                        "replayed".to_owned()
-                    } else {
-                        format!("kept: {}", r.error.as_deref().unwrap_or("failed"))
-                    },
-                ]
-            })
-            .collect();
-        output::print_table(
-            &["message_id", "routing_key", "result"],
-            &table,
-            "no dead-lettered messages to replay",
-        );
-    }
+    output::print_rows(
+        &results,
+        json,
+        &["message_id", "routing_key", "result"],
+        "no dead-lettered messages to replay",
+        |r| {
+            vec![
+                output::opt_text(r.message_id.as_deref()),
+                r.routing_key.clone(),
+                if r.replayed {
+                    "replayed".to_owned()
+                } else {
+                    format!("kept: {}", r.error.as_deref().unwrap_or("failed"))
+                },
+            ]
+        },
+    )?;
     if !missing.is_empty() {
         anyhow::bail!(
             "no dead-lettered message with id {} (see `prebuildsctl dead-letters list`)",

@@ -10,7 +10,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    context::{connect_db, relay_outbox, request_reconciles},
+    context::{apply_change, connect_db, Applied, Change},
     output,
 };
 
@@ -136,12 +136,22 @@ async fn list(
             error: r.get("error"),
         })
         .collect();
-    if json {
-        return output::print_json(&rows);
-    }
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
+    output::print_rows(
+        &rows,
+        json,
+        &[
+            "id",
+            "workspace",
+            "build",
+            "status",
+            "initiator",
+            "created",
+            "started",
+            "completed",
+            "error",
+        ],
+        "no provisioner jobs",
+        |r| {
             vec![
                 r.id.to_string(),
                 output::opt_text(r.workspace.as_deref()),
@@ -156,138 +166,118 @@ async fn list(
                 output::opt_time(r.completed_at),
                 output::opt_text(r.error.as_deref()),
             ]
-        })
-        .collect();
-    output::print_table(
-        &[
-            "id",
-            "workspace",
-            "build",
-            "status",
-            "initiator",
-            "created",
-            "started",
-            "completed",
-            "error",
-        ],
-        &table,
-        "no provisioner jobs",
-    );
-    Ok(())
+        },
+    )
 }
 
 async fn cancel(connection: &ConnectionArgs, mut ids: Vec<Uuid>, json: bool) -> anyhow::Result<()> {
     ids.sort();
     ids.dedup();
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let current: HashMap<Uuid, String> = tx
-        .query(
-            "SELECT id, job_status FROM provisioner_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let missing: Vec<String> = ids
-        .iter()
-        .filter(|id| !current.contains_key(id))
-        .map(Uuid::to_string)
-        .collect();
-    if !missing.is_empty() {
-        // Nothing is changed: the transaction rolls back.
-        bail!(
-            "no provisioner job with id {}; nothing was canceled (`prebuildsctl jobs list` shows the jobs)",
-            missing.join(", ")
-        );
-    }
-    let mut results = Vec::with_capacity(ids.len());
-    let mut changed = Vec::new();
-    let mut finished = 0;
-    for id in &ids {
-        let previous = current[id].clone();
-        let (status, result) = match previous.as_str() {
-            "pending" => {
-                // Nobody picked it up: canceled and completed now.
-                tx.execute(
-                    "UPDATE provisioner_jobs
-                     SET job_status = 'canceled', canceled_at = now(), completed_at = now(),
-                         updated_at = now()
-                     WHERE id = $1",
-                    &[id],
-                )
-                .await?;
-                changed.push(*id);
-                ("canceled", "canceled".to_owned())
-            }
-            "running" => {
-                // The provisioner is working on it: it completes the cancellation.
-                tx.execute(
-                    "UPDATE provisioner_jobs
-                     SET job_status = 'canceling', canceled_at = now(), updated_at = now()
-                     WHERE id = $1",
-                    &[id],
-                )
-                .await?;
-                changed.push(*id);
-                (
-                    "canceling",
-                    "cancel requested (the provisioner stops it)".to_owned(),
-                )
-            }
-            "canceling" | "canceled" => (previous.as_str(), format!("already {previous}")),
-            _ => {
-                finished += 1;
-                (
-                    previous.as_str(),
-                    format!("not canceled: already finished ({previous})"),
-                )
-            }
-        };
-        results.push(CancelRow {
-            id: *id,
-            status: status.to_owned(),
-            previous_status: previous.clone(),
-            result,
-        });
-    }
-    // Pools of prebuilds whose builds were canceled are reconciled at once.
-    let presets: Vec<Uuid> = tx
-        .query(
-            "SELECT DISTINCT b.template_version_preset_id
-             FROM workspace_builds b
-             JOIN workspaces w ON w.id = b.workspace_id
-             WHERE b.job_id = ANY($1)
-               AND b.template_version_preset_id IS NOT NULL               -- builds of a preset
-               AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'    -- of a prebuild",
-            &[&changed],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let requested = request_reconciles(&tx, &presets, ReconcileReason::Manual).await?;
-    tx.commit().await?;
-    drop(client);
-    relay_outbox(&pool, connection, requested).await;
-    if json {
-        output::print_json(&results)?;
-    } else {
-        let table: Vec<Vec<String>> = results
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.to_string(),
-                    r.previous_status.clone(),
-                    r.status.clone(),
-                    r.result.clone(),
-                ]
-            })
+    let Applied {
+        outcome: (results, finished),
+        ..
+    } = apply_change(connection, async |tx| {
+        let current: HashMap<Uuid, String> = tx
+            .query(
+                "SELECT id, job_status FROM provisioner_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&ids],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
-        output::print_table(&["id", "was", "now", "result"], &table, "");
-    }
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !current.contains_key(id))
+            .map(Uuid::to_string)
+            .collect();
+        if !missing.is_empty() {
+            // Nothing is changed: the transaction rolls back.
+            bail!(
+                "no provisioner job with id {}; nothing was canceled (`prebuildsctl jobs list` shows the jobs)",
+                missing.join(", ")
+            );
+        }
+        let mut results = Vec::with_capacity(ids.len());
+        let mut changed = Vec::new();
+        let mut finished = 0;
+        for id in &ids {
+            let previous = current[id].clone();
+            let (status, result) = match previous.as_str() {
+                "pending" => {
+                    // Nobody picked it up: canceled and completed now.
+                    tx.execute(
+                        "UPDATE provisioner_jobs
+                         SET job_status = 'canceled', canceled_at = now(), completed_at = now(),
+                             updated_at = now()
+                         WHERE id = $1",
+                        &[id],
+                    )
+                    .await?;
+                    changed.push(*id);
+                    ("canceled", "canceled".to_owned())
+                }
+                "running" => {
+                    // The provisioner is working on it: it completes the cancellation.
+                    tx.execute(
+                        "UPDATE provisioner_jobs
+                         SET job_status = 'canceling', canceled_at = now(), updated_at = now()
+                         WHERE id = $1",
+                        &[id],
+                    )
+                    .await?;
+                    changed.push(*id);
+                    (
+                        "canceling",
+                        "cancel requested (the provisioner stops it)".to_owned(),
+                    )
+                }
+                "canceling" | "canceled" => (previous.as_str(), format!("already {previous}")),
+                _ => {
+                    finished += 1;
+                    (
+                        previous.as_str(),
+                        format!("not canceled: already finished ({previous})"),
+                    )
+                }
+            };
+            results.push(CancelRow {
+                id: *id,
+                status: status.to_owned(),
+                previous_status: previous.clone(),
+                result,
+            });
+        }
+        // Pools of prebuilds whose builds were canceled are reconciled at once.
+        let presets: Vec<Uuid> = tx
+            .query(
+                "SELECT DISTINCT b.template_version_preset_id
+                 FROM workspace_builds b
+                 JOIN workspaces w ON w.id = b.workspace_id
+                 WHERE b.job_id = ANY($1)
+                   AND b.template_version_preset_id IS NOT NULL               -- builds of a preset
+                   AND w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'    -- of a prebuild",
+                &[&changed],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(Change {
+            outcome: (results, finished),
+            reconcile: presets,
+            reason: ReconcileReason::Manual,
+        })
+    })
+    .await?;
+    output::print_rows(&results, json, &["id", "was", "now", "result"], "", |r| {
+        vec![
+            r.id.to_string(),
+            r.previous_status.clone(),
+            r.status.clone(),
+            r.result.clone(),
+        ]
+    })?;
     if finished > 0 {
         bail!("{finished} job(s) had already finished and were not changed");
     }

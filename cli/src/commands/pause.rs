@@ -9,9 +9,7 @@ use prebuilds_runtime::config::ConnectionArgs;
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
-use crate::context::{
-    connect_db, relay_outbox, request_reconciles, resolve_template, template_presets,
-};
+use crate::context::{apply_change, resolve_template, template_presets, Applied, Change};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -32,67 +30,73 @@ pub struct Args {
 
 pub async fn run(connection: &ConnectionArgs, args: Args, pause: bool) -> anyhow::Result<()> {
     let verb = if pause { "paused" } else { "resumed" };
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let (scope, changed, affected) = if let Some(name) = &args.template {
-        let template = resolve_template(&tx, name, args.organization.as_deref(), true).await?;
-        let changed = tx
-            .execute(
-                "UPDATE templates SET paused = $2, updated_at = now()
-                 WHERE id = $1 AND paused IS DISTINCT FROM $2",
-                &[&template.id, &pause],
+    let Applied {
+        outcome: (scope, changed),
+        requested,
+        published,
+    } = apply_change(connection, async |tx| {
+        let (scope, changed, affected) = if let Some(name) = &args.template {
+            let template = resolve_template(tx, name, args.organization.as_deref(), true).await?;
+            let changed = tx
+                .execute(
+                    "UPDATE templates SET paused = $2, updated_at = now()
+                     WHERE id = $1 AND paused IS DISTINCT FROM $2",
+                    &[&template.id, &pause],
+                )
+                .await?
+                > 0;
+            let affected = template_presets(tx, template.id).await?;
+            (
+                format!("template {}/{}", template.organization_name, template.name),
+                changed,
+                affected,
             )
-            .await?
-            > 0;
-        let affected = template_presets(&tx, template.id).await?;
-        (
-            format!("template {}/{}", template.organization_name, template.name),
-            changed,
-            affected,
-        )
-    } else if let Some(preset) = args.preset {
-        let Some(row) = tx
-            .query_opt(
-                "SELECT p.paused, p.name FROM template_version_presets p WHERE p.id = $1 FOR UPDATE",
-                &[&preset],
+        } else if let Some(preset) = args.preset {
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT p.paused, p.name FROM template_version_presets p WHERE p.id = $1 FOR UPDATE",
+                    &[&preset],
+                )
+                .await?
+            else {
+                bail!("preset {preset} not found (`prebuildsctl status` lists preset ids)");
+            };
+            let was: bool = row.get(0);
+            let name: String = row.get(1);
+            if was != pause {
+                tx.execute(
+                    "UPDATE template_version_presets SET paused = $2 WHERE id = $1",
+                    &[&preset, &pause],
+                )
+                .await?;
+            }
+            (
+                format!("preset {name} ({preset})"),
+                was != pause,
+                vec![preset],
             )
-            .await?
-        else {
-            bail!("preset {preset} not found (`prebuildsctl status` lists preset ids)");
+        } else {
+            let changed = prebuilds_store::settings::set_reconciliation_paused(tx, pause).await?;
+            let affected = prebuilds_store::attention::presets_needing_attention(tx).await?;
+            ("reconciliation (global)".to_owned(), changed, affected)
         };
-        let was: bool = row.get(0);
-        let name: String = row.get(1);
-        if was != pause {
-            tx.execute(
-                "UPDATE template_version_presets SET paused = $2 WHERE id = $1",
-                &[&preset, &pause],
-            )
-            .await?;
-        }
-        (
-            format!("preset {name} ({preset})"),
-            was != pause,
-            vec![preset],
-        )
-    } else {
-        let changed = prebuilds_store::settings::set_reconciliation_paused(&tx, pause).await?;
-        let affected = prebuilds_store::attention::presets_needing_attention(&tx).await?;
-        ("reconciliation (global)".to_owned(), changed, affected)
-    };
-    // A pause needs no reconcile (a paused preset does nothing); a resume catches up at once.
-    let requested = if pause || !changed {
-        0
-    } else {
-        request_reconciles(&tx, &affected, ReconcileReason::SettingsChanged).await?
-    };
-    tx.commit().await?;
-    drop(client);
+        // A pause needs no reconcile (a paused preset does nothing); a resume catches up at once.
+        let reconcile = if pause || !changed {
+            Vec::new()
+        } else {
+            affected
+        };
+        Ok(Change {
+            outcome: (scope, changed),
+            reconcile,
+            reason: ReconcileReason::SettingsChanged,
+        })
+    })
+    .await?;
     if !changed {
         println!("{scope} was already {verb}; nothing changed");
         return Ok(());
     }
-    let published = relay_outbox(&pool, connection, requested).await;
     if pause {
         println!("{verb} {scope}");
     } else {

@@ -84,25 +84,9 @@ pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Resul
             ready: r.get("ready"),
         })
         .collect();
-    if json {
-        return output::print_json(&rows);
-    }
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.id.to_string(),
-                r.name.clone(),
-                format!("{}/{}", r.organization, r.template),
-                r.template_version.clone(),
-                output::opt_text(r.preset.as_deref()),
-                output::time(r.created_at),
-                format!("#{} {} {}", r.build_number, r.transition, r.job_status),
-                output::yes_no(r.ready),
-            ]
-        })
-        .collect();
-    output::print_table(
+    output::print_rows(
+        &rows,
+        json,
         &[
             "id",
             "name",
@@ -113,8 +97,18 @@ pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Resul
             "latest build",
             "ready",
         ],
-        &table,
         "no prebuilt workspaces",
-    );
-    Ok(())
+        |r| {
+            vec![
+                r.id.to_string(),
+                r.name.clone(),
+                format!("{}/{}", r.organization, r.template),
+                r.template_version.clone(),
+                output::opt_text(r.preset.as_deref()),
+                output::time(r.created_at),
+                format!("#{} {} {}", r.build_number, r.transition, r.job_status),
+                output::yes_no(r.ready),
+            ]
+        },
+    )
 }

@@ -12,7 +12,7 @@ use prebuilds_runtime::config::ConnectionArgs;
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
-use crate::context::{connect_db, relay_outbox, request_reconciles};
+use crate::context::{apply_change, Applied, Change};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -27,33 +27,38 @@ pub enum Command {
 
 pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
     let Command::Reset { id } = command;
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    prebuilds_store::lock::lock_preset(&tx, id).await?;
-    let Some(row) = tx
-        .query_opt(
-            "SELECT name, prebuild_status FROM template_version_presets WHERE id = $1",
+    let Applied {
+        outcome: (name, was),
+        published,
+        ..
+    } = apply_change(connection, async |tx| {
+        prebuilds_store::lock::lock_preset(tx, id).await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT name, prebuild_status FROM template_version_presets WHERE id = $1",
+                &[&id],
+            )
+            .await?
+        else {
+            bail!("preset {id} not found (`prebuildsctl status` lists preset ids)");
+        };
+        let name: String = row.get(0);
+        let was: String = row.get(1);
+        tx.execute(
+            "UPDATE template_version_presets
+             SET prebuild_status = 'healthy', hard_limited_at = NULL, hard_limit_probe_at = NULL,
+                 hard_limit_cooldown_secs = NULL, failures_reset_at = now()
+             WHERE id = $1",
             &[&id],
         )
-        .await?
-    else {
-        bail!("preset {id} not found (`prebuildsctl status` lists preset ids)");
-    };
-    let name: String = row.get(0);
-    let was: String = row.get(1);
-    tx.execute(
-        "UPDATE template_version_presets
-         SET prebuild_status = 'healthy', hard_limited_at = NULL, hard_limit_probe_at = NULL,
-             hard_limit_cooldown_secs = NULL, failures_reset_at = now()
-         WHERE id = $1",
-        &[&id],
-    )
+        .await?;
+        Ok(Change {
+            outcome: (name, was),
+            reconcile: vec![id],
+            reason: ReconcileReason::Manual,
+        })
+    })
     .await?;
-    let requested = request_reconciles(&tx, &[id], ReconcileReason::Manual).await?;
-    tx.commit().await?;
-    drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
     println!(
         "reset preset {name} ({id}) from {was} to healthy; requested a reconcile; published {published}"
     );

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::{
     context::{
-        connect_db, relay_outbox, request_reconciles, resolve_template, template_presets,
-        version_presets,
+        apply_change, connect_db, relay_outbox, request_reconciles, resolve_template,
+        template_presets, version_presets, Applied, Change,
     },
     output,
 };
@@ -383,53 +383,67 @@ async fn activate(
     version: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let template = resolve_template(&tx, name, organization, true).await?;
-    let Some(row) = tx
-        .query_opt(
-            "SELECT id FROM template_versions WHERE template_id = $1 AND name = $2",
-            &[&template.id, &version],
-        )
-        .await?
-    else {
-        let versions: Vec<String> = tx
-            .query(
-                "SELECT name FROM template_versions WHERE template_id = $1 ORDER BY created_at",
-                &[&template.id],
+    let applied = apply_change(connection, async |tx| {
+        let template = resolve_template(tx, name, organization, true).await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT id FROM template_versions WHERE template_id = $1 AND name = $2",
+                &[&template.id, &version],
             )
             .await?
-            .into_iter()
-            .map(|r| r.get(0))
-            .collect();
-        bail!(
-            "template '{name}' has no version '{version}' (versions: {})",
-            if versions.is_empty() {
-                "none".to_owned()
-            } else {
-                versions.join(", ")
-            }
-        );
-    };
-    let version_id: Uuid = row.get(0);
-    if template.active_version_id == Some(version_id) {
+        else {
+            let versions: Vec<String> = tx
+                .query(
+                    "SELECT name FROM template_versions WHERE template_id = $1 ORDER BY created_at",
+                    &[&template.id],
+                )
+                .await?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+            bail!(
+                "template '{name}' has no version '{version}' (versions: {})",
+                if versions.is_empty() {
+                    "none".to_owned()
+                } else {
+                    versions.join(", ")
+                }
+            );
+        };
+        let version_id: Uuid = row.get(0);
+        if template.active_version_id == Some(version_id) {
+            // Nothing written, so committing is as good as rolling back.
+            return Ok(Change {
+                outcome: None,
+                reconcile: Vec::new(),
+                reason: ReconcileReason::TemplateChanged,
+            });
+        }
+        tx.execute(
+            "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
+            &[&version_id, &template.id],
+        )
+        .await?;
+        let mut affected = version_presets(tx, version_id).await?;
+        if let Some(previous) = template.active_version_id {
+            affected.extend(version_presets(tx, previous).await?);
+        }
+        Ok(Change {
+            outcome: Some(template),
+            reconcile: affected,
+            reason: ReconcileReason::TemplateChanged,
+        })
+    })
+    .await?;
+    let Applied {
+        outcome: Some(template),
+        requested,
+        published,
+    } = applied
+    else {
         println!("version {version} of template {name} is already active; nothing to do");
         return Ok(());
-    }
-    tx.execute(
-        "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
-        &[&version_id, &template.id],
-    )
-    .await?;
-    let mut affected = version_presets(&tx, version_id).await?;
-    if let Some(previous) = template.active_version_id {
-        affected.extend(version_presets(&tx, previous).await?);
-    }
-    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
-    tx.commit().await?;
-    drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
+    };
     println!(
         "activated version {version} of template {}/{name}; requested a reconcile of {requested} \
          preset(s); published {published}",
@@ -443,36 +457,40 @@ async fn invalidate(
     name: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let template = resolve_template(&tx, name, organization, true).await?;
-    let Some(active) = template.active_version_id else {
-        bail!(
-            "template '{name}' has no active version, so there is nothing to invalidate \
-             (activate one with `prebuildsctl template activate {name} VERSION`)"
-        );
-    };
-    // Prebuilds created before this instant are expired from now on (SPEC.md §2 snapshot).
-    let presets: Vec<Uuid> = tx
-        .query(
-            "UPDATE template_version_presets SET last_invalidated_at = now()
-             WHERE template_version_id = $1
-             RETURNING id",
-            &[&active],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let requested = request_reconciles(&tx, &presets, ReconcileReason::Manual).await?;
-    tx.commit().await?;
-    drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
+    let Applied {
+        outcome: (template, invalidated),
+        requested,
+        published,
+    } = apply_change(connection, async |tx| {
+        let template = resolve_template(tx, name, organization, true).await?;
+        let Some(active) = template.active_version_id else {
+            bail!(
+                "template '{name}' has no active version, so there is nothing to invalidate \
+                 (activate one with `prebuildsctl template activate {name} VERSION`)"
+            );
+        };
+        // Prebuilds created before this instant are expired from now on (SPEC.md §2 snapshot).
+        let presets: Vec<Uuid> = tx
+            .query(
+                "UPDATE template_version_presets SET last_invalidated_at = now()
+                 WHERE template_version_id = $1
+                 RETURNING id",
+                &[&active],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(Change {
+            outcome: (template, presets.len()),
+            reconcile: presets,
+            reason: ReconcileReason::Manual,
+        })
+    })
+    .await?;
     println!(
-        "invalidated the prebuilds of {} preset(s) of template {}/{name}; they are replaced with \
-         new ones (requested {requested} reconcile(s); published {published})",
-        presets.len(),
+        "invalidated the prebuilds of {invalidated} preset(s) of template {}/{name}; they are \
+         replaced with new ones (requested {requested} reconcile(s); published {published})",
         template.organization_name
     );
     Ok(())
@@ -484,20 +502,25 @@ async fn deprecate(
     message: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let template = resolve_template(&tx, name, organization, true).await?;
-    tx.execute(
-        "UPDATE templates SET deprecated = $2, updated_at = now() WHERE id = $1",
-        &[&template.id, &message],
-    )
+    let Applied {
+        outcome: template,
+        requested,
+        published,
+    } = apply_change(connection, async |tx| {
+        let template = resolve_template(tx, name, organization, true).await?;
+        tx.execute(
+            "UPDATE templates SET deprecated = $2, updated_at = now() WHERE id = $1",
+            &[&template.id, &message],
+        )
+        .await?;
+        let affected = template_presets(tx, template.id).await?;
+        Ok(Change {
+            outcome: template,
+            reconcile: affected,
+            reason: ReconcileReason::TemplateChanged,
+        })
+    })
     .await?;
-    let affected = template_presets(&tx, template.id).await?;
-    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
-    tx.commit().await?;
-    drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
     if message.is_empty() {
         println!(
             "template {}/{name} is no longer deprecated; requested a reconcile of {requested} \
@@ -519,28 +542,33 @@ async fn delete(
     name: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let template = resolve_template(&tx, name, organization, true).await?;
-    let affected = template_presets(&tx, template.id).await?;
-    tx.execute(
-        "UPDATE templates SET deleted = true, updated_at = now() WHERE id = $1",
-        &[&template.id],
-    )
-    .await?;
-    let user_workspaces: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM workspaces
-             WHERE template_id = $1 AND NOT deleted AND owner_id <> $2",
-            &[&template.id, &prebuilds_schemas::PREBUILDS_USER_ID],
+    let Applied {
+        outcome: (template, user_workspaces),
+        requested,
+        published,
+    } = apply_change(connection, async |tx| {
+        let template = resolve_template(tx, name, organization, true).await?;
+        let affected = template_presets(tx, template.id).await?;
+        tx.execute(
+            "UPDATE templates SET deleted = true, updated_at = now() WHERE id = $1",
+            &[&template.id],
         )
-        .await?
-        .get(0);
-    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
-    tx.commit().await?;
-    drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
+        .await?;
+        let user_workspaces: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM workspaces
+                 WHERE template_id = $1 AND NOT deleted AND owner_id <> $2",
+                &[&template.id, &prebuilds_schemas::PREBUILDS_USER_ID],
+            )
+            .await?
+            .get(0);
+        Ok(Change {
+            outcome: (template, user_workspaces),
+            reconcile: affected,
+            reason: ReconcileReason::TemplateChanged,
+        })
+    })
+    .await?;
     println!(
         "deleted template {}/{name}; its prebuilds are deleted; requested a reconcile of \
          {requested} preset(s); published {published}",
