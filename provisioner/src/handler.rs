@@ -224,44 +224,30 @@ mod tests {
         assert_eq!(decode(&body).unwrap(), ProvisionerJob::example());
     }
 
+    /// Asserts `err` is a permanent failure of metrics class `expected` (the label the supervisor
+    /// counts dead-lettered messages by).
+    #[track_caller]
+    fn assert_permanent(err: &HandlerError, expected: &str) {
+        assert!(
+            matches!(err, HandlerError::Permanent { class, .. } if *class == expected),
+            "expected a permanent {expected:?} failure, got {err:?}"
+        );
+    }
+
     #[test]
     fn bad_bodies_are_permanent_failures() {
         let not_json = decode(b"nope").unwrap_err();
-        assert!(matches!(
-            not_json,
-            HandlerError::Permanent {
-                class: "envelope",
-                ..
-            }
-        ));
+        assert_permanent(&not_json, "envelope");
 
         let wrong_type = CloudEvent::new("test", chrono::Utc::now(), ReconcilePreset::example());
         let err = decode(&serde_json::to_vec(&wrong_type).unwrap()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                HandlerError::Permanent {
-                    class: "schema",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_permanent(&err, "schema");
 
         let mut value =
             CloudEvent::new("test", chrono::Utc::now(), ProvisionerJob::example()).to_json();
         value["data"]["transition"] = "explode".into();
         let err = decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                HandlerError::Permanent {
-                    class: "schema",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_permanent(&err, "schema");
         assert!(err.to_string().contains("explode"), "{err}");
     }
 }

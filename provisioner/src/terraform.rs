@@ -42,7 +42,7 @@ use std::{
 };
 
 use anyhow::Context;
-use deadpool_postgres::Pool;
+use deadpool_postgres::{tokio_postgres::Row, Pool};
 use prebuilds_schemas::{BuildStage, LogLevel, ProvisionerJob, Transition};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -157,6 +157,24 @@ enum Stdout {
     Capture,
 }
 
+impl Stdout {
+    /// Streamed to the job log, every line at info.
+    const LOG: Stdout = Stdout::Log {
+        warn_replacements: false,
+    };
+}
+
+/// What every terraform command of one build shares: the workspace's working directory, the
+/// build's variables, the job's emitter (the output streams to its log) and the shutdown signal.
+/// Bundled so each step of [`TerraformBackend::apply`] and [`TerraformBackend::destroy`] names
+/// only what differs: the arguments, the log stage and what stdout is for.
+struct BuildContext<'a> {
+    dir: &'a Path,
+    vars: &'a BTreeMap<String, String>,
+    emitter: &'a mut Emitter,
+    stop: &'a CancellationToken,
+}
+
 /// Where the source of a template version stands.
 enum Source {
     Found(String),
@@ -238,18 +256,36 @@ impl TerraformBackend {
         self.config.workdir.join(workspace_id.to_string())
     }
 
-    async fn template_source(&self, version_id: Uuid) -> Result<Source, RunError> {
+    /// The row, if any, that `sql` returns for `id`; `doing` names the step in the error. Every
+    /// database failure (the pool's included) is transient: the job is retried, never failed or
+    /// run unchecked, because of an outage.
+    async fn query_by_id(
+        &self,
+        sql: &str,
+        id: Uuid,
+        doing: &'static str,
+    ) -> Result<Option<Row>, RunError> {
         let client = self
             .pool
             .get()
             .await
-            .context("reading the template source: PostgreSQL pool")
+            .with_context(|| format!("{doing}: PostgreSQL pool"))
             .map_err(RunError::Transient)?;
-        let row = client
-            .query_opt(TEMPLATE_SOURCE_SQL, &[&version_id])
+        client
+            .query_opt(sql, &[&id])
             .await
-            .context("reading the template source")
-            .map_err(RunError::Transient)?;
+            .context(doing)
+            .map_err(RunError::Transient)
+    }
+
+    async fn template_source(&self, version_id: Uuid) -> Result<Source, RunError> {
+        let row = self
+            .query_by_id(
+                TEMPLATE_SOURCE_SQL,
+                version_id,
+                "reading the template source",
+            )
+            .await?;
         Ok(match row {
             None => Source::UnknownVersion,
             Some(row) => match row.get::<_, Option<String>>(0) {
@@ -264,17 +300,13 @@ impl TerraformBackend {
     /// runs as it always did). A database error is transient: the job is retried, never run
     /// unchecked.
     pub async fn canceled(&self, job_id: Uuid) -> Result<Option<String>, RunError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .context("checking whether the job was canceled: PostgreSQL pool")
-            .map_err(RunError::Transient)?;
-        let row = client
-            .query_opt(JOB_CANCELED_SQL, &[&job_id])
-            .await
-            .context("checking whether the job was canceled")
-            .map_err(RunError::Transient)?;
+        let row = self
+            .query_by_id(
+                JOB_CANCELED_SQL,
+                job_id,
+                "checking whether the job was canceled",
+            )
+            .await?;
         Ok(match row {
             None => {
                 tracing::debug!(%job_id, "the job has no provisioner_jobs row; running it");
@@ -341,86 +373,34 @@ impl TerraformBackend {
         let dir = self.workspace_dir(job.workspace_id);
         self.write_source(job, &dir).await?;
         let vars = variables(job);
-        let log = Stdout::Log {
-            warn_replacements: false,
-        };
-        self.exec(
-            &dir,
-            &["init", "-input=false"],
-            "init",
-            &vars,
-            log,
-            emitter,
-            stop,
-        )
-        .await?;
+        let mut build = self.init(&dir, &vars, emitter, stop).await?;
         let plan_log = Stdout::Log {
             warn_replacements: job.stage == BuildStage::Claim,
         };
-        self.exec(
-            &dir,
-            &["plan", "-input=false", "-out=plan.tfplan"],
-            "plan",
-            &vars,
-            plan_log,
-            emitter,
-            stop,
-        )
-        .await?;
+        let plan_args = ["plan", "-input=false", "-out=plan.tfplan"];
+        self.exec(&mut build, &plan_args, "plan", plan_log).await?;
         // A later destroy needs the same variable values (delete builds carry no parameters).
         let saved = serde_json::to_vec_pretty(&vars).unwrap_or_default();
         if let Err(e) = tokio::fs::write(dir.join("variables.json"), saved).await {
             tracing::warn!(job_id = %job.job_id, error = %e, "cannot save the build variables; a later destroy may miss them");
         }
         if job.transition == Transition::Start {
-            let json = self
-                .exec(
-                    &dir,
-                    &["show", "-json", "plan.tfplan"],
-                    "plan",
-                    &vars,
-                    Stdout::Capture,
-                    emitter,
-                    stop,
-                )
+            let plan = self
+                .exec_json(&mut build, "show", &["plan.tfplan"], "plan")
                 .await?;
-            let plan: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
-                Outcome::Failed(format!("`terraform show -json` printed invalid JSON: {e}"))
-            })?;
-            emitter
+            build
+                .emitter
                 .plan_result(prebuilds_schemas::plan::replacements_from_plan(&plan))
                 .await;
         }
-        self.exec(
-            &dir,
-            &["apply", "-input=false", "plan.tfplan"],
-            "apply",
-            &vars,
-            log,
-            emitter,
-            stop,
-        )
-        .await?;
+        let apply_args = ["apply", "-input=false", "plan.tfplan"];
+        self.exec(&mut build, &apply_args, "apply", Stdout::LOG)
+            .await?;
         let _ = tokio::fs::remove_file(dir.join("plan.tfplan")).await;
         if job.transition != Transition::Start {
             return Ok(Vec::new());
         }
-        let outputs = self
-            .exec(
-                &dir,
-                &["output", "-json"],
-                "apply",
-                &vars,
-                Stdout::Capture,
-                emitter,
-                stop,
-            )
-            .await?;
-        let outputs: serde_json::Value = serde_json::from_str(&outputs).map_err(|e| {
-            Outcome::Failed(format!(
-                "`terraform output -json` printed invalid JSON: {e}"
-            ))
-        })?;
+        let outputs = self.exec_json(&mut build, "output", &[], "apply").await?;
         Ok(agents_from_outputs(&outputs))
     }
 
@@ -461,46 +441,66 @@ impl TerraformBackend {
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
         vars.extend(variables(job));
-        let log = Stdout::Log {
-            warn_replacements: false,
-        };
-        self.exec(
-            &dir,
-            &["init", "-input=false"],
-            "init",
-            &vars,
-            log,
-            emitter,
-            stop,
-        )
-        .await?;
-        self.exec(
-            &dir,
-            &["destroy", "-auto-approve", "-input=false"],
-            "destroy",
-            &vars,
-            log,
-            emitter,
-            stop,
-        )
-        .await?;
+        let mut build = self.init(&dir, &vars, emitter, stop).await?;
+        let destroy_args = ["destroy", "-auto-approve", "-input=false"];
+        self.exec(&mut build, &destroy_args, "destroy", Stdout::LOG)
+            .await?;
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             tracing::warn!(job_id = %job.job_id, dir = %dir.display(), error = %e, "cannot remove the destroyed workspace's working directory");
         }
         Ok(Vec::new())
     }
 
-    /// Runs one terraform command in `dir`, streaming its output to the job log.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs `terraform init -input=false` in `dir`, the first command of every build (start, stop
+    /// and delete alike, once `main.tf` is written), and returns the context the build's later
+    /// commands run in.
+    async fn init<'a>(
+        &self,
+        dir: &'a Path,
+        vars: &'a BTreeMap<String, String>,
+        emitter: &'a mut Emitter,
+        stop: &'a CancellationToken,
+    ) -> Result<BuildContext<'a>, Outcome> {
+        let mut build = BuildContext {
+            dir,
+            vars,
+            emitter,
+            stop,
+        };
+        self.exec(&mut build, &["init", "-input=false"], "init", Stdout::LOG)
+            .await?;
+        Ok(build)
+    }
+
+    /// Runs `terraform <command> -json <extra_args>` and parses what it prints: the
+    /// machine-readable steps (`show -json` of the plan, `output -json` after an apply).
+    async fn exec_json(
+        &self,
+        build: &mut BuildContext<'_>,
+        command: &str,
+        extra_args: &[&str],
+        stage: &str,
+    ) -> Result<serde_json::Value, Outcome> {
+        let args: Vec<&str> = [command, "-json"]
+            .into_iter()
+            .chain(extra_args.iter().copied())
+            .collect();
+        let json = self.exec(build, &args, stage, Stdout::Capture).await?;
+        serde_json::from_str(&json).map_err(|e| {
+            Outcome::Failed(format!(
+                "`terraform {command} -json` printed invalid JSON: {e}"
+            ))
+        })
+    }
+
+    /// Runs one terraform command in the build's working directory, streaming its output to the
+    /// job log (see [`Stdout`]); `stage` labels the log lines.
     async fn exec(
         &self,
-        dir: &Path,
+        build: &mut BuildContext<'_>,
         args: &[&str],
         stage: &str,
-        vars: &BTreeMap<String, String>,
         stdout_mode: Stdout,
-        emitter: &mut Emitter,
-        stop: &CancellationToken,
     ) -> Result<String, Outcome> {
         let command_name = args.first().copied().unwrap_or("terraform");
         let mut command = Command::new(&self.config.binary);
@@ -508,13 +508,13 @@ impl TerraformBackend {
             .arg(command_name)
             .arg("-no-color")
             .args(&args[1..])
-            .current_dir(dir)
+            .current_dir(build.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         self.base_env(&mut command);
-        for (name, value) in vars {
+        for (name, value) in build.vars {
             command.env(format!("TF_VAR_{name}"), value);
         }
         let started = std::time::Instant::now();
@@ -522,10 +522,17 @@ impl TerraformBackend {
             Outcome::Failed(format!("cannot run {}: {e}", self.config.binary.display()))
         })?;
         let result = self
-            .stream(&mut child, command_name, stage, stdout_mode, emitter, stop)
+            .stream(
+                &mut child,
+                command_name,
+                stage,
+                stdout_mode,
+                build.emitter,
+                build.stop,
+            )
             .await;
-        emitter.flush_logs().await;
-        tracing::debug!(job_id = %emitter.job_id(), command = command_name, elapsed = ?started.elapsed(), ok = result.is_ok(), "terraform command finished");
+        build.emitter.flush_logs().await;
+        tracing::debug!(job_id = %build.emitter.job_id(), command = command_name, elapsed = ?started.elapsed(), ok = result.is_ok(), "terraform command finished");
         match result {
             Ok(stdout) => Ok(stdout),
             Err(ExecError::Failed(e)) => Err(Outcome::Failed(e)),
@@ -552,16 +559,22 @@ impl TerraformBackend {
         let (mut out_open, mut err_open) = (true, true);
         let mut captured = String::new();
         let mut error_tail: VecDeque<String> = VecDeque::new();
+        // Both phases below (reading the output, then waiting for the exit status) are cut short
+        // the same way: at the timeout, or when shutdown stops waiting for builds. One future
+        // serves both, so the deadline set here bounds the command as a whole.
         let deadline = tokio::time::sleep(self.config.timeout);
-        tokio::pin!(deadline);
+        let cut_short = async {
+            tokio::select! {
+                _ = deadline => ExecError::Failed(format!(
+                    "terraform {command_name} timed out after {:?} (--terraform-timeout)",
+                    self.config.timeout
+                )),
+                _ = stop.cancelled() => ExecError::Aborted,
+            }
+        };
+        tokio::pin!(cut_short);
         let mut flush = tokio::time::interval(LOG_FLUSH_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let timed_out = || {
-            ExecError::Failed(format!(
-                "terraform {command_name} timed out after {:?} (--terraform-timeout)",
-                self.config.timeout
-            ))
-        };
         while out_open || err_open {
             tokio::select! {
                 line = out.next_line(), if out_open => match line {
@@ -597,25 +610,17 @@ impl TerraformBackend {
                     _ => err_open = false,
                 },
                 _ = flush.tick() => emitter.flush_logs().await,
-                _ = &mut deadline => {
+                why = &mut cut_short => {
                     interrupt(child).await;
-                    return Err(timed_out());
-                }
-                _ = stop.cancelled() => {
-                    interrupt(child).await;
-                    return Err(ExecError::Aborted);
+                    return Err(why);
                 }
             }
         }
         let status = tokio::select! {
             status = child.wait() => status,
-            _ = &mut deadline => {
+            why = &mut cut_short => {
                 interrupt(child).await;
-                return Err(timed_out());
-            }
-            _ = stop.cancelled() => {
-                interrupt(child).await;
-                return Err(ExecError::Aborted);
+                return Err(why);
             }
         };
         match status {

@@ -4,11 +4,13 @@
 //!   message published under a routing key (the service's consumers are not disturbed). Its
 //!   consumer reconnects by itself across broker restarts.
 //! - [`Relay`]: moves messages from one queue to another exchange, delivering each one `copies`
-//!   times and shuffling each batch — the "every message twice and out of order" fault.
+//!   times and shuffling each batch — the "every message twice and out of order" fault. Like the
+//!   tap, it reconnects by itself.
 //! - [`RawPublisher`]: publishes arbitrary bytes and properties with confirms (poison messages).
 //! - [`queue_depth`]: messages ready in a queue.
 
 use std::{
+    future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -21,7 +23,7 @@ use lapin::{
         ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
-    BasicProperties, Channel, Connection,
+    BasicProperties, Channel, Connection, Consumer,
 };
 use prebuilds_runtime::amqp;
 use rand::seq::SliceRandom;
@@ -188,40 +190,70 @@ async fn consume_forever(
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: CancellationToken,
 ) {
+    reconnecting(&stop, || tap_session(&url, &queue, &seen, &stop)).await
+}
+
+/// One connection's worth of [`Tap`]: records and acknowledges until `stop` or the connection ends.
+async fn tap_session(
+    url: &str,
+    queue: &str,
+    seen: &Mutex<Vec<Seen>>,
+    stop: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let (connection, ch) = channel(url, "reliability-tap").await?;
+    let mut consumer = consume(&ch, queue, "reliability-tap", 500).await?;
+    while let Some(d) = next_delivery(&mut consumer, stop).await? {
+        seen.lock().expect("tap lock").push(Seen::from_delivery(&d));
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(())
+}
+
+/// Runs `session` again and again until `stop` fires, pausing 300 ms between attempts. The tap and
+/// the relay must outlive broker restarts: a session ends when its connection is lost (or the
+/// broker cancels its consumer), and the next one connects again. Session errors are not
+/// reported: the retry is the handling.
+async fn reconnecting<F, Fut>(stop: &CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), lapin::Error>>,
+{
     while !stop.is_cancelled() {
-        let session = async {
-            let (connection, ch) = channel(&url, "reliability-tap").await?;
-            ch.basic_qos(500, BasicQosOptions::default()).await?;
-            let mut consumer = ch
-                .basic_consume(
-                    queue.as_str().into(),
-                    "reliability-tap".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    n = consumer.next() => n,
-                };
-                match next {
-                    Some(Ok(d)) => {
-                        seen.lock().expect("tap lock").push(Seen::from_delivery(&d));
-                        d.ack(BasicAckOptions::default()).await?;
-                    }
-                    Some(Err(e)) => return Err(e),
-                    None => break,
-                }
-            }
-            let _ = connection.close(200, "bye".into()).await;
-            Ok::<(), lapin::Error>(())
-        };
-        let _ = session.await;
+        let _ = session().await;
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
+    }
+}
+
+/// Sets the prefetch of `ch` and consumes `queue` on it with consumer tag `tag`.
+async fn consume(
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<Consumer, lapin::Error> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// The next delivery of a session's consumer; `None` once `stop` fires or the consumer ends,
+/// either of which ends the session.
+async fn next_delivery(
+    consumer: &mut Consumer,
+    stop: &CancellationToken,
+) -> Result<Option<Delivery>, lapin::Error> {
+    tokio::select! {
+        _ = stop.cancelled() => Ok(None),
+        next = consumer.next() => next.transpose(),
     }
 }
 
@@ -288,70 +320,67 @@ async fn relay_forever(
     stop: CancellationToken,
     relayed: Arc<Mutex<usize>>,
 ) {
-    while !stop.is_cancelled() {
-        let session = async {
-            let (connection, input) = channel(&url, "reliability-relay").await?;
-            let output = connection.create_channel().await?;
-            output
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            input
-                .basic_qos(batch as u16, BasicQosOptions::default())
-                .await?;
-            let mut consumer = input
-                .basic_consume(
-                    from_queue.as_str().into(),
-                    "reliability-relay".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            loop {
-                let first = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    n = consumer.next() => n,
-                };
-                let mut pending = match first {
-                    Some(Ok(d)) => vec![d],
-                    Some(Err(e)) => return Err(e),
-                    None => break,
-                };
-                while pending.len() < batch {
-                    match tokio::time::timeout(Duration::from_millis(50), consumer.next()).await {
-                        Ok(Some(Ok(d))) => pending.push(d),
-                        Ok(Some(Err(e))) => return Err(e),
-                        _ => break,
-                    }
-                }
-                for _ in 0..copies {
-                    pending.shuffle(&mut rand::rng());
-                    for d in &pending {
-                        output
-                            .basic_publish(
-                                to_exchange.as_str().into(),
-                                d.routing_key.as_str().into(),
-                                BasicPublishOptions::default(),
-                                &d.data,
-                                d.properties.clone(),
-                            )
-                            .await?
-                            .await?;
-                    }
-                }
-                for d in &pending {
-                    d.ack(BasicAckOptions::default()).await?;
-                }
-                *relayed.lock().expect("relay lock") += pending.len();
+    reconnecting(&stop, || {
+        relay_session(
+            &url,
+            &from_queue,
+            &to_exchange,
+            copies,
+            batch,
+            &stop,
+            &relayed,
+        )
+    })
+    .await
+}
+
+/// One connection's worth of [`Relay`]: moves batches until `stop` or the connection ends.
+async fn relay_session(
+    url: &str,
+    from_queue: &str,
+    to_exchange: &str,
+    copies: usize,
+    batch: usize,
+    stop: &CancellationToken,
+    relayed: &Mutex<usize>,
+) -> Result<(), lapin::Error> {
+    let (connection, input) = channel(url, "reliability-relay").await?;
+    let output = connection.create_channel().await?;
+    output
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = consume(&input, from_queue, "reliability-relay", batch as u16).await?;
+    while let Some(first) = next_delivery(&mut consumer, stop).await? {
+        let mut pending = vec![first];
+        while pending.len() < batch {
+            match tokio::time::timeout(Duration::from_millis(50), consumer.next()).await {
+                Ok(Some(Ok(d))) => pending.push(d),
+                Ok(Some(Err(e))) => return Err(e),
+                _ => break,
             }
-            let _ = connection.close(200, "bye".into()).await;
-            Ok::<(), lapin::Error>(())
-        };
-        let _ = session.await;
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
+        for _ in 0..copies {
+            pending.shuffle(&mut rand::rng());
+            for d in &pending {
+                output
+                    .basic_publish(
+                        to_exchange.into(),
+                        d.routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        d.properties.clone(),
+                    )
+                    .await?
+                    .await?;
+            }
+        }
+        for d in &pending {
+            d.ack(BasicAckOptions::default()).await?;
+        }
+        *relayed.lock().expect("relay lock") += pending.len();
     }
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(())
 }
 
 /// Publishes raw bodies with chosen properties, waiting for each confirm.
@@ -414,15 +443,7 @@ pub async fn queue_depth(url: &str, queue: &str) -> Option<u32> {
 /// Takes every message now in `queue` (acknowledged), reading until it stays empty for `quiet`.
 pub async fn drain(url: &str, queue: &str, quiet: Duration) -> anyhow::Result<Vec<Seen>> {
     let (connection, ch) = channel(url, "reliability-drain").await?;
-    ch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "reliability-drain".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&ch, queue, "reliability-drain", 1000).await?;
     let mut seen = Vec::new();
     while let Ok(Some(Ok(d))) = tokio::time::timeout(quiet, consumer.next()).await {
         seen.push(Seen::from_delivery(&d));

@@ -288,17 +288,14 @@ async fn settle<H: Handler>(
                 }
             }
         }
-        Err(HandlerError::Transient(e)) if shutdown.is_cancelled() => {
-            tracing::info!(queue = queue_label, error = %format!("{e:#}"), "shutting down during a transient failure; requeueing");
-            context
-                .metrics
-                .messages
-                .with_label_values(&[queue_label, "requeued"])
-                .inc();
-            delivery.reject(BasicRejectOptions { requeue: true }).await
-        }
         Err(HandlerError::Transient(e)) => {
-            tracing::error!(queue = queue_label, error = %format!("{e:#}"), "giving up on this delivery for now; requeueing (the delivery limit bounds attempts)");
+            // Requeued either way; only why it stopped retrying (and so the log level) differs:
+            // shutdown cut the retries short, or the transient window ran out.
+            if shutdown.is_cancelled() {
+                tracing::info!(queue = queue_label, error = %format!("{e:#}"), "shutting down during a transient failure; requeueing");
+            } else {
+                tracing::error!(queue = queue_label, error = %format!("{e:#}"), "giving up on this delivery for now; requeueing (the delivery limit bounds attempts)");
+            }
             context
                 .metrics
                 .messages
