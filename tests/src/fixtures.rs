@@ -287,3 +287,14 @@ pub async fn job_log_lines<C: GenericClient>(c: &C, job: Uuid, level: Option<&st
     .map(|r| r.get(0))
     .collect()
 }
+
+/// Outbox messages not yet published by a relay.
+pub async fn unpublished_outbox<C: GenericClient>(c: &C) -> Result<i64, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}

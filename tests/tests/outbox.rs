@@ -62,15 +62,12 @@ async fn rolled_back_rows_are_never_published_and_committed_rows_once() {
             .map(|s| s.to_string()),
         Some(committed.id.to_string())
     );
-    let unpublished: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(unpublished, 0);
+    assert_eq!(
+        prebuilds_tests::fixtures::unpublished_outbox(&client)
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]

@@ -77,26 +77,18 @@ async fn outbox_rows_written_while_the_broker_is_down_are_published_once_it_is_b
     }
     // The relay keeps failing while the broker is down; nothing is marked published.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let unpublished: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(unpublished, 20);
+    assert_eq!(
+        prebuilds_tests::fixtures::unpublished_outbox(&client)
+            .await
+            .unwrap(),
+        20
+    );
     drop(stopped); // start_app
 
     prebuilds_tests::eventually(Duration::from_secs(60), "outbox drained", || async {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
-            )
+        let n = prebuilds_tests::fixtures::unpublished_outbox(&client)
             .await
-            .ok()?
-            .get(0);
+            .ok()?;
         (n == 0).then_some(())
     })
     .await;

@@ -54,14 +54,7 @@ async fn a_pool_fills_and_is_replenished_right_after_a_claim() {
         || async {
             let before = reconcile_jobs_handled(port).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let unpublished: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let unpublished = fixtures::unpublished_outbox(&c).await.unwrap();
             unpublished == 0 && reconcile_jobs_handled(port).await == before
         },
     )
