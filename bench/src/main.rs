@@ -80,7 +80,9 @@ async fn main() -> anyhow::Result<()> {
     }
     print!("{}", report.table());
     if args.scenario == Scenario::All {
-        std::fs::write(&args.output, report.markdown())?;
+        let previous = std::fs::read_to_string(&args.output).unwrap_or_default();
+        let commentary = report::kept_commentary(&previous);
+        std::fs::write(&args.output, report.markdown(commentary.as_deref()))?;
         println!("wrote {}", args.output.display());
     }
     Ok(())

@@ -202,7 +202,9 @@ impl Report {
         out
     }
 
-    pub fn markdown(&self) -> String {
+    /// The report as Markdown. `commentary` (the analysis written between the markers in the
+    /// previous report, see [`kept_commentary`]) goes between the table and the reproduce line.
+    pub fn markdown(&self, commentary: Option<&str>) -> String {
         let mut out = String::from("# Benchmarks\n\n");
         let _ = writeln!(
             out,
@@ -221,9 +223,24 @@ impl Report {
         for r in &self.rows {
             let _ = writeln!(out, "| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
         }
+        if let Some(commentary) = commentary {
+            let _ = write!(out, "\n{COMMENTARY_BEGIN}\n{commentary}{COMMENTARY_END}\n");
+        }
         out.push_str("\nReproduce: `cargo build --release --bins && cargo run --release -p bench -- all`\n(needs the local PostgreSQL and RabbitMQ: `scripts/services-up`).\n");
         out
     }
+}
+
+const COMMENTARY_BEGIN: &str = "<!-- commentary: kept by `bench all`; edit freely -->";
+const COMMENTARY_END: &str = "<!-- end of commentary -->";
+
+/// The hand-written analysis between the commentary markers of an earlier report, so that a new
+/// run replaces the figures but not what was written about them (re-read it against the new
+/// figures). `None` when there is no earlier report or it has no markers.
+pub fn kept_commentary(previous: &str) -> Option<String> {
+    let start = previous.find(COMMENTARY_BEGIN)? + COMMENTARY_BEGIN.len();
+    let end = start + previous[start..].find(COMMENTARY_END)?;
+    Some(previous[start..end].trim_start_matches('\n').to_owned())
 }
 
 fn machine() -> String {

@@ -5,6 +5,12 @@
 fn every_scenario_runs_and_is_reported() {
     let output =
         std::env::temp_dir().join(format!("prebuilds-bench-smoke-{}.md", std::process::id()));
+    // An earlier report's commentary survives the new run.
+    std::fs::write(
+        &output,
+        "old figures\n<!-- commentary: kept by `bench all`; edit freely -->\nWhy the figures are what they are.\n<!-- end of commentary -->\nold footer\n",
+    )
+    .unwrap();
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["all", "--smoke", "--output"])
         .arg(&output)
@@ -34,5 +40,7 @@ fn every_scenario_runs_and_is_reported() {
         assert!(report.contains(row), "report lacks {row:?}:\n{report}");
     }
     assert!(report.contains("--smoke"));
+    assert!(report.contains("\nWhy the figures are what they are.\n<!-- end of commentary -->"));
+    assert!(!report.contains("old figures") && !report.contains("old footer"));
     let _ = std::fs::remove_file(output);
 }
