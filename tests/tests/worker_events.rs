@@ -264,26 +264,40 @@ async fn a_successful_delete_build_deletes_the_workspace() {
     assert!(deleted);
 }
 
+/// Both paths: a state event (its own transaction, job row locked) and a log line (one
+/// statement, no lock).
 #[tokio::test]
 async fn events_for_unknown_jobs_are_refused_and_not_recorded() {
     let db = TestDb::new().await;
     let ctx = ctx(&db);
-    let id = Uuid::new_v4();
-    let err = apply(&ctx, id, &started(Uuid::new_v4())).await.unwrap_err();
-    assert!(matches!(err, EventError::UnknownJob(_)));
-    let recorded: i64 = db
-        .pool
-        .get()
+    let unknown_job = Uuid::new_v4();
+    let log = ProvisionerEvent::JobLog(JobLog {
+        job_id: unknown_job,
+        logs: vec![LogLine {
+            created_at: Utc::now(),
+            level: LogLevel::Info,
+            stage: "apply".into(),
+            output: "orphan line".into(),
+        }],
+    });
+    let c = db.pool.get().await.unwrap();
+    for event in [started(unknown_job), log] {
+        let id = Uuid::new_v4();
+        let err = apply(&ctx, id, &event).await.unwrap_err();
+        assert!(matches!(err, EventError::UnknownJob(_)), "{event:?}");
+        let recorded: i64 = c
+            .query_one(
+                "SELECT count(*) FROM processed_messages WHERE message_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(recorded, 0, "{event:?}");
+    }
+    assert!(fixtures::job_log_lines(&c, unknown_job, None)
         .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM processed_messages WHERE message_id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(recorded, 0);
+        .is_empty());
 }
 
 #[tokio::test]

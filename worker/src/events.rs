@@ -1,9 +1,10 @@
 //! Provisioner events (`<prefix>.provisioner-events`) → database. Each event is applied in one
 //! transaction together with the record of its id (`processed_messages`), so a redelivered event is
-//! acknowledged without effect. Events of one job are serialized by locking the job row (and,
-//! within a worker, before any connection is taken: [`EventsHandler`]); state only
+//! acknowledged without effect. Events that change state are serialized per job by locking the job
+//! row (and, within a worker, before any connection is taken: [`EventsHandler`]); state only
 //! moves forward (a completed job never goes back to running, an agent never back from ready), so
-//! reordered events are harmless.
+//! reordered events are harmless. Log lines, the bulk of all events, change no state: each
+//! `job_log` event is one statement, with no job lock (`sql/job_log_event.sql`).
 //!
 //! Event-driven replenishment: a completed prebuild build or an agent becoming ready queues an
 //! immediate reconcile of the preset through the outbox instead of waiting for the next tick. A
@@ -101,7 +102,12 @@ impl Handler for EventsHandler {
             .map_err(|e| HandlerError::permanent("envelope", e.to_string()))?;
         let (id, event) = ProvisionerEvent::decode(raw)
             .map_err(|e| HandlerError::permanent("schema", e.to_string()))?;
-        let _job = self.jobs.lock(event.job_id()).await;
+        // Log lines change no state and carry their own times: they need not wait for the job's
+        // other events (`append_log`).
+        let _job = match event {
+            ProvisionerEvent::JobLog(_) => None,
+            _ => Some(self.jobs.lock(event.job_id()).await),
+        };
         let _slot = self
             .slots
             .acquire()
@@ -150,6 +156,11 @@ pub async fn apply(
     event_id: Uuid,
     event: &ProvisionerEvent,
 ) -> Result<Applied, EventError> {
+    if let ProvisionerEvent::JobLog(e) = event {
+        let applied = append_log(ctx, event_id, e).await?;
+        record(ctx, event, applied);
+        return Ok(applied);
+    }
     let mut client = ctx.pool.get().await.map_err(DbError::from)?;
     let tx = client.transaction().await?;
     let job_id = event.job_id();
@@ -203,10 +214,7 @@ pub async fn apply(
             }
             applied
         }
-        ProvisionerEvent::JobLog(e) => {
-            job_log(&tx, e).await?;
-            Applied::Applied
-        }
+        ProvisionerEvent::JobLog(_) => unreachable!("log events are applied by append_log"),
         ProvisionerEvent::PlanResult(e) => {
             let (applied, notified) = plan_result(&tx, ctx, e, &job).await?;
             wake |= notified;
@@ -298,21 +306,34 @@ async fn agent_lifecycle(tx: &Transaction<'_>, e: &AgentLifecycle) -> Result<App
     Ok(changed(n))
 }
 
-async fn job_log(tx: &Transaction<'_>, e: &JobLog) -> Result<(), EventError> {
-    if e.logs.is_empty() {
-        return Ok(());
-    }
+/// A `job_log` event in one statement, outside any explicit transaction (`sql/job_log_event.sql`):
+/// log lines are the bulk of provisioner events, and this makes each one round trip.
+async fn append_log(
+    ctx: &EventsContext,
+    event_id: Uuid,
+    e: &JobLog,
+) -> Result<Applied, EventError> {
+    let client = ctx.pool.get().await.map_err(DbError::from)?;
     let created: Vec<_> = e.logs.iter().map(|l| l.created_at).collect();
     let levels: Vec<&str> = e.logs.iter().map(|l| l.level.as_str()).collect();
     let stages: Vec<String> = e.logs.iter().map(|l| sanitize(&l.stage)).collect();
     let outputs: Vec<String> = e.logs.iter().map(|l| sanitize(&l.output)).collect();
-    cached::execute(
-        tx,
-        include_str!("sql/job_logs.sql"),
-        &[&e.job_id, &created, &levels, &stages, &outputs],
+    let row = cached::query_one(
+        &client,
+        include_str!("sql/job_log_event.sql"),
+        &[
+            &e.job_id, &CONSUMER, &event_id, &created, &levels, &stages, &outputs,
+        ],
     )
     .await?;
-    Ok(())
+    if !row.get::<_, bool>("known") {
+        return Err(EventError::UnknownJob(e.job_id));
+    }
+    Ok(if row.get::<_, bool>("first_time") {
+        Applied::Applied
+    } else {
+        Applied::Duplicate
+    })
 }
 
 /// Records a plan's resource replacements. For a claim build with replacements (the first time
