@@ -53,6 +53,18 @@ async fn one_create_job(db: &TestDb) -> (fixtures::PresetFixture, Uuid) {
     (fx, job)
 }
 
+fn log_line(job: Uuid, output: &str) -> ProvisionerEvent {
+    ProvisionerEvent::JobLog(JobLog {
+        job_id: job,
+        logs: vec![LogLine {
+            created_at: Utc::now(),
+            level: LogLevel::Info,
+            stage: "apply".into(),
+            output: output.into(),
+        }],
+    })
+}
+
 fn started(job: Uuid) -> ProvisionerEvent {
     ProvisionerEvent::JobStarted(JobStarted {
         job_id: job,
@@ -148,19 +160,62 @@ async fn in_order_events_make_an_eligible_prebuild_and_trigger_a_reconcile() {
 }
 
 #[tokio::test]
+async fn concurrent_deliveries_of_one_log_event_append_its_lines_once() {
+    let db = TestDb::new().await;
+    let ctx = ctx(&db);
+    let (_fx, job) = one_create_job(&db).await;
+    let log = log_line(job, "once");
+    let id = Uuid::new_v4();
+    let results = futures::future::join_all((0..8).map(|_| apply(&ctx, id, &log))).await;
+    let count = |want: Applied| {
+        results
+            .iter()
+            .filter(|r| matches!(r, Ok(a) if *a == want))
+            .count()
+    };
+    assert_eq!(
+        (count(Applied::Applied), count(Applied::Duplicate)),
+        (1, 7),
+        "{results:?}"
+    );
+    let c = db.pool.get().await.unwrap();
+    assert_eq!(fixtures::job_log_lines(&c, job, None).await, vec!["once"]);
+}
+
+/// A state event in flight holds its job's row (`job_for_event.sql`, the worker's own
+/// statement); the job's log lines still append meanwhile, since their foreign-key check needs
+/// only a key-share lock.
+#[tokio::test]
+async fn log_lines_append_while_a_state_event_holds_the_job() {
+    let db = TestDb::new().await;
+    let ctx = ctx(&db);
+    let (_fx, job) = one_create_job(&db).await;
+    let mut holder = db.connect().await;
+    let state_event = holder.transaction().await.unwrap();
+    state_event
+        .query_opt(
+            include_str!("../../worker/src/sql/job_for_event.sql"),
+            &[&job, &"state-event-in-flight", &Uuid::new_v4()],
+        )
+        .await
+        .unwrap()
+        .expect("the job's row");
+    let appended = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        apply(&ctx, Uuid::new_v4(), &log_line(job, "meanwhile")),
+    )
+    .await
+    .expect("the log line waited for the state event's lock");
+    assert_eq!(appended.unwrap(), Applied::Applied);
+    state_event.rollback().await.unwrap();
+}
+
+#[tokio::test]
 async fn redelivered_events_are_acknowledged_without_effect() {
     let db = TestDb::new().await;
     let ctx = ctx(&db);
     let (_fx, job) = one_create_job(&db).await;
-    let log = ProvisionerEvent::JobLog(JobLog {
-        job_id: job,
-        logs: vec![LogLine {
-            created_at: Utc::now(),
-            level: LogLevel::Info,
-            stage: "apply".into(),
-            output: "it's \"quoted\"; DROP TABLE users; --\u{0}".into(),
-        }],
-    });
+    let log = log_line(job, "it's \"quoted\"; DROP TABLE users; --\u{0}");
     let id = Uuid::new_v4();
     assert_eq!(apply(&ctx, id, &log).await.unwrap(), Applied::Applied);
     for _ in 0..3 {
@@ -271,17 +326,8 @@ async fn events_for_unknown_jobs_are_refused_and_not_recorded() {
     let db = TestDb::new().await;
     let ctx = ctx(&db);
     let unknown_job = Uuid::new_v4();
-    let log = ProvisionerEvent::JobLog(JobLog {
-        job_id: unknown_job,
-        logs: vec![LogLine {
-            created_at: Utc::now(),
-            level: LogLevel::Info,
-            stage: "apply".into(),
-            output: "orphan line".into(),
-        }],
-    });
     let c = db.pool.get().await.unwrap();
-    for event in [started(unknown_job), log] {
+    for event in [started(unknown_job), log_line(unknown_job, "orphan line")] {
         let id = Uuid::new_v4();
         let err = apply(&ctx, id, &event).await.unwrap_err();
         assert!(matches!(err, EventError::UnknownJob(_)), "{event:?}");

@@ -54,9 +54,10 @@ pub struct EventsContext {
 #[derive(Debug)]
 pub struct EventsHandler {
     pub context: EventsContext,
-    /// Events of one job wait for each other here, holding no connection: a provisioner sends a
-    /// job's events back to back, and waiting for the job row's lock inside a transaction would
-    /// idle a connection and a handler slot per waiting event.
+    /// State events of one job wait for each other here, holding no connection: a provisioner
+    /// sends a job's events back to back, and waiting for the job row's lock inside a transaction
+    /// would idle a connection and a handler slot per waiting event. Log lines skip it (they
+    /// change no state and carry their own times).
     jobs: KeyedLocks,
     /// Event transactions at once. The consumer takes more deliveries than this, so events of
     /// other jobs keep flowing while one job's events wait their turn.

@@ -179,7 +179,7 @@ async fn cancel(connection: &ConnectionArgs, mut ids: Vec<Uuid>, json: bool) -> 
     } = apply_change(connection, async |tx| {
         let current: HashMap<Uuid, String> = tx
             .query(
-                "SELECT id, job_status FROM provisioner_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                "SELECT id, job_status FROM provisioner_jobs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
                 &[&ids],
             )
             .await?

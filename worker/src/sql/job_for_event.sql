@@ -23,4 +23,6 @@ FROM provisioner_jobs j
 LEFT JOIN workspace_builds b ON b.job_id = j.id
 LEFT JOIN workspaces w ON w.id = b.workspace_id
 WHERE j.id = $1
-FOR UPDATE OF j
+-- NO KEY UPDATE: serializes the job's state events, yet lets log lines (whose foreign-key check
+-- takes KEY SHARE on this row) append meanwhile.
+FOR NO KEY UPDATE OF j
