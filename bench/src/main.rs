@@ -80,9 +80,16 @@ async fn main() -> anyhow::Result<()> {
     }
     print!("{}", report.table());
     if args.scenario == Scenario::All {
-        let previous = std::fs::read_to_string(&args.output).unwrap_or_default();
-        let commentary = report::kept_commentary(&previous);
-        std::fs::write(&args.output, report.markdown(commentary.as_deref()))?;
+        let previous = match std::fs::read_to_string(&args.output) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => anyhow::bail!(
+                "cannot read {} to keep its commentary: {e}",
+                args.output.display()
+            ),
+        };
+        let commentary = report::kept_commentary(&previous)?;
+        std::fs::write(&args.output, report.markdown(&commentary))?;
         println!("wrote {}", args.output.display());
     }
     Ok(())

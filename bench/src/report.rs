@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    scenarios::{Claims, Events, Fill, Floors, Reconcile, Sizes, CLAIM_ROUNDS},
+    scenarios::{Claims, Events, Fill, Floors, Reconcile, Sizes},
     stats::ms,
     Args,
 };
@@ -103,10 +103,14 @@ impl Report {
                 ),
                 goal,
                 format!(
-                    "p50 = {:.2}× the 1-client floor ({}){same_load}; floors measured between \
-                     the level's {CLAIM_ROUNDS} rounds; {} claims, {} misses",
+                    "p50 = {:.2}× the 1-client floor ({}){same_load}; floors measured {}; {} \
+                     claims, {} misses",
                     ratio(level.single_client_floor),
                     ms(level.single_client_floor),
+                    match level.rounds {
+                        1 => "just before the level".to_owned(),
+                        n => format!("before each of the level's {n} rounds"),
+                    },
                     latency.count,
                     level.misses
                 ),
@@ -203,8 +207,9 @@ impl Report {
     }
 
     /// The report as Markdown. `commentary` (the analysis written between the markers in the
-    /// previous report, see [`kept_commentary`]) goes between the table and the reproduce line.
-    pub fn markdown(&self, commentary: Option<&str>) -> String {
+    /// previous report, see [`kept_commentary`]) goes between the table and the reproduce line,
+    /// inside the markers, which are written even when it is empty.
+    pub fn markdown(&self, commentary: &str) -> String {
         let mut out = String::from("# Benchmarks\n\n");
         let _ = writeln!(
             out,
@@ -223,9 +228,7 @@ impl Report {
         for r in &self.rows {
             let _ = writeln!(out, "| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
         }
-        if let Some(commentary) = commentary {
-            let _ = write!(out, "\n{COMMENTARY_BEGIN}\n{commentary}{COMMENTARY_END}\n");
-        }
+        let _ = write!(out, "\n{COMMENTARY_BEGIN}\n{commentary}{COMMENTARY_END}\n");
         out.push_str("\nReproduce: `cargo build --release --bins && cargo run --release -p bench -- all`\n(needs the local PostgreSQL and RabbitMQ: `scripts/services-up`).\n");
         out
     }
@@ -236,11 +239,22 @@ const COMMENTARY_END: &str = "<!-- end of commentary -->";
 
 /// The hand-written analysis between the commentary markers of an earlier report, so that a new
 /// run replaces the figures but not what was written about them (re-read it against the new
-/// figures). `None` when there is no earlier report or it has no markers.
-pub fn kept_commentary(previous: &str) -> Option<String> {
-    let start = previous.find(COMMENTARY_BEGIN)? + COMMENTARY_BEGIN.len();
-    let end = start + previous[start..].find(COMMENTARY_END)?;
-    Some(previous[start..end].trim_start_matches('\n').to_owned())
+/// figures). Empty when there is no earlier report or it has no markers; an error when only the
+/// first marker is there, rather than lose what follows it.
+pub fn kept_commentary(previous: &str) -> anyhow::Result<String> {
+    let Some(begin) = previous.find(COMMENTARY_BEGIN) else {
+        return Ok(String::new());
+    };
+    let start = begin + COMMENTARY_BEGIN.len();
+    let Some(length) = previous[start..].find(COMMENTARY_END) else {
+        anyhow::bail!(
+            "the earlier report has {COMMENTARY_BEGIN:?} but not {COMMENTARY_END:?}: \
+             restore the end marker (or remove both) and run again"
+        );
+    };
+    Ok(previous[start..start + length]
+        .trim_start_matches('\n')
+        .to_owned())
 }
 
 fn machine() -> String {
@@ -285,4 +299,23 @@ fn machine() -> String {
         version("psql", &["--version"]),
         version("rabbitmqctl", &["version"])
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commentary_is_kept_from_between_the_markers() {
+        let report = format!("table\n{COMMENTARY_BEGIN}\nWhy.\n{COMMENTARY_END}\nfooter\n");
+        assert_eq!(kept_commentary(&report).unwrap(), "Why.\n");
+        assert_eq!(kept_commentary("no markers here").unwrap(), "");
+        assert_eq!(kept_commentary("").unwrap(), "");
+    }
+
+    #[test]
+    fn a_report_with_only_the_first_marker_is_refused_rather_than_overwritten() {
+        let report = format!("table\n{COMMENTARY_BEGIN}\nWhy, and then the end marker got lost");
+        assert!(kept_commentary(&report).is_err());
+    }
 }

@@ -53,7 +53,7 @@ impl Sizes {
             floor_iterations: 20,
             rate_messages: 200,
             eligible: 100,
-            claims_per_level: [(1, 5), (4, 8), (8, 16)],
+            claims_per_level: [(1, 20), (4, 8), (8, 16)],
             replenish_samples: 3,
             reconcile_presets: 50,
             fill_presets: 10,
@@ -207,8 +207,6 @@ pub struct FloorRig {
     echo_task: tokio::task::JoinHandle<()>,
     /// A few connections shared by the requesters, as in the claims scenario.
     clients: Vec<RpcClient>,
-    /// One connection per concurrent claim-shaped transaction.
-    connections: Vec<tokio_postgres::Client>,
     echo_requests: std::sync::atomic::AtomicUsize,
 }
 
@@ -285,17 +283,12 @@ impl FloorRig {
             (sizes.floor_iterations * 4 + 64 * CLAIM_ROUNDS) * levels.len() * 2
         ))
         .await?;
-        let mut connections = Vec::new();
-        for _ in 0..levels.iter().copied().max().unwrap_or(1) {
-            connections.push(db.connect().await);
-        }
         Ok(FloorRig {
             db,
             broker,
             echo_queue,
             echo_task,
             clients,
-            connections,
             echo_requests: Default::default(),
         })
     }
@@ -331,14 +324,20 @@ impl FloorRig {
     }
 
     /// `total` claim-shaped transactions (BEGIN; UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP
-    /// LOCKED); COMMIT) on `concurrency` connections, all claiming from the same table.
+    /// LOCKED); COMMIT) on `concurrency` connections, all claiming from the same table. The
+    /// connections are opened for the measurement only: held through the claims scenario, 64 of
+    /// them beside two workers' pools would crowd the server's connection limit.
     pub async fn claim_tx(
         &self,
         concurrency: usize,
         total: usize,
     ) -> anyhow::Result<Vec<Duration>> {
+        let mut connections = Vec::with_capacity(concurrency);
+        for _ in 0..concurrency {
+            connections.push(self.db.connect().await);
+        }
         closed_loop(concurrency, total, |task, _| {
-            let pg = &self.connections[task];
+            let pg = &connections[task];
             async move {
                 pg.batch_execute("BEGIN").await?;
                 pg.query_one(
@@ -466,9 +465,14 @@ pub async fn floors(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Floors> {
 // ---------------------------------------------------------------------------------------------
 // 2 + 3. Claim latency at several concurrencies, and replenish latency
 
-/// Each claim level runs in this many rounds, with both floors measured before each round (at
-/// one client and at the level's concurrency), so claims and floors share the machine's mood.
+/// Each claim level runs in up to this many rounds, with both floors measured before each round
+/// (at one client and at the level's concurrency), so claims and floors share the machine's mood.
 pub const CLAIM_ROUNDS: usize = 5;
+
+/// Claims each client sends back to back in a round, at least: fewer would turn a round into a
+/// burst of simultaneous first requests rather than sustained load (a level with few claims per
+/// client gets fewer rounds instead).
+const MIN_CLAIMS_PER_CLIENT: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct Claims {
@@ -486,6 +490,8 @@ pub struct ClaimLevel {
     pub single_client_floor: Duration,
     /// The same at this level's concurrency.
     pub same_load_floor: Duration,
+    /// Rounds the level ran in, each preceded by its floors.
+    pub rounds: usize,
 }
 
 pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
@@ -536,15 +542,16 @@ pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
     }
     let mut levels = Vec::new();
     for (concurrency, total) in sizes.claims_per_level {
-        let floor_runs = (sizes.floor_iterations / CLAIM_ROUNDS).max(1);
+        let rounds = (total / (concurrency * MIN_CLAIMS_PER_CLIENT)).clamp(1, CLAIM_ROUNDS);
+        let per_client = (total / rounds / concurrency).max(1);
+        let floor_runs = (sizes.floor_iterations / rounds).max(1);
         let (mut single, mut same_load) = (FloorSamples::default(), FloorSamples::default());
         let mut results: Vec<(Duration, ClaimOutcome)> = Vec::new();
-        for round in 0..CLAIM_ROUNDS {
+        for round in 0..rounds {
             single.extend(rig.round(1, floor_runs).await?);
             if concurrency > 1 {
                 same_load.extend(rig.round(concurrency, floor_runs).await?);
             }
-            let per_client = (total / CLAIM_ROUNDS / concurrency).max(1);
             let tasks = (0..concurrency).map(|c| {
                 let client = clients[c % clients.len()].clone();
                 let user = users[c];
@@ -569,6 +576,7 @@ pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
             latency: Latency::of(results.into_iter().map(|(d, _)| d).collect()),
             misses,
             single_client_floor,
+            rounds,
             same_load_floor: if concurrency > 1 {
                 same_load.p50()
             } else {
