@@ -135,26 +135,35 @@ pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> 
         let rows = collect(&pool, &args, &config, Utc::now()).await?;
         return print(&rows, args.json, false).await;
     }
+    // One Ctrl-C listener for the whole watch, polled throughout: a listener made anew for each
+    // sleep missed a Ctrl-C pressed while a refresh was running (the handler, once installed,
+    // swallows the signal), and the watch then went on.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
-        let now = Utc::now();
-        let rows = collect(&pool, &args, &config, now).await;
-        if !args.json {
-            // Clear the screen and home the cursor: refresh in place.
-            print!("\x1b[2J\x1b[H");
-            println!(
-                "prebuilds status at {} (every {}; Ctrl-C to stop)\n",
-                output::time(now),
-                humanize(args.interval)
-            );
-        }
-        match rows {
-            Ok(rows) => print(&rows, args.json, true).await?,
-            // Keep watching through a database restart; say what is wrong.
-            Err(e) => eprintln!("error: {e:#}"),
-        }
+        let refresh = async {
+            let now = Utc::now();
+            let rows = collect(&pool, &args, &config, now).await;
+            if !args.json {
+                // Clear the screen and home the cursor: refresh in place.
+                print!("\x1b[2J\x1b[H");
+                println!(
+                    "prebuilds status at {} (every {}; Ctrl-C to stop)\n",
+                    output::time(now),
+                    humanize(args.interval)
+                );
+            }
+            match rows {
+                Ok(rows) => print(&rows, args.json, true).await?,
+                // Keep watching through a database restart; say what is wrong.
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            tokio::time::sleep(args.interval).await;
+            anyhow::Ok(())
+        };
         tokio::select! {
-            _ = tokio::time::sleep(args.interval) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            refreshed = refresh => refreshed?,
+            _ = &mut interrupted => return Ok(()),
         }
     }
 }
