@@ -260,11 +260,8 @@ async fn claim_once(
         first.push((attempt.statement, refs));
     }
     let mut results = tx.begin_with(&first).await?.into_iter();
-    let begun = single_row(results.next())?;
-    let attempted = results
-        .next()
-        .map(|rows| single_row(Some(rows)))
-        .transpose()?;
+    let begun = single_row(results.next().unwrap_or_default())?;
+    let attempted = results.next().map(single_row).transpose()?;
     let decision = match stored_reply(&begun, "reply") {
         Some(reply) => Decision::Replayed(reply),
         None => decide(client, ctx, &attempt, attempted).await?,
@@ -379,8 +376,7 @@ impl AttemptParams<'_> {
 }
 
 /// The one row a statement must return (`query_one`'s rule, for rows fetched by a pipeline).
-fn single_row(rows: Option<Vec<Row>>) -> Result<Row, DbError> {
-    let mut rows = rows.unwrap_or_default();
+fn single_row(mut rows: Vec<Row>) -> Result<Row, DbError> {
     match rows.len() {
         1 => Ok(rows.remove(0)),
         n => Err(DbError::Unexpected(format!(
