@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context as _};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use prebuilds_runtime::{
     amqp::{self, Publisher, Topology},
-    config::{redact_url, ConnectionArgs},
+    config::Connection,
     db,
     outbox::{Relay, RelayConfig},
 };
@@ -28,14 +28,13 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 pub const EVENT_SOURCE: &str = "prebuildsctl";
 
 /// A small pool to the database, checked to be reachable and migrated.
-pub async fn connect_db(connection: &ConnectionArgs) -> anyhow::Result<Pool> {
+pub async fn connect_db(connection: &Connection) -> anyhow::Result<Pool> {
     let url = &connection.database_url;
-    let pool = db::pool(url, 2)?;
+    let pool = db::pool(url.expose(), 2)?;
     db::ping(&pool).await.map_err(|e| {
         anyhow!(
-            "cannot connect to PostgreSQL at {}: {e}\n\
-             check DATABASE_URL (or --database-url) and that the server is running",
-            redact_url(url)
+            "cannot connect to PostgreSQL at {url}: {e}\n\
+             check DATABASE_URL (or --database-url) and that the server is running"
         )
     })?;
     let client = pool.get().await?;
@@ -47,38 +46,35 @@ pub async fn connect_db(connection: &ConnectionArgs) -> anyhow::Result<Pool> {
         .await?
         .get(0);
     if !migrated {
-        bail!(
-            "the database at {} has no prebuilds schema; run `prebuildsctl migrate` first",
-            redact_url(url)
-        );
+        bail!("the database at {url} has no prebuilds schema; run `prebuildsctl migrate` first");
     }
     Ok(pool)
 }
 
 /// Connects to RabbitMQ for a command that talks to the broker directly.
 pub async fn connect_amqp(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     name: &str,
 ) -> anyhow::Result<lapin::Connection> {
-    amqp::connect(&connection.amqp_url, name)
+    amqp::connect(&connection.broker, name)
         .await
         .map_err(|e| amqp_unreachable(connection, e))
 }
 
 /// The error for a broker the CLI cannot reach, however it connected (plain connection or RPC
 /// client): it names the redacted URL and what to check.
-pub fn amqp_unreachable(connection: &ConnectionArgs, e: impl std::fmt::Display) -> anyhow::Error {
+pub fn amqp_unreachable(connection: &Connection, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!(
         "cannot connect to RabbitMQ at {}: {e}\n\
          check AMQP_URL (or --amqp-url) and that the broker is running",
-        redact_url(&connection.amqp_url)
+        connection.broker.redacted()
     )
 }
 
 /// A confirming publisher on the configured prefix.
-pub fn publisher(connection: &ConnectionArgs) -> Publisher {
+pub fn publisher(connection: &Connection) -> Publisher {
     Publisher::new(
-        connection.amqp_url.clone(),
+        &connection.broker,
         "prebuildsctl",
         Topology::new(connection.amqp_prefix.clone()),
     )
@@ -87,7 +83,7 @@ pub fn publisher(connection: &ConnectionArgs) -> Publisher {
 /// Publishes what this command committed to the outbox (and anything else waiting there), bounded
 /// in time. Never fails the command: the change is committed, and unpublished rows stay in the
 /// outbox for the workers' relay. Returns how many messages were published.
-pub async fn relay_outbox(pool: &Pool, connection: &ConnectionArgs, queued: usize) -> usize {
+pub async fn relay_outbox(pool: &Pool, connection: &Connection, queued: usize) -> usize {
     if queued == 0 {
         return 0;
     }
@@ -297,7 +293,7 @@ pub struct Applied<T> {
 /// transaction, commits, and relays the outbox. The jobs thus exist exactly when the change does;
 /// an error from `change` rolls everything back.
 pub async fn apply_change<T>(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
 ) -> anyhow::Result<Applied<T>> {
     let pool = connect_db(connection).await?;

@@ -82,7 +82,14 @@ async fn main() -> ExitCode {
     // Usage errors exit with 2 (clap's convention); --help and --version with 0.
     let cli = Cli::parse();
     prebuilds_runtime::telemetry::init(cli.log_format);
-    let connection = &cli.connection;
+    let connection = match cli.connection.resolve() {
+        Ok(connection) => connection,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let connection = &connection;
     let result = match cli.command {
         Command::Migrate(args) => commands::migrate::run(connection, args).await,
         Command::Org(command) => commands::org::run(connection, command).await,

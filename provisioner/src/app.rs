@@ -47,6 +47,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         concurrency = cli.concurrency,
         "starting prebuilds-provisioner"
     );
+    let connection = cli.connection.resolve()?;
     let registry = prometheus::Registry::new();
     let service_metrics =
         ServiceMetrics::register(&registry).context("registering service metrics")?;
@@ -55,7 +56,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     let health = Health::default();
     let topology = Topology::new(cli.connection.amqp_prefix.clone());
     let publisher = Arc::new(Publisher::new(
-        cli.connection.amqp_url.clone(),
+        &connection.broker,
         "prebuilds-provisioner-publisher",
         topology.clone(),
     ));
@@ -69,7 +70,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
             Backend::Sim(SimBackend::new(config))
         }
         BackendKind::Terraform => {
-            let pool = db::pool(&cli.connection.database_url, cli.connection.db_pool_size)
+            let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)
                 .context("DATABASE_URL")?;
             let config = cli.terraform_config();
             let terraform = TerraformBackend::new(config.clone(), pool.clone());
@@ -128,7 +129,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         transient_window: std::time::Duration::from_secs(60),
     };
     let context = ConsumerContext {
-        amqp_url: cli.connection.amqp_url.clone(),
+        broker: connection.broker.clone(),
         topology,
         publisher: publisher.clone(),
         metrics: service_metrics,

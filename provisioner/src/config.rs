@@ -140,6 +140,7 @@ pub struct TerraformArgs {
 impl Cli {
     /// Start-up validation of what the parser cannot check.
     pub fn validate(&self) -> Result<(), String> {
+        self.connection.resolve().map_err(|e| e.0)?;
         if self.concurrency == 0 {
             return Err(
                 "--concurrency (PREBUILDS_PROVISIONER_CONCURRENCY) must be at least 1".into(),

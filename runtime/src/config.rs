@@ -2,9 +2,19 @@
 //! flattens the groups it needs into its own `clap` parser; values are validated at start-up and
 //! URLs carrying passwords are never printed (not by `--help`, not by `Debug`, not in logs).
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Args, ValueEnum};
+
+use crate::{
+    amqp::{Broker, TlsFiles},
+    redact::redact,
+};
 
 /// Parses `30s`, `1m`, `1h30m`, `250ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -23,28 +33,76 @@ fn parse_prefix(s: &str) -> Result<String, String> {
     }
 }
 
-/// Where the system of record and the broker are.
+/// The database used when neither `DATABASE_URL` nor `DATABASE_URL_FILE` is set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/prebuilds";
+/// The broker used when neither `AMQP_URL` nor `AMQP_URL_FILE` is set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Where the system of record and the broker are, as given on the command line or in the
+/// environment. [`ConnectionArgs::resolve`] turns it into a [`Connection`]: secrets read from their
+/// files, TLS files checked, URLs validated.
 #[derive(Clone, Args)]
 pub struct ConnectionArgs {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection string: a URL (postgres://user:password@host:5432/db?sslmode=verify-full&sslrootcert=/ca.pem)
+    /// or libpq key/value pairs. sslmode: disable, prefer (default), require, verify-ca, verify-full.
+    /// Default: postgres://postgres@127.0.0.1:5432/prebuilds
     #[arg(
-        long,
+        long = "database-url",
         global = true,
         env = "DATABASE_URL",
         hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/prebuilds"
+        value_name = "URL"
     )]
-    pub database_url: String,
+    database_url: Option<String>,
 
-    /// RabbitMQ connection URL.
+    /// File holding the PostgreSQL connection string (a Docker or Kubernetes secret); trailing
+    /// newline ignored. Not together with DATABASE_URL.
+    #[arg(long, global = true, env = "DATABASE_URL_FILE", value_name = "PATH")]
+    database_url_file: Option<PathBuf>,
+
+    /// RabbitMQ URL(s), comma-separated for the nodes of a cluster: amqp://user:password@host:5672/vhost,
+    /// or amqps://… for TLS (never downgraded to plaintext).
+    /// Default: amqp://guest:guest@127.0.0.1:5672/%2f
     #[arg(
-        long,
+        long = "amqp-url",
         global = true,
         env = "AMQP_URL",
         hide_env_values = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        value_name = "URL"
     )]
-    pub amqp_url: String,
+    amqp_url: Option<String>,
+
+    /// File holding the RabbitMQ URL(s) (a Docker or Kubernetes secret); trailing newline ignored.
+    /// Not together with AMQP_URL.
+    #[arg(long, global = true, env = "AMQP_URL_FILE", value_name = "PATH")]
+    amqp_url_file: Option<PathBuf>,
+
+    /// Extra CA certificates (PEM) trusted for amqps:// on top of the system roots.
+    #[arg(
+        long,
+        global = true,
+        env = "PREBUILDS_AMQP_CA_FILE",
+        value_name = "PATH"
+    )]
+    amqp_ca_file: Option<PathBuf>,
+
+    /// Client certificate chain (PEM) for brokers that require mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "PREBUILDS_AMQP_CLIENT_CERT_FILE",
+        value_name = "PATH"
+    )]
+    amqp_client_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of the client certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "PREBUILDS_AMQP_CLIENT_KEY_FILE",
+        value_name = "PATH"
+    )]
+    amqp_client_key_file: Option<PathBuf>,
 
     /// Prefix of every exchange and queue name.
     #[arg(long, global = true, env = "PREBUILDS_AMQP_PREFIX", default_value = "prebuilds", value_parser = parse_prefix)]
@@ -63,35 +121,155 @@ pub struct ConnectionArgs {
 impl fmt::Debug for ConnectionArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionArgs")
-            .field("database_url", &redact_url(&self.database_url))
-            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("database_url", &self.database_url.as_deref().map(redact))
+            .field("database_url_file", &self.database_url_file)
+            .field("amqp_url", &self.amqp_url.as_deref().map(redact))
+            .field("amqp_url_file", &self.amqp_url_file)
+            .field("amqp_ca_file", &self.amqp_ca_file)
+            .field("amqp_client_cert_file", &self.amqp_client_cert_file)
+            .field("amqp_client_key_file", &self.amqp_client_key_file)
             .field("amqp_prefix", &self.amqp_prefix)
             .field("db_pool_size", &self.db_pool_size)
             .finish()
     }
 }
 
-/// Replaces the password of `scheme://user:password@host…` with `***`.
+/// A setting that cannot be used as given (a usage error: exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConnectionArgs {
+    /// Arguments for `database_url` and `amqp_url` as if given on the command line (tests, tools).
+    pub fn new(
+        database_url: impl Into<String>,
+        amqp_url: impl Into<String>,
+        amqp_prefix: impl Into<String>,
+    ) -> Self {
+        ConnectionArgs {
+            database_url: Some(database_url.into()),
+            database_url_file: None,
+            amqp_url: Some(amqp_url.into()),
+            amqp_url_file: None,
+            amqp_ca_file: None,
+            amqp_client_cert_file: None,
+            amqp_client_key_file: None,
+            amqp_prefix: amqp_prefix.into(),
+            db_pool_size: 24,
+        }
+    }
+
+    /// Reads secrets from their files, checks the TLS files and validates both URLs.
+    pub fn resolve(&self) -> Result<Connection, ConfigError> {
+        let database_url = secret_value(
+            (
+                "DATABASE_URL",
+                "--database-url",
+                self.database_url.as_deref(),
+            ),
+            (
+                "DATABASE_URL_FILE",
+                "--database-url-file",
+                self.database_url_file.as_deref(),
+            ),
+        )?
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        crate::db::DatabaseUrl::parse(&database_url).map_err(ConfigError)?;
+        let amqp_url = secret_value(
+            ("AMQP_URL", "--amqp-url", self.amqp_url.as_deref()),
+            (
+                "AMQP_URL_FILE",
+                "--amqp-url-file",
+                self.amqp_url_file.as_deref(),
+            ),
+        )?
+        .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        let broker = Broker::new(
+            &amqp_url,
+            &TlsFiles {
+                ca_file: self.amqp_ca_file.clone(),
+                client_cert_file: self.amqp_client_cert_file.clone(),
+                client_key_file: self.amqp_client_key_file.clone(),
+            },
+        )
+        .map_err(|e| ConfigError(e.0))?;
+        Ok(Connection {
+            database_url: Secret(database_url),
+            broker,
+            amqp_prefix: self.amqp_prefix.clone(),
+            db_pool_size: self.db_pool_size,
+        })
+    }
+}
+
+/// The value of a setting that may come directly or from a file; both at once is an error naming
+/// both. `(variable, flag, value)` each.
+fn secret_value(
+    direct: (&str, &str, Option<&str>),
+    file: (&str, &str, Option<&Path>),
+) -> Result<Option<String>, ConfigError> {
+    match (direct.2, file.2) {
+        (Some(_), Some(_)) => Err(ConfigError(format!(
+            "{} (or {}) and {} (or {}) are both set; set only one of them",
+            direct.0, direct.1, file.0, file.1
+        ))),
+        (Some(value), None) => Ok(Some(value.to_owned())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read {} {}: {e}", file.0, path.display()))
+            })?;
+            let value = text.strip_suffix('\n').unwrap_or(&text);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            if value.trim().is_empty() {
+                return Err(ConfigError(format!(
+                    "{} {} is empty",
+                    file.0,
+                    path.display()
+                )));
+            }
+            Ok(Some(value.to_owned()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// A string that is never printed: `Debug` and `Display` show it redacted.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that needs it (opening a connection).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+/// Where the system of record and the broker are, validated ([`ConnectionArgs::resolve`]).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The PostgreSQL connection string; prints redacted.
+    pub database_url: Secret,
+    /// The broker nodes and TLS settings every AMQP connection uses.
+    pub broker: Broker,
+    pub amqp_prefix: String,
+    pub db_pool_size: usize,
+}
+
+/// Replaces every password in a URL, URL list or key/value DSN with `***` (see [`crate::redact`]).
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}://{}:***{}",
-        &url[..scheme_end],
-        &userinfo[..colon],
-        &rest[at..]
-    )
+    redact(url)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -197,6 +375,51 @@ impl ReconcileArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(database_url: Option<&str>, database_url_file: Option<&Path>) -> ConnectionArgs {
+        ConnectionArgs {
+            database_url: database_url.map(str::to_owned),
+            database_url_file: database_url_file.map(Path::to_path_buf),
+            ..ConnectionArgs::new("x", DEFAULT_AMQP_URL, "p")
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("prebuilds-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("db");
+        std::fs::write(&file, "postgres://u:pw@h/db\n").unwrap();
+        let resolved = args(None, Some(&file)).resolve().unwrap();
+        assert_eq!(resolved.database_url.expose(), "postgres://u:pw@h/db");
+        assert_eq!(
+            format!("{resolved:?}").matches("pw").count(),
+            0,
+            "{resolved:?}"
+        );
+
+        let both = args(Some("postgres://h/db"), Some(&file))
+            .resolve()
+            .unwrap_err();
+        assert!(
+            both.0.contains("DATABASE_URL") && both.0.contains("DATABASE_URL_FILE"),
+            "{both}"
+        );
+
+        let missing = args(None, Some(&dir.join("absent"))).resolve().unwrap_err();
+        assert!(missing.0.contains("DATABASE_URL_FILE"), "{missing}");
+
+        std::fs::write(&file, "\n").unwrap();
+        assert!(args(None, Some(&file))
+            .resolve()
+            .unwrap_err()
+            .0
+            .contains("empty"));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let defaulted = args(None, None).resolve().unwrap();
+        assert_eq!(defaulted.database_url.expose(), DEFAULT_DATABASE_URL);
+    }
 
     #[test]
     fn redacts_passwords_only() {

@@ -5,6 +5,7 @@
 //! permanent (give up) for [`crate::retry`]. [`pipelined`] has transactions whose `BEGIN` and
 //! `COMMIT` share round trips with their statements.
 
+pub mod dsn;
 pub mod pipelined;
 
 use std::time::Duration;
@@ -12,15 +13,19 @@ use std::time::Duration;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
-use tokio_postgres::{error::SqlState, NoTls};
+use tokio_postgres::error::SqlState;
+
+pub use dsn::DatabaseUrl;
 
 pub use deadpool_postgres::{Client as PooledClient, Transaction};
 
 /// Builds the pool. Connections are opened lazily; [`ping`] checks reachability.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let mut pg_config: tokio_postgres::Config = database_url
-        .parse()
-        .map_err(|e| DbError::Config(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+    let url = DatabaseUrl::parse(database_url).map_err(DbError::Config)?;
+    let tls = url
+        .connector()
+        .map_err(|e| DbError::Config(format!("PostgreSQL TLS: {e}")))?;
+    let mut pg_config = url.config;
     // Hot-path statements are prepared once per connection (see [`cached`]); generic plans make
     // each execution skip planning too, instead of re-planning the first five times on every
     // pooled connection. Our statements look rows up by key, so a generic plan is also the plan
@@ -41,7 +46,7 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
     }
     let manager = Manager::from_config(
         pg_config,
-        NoTls,
+        tls,
         ManagerConfig {
             // Fast: a connection the server closed while idle (restart, idle timeout) is already
             // marked closed by its connection task and is replaced before use; checking every
@@ -128,12 +133,18 @@ pub async fn refresh_plans_as_tables_grow(
 /// Opens a connection outside the pool, for session-scoped state (advisory locks held across
 /// transactions). The connection closes — releasing such locks — when the client is dropped.
 pub async fn connect_dedicated(database_url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_postgres::connect(database_url, NoTls),
-    )
-    .await
-    .map_err(|_| DbError::Timeout("connecting to PostgreSQL"))??;
+    connect_parsed(&DatabaseUrl::parse(database_url).map_err(DbError::Config)?).await
+}
+
+/// [`connect_dedicated`] for a connection string already parsed (and perhaps adjusted).
+pub async fn connect_parsed(url: &DatabaseUrl) -> Result<tokio_postgres::Client, DbError> {
+    let tls = url
+        .connector()
+        .map_err(|e| DbError::Config(format!("PostgreSQL TLS: {e}")))?;
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(5), url.config.connect(tls))
+            .await
+            .map_err(|_| DbError::Timeout("connecting to PostgreSQL"))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "dedicated PostgreSQL connection closed");
@@ -155,14 +166,51 @@ pub enum DbError {
     Config(String),
     #[error("PostgreSQL pool: {0}")]
     Pool(#[from] PoolError),
-    #[error("PostgreSQL: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    /// Displayed with the server's own message, SQLSTATE, detail and hint (or the I/O or TLS
+    /// cause), not tokio-postgres' bare "db error".
+    #[error("PostgreSQL: {}", describe_postgres(.0))]
+    Postgres(tokio_postgres::Error),
     #[error("timed out {0}")]
     Timeout(&'static str),
     /// A statement or its result broke its contract (say, no row where exactly one is certain,
     /// or parameters that don't encode): a bug in this program, not in the database.
     #[error("PostgreSQL returned an unexpected result: {0}")]
     Unexpected(String),
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Postgres(e)
+    }
+}
+
+/// What went wrong, in full: the server's `ERROR: message (SQLSTATE code)` with its detail and
+/// hint for errors the server reported, otherwise tokio-postgres' description followed by its
+/// causes (`error connecting to server: Connection refused`, a TLS verification failure, …).
+pub fn describe_postgres(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!("; DETAIL: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!("; HINT: {hint}"));
+        }
+        return out;
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }
 
 impl DbError {

@@ -1,6 +1,6 @@
 //! The shared runtime of every prebuilds binary — each piece exists once, here:
-//! configuration ([`config`]), logging ([`telemetry`]), the PostgreSQL pool and transaction retry
-//! ([`db`]), the AMQP topology, publisher and consumer supervisor ([`amqp`]), the transactional
+//! configuration and secrets ([`config`], [`redact`]), TLS ([`tls`]), logging ([`telemetry`]), the PostgreSQL pool and transaction retry
+//! ([`db`]), the AMQP connector, topology, publisher and consumer supervisor ([`amqp`]), the transactional
 //! outbox and its relay ([`outbox`]), the `/metrics` `/healthz` `/readyz` server ([`http`]),
 //! process-level counters ([`metrics`]), readiness ([`health`]) and graceful shutdown
 //! ([`shutdown`]), bounded retries ([`retry`]) and in-process locks by key ([`keyed_locks`]).
@@ -13,8 +13,10 @@ pub mod http;
 pub mod keyed_locks;
 pub mod metrics;
 pub mod outbox;
+pub mod redact;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use health::Health;

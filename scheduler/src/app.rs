@@ -58,13 +58,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
-    let pool = db::pool(
-        &config.connection.database_url,
-        config.connection.db_pool_size,
-    )?;
+    let connection = config.connection.resolve()?;
+    let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)?;
     let topology = Topology::new(config.connection.amqp_prefix.clone());
     let publisher = Arc::new(Publisher::new(
-        config.connection.amqp_url.clone(),
+        &connection.broker,
         "prebuilds-scheduler",
         topology,
     ));
@@ -94,6 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let leadership = Leadership {
         config: &config,
+        database_url: connection.database_url.clone(),
         passes,
         refresher,
         metrics,
@@ -113,6 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 struct Leadership<'a> {
     config: &'a Config,
+    database_url: prebuilds_runtime::config::Secret,
     passes: Passes,
     refresher: Refresher,
     metrics: SchedulerMetrics,
@@ -125,7 +125,7 @@ impl Leadership<'_> {
         loop {
             self.metrics.is_leader.set(0);
             let Some(lock) = leader::campaign(
-                &self.config.connection.database_url,
+                self.database_url.expose(),
                 self.config.leader_lock_key,
                 self.config.lock_retry_interval,
                 shutdown,

@@ -62,6 +62,7 @@ pub struct Config {
 impl Config {
     /// Start-up validation of what clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        self.connection.resolve().map_err(|e| e.0)?;
         self.reconcile.validate()?;
         if self.connection.db_pool_size == 0 {
             return Err("PREBUILDS_DB_POOL_SIZE must be at least 1".into());

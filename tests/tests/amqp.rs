@@ -32,7 +32,7 @@ fn context(broker: &TestBroker) -> (ConsumerContext, prometheus::Registry) {
     ));
     (
         ConsumerContext {
-            amqp_url: broker.url.clone(),
+            broker: (&broker.url).into(),
             topology: broker.topology.clone(),
             publisher,
             metrics,

@@ -43,7 +43,8 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     if let Some(warning) = args.pool_size_warning() {
         tracing::warn!("{warning}");
     }
-    let pool = db::pool(&args.connection.database_url, args.connection.db_pool_size)?;
+    let connection = args.connection.resolve()?;
+    let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)?;
     prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
         .await
         .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
@@ -51,7 +52,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
 
     let topology = Topology::new(&args.connection.amqp_prefix);
     let publisher = Arc::new(Publisher::new(
-        &args.connection.amqp_url,
+        &connection.broker,
         format!("{source}/publisher"),
         topology.clone(),
     ));
@@ -91,7 +92,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     ));
 
     let consumer_context = ConsumerContext {
-        amqp_url: args.connection.amqp_url.clone(),
+        broker: connection.broker.clone(),
         topology: topology.clone(),
         publisher: publisher.clone(),
         metrics: service_metrics.clone(),
@@ -135,7 +136,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     // Replies get their own unconfirmed connection: they must not wait behind the confirms of
     // persistent outbox messages.
     let replies = Arc::new(Publisher::unconfirmed(
-        &args.connection.amqp_url,
+        &connection.broker,
         format!("{source}/replies"),
         topology.clone(),
     ));

@@ -45,6 +45,7 @@ pub struct WorkerArgs {
 
 impl WorkerArgs {
     pub fn validate(&self) -> Result<(), String> {
+        self.connection.resolve().map_err(|e| e.0)?;
         self.reconcile.validate()?;
         if self.worker_concurrency == 0 {
             return Err("PREBUILDS_WORKER_CONCURRENCY must be at least 1".into());

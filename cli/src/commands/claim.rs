@@ -16,7 +16,7 @@ use prebuilds_runtime::{
         rpc::{RpcClient, RpcError},
         Topology,
     },
-    config::{parse_duration, ConnectionArgs},
+    config::{parse_duration, Connection},
 };
 use prebuilds_schemas::{ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, Parameter};
 use serde::Serialize;
@@ -91,7 +91,7 @@ struct ClaimResult {
     latency_ms: f64,
 }
 
-pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
     if let Err(e) = prebuilds_core::validate_workspace_name(&args.name) {
         return Err(UsageError(format!("--name: {e}")).into());
     }
@@ -228,7 +228,7 @@ fn opt(id: Option<Uuid>) -> String {
 /// Sends the request and waits for its reply; `None` when none came within `timeout`. Returns the
 /// round-trip latency (publish to reply, or to giving up).
 async fn call(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     event: &CloudEvent<ClaimRequest>,
     timeout: Duration,
 ) -> anyhow::Result<(Option<ClaimReply>, Duration)> {
@@ -242,7 +242,7 @@ async fn call(
         .await
         .context("declaring the prebuilds topology")?;
     let _ = amqp.close(200, "done".into()).await;
-    let client = RpcClient::connect(&connection.amqp_url, "prebuildsctl claim", topology)
+    let client = RpcClient::connect(&connection.broker, "prebuildsctl claim", topology)
         .await
         .map_err(|e| amqp_unreachable(connection, e))?;
     let started = Instant::now();

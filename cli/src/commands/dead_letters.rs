@@ -26,7 +26,7 @@ use prebuilds_runtime::{
         publisher::Outgoing,
         Topology,
     },
-    config::ConnectionArgs,
+    config::Connection,
 };
 use serde::Serialize;
 
@@ -88,7 +88,7 @@ struct Replayed {
     error: Option<String>,
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     match command {
         Command::List { limit, json } => list(connection, limit, json).await,
         Command::Replay { limit, ids, json } => replay(connection, limit, ids, json).await,
@@ -105,7 +105,7 @@ struct DeadQueue {
 }
 
 impl DeadQueue {
-    async fn open(connection: &ConnectionArgs, prefetch: u16) -> anyhow::Result<DeadQueue> {
+    async fn open(connection: &Connection, prefetch: u16) -> anyhow::Result<DeadQueue> {
         let amqp = connect_amqp(connection, "prebuildsctl dead-letters").await?;
         let channel = amqp.create_channel().await?;
         let topology = Topology::new(connection.amqp_prefix.clone());
@@ -240,7 +240,7 @@ fn describe(delivery: &Delivery) -> Row {
     }
 }
 
-async fn list(connection: &ConnectionArgs, limit: u16, json: bool) -> anyhow::Result<()> {
+async fn list(connection: &Connection, limit: u16, json: bool) -> anyhow::Result<()> {
     let mut queue = DeadQueue::open(connection, limit).await?;
     let deliveries = queue.take(limit as usize).await?;
     let rows: Vec<Row> = deliveries.iter().map(describe).collect();
@@ -301,7 +301,7 @@ fn replay_headers(delivery: &Delivery) -> FieldTable {
 }
 
 async fn replay(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     limit: Option<u16>,
     ids: Vec<String>,
     json: bool,

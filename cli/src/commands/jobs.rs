@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::bail;
 use chrono::{DateTime, Utc};
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use prebuilds_schemas::ReconcileReason;
 use serde::Serialize;
 use uuid::Uuid;
@@ -83,7 +83,7 @@ struct CancelRow {
     result: String,
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     match command {
         Command::List {
             status,
@@ -96,7 +96,7 @@ pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Resul
 }
 
 async fn list(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     status: Option<String>,
     initiator: Option<String>,
     limit: i64,
@@ -170,7 +170,7 @@ async fn list(
     )
 }
 
-async fn cancel(connection: &ConnectionArgs, mut ids: Vec<Uuid>, json: bool) -> anyhow::Result<()> {
+async fn cancel(connection: &Connection, mut ids: Vec<Uuid>, json: bool) -> anyhow::Result<()> {
     ids.sort();
     ids.dedup();
     let Applied {

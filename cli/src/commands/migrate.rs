@@ -2,7 +2,7 @@
 //! under the migration lock (see `prebuilds_schemas::migrations`).
 
 use anyhow::Context;
-use prebuilds_runtime::{config::ConnectionArgs, db};
+use prebuilds_runtime::{config::Connection, db};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -11,9 +11,10 @@ pub struct Args {
     json: bool,
 }
 
-pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> {
-    ensure_database(&connection.database_url).await?;
-    let mut client = db::connect_dedicated(&connection.database_url)
+pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
+    let url = connection.database_url.expose();
+    ensure_database(url).await?;
+    let mut client = db::connect_dedicated(url)
         .await
         .context("connecting to PostgreSQL (check DATABASE_URL and that the server is running)")?;
     let applied = prebuilds_schemas::migrations::run(&mut client).await?;
@@ -32,10 +33,8 @@ pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> 
 /// Creates the target database when the server is up but the database does not exist yet, so the
 /// quick start needs no manual `createdb`.
 async fn ensure_database(url: &str) -> anyhow::Result<()> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    let Some(name) = config.get_dbname().map(str::to_owned) else {
+    let parsed = db::DatabaseUrl::parse(url).map_err(anyhow::Error::msg)?;
+    let Some(name) = parsed.config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
     match db::connect_dedicated(url).await {
@@ -44,13 +43,11 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
             if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_DATABASE) => {}
         Err(e) => return Err(e).context("connecting to PostgreSQL"),
     }
-    let mut admin_config = config.clone();
-    admin_config.dbname("postgres");
-    let (admin, conn) = admin_config
-        .connect(tokio_postgres::NoTls)
+    let mut admin_url = parsed.clone();
+    admin_url.config.dbname("postgres");
+    let admin = db::connect_parsed(&admin_url)
         .await
         .context("connecting to the 'postgres' database to create the target database")?;
-    tokio::spawn(conn);
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     match admin
         .batch_execute(&format!("CREATE DATABASE {quoted}"))
@@ -67,6 +64,6 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
         {
             Ok(())
         }
-        Err(e) => Err(e).context("creating the database"),
+        Err(e) => Err(db::DbError::from(e)).context("creating the database"),
     }
 }

@@ -1,7 +1,7 @@
 //! `prebuildsctl org create NAME`.
 
 use anyhow::bail;
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -29,7 +29,7 @@ struct Created {
     name: String,
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     let Command::Create { name, json } = command;
     let name = name.trim().to_owned();
     if name.is_empty() {

@@ -5,7 +5,7 @@
 //! transaction, so pools catch up at once instead of at the next tick.
 
 use anyhow::bail;
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
@@ -28,7 +28,7 @@ pub struct Args {
     preset: Option<Uuid>,
 }
 
-pub async fn run(connection: &ConnectionArgs, args: Args, pause: bool) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, args: Args, pause: bool) -> anyhow::Result<()> {
     let verb = if pause { "paused" } else { "resumed" };
     let Applied {
         outcome: (scope, changed),

@@ -2,7 +2,7 @@
 //! workspaces (owned by the prebuilds user, not deleted) with their latest build.
 
 use chrono::{DateTime, Utc};
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -43,7 +43,7 @@ struct Row {
     ready: bool,
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     let Command::List {
         preset,
         template,

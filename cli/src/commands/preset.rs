@@ -8,7 +8,7 @@
 //! the reconciler on its next failures.
 
 use anyhow::bail;
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
@@ -25,7 +25,7 @@ pub enum Command {
     },
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     let Command::Reset { id } = command;
     let Applied {
         outcome: (name, was),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
 use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
-use prebuilds_runtime::config::{parse_duration, ConnectionArgs};
+use prebuilds_runtime::config::{parse_duration, Connection};
 use prebuilds_store::claims::ClaimHistory;
 use serde::Serialize;
 use uuid::Uuid;
@@ -125,7 +125,7 @@ pub struct Row {
     claim_history: ClaimHistory,
 }
 
-pub async fn run(connection: &ConnectionArgs, args: Args) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
     let config = args.rules.config()?;
     if args.watch && args.interval.is_zero() {
         return Err(UsageError("--interval must be greater than 0".into()).into());

@@ -1,7 +1,7 @@
 //! `prebuildsctl user create --username U [--email E] [--role template-admin] [--organization O]`.
 
 use anyhow::{bail, Context as _};
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -47,7 +47,7 @@ struct Created {
     organizations: Vec<String>,
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     let Command::Create {
         username,
         email,

@@ -28,7 +28,7 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    amqp::{connect, publisher::Outgoing, Publisher, QueueKind, Topology},
+    amqp::{publisher::Outgoing, Broker, Publisher, QueueKind, Topology},
     metrics::ServiceMetrics,
     Health,
 };
@@ -111,7 +111,7 @@ pub struct ConsumerSpec {
 /// Everything the supervisor needs besides the handler.
 #[derive(Debug, Clone)]
 pub struct ConsumerContext {
-    pub amqp_url: String,
+    pub broker: Broker,
     pub topology: Topology,
     /// Used to dead-letter with a reason header (separate connection from the consumer's).
     pub publisher: Arc<Publisher>,
@@ -177,7 +177,7 @@ async fn session<H: Handler>(
     shutdown: &CancellationToken,
     queue: &str,
 ) -> Result<SessionEnd, lapin::Error> {
-    let connection = connect(&context.amqp_url, &spec.connection_name).await?;
+    let connection = context.broker.connect(&spec.connection_name).await?;
     let channel = connection.create_channel().await?;
     context.topology.declare(&channel).await?;
     channel

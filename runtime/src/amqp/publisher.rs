@@ -15,7 +15,7 @@ use lapin::{
 use prebuilds_schemas::{messages::Payload, CloudEvent};
 use tokio::sync::Mutex;
 
-use crate::amqp::{connect, Topology};
+use crate::amqp::{Broker, Topology};
 
 /// How long one publish may wait for its confirm before it is reported as failed. A publish can
 /// hang while the broker shuts down; the caller retries (the outbox row stays unpublished).
@@ -55,7 +55,7 @@ impl crate::retry::Transient for PublishError {
 /// A confirming publisher; cheap to share behind an `Arc`, safe to call concurrently.
 #[derive(Debug)]
 pub struct Publisher {
-    url: String,
+    broker: Broker,
     name: String,
     topology: Topology,
     /// Whether publishes wait for a broker confirm (everything durable) or only for the frame to be
@@ -108,9 +108,9 @@ impl<'a> Outgoing<'a> {
 
 impl Publisher {
     /// `name` shows up as the connection name in the RabbitMQ management UI.
-    pub fn new(url: impl Into<String>, name: impl Into<String>, topology: Topology) -> Self {
+    pub fn new(broker: impl Into<Broker>, name: impl Into<String>, topology: Topology) -> Self {
         Publisher {
-            url: url.into(),
+            broker: broker.into(),
             name: name.into(),
             topology,
             confirms: true,
@@ -121,13 +121,13 @@ impl Publisher {
     /// A publisher that does not wait for confirms, for best-effort messages (RPC replies: a lost
     /// reply is recovered by the client retrying with the same request id).
     pub fn unconfirmed(
-        url: impl Into<String>,
+        broker: impl Into<Broker>,
         name: impl Into<String>,
         topology: Topology,
     ) -> Self {
         Publisher {
             confirms: false,
-            ..Publisher::new(url, name, topology)
+            ..Publisher::new(broker, name, topology)
         }
     }
 
@@ -147,7 +147,7 @@ impl Publisher {
                 return Ok(channel.clone());
             }
         }
-        let connection = connect(&self.url, &self.name).await?;
+        let connection = self.broker.connect(&self.name).await?;
         let channel = connection.create_channel().await?;
         if self.confirms {
             channel

@@ -14,7 +14,7 @@ use lapin::{
 use prebuilds_schemas::{messages::Payload, CloudEvent, RawEvent};
 use tokio::sync::{oneshot, Mutex};
 
-use crate::amqp::{connect, Topology};
+use crate::amqp::{Broker, Topology};
 
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -44,8 +44,12 @@ pub struct RpcClient {
 }
 
 impl RpcClient {
-    pub async fn connect(url: &str, name: &str, topology: Topology) -> Result<Self, RpcError> {
-        let connection = connect(url, name).await?;
+    pub async fn connect(
+        broker: impl Into<Broker>,
+        name: &str,
+        topology: Topology,
+    ) -> Result<Self, RpcError> {
+        let connection = broker.into().connect(name).await?;
         let channel = connection.create_channel().await?;
         // Confirms let an unroutable request fail fast instead of timing out.
         channel

@@ -7,7 +7,7 @@ pub mod file;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
-use prebuilds_runtime::config::ConnectionArgs;
+use prebuilds_runtime::config::Connection;
 use prebuilds_schemas::ReconcileReason;
 use serde::Serialize;
 use uuid::Uuid;
@@ -105,7 +105,7 @@ pub struct OrganizationArg {
     pub organization: Option<String>,
 }
 
-pub async fn run(connection: &ConnectionArgs, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Push { file, json } => push(connection, file, json).await,
         Command::Activate {
@@ -152,7 +152,7 @@ struct PushedPreset {
     desired_instances: Option<i32>,
 }
 
-async fn push(connection: &ConnectionArgs, path: PathBuf, json: bool) -> anyhow::Result<()> {
+async fn push(connection: &Connection, path: PathBuf, json: bool) -> anyhow::Result<()> {
     let shown = path.display().to_string();
     // 1. Validate everything before touching the database.
     let checked = match file::load(&path) {
@@ -378,7 +378,7 @@ async fn push(connection: &ConnectionArgs, path: PathBuf, json: bool) -> anyhow:
 }
 
 async fn activate(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     name: &str,
     version: &str,
     organization: Option<&str>,
@@ -453,7 +453,7 @@ async fn activate(
 }
 
 async fn invalidate(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     name: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -497,7 +497,7 @@ async fn invalidate(
 }
 
 async fn deprecate(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     name: &str,
     message: &str,
     organization: Option<&str>,
@@ -538,7 +538,7 @@ async fn deprecate(
 }
 
 async fn delete(
-    connection: &ConnectionArgs,
+    connection: &Connection,
     name: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
