@@ -11,7 +11,7 @@ use lapin::{
     types::FieldTable,
     Channel, Connection,
 };
-use prebuilds_runtime::amqp::{self, QueueKind, Topology};
+use prebuilds_runtime::amqp::{self, Broker, QueueKind, Topology};
 
 pub fn amqp_url() -> String {
     std::env::var("PREBUILDS_TEST_AMQP")
@@ -21,6 +21,8 @@ pub fn amqp_url() -> String {
 #[derive(Debug)]
 pub struct TestBroker {
     pub url: String,
+    /// How to reach the broker (TLS files included, for a private TLS node).
+    pub broker: Broker,
     pub topology: Topology,
     connection: Connection,
     pub channel: Channel,
@@ -28,16 +30,23 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn new() -> TestBroker {
-        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let url = amqp_url();
+        TestBroker::on(Broker::from(&url), url).await
+    }
+
+    /// A unique prefix on another broker (a private node), reached through `broker`; `url` is what
+    /// services started by the test get as `AMQP_URL`.
+    pub async fn on(broker: Broker, url: String) -> TestBroker {
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let topology = Topology::new(prefix);
-        let connection = amqp::connect(&url, "test-harness")
+        let connection = amqp::connect(&broker, "test-harness")
             .await
             .expect("connect to RabbitMQ (is it running? see .ci/run)");
         let channel = connection.create_channel().await.expect("channel");
         topology.declare(&channel).await.expect("declare topology");
         TestBroker {
             url,
+            broker,
             topology,
             connection,
             channel,
@@ -47,12 +56,13 @@ impl TestBroker {
     /// A second harness handle on the same prefix with a fresh connection (after a broker
     /// restart killed the first one). Dropping it deletes the topology too.
     pub async fn reconnect(other: &TestBroker) -> TestBroker {
-        let connection = amqp::connect(&other.url, "test-harness")
+        let connection = amqp::connect(&other.broker, "test-harness")
             .await
             .expect("reconnect to RabbitMQ");
         let channel = connection.create_channel().await.expect("channel");
         TestBroker {
             url: other.url.clone(),
+            broker: other.broker.clone(),
             topology: other.topology.clone(),
             connection,
             channel,
@@ -118,7 +128,7 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        let url = self.url.clone();
+        let broker = self.broker.clone();
         let topology = self.topology.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -128,7 +138,7 @@ impl Drop for TestBroker {
                 return;
             };
             rt.block_on(async move {
-                let Ok(conn) = amqp::connect(&url, "test-cleanup").await else {
+                let Ok(conn) = amqp::connect(&broker, "test-cleanup").await else {
                     return;
                 };
                 let Ok(channel) = conn.create_channel().await else {

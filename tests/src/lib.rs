@@ -4,6 +4,8 @@
 //!   database that is migrated once per migration set; dropped when the value is dropped.
 //! - [`TestBroker`]: a unique AMQP prefix per test with the topology declared; its exchanges and
 //!   queues are deleted on drop.
+//! - [`private_rabbit::PrivateRabbit`]: a RabbitMQ node of the test's own (TLS listener, faults),
+//!   with [`certs::TestCa`] for certificates made in the test.
 //! - [`Service`]: a real binary of this workspace started as a child process, killed on drop.
 //!
 //! Admin connections come from `PREBUILDS_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`)
@@ -11,8 +13,10 @@
 
 pub mod broker;
 pub mod bulk;
+pub mod certs;
 pub mod db;
 pub mod fixtures;
+pub mod private_rabbit;
 pub mod process;
 pub mod stack;
 

@@ -50,6 +50,35 @@ impl Service {
         }
     }
 
+    /// Like [`Service::start`], with stdout and stderr appended to `log` (for tests that read
+    /// everything a process printed).
+    pub fn start_logged(
+        binary_name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Service {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open service log");
+        let mut command = Command::new(binary(binary_name));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Service {
+            name: binary_name.to_owned(),
+            child: Some(command.spawn().expect("spawn service")),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
     }
