@@ -166,15 +166,13 @@ async fn amqps_verifies_the_broker_and_offers_the_client_certificate() {
         "untrusted",
     )
     .await
-    .err()
-    .expect("an untrusted broker is refused");
+    .expect_err("an untrusted broker is refused");
     assert!(err.to_string().contains("TLS"), "{err}");
 
     // Trusted, but the node requires a client certificate.
     let err = amqp::connect(&Broker::new(&url, &ca_only(&ca)).unwrap(), "no-client-cert")
         .await
-        .err()
-        .expect("a client without a certificate is refused");
+        .expect_err("a client without a certificate is refused");
     assert!(!err.to_string().contains("guest:guest"), "{err}");
 
     let client = ca.client("client", "prebuilds-worker");
@@ -209,8 +207,7 @@ async fn amqps_against_a_plaintext_port_never_connects() {
         "downgrade",
     )
     .await
-    .err()
-    .expect("amqps to a plaintext port must fail");
+    .expect_err("amqps to a plaintext port must fail");
     let message = err.to_string();
     assert!(
         message.contains("never falls back to plaintext"),
@@ -275,8 +272,7 @@ async fn postgres_sslmodes_behave_like_libpq() {
         &format!("sslmode=verify-full&sslrootcert={}", server_cert.display()),
     ))
     .await
-    .err()
-    .expect("verify-full against a name the certificate lacks is refused")
+    .expect_err("verify-full against a name the certificate lacks is refused")
     .to_string();
     assert!(err.contains("not valid for name"), "{err}");
     assert!(err.contains("127.0.0.1"), "{err}");
@@ -296,8 +292,7 @@ async fn postgres_sslmodes_behave_like_libpq() {
         &format!("sslmode=verify-ca&sslrootcert={}", other.cert.display()),
     ))
     .await
-    .err()
-    .expect("an unknown issuer is refused")
+    .expect_err("an unknown issuer is refused")
     .to_string();
     assert!(err.contains("TLS"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
