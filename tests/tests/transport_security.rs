@@ -401,6 +401,9 @@ impl Drop for BrokerUser {
     }
 }
 
+/// Environment variables set on top of a command's defaults.
+type Overrides<'a> = Vec<(&'a str, &'a str)>;
+
 #[tokio::test]
 async fn no_credential_appears_in_anything_the_binaries_print() {
     let db = TestDb::new().await;
@@ -463,7 +466,7 @@ async fn no_credential_appears_in_anything_the_binaries_print() {
     let wrong_port_db = database_url.replacen("5432", "1", 1);
     let wrong_port_amqp = amqp_url.replacen("5672", "1", 1);
     let wrong_password_amqp = amqp_url.replacen(&amqp_secret, &format!("{amqp_secret}x"), 1);
-    let runs: Vec<(Vec<&str>, Vec<(&str, &str)>)> = vec![
+    let runs: Vec<(Vec<&str>, Overrides)> = vec![
         (vec!["status"], vec![]),
         (vec!["--help"], vec![]),
         (vec!["claim", "--help"], vec![]),
