@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{anyhow, bail, Context as _};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use prebuilds_runtime::{
-    amqp::{self, Publisher, Topology},
+    amqp::{self, Entity, Publisher, QueueKind},
     config::Connection,
     db,
     outbox::{Relay, RelayConfig},
@@ -71,13 +71,11 @@ pub fn amqp_unreachable(connection: &Connection, e: impl std::fmt::Display) -> a
     )
 }
 
-/// A confirming publisher on the configured prefix.
+/// A confirming publisher on the configured prefix; what the CLI publishes from the outbox is
+/// reconcile jobs.
 pub fn publisher(connection: &Connection) -> Publisher {
-    Publisher::new(
-        &connection.broker,
-        "prebuildsctl",
-        Topology::new(connection.amqp_prefix.clone()),
-    )
+    Publisher::new(&connection.broker, "prebuildsctl", connection.topology())
+        .uses(&[Entity::Exchange, Entity::Queue(QueueKind::Reconcile)])
 }
 
 /// Publishes what this command committed to the outbox (and anything else waiting there), bounded

@@ -14,7 +14,7 @@ use anyhow::Context;
 use prebuilds_runtime::{
     amqp::{
         consumer::{self, ConsumerContext},
-        ConsumerSpec, Publisher, QueueKind, Topology,
+        ConsumerSpec, Entity, PublishError, Publisher, QueueKind,
     },
     db, http,
     metrics::ServiceMetrics,
@@ -54,12 +54,21 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     let metrics =
         ProvisionerMetrics::register(&registry).context("registering provisioner metrics")?;
     let health = Health::default();
-    let topology = Topology::new(cli.connection.amqp_prefix.clone());
-    let publisher = Arc::new(Publisher::new(
-        &connection.broker,
-        "prebuilds-provisioner-publisher",
-        topology.clone(),
-    ));
+    let topology = connection.topology();
+    // Provisioner events, and dead letters of the jobs consumer.
+    let publisher = Arc::new(
+        Publisher::new(
+            &connection.broker,
+            "prebuilds-provisioner-publisher",
+            topology.clone(),
+        )
+        .uses(&[
+            Entity::Exchange,
+            Entity::Queue(QueueKind::ProvisionerEvents),
+            Entity::DeadLetterExchange,
+            Entity::DeadQueue,
+        ]),
+    );
 
     let backend = match cli.backend {
         BackendKind::Sim => {
@@ -91,8 +100,14 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     .with_context(|| format!("binding --metrics-addr {}", cli.service.metrics_addr))?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
-    if let Err(e) = publisher.ensure_connected().await {
-        tracing::warn!(error = %e, "RabbitMQ is not reachable yet; retrying in the background");
+    match publisher.ensure_connected().await {
+        Ok(()) => {}
+        Err(e @ PublishError::Topology(_)) => {
+            tracing::warn!(error = %e, "the RabbitMQ topology is not usable yet; retrying in the background")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "RabbitMQ is not reachable yet; retrying in the background")
+        }
     }
 
     let stop = CancellationToken::new();

@@ -12,7 +12,7 @@ use std::{
 use clap::{Args, ValueEnum};
 
 use crate::{
-    amqp::{Broker, TlsFiles},
+    amqp::{Broker, TlsFiles, Topology, TopologyMode},
     redact::redact,
 };
 
@@ -108,6 +108,20 @@ pub struct ConnectionArgs {
     #[arg(long, global = true, env = "PREBUILDS_AMQP_PREFIX", default_value = "prebuilds", value_parser = parse_prefix)]
     pub amqp_prefix: String,
 
+    /// Declare the whole RabbitMQ topology on every connect (needs the configure permission). With
+    /// false, only check with passive declares that the exchanges and queues this process uses
+    /// exist (run `prebuildsctl migrate` first): the broker user then needs no configure right.
+    #[arg(
+        long,
+        global = true,
+        env = "PREBUILDS_DECLARE_TOPOLOGY",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    pub declare_topology: bool,
+
     /// Maximum PostgreSQL connections of this process.
     #[arg(
         long,
@@ -129,6 +143,7 @@ impl fmt::Debug for ConnectionArgs {
             .field("amqp_client_cert_file", &self.amqp_client_cert_file)
             .field("amqp_client_key_file", &self.amqp_client_key_file)
             .field("amqp_prefix", &self.amqp_prefix)
+            .field("declare_topology", &self.declare_topology)
             .field("db_pool_size", &self.db_pool_size)
             .finish()
     }
@@ -155,6 +170,7 @@ impl ConnectionArgs {
             amqp_client_cert_file: None,
             amqp_client_key_file: None,
             amqp_prefix: amqp_prefix.into(),
+            declare_topology: true,
             db_pool_size: 24,
         }
     }
@@ -197,6 +213,7 @@ impl ConnectionArgs {
             database_url: Secret(database_url),
             broker,
             amqp_prefix: self.amqp_prefix.clone(),
+            declare_topology: self.declare_topology,
             db_pool_size: self.db_pool_size,
         })
     }
@@ -264,7 +281,20 @@ pub struct Connection {
     /// The broker nodes and TLS settings every AMQP connection uses.
     pub broker: Broker,
     pub amqp_prefix: String,
+    /// Declare the topology on connect (`true`) or only check what is used (`false`).
+    pub declare_topology: bool,
     pub db_pool_size: usize,
+}
+
+impl Connection {
+    /// The topology under the configured prefix, in the configured mode.
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.amqp_prefix.clone()).with_mode(if self.declare_topology {
+            TopologyMode::Declare
+        } else {
+            TopologyMode::Check
+        })
+    }
 }
 
 /// Replaces every password in a URL, URL list or key/value DSN with `***` (see [`crate::redact`]).
@@ -419,6 +449,38 @@ mod tests {
 
         let defaulted = args(None, None).resolve().unwrap();
         assert_eq!(defaulted.database_url.expose(), DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn the_topology_is_declared_unless_told_otherwise() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            connection: ConnectionArgs,
+        }
+        let mode = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            cli.connection.resolve().unwrap().topology().mode()
+        };
+        // Flags only: the environment of a test process is shared.
+        assert_eq!(
+            mode(&["--amqp-url", DEFAULT_AMQP_URL]),
+            TopologyMode::Declare
+        );
+        for off in ["false", "no", "0", "off"] {
+            assert_eq!(
+                mode(&[
+                    "--amqp-url",
+                    DEFAULT_AMQP_URL,
+                    &format!("--declare-topology={off}")
+                ]),
+                TopologyMode::Check,
+                "{off}"
+            );
+        }
+        assert!(Cli::try_parse_from(["x", "--declare-topology=maybe"]).is_err());
     }
 
     #[test]

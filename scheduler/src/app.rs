@@ -15,7 +15,7 @@
 use std::{sync::Arc, time::Duration};
 
 use prebuilds_runtime::{
-    amqp::{Publisher, Topology},
+    amqp::{Entity, Publisher, QueueKind},
     db, http, Health,
 };
 use prometheus::Registry;
@@ -60,12 +60,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let connection = config.connection.resolve()?;
     let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)?;
-    let topology = Topology::new(config.connection.amqp_prefix.clone());
-    let publisher = Arc::new(Publisher::new(
-        &connection.broker,
-        "prebuilds-scheduler",
-        topology,
-    ));
+    // The scheduler publishes reconcile jobs only.
+    let publisher = Arc::new(
+        Publisher::new(
+            &connection.broker,
+            "prebuilds-scheduler",
+            connection.topology(),
+        )
+        .uses(&[Entity::Exchange, Entity::Queue(QueueKind::Reconcile)]),
+    );
     let probes = tokio::spawn(probe_dependencies(
         pool.clone(),
         publisher.clone(),
@@ -211,8 +214,12 @@ async fn probe_dependencies(
         let database = tokio::time::timeout(PROBE_TIMEOUT, db::ping(&pool)).await;
         health.set_database(matches!(database, Ok(Ok(()))));
         let broker = tokio::time::timeout(PROBE_TIMEOUT, publisher.ensure_connected()).await;
-        if let Ok(Err(e)) = &broker {
-            tracing::warn!(error = %e, "RabbitMQ is not reachable");
+        match &broker {
+            Ok(Err(e @ prebuilds_runtime::amqp::PublishError::Topology(_))) => {
+                tracing::warn!(error = %e, "the RabbitMQ topology is not usable")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "RabbitMQ is not reachable"),
+            _ => {}
         }
         health.set_broker(matches!(broker, Ok(Ok(()))));
         tokio::select! {

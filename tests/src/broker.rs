@@ -1,4 +1,5 @@
-//! Per-test AMQP prefixes: the full topology under a unique prefix, deleted on drop.
+//! Per-test AMQP prefixes: the full topology under a unique prefix (or nothing yet, for tests of
+//! `prebuildsctl migrate` and of services that only check the topology), deleted on drop.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use lapin::{
     types::FieldTable,
     Channel, Connection,
 };
-use prebuilds_runtime::amqp::{self, Broker, QueueKind, Topology};
+use prebuilds_runtime::amqp::{self, Broker, Entity, QueueKind, Topology};
 
 pub fn amqp_url() -> String {
     std::env::var("PREBUILDS_TEST_AMQP")
@@ -100,6 +101,14 @@ impl TestBroker {
         }
     }
 
+    /// A unique prefix with nothing declared under it yet (whatever a test declares there is
+    /// deleted on drop all the same).
+    pub async fn undeclared() -> TestBroker {
+        let broker = TestBroker::new().await;
+        delete_topology(&broker.channel, &broker.topology).await;
+        broker
+    }
+
     /// Drains `queue` for `window`, returning every body seen.
     pub async fn drain(&self, queue: &str, window: Duration) -> Vec<lapin::message::Delivery> {
         let channel = self.connection.create_channel().await.expect("channel");
@@ -144,22 +153,28 @@ impl Drop for TestBroker {
                 let Ok(channel) = conn.create_channel().await else {
                     return;
                 };
-                let mut queues: Vec<String> =
-                    QueueKind::ALL.iter().map(|k| topology.queue(*k)).collect();
-                queues.push(topology.dead_queue());
-                for q in queues {
-                    let _ = channel
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for x in [topology.exchange(), topology.dead_letter_exchange()] {
-                    let _ = channel
-                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
+                delete_topology(&channel, &topology).await;
                 let _ = conn.close(200, "bye".into()).await;
             });
         })
         .join();
+    }
+}
+
+/// Deletes every queue and exchange of `topology`. RabbitMQ deletes idempotently (a missing queue
+/// or exchange is not an error), so this also cleans up a topology that was declared only in part.
+async fn delete_topology(channel: &Channel, topology: &Topology) {
+    for entity in Entity::ALL.iter().rev() {
+        let name = topology.name(*entity);
+        let _ = if entity.is_exchange() {
+            channel
+                .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+        } else {
+            channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map(|_| ())
+        };
     }
 }

@@ -1,4 +1,4 @@
-//! Per-test databases cloned from a migrated template.
+//! Per-test databases cloned from a migrated template (or empty, for tests that migrate).
 
 use deadpool_postgres::Pool;
 use prebuilds_runtime::db;
@@ -116,6 +116,20 @@ impl TestDb {
                 Err(e) => panic!("create test database: {e}"),
             }
         }
+        let url = database_url(&name);
+        let pool = db::pool(&url, 8).expect("pool");
+        TestDb { name, url, pool }
+    }
+
+    /// A fresh database with no schema at all, for tests that migrate it themselves (as a role of
+    /// their own); dropped like any other.
+    pub async fn empty() -> TestDb {
+        let admin = admin().await;
+        let name = format!("prebuilds_test_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create empty test database");
         let url = database_url(&name);
         let pool = db::pool(&url, 8).expect("pool");
         TestDb { name, url, pool }

@@ -14,7 +14,8 @@ use prebuilds_runtime::{
         self,
         consumer::{self, ConsumerContext, Incoming, DEAD_REASON_HEADER},
         publisher::Outgoing,
-        ConsumerSpec, Handler, HandlerError, PublishError, Publisher, QueueKind, Topology,
+        ConsumerSpec, Entity, Handler, HandlerError, PublishError, Publisher, QueueKind, Topology,
+        TopologyError,
     },
     metrics::ServiceMetrics,
     Health,
@@ -78,6 +79,62 @@ async fn two_processes_declare_the_topology_concurrently() {
         .declare(&channel)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn checking_the_topology_names_the_first_missing_part_and_spares_the_callers_channels() {
+    let broker = TestBroker::new().await;
+    let topology = broker.topology.clone();
+    let conn = amqp::connect(&broker.url, "checker").await.unwrap();
+    topology
+        .check(&conn, &Entity::ALL)
+        .await
+        .expect("a declared topology passes the check");
+
+    let events = broker.queue(QueueKind::ProvisionerEvents);
+    broker
+        .channel
+        .queue_delete(events.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let callers_channel = conn.create_channel().await.unwrap();
+    let error = topology.check(&conn, &Entity::ALL).await.unwrap_err();
+    assert_eq!(error.missing(), Some(events.as_str()), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("queue '{events}' does not exist"))
+            && message.contains("prebuildsctl migrate"),
+        "{message}"
+    );
+    // The 404 closed the check's own channel only.
+    assert!(callers_channel.status().connected());
+    // What does not use the missing queue still passes, on the same connection.
+    topology
+        .check(&conn, &[Entity::Exchange, Entity::Queue(QueueKind::Claims)])
+        .await
+        .expect("the claims queue is still there");
+
+    // In the order given: the exchange, first in the list, is reported before the missing queue.
+    broker
+        .channel
+        .exchange_delete(topology.exchange().as_str().into(), Default::default())
+        .await
+        .unwrap();
+    match topology.check(&conn, &Entity::ALL).await {
+        Err(TopologyError::Missing { what, name, .. }) => {
+            assert_eq!((what, name), ("exchange", topology.exchange()))
+        }
+        other => panic!("expected the missing exchange, got {other:?}"),
+    }
+    // A process that declares puts everything back.
+    topology
+        .prepare(&conn, &[])
+        .await
+        .expect("declare mode declares");
+    topology
+        .check(&conn, &Entity::ALL)
+        .await
+        .expect("complete again");
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
-//! `prebuildsctl migrate` is idempotent and safe when two run at once.
+//! `prebuildsctl migrate` is idempotent and safe when two run at once, and declares the broker
+//! topology after the schema unless told `--skip-broker`.
 
-use prebuilds_tests::{db::server_url, process::binary};
+use prebuilds_runtime::amqp::{self, Entity, TopologyError};
+use prebuilds_tests::{db::server_url, process::binary, TestBroker, TestDb};
 
 async fn empty_database() -> (String, String) {
     let name = format!("prebuilds_mig_{}", uuid::Uuid::new_v4().simple());
@@ -19,8 +21,9 @@ async fn drop_database(name: &str) {
 }
 
 fn migrate(url: &str) -> std::process::Output {
+    // The database only: the broker part has its own test, on a prefix of its own.
     std::process::Command::new(binary("prebuildsctl"))
-        .args(["migrate", "--json"])
+        .args(["migrate", "--skip-broker", "--json"])
         .env("DATABASE_URL", url)
         .output()
         .expect("run prebuildsctl migrate")
@@ -104,4 +107,79 @@ async fn migrate_reports_an_unreachable_database_clearly() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("error:"), "{stderr}");
+}
+
+#[tokio::test]
+async fn migrate_declares_the_broker_topology_and_skip_broker_leaves_it_alone() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::undeclared().await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(binary("prebuildsctl"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", &broker.url)
+            .env("PREBUILDS_AMQP_PREFIX", broker.prefix())
+            .output()
+            .expect("run prebuildsctl migrate")
+    };
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let conn = amqp::connect(&broker.url, "migrate-test").await.unwrap();
+    let topology = &broker.topology;
+
+    let skipped = json(run(&["migrate", "--skip-broker", "--json"]));
+    assert_eq!(skipped["broker"], serde_json::Value::Null, "{skipped}");
+    assert!(
+        matches!(
+            topology.check(&conn, &Entity::ALL).await,
+            Err(TopologyError::Missing { .. })
+        ),
+        "--skip-broker declared nothing"
+    );
+
+    let declared = json(run(&["migrate", "--json"]));
+    let names = |key: &str| -> Vec<String> {
+        declared["broker"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("broker.{key} in {declared}"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let expected: Vec<String> = Entity::ALL.iter().map(|e| topology.name(*e)).collect();
+    let (exchanges, queues) = expected.split_at(2);
+    assert_eq!(names("exchanges"), exchanges);
+    assert_eq!(names("queues"), queues);
+    let bound: Vec<&str> = declared["broker"]["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["queue"].as_str().unwrap())
+        .collect();
+    for queue in queues {
+        assert!(
+            bound.contains(&queue.as_str()),
+            "{queue} is bound: {declared}"
+        );
+    }
+    topology
+        .check(&conn, &Entity::ALL)
+        .await
+        .expect("everything declared");
+
+    // Again: the same, and people get a line saying so.
+    let again = run(&["migrate"]);
+    assert!(again.status.success());
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        stdout.contains("database is up to date")
+            && stdout.contains(&format!("declared RabbitMQ topology '{}'", broker.prefix())),
+        "{stdout}"
+    );
 }

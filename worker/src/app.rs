@@ -8,7 +8,7 @@ use anyhow::Context;
 use prebuilds_runtime::{
     amqp::{
         consumer::{self, ConsumerContext},
-        ConsumerSpec, Publisher, QueueKind, Topology,
+        ConsumerSpec, Entity, PublishError, Publisher, QueueKind,
     },
     db,
     metrics::ServiceMetrics,
@@ -50,15 +50,27 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
     health.set_database(true);
 
-    let topology = Topology::new(&args.connection.amqp_prefix);
-    let publisher = Arc::new(Publisher::new(
-        &connection.broker,
-        format!("{source}/publisher"),
-        topology.clone(),
-    ));
+    let topology = connection.topology();
+    // The outbox relay publishes reconcile jobs, provisioner jobs and notifications; the consumers
+    // dead-letter through this publisher too.
+    let publisher = Arc::new(
+        Publisher::new(
+            &connection.broker,
+            format!("{source}/publisher"),
+            topology.clone(),
+        )
+        .uses(&[
+            Entity::Exchange,
+            Entity::Queue(QueueKind::Reconcile),
+            Entity::Queue(QueueKind::ProvisionerJobs),
+            Entity::Queue(QueueKind::Notifications),
+            Entity::DeadLetterExchange,
+            Entity::DeadQueue,
+        ]),
+    );
     prebuilds_runtime::retry::with_retries(|| publisher.ensure_connected())
         .await
-        .context("RabbitMQ is unreachable (check AMQP_URL and that the broker is running)")?;
+        .map_err(broker_unusable)?;
 
     let (metrics_addr, http) = prebuilds_runtime::http::serve(
         args.service.metrics_addr,
@@ -135,11 +147,15 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     ));
     // Replies get their own unconfirmed connection: they must not wait behind the confirms of
     // persistent outbox messages.
-    let replies = Arc::new(Publisher::unconfirmed(
-        &connection.broker,
-        format!("{source}/replies"),
-        topology.clone(),
-    ));
+    // Replies go to the default exchange (direct reply-to), which always exists: nothing to check.
+    let replies = Arc::new(
+        Publisher::unconfirmed(
+            &connection.broker,
+            format!("{source}/replies"),
+            topology.clone(),
+        )
+        .uses(&[]),
+    );
     let claims = Arc::new(ClaimsHandler {
         context: ClaimsContext {
             pool: pool.clone(),
@@ -184,6 +200,16 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     let _ = http.await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The start-up error for a broker the worker cannot use: a missing exchange or queue says so
+/// itself (and what to run); anything else is a connection problem.
+fn broker_unusable(e: PublishError) -> anyhow::Error {
+    match e {
+        PublishError::Topology(_) => anyhow::Error::new(e),
+        _ => anyhow::Error::new(e)
+            .context("RabbitMQ is unreachable (check AMQP_URL and that the broker is running)"),
+    }
 }
 
 /// Keeps `/readyz` honest about the database.

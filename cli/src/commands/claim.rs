@@ -9,12 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, bail};
 use chrono::Utc;
 use prebuilds_runtime::{
     amqp::{
         rpc::{RpcClient, RpcError},
-        Topology,
+        Entity, QueueKind,
     },
     config::{parse_duration, Connection},
 };
@@ -232,15 +232,15 @@ async fn call(
     event: &CloudEvent<ClaimRequest>,
     timeout: Duration,
 ) -> anyhow::Result<(Option<ClaimReply>, Duration)> {
-    let topology = Topology::new(connection.amqp_prefix.clone());
+    let topology = connection.topology();
     // Declaring the topology (idempotent) makes the request routable even before the first worker
-    // started: it then waits in the claims queue instead of failing.
+    // started: it then waits in the claims queue instead of failing. With
+    // PREBUILDS_DECLARE_TOPOLOGY=false only what the request needs is checked, so a missing
+    // queue is named instead of reported as an unroutable request.
     let amqp = connect_amqp(connection, "prebuildsctl claim").await?;
-    let channel = amqp.create_channel().await?;
     topology
-        .declare(&channel)
-        .await
-        .context("declaring the prebuilds topology")?;
+        .prepare(&amqp, &[Entity::Exchange, Entity::Queue(QueueKind::Claims)])
+        .await?;
     let _ = amqp.close(200, "done".into()).await;
     let client = RpcClient::connect(&connection.broker, "prebuildsctl claim", topology)
         .await

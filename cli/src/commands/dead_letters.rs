@@ -24,7 +24,7 @@ use prebuilds_runtime::{
     amqp::{
         consumer::{DEAD_QUEUE_HEADER, DEAD_REASON_HEADER},
         publisher::Outgoing,
-        Topology,
+        Entity,
     },
     config::Connection,
 };
@@ -107,12 +107,9 @@ struct DeadQueue {
 impl DeadQueue {
     async fn open(connection: &Connection, prefetch: u16) -> anyhow::Result<DeadQueue> {
         let amqp = connect_amqp(connection, "prebuildsctl dead-letters").await?;
+        let topology = connection.topology();
+        topology.prepare(&amqp, &[Entity::DeadQueue]).await?;
         let channel = amqp.create_channel().await?;
-        let topology = Topology::new(connection.amqp_prefix.clone());
-        topology
-            .declare(&channel)
-            .await
-            .context("declaring the prebuilds topology")?;
         let queue = channel
             .queue_declare(
                 topology.dead_queue().as_str().into(),

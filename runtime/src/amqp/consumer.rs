@@ -1,4 +1,5 @@
-//! The consumer supervisor: one loop per queue that (re)connects, declares the topology, consumes
+//! The consumer supervisor: one loop per queue that (re)connects, declares the topology (or, in
+//! check mode, checks that its queue exists and names it when it does not), consumes
 //! with a bounded prefetch, runs the handler for each delivery and settles it exactly once:
 //!
 //! 1. `Ok` → ack (the handler has committed its effects).
@@ -28,7 +29,7 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    amqp::{publisher::Outgoing, Broker, Publisher, QueueKind, Topology},
+    amqp::{publisher::Outgoing, Broker, Entity, Publisher, QueueKind, Topology, TopologyError},
     metrics::ServiceMetrics,
     Health,
 };
@@ -124,6 +125,15 @@ enum SessionEnd {
     ConsumerCancelled,
 }
 
+/// Why a session ended early; either way the loop reconnects with backoff.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Topology(#[from] TopologyError),
+}
+
 /// Runs until `shutdown` is cancelled and in-flight work is settled (or the drain bound passed).
 pub async fn run<H: Handler>(
     spec: ConsumerSpec,
@@ -147,7 +157,16 @@ pub async fn run<H: Handler>(
             Err(e) => {
                 context.health.set_broker(false);
                 let delay = reconnect_delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(%queue, error = %e, retry_in = ?delay, "consumer lost the broker; reconnecting");
+                match &e {
+                    // Retried like a lost broker: the operator may run `prebuildsctl migrate`
+                    // any moment, and the error names what is missing.
+                    SessionError::Topology(TopologyError::Missing { name, .. }) => {
+                        tracing::warn!(%queue, missing = %name, error = %e, retry_in = ?delay, "the broker topology is incomplete; checking again")
+                    }
+                    _ => {
+                        tracing::warn!(%queue, error = %e, retry_in = ?delay, "consumer lost the broker; reconnecting")
+                    }
+                }
                 sleep_or_shutdown(delay, &shutdown).await;
             }
         }
@@ -176,10 +195,15 @@ async fn session<H: Handler>(
     handler: &Arc<H>,
     shutdown: &CancellationToken,
     queue: &str,
-) -> Result<SessionEnd, lapin::Error> {
+) -> Result<SessionEnd, SessionError> {
     let connection = context.broker.connect(&spec.connection_name).await?;
+    // The queue is all this loop uses itself; dead letters go through `context.publisher`, which
+    // checks the dead-letter exchange it publishes to.
+    context
+        .topology
+        .prepare(&connection, &[Entity::Queue(spec.queue)])
+        .await?;
     let channel = connection.create_channel().await?;
-    context.topology.declare(&channel).await?;
     channel
         .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
         .await?;
@@ -207,7 +231,7 @@ async fn session<H: Handler>(
             }
             next = consumer.next() => match next {
                 None => break Ok(SessionEnd::ConsumerCancelled),
-                Some(Err(e)) => break Err(e),
+                Some(Err(e)) => break Err(e.into()),
                 Some(Ok(delivery)) => {
                     let task = settle(delivery, spec.clone(), context.clone(), handler.clone(), shutdown.clone());
                     in_flight.spawn(task);

@@ -1,4 +1,5 @@
-//! RabbitMQ plumbing: the one connector ([`broker`]: node lists, TLS), the topology declared from one definition ([`topology`]), a confirming
+//! RabbitMQ plumbing: the one connector ([`broker`]: node lists, TLS), the topology declared or
+//! checked from one definition ([`topology`]), a confirming
 //! publisher that reports unroutable messages ([`publisher`]), and the consumer supervisor that
 //! survives broker restarts and settles every delivery exactly once ([`consumer`]).
 
@@ -13,7 +14,7 @@ use lapin::Connection;
 pub use broker::{Broker, TlsFiles};
 pub use consumer::{ConsumerSpec, Handler, HandlerError};
 pub use publisher::{PublishError, Publisher};
-pub use topology::{QueueKind, Topology};
+pub use topology::{Entity, QueueKind, Topology, TopologyError, TopologyMode};
 
 /// Opens a connection to `broker` (see [`Broker::connect`]) with a name the management UI shows.
 pub async fn connect(broker: impl Into<Broker>, name: &str) -> Result<Connection, lapin::Error> {

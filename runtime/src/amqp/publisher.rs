@@ -3,7 +3,8 @@
 //! back as an ack carrying the returned message, which is reported as [`PublishError::Unroutable`]
 //! rather than silently dropped. ([`Publisher::unconfirmed`] trades all of that for latency, for
 //! best-effort traffic only.) The publisher owns its own connection (flow control on publishing
-//! must not stall a consumer's acks) and reconnects lazily after a failure.
+//! must not stall a consumer's acks) and reconnects lazily after a failure; on each connect it
+//! declares the topology, or checks the [`Entity`]s it was told it uses ([`Publisher::uses`]).
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use lapin::{
 use prebuilds_schemas::{messages::Payload, CloudEvent};
 use tokio::sync::Mutex;
 
-use crate::amqp::{Broker, Topology};
+use crate::amqp::{Broker, Entity, Topology, TopologyError};
 
 /// How long one publish may wait for its confirm before it is reported as failed. A publish can
 /// hang while the broker shuts down; the caller retries (the outbox row stays unpublished).
@@ -36,11 +37,22 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("broker connection: {0}")]
     Broker(#[from] lapin::Error),
+    /// The topology could not be declared, or a part this publisher uses is missing (boxed: it is
+    /// rare and large, and every publish returns this type).
+    #[error("{0}")]
+    Topology(Box<TopologyError>),
+}
+
+impl From<TopologyError> for PublishError {
+    fn from(e: TopologyError) -> Self {
+        PublishError::Topology(Box::new(e))
+    }
 }
 
 impl PublishError {
     /// Every publish error is worth retrying later except an unroutable message, which needs the
-    /// topology fixed (or, for a reply, means the requester is gone).
+    /// topology fixed (or, for a reply, means the requester is gone). A missing exchange or queue
+    /// is retried: it appears once an operator runs `prebuildsctl migrate`.
     pub fn is_transient(&self) -> bool {
         !matches!(self, PublishError::Unroutable { .. })
     }
@@ -62,6 +74,8 @@ pub struct Publisher {
     /// written (best-effort traffic such as RPC replies, which must not queue behind the confirms of
     /// persistent messages).
     confirms: bool,
+    /// What this publisher's messages need (checked on connect in check mode).
+    uses: Vec<Entity>,
     state: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -107,15 +121,25 @@ impl<'a> Outgoing<'a> {
 }
 
 impl Publisher {
-    /// `name` shows up as the connection name in the RabbitMQ management UI.
+    /// `name` shows up as the connection name in the RabbitMQ management UI. Uses the topic
+    /// exchange; name the rest with [`Self::uses`].
     pub fn new(broker: impl Into<Broker>, name: impl Into<String>, topology: Topology) -> Self {
         Publisher {
             broker: broker.into(),
             name: name.into(),
             topology,
             confirms: true,
+            uses: vec![Entity::Exchange],
             state: Mutex::new(None),
         }
+    }
+
+    /// The exchanges this publisher publishes to and the queues its messages must reach, checked in
+    /// this order on every connect when the topology is only checked (the first missing one is
+    /// reported by name). Replaces the default (the topic exchange).
+    pub fn uses(mut self, entities: &[Entity]) -> Self {
+        self.uses = entities.to_vec();
+        self
     }
 
     /// A publisher that does not wait for confirms, for best-effort messages (RPC replies: a lost
@@ -135,7 +159,8 @@ impl Publisher {
         &self.topology
     }
 
-    /// Connects (if needed) and declares the topology; lets a process fail fast at start-up.
+    /// Connects (if needed) and declares or checks the topology; lets a process fail fast at
+    /// start-up.
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {
         self.channel().await.map(|_| ())
     }
@@ -148,13 +173,13 @@ impl Publisher {
             }
         }
         let connection = self.broker.connect(&self.name).await?;
+        self.topology.prepare(&connection, &self.uses).await?;
         let channel = connection.create_channel().await?;
         if self.confirms {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
         }
-        self.topology.declare(&channel).await?;
         *state = Some((connection, channel.clone()));
         Ok(channel)
     }

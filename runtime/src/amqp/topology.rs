@@ -1,12 +1,23 @@
-//! The one definition of every exchange, queue and binding (SPEC.md §4). Every process declares
-//! the whole topology with exactly these arguments at start-up and after each reconnect, so any
-//! process can start first and none ever hits a 406 PRECONDITION_FAILED from mismatched arguments.
-
+//! The one definition of every exchange, queue and binding (SPEC.md §4), and the two ways a process
+//! relies on it:
+//!
+//! - **declare** (the default, `PREBUILDS_DECLARE_TOPOLOGY=true`): every process declares the whole
+//!   topology with exactly these arguments at start-up and after each reconnect, so any process can
+//!   start first and none ever hits a 406 PRECONDITION_FAILED from mismatched arguments. Needs the
+//!   RabbitMQ *configure* permission on every name.
+//! - **check** (`PREBUILDS_DECLARE_TOPOLOGY=false`, least privilege): `prebuildsctl migrate` declared
+//!   it once; a process only checks, with passive declares, that the [`Entity`]s it uses exist, and
+//!   names the first one missing. Passive declares need no permission at all, so a service's broker
+//!   user keeps only what it publishes to and consumes from (README "Least privilege").
+//!
+//! Both walk [`Entity::ALL`] and the same names, arguments and bindings: there is no second list.
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, ShortString},
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
 };
+use serde::Serialize;
 
 /// Deliveries a message may fail (reject with requeue) before the broker dead-letters it. Set
 /// explicitly: RabbitMQ 3.x has no default and 4.x defaults to 20.
@@ -54,17 +65,139 @@ impl QueueKind {
     }
 }
 
-/// Names derived from the prefix.
+/// One exchange or queue of the topology. Processes name the ones they use with these, so that in
+/// check mode they verify exactly those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entity {
+    /// The durable topic exchange every message is published to (`<prefix>`).
+    Exchange,
+    /// The fanout dead-letter exchange (`<prefix>.dlx`).
+    DeadLetterExchange,
+    /// The dead-letter queue (`<prefix>.dead`), bound to the dead-letter exchange.
+    DeadQueue,
+    /// A work queue (`<prefix>.<suffix>`), bound to the topic exchange.
+    Queue(QueueKind),
+}
+
+impl Entity {
+    /// Every entity in declaration order: exchanges before the queues bound to them.
+    pub const ALL: [Entity; 8] = [
+        Entity::Exchange,
+        Entity::DeadLetterExchange,
+        Entity::DeadQueue,
+        Entity::Queue(QueueKind::Reconcile),
+        Entity::Queue(QueueKind::Claims),
+        Entity::Queue(QueueKind::ProvisionerJobs),
+        Entity::Queue(QueueKind::ProvisionerEvents),
+        Entity::Queue(QueueKind::Notifications),
+    ];
+
+    pub fn is_exchange(self) -> bool {
+        matches!(self, Entity::Exchange | Entity::DeadLetterExchange)
+    }
+
+    /// `"exchange"` or `"queue"`, for messages.
+    pub fn what(self) -> &'static str {
+        if self.is_exchange() {
+            "exchange"
+        } else {
+            "queue"
+        }
+    }
+}
+
+/// What a process does with the topology when it connects (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// Declare everything (needs the configure permission).
+    Declare,
+    /// Only check, passively, that what the process uses exists.
+    Check,
+}
+
+/// A binding of a queue to an exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Binding {
+    pub queue: String,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// What [`Topology::declare`] declared, by name (`prebuildsctl migrate --json` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Declared {
+    pub prefix: String,
+    pub exchanges: Vec<String>,
+    pub queues: Vec<String>,
+    pub bindings: Vec<Binding>,
+}
+
+/// Why a process cannot rely on the topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A passive declare answered 404 NOT_FOUND.
+    #[error(
+        "{what} '{name}' does not exist on the broker; this process only checks the topology \
+         (PREBUILDS_DECLARE_TOPOLOGY=false): run `prebuildsctl migrate` with a RabbitMQ user allowed \
+         to configure '{prefix}' to declare it"
+    )]
+    Missing {
+        what: &'static str,
+        name: String,
+        prefix: String,
+    },
+    /// A passive declare failed otherwise (connection lost, …).
+    #[error("checking that {what} '{name}' exists failed: {source}")]
+    Check {
+        what: &'static str,
+        name: String,
+        source: lapin::Error,
+    },
+    /// Declaring failed; `hint` says what to do when the user may not configure.
+    #[error("declaring the topology under prefix '{prefix}' failed: {source}{hint}")]
+    Declare {
+        prefix: String,
+        source: lapin::Error,
+        hint: &'static str,
+    },
+    /// No channel to declare or check on.
+    #[error("opening a channel to declare or check the topology: {0}")]
+    Channel(lapin::Error),
+}
+
+impl TopologyError {
+    /// The missing exchange or queue, when that is what went wrong.
+    pub fn missing(&self) -> Option<&str> {
+        match self {
+            TopologyError::Missing { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+/// Names derived from the prefix, and whether this process declares them or only checks them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
+    mode: TopologyMode,
 }
 
 impl Topology {
+    /// The topology under `prefix`, declared on connect ([`TopologyMode::Declare`]).
     pub fn new(prefix: impl Into<String>) -> Self {
         Topology {
             prefix: prefix.into(),
+            mode: TopologyMode::Declare,
         }
+    }
+
+    /// The same names with another mode (`PREBUILDS_DECLARE_TOPOLOGY`).
+    pub fn with_mode(self, mode: TopologyMode) -> Self {
+        Topology { mode, ..self }
+    }
+
+    pub fn mode(&self) -> TopologyMode {
+        self.mode
     }
 
     pub fn prefix(&self) -> &str {
@@ -121,68 +254,270 @@ impl Topology {
         args
     }
 
-    /// Declares exchanges, queues and bindings. Idempotent; safe to run concurrently.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
+    /// The name of `entity` under this prefix.
+    pub fn name(&self, entity: Entity) -> String {
+        match entity {
+            Entity::Exchange => self.exchange(),
+            Entity::DeadLetterExchange => self.dead_letter_exchange(),
+            Entity::DeadQueue => self.dead_queue(),
+            Entity::Queue(kind) => self.queue(kind),
+        }
+    }
+
+    /// The bindings of a queue (`(exchange, routing key)`); none for an exchange.
+    pub fn bindings(&self, entity: Entity) -> Vec<Binding> {
+        let (exchange, keys): (String, &[&str]) = match entity {
+            Entity::Exchange | Entity::DeadLetterExchange => return Vec::new(),
+            // Fanout: the key is ignored.
+            Entity::DeadQueue => (self.dead_letter_exchange(), &[""]),
+            Entity::Queue(kind) => (self.exchange(), kind.binding_keys()),
         };
-        channel
-            .exchange_declare(
-                self.exchange().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.dead_letter_exchange().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
+        keys.iter()
+            .map(|key| Binding {
+                queue: self.name(entity),
+                exchange: exchange.clone(),
+                routing_key: (*key).to_owned(),
+            })
+            .collect()
+    }
+
+    fn exchange_kind(entity: Entity) -> ExchangeKind {
+        match entity {
+            Entity::DeadLetterExchange => ExchangeKind::Fanout,
+            _ => ExchangeKind::Topic,
+        }
+    }
+
+    fn queue_arguments(&self, entity: Entity) -> FieldTable {
+        match entity {
+            Entity::DeadQueue => self.dead_queue_arguments(),
+            _ => self.work_queue_arguments(),
+        }
+    }
+
+    /// Declares every exchange, queue and binding ([`Entity::ALL`]). Idempotent; safe to run
+    /// concurrently. Needs the configure permission on every name, write on the queues and read on
+    /// the exchanges (the bindings).
+    pub async fn declare(&self, channel: &Channel) -> Result<Declared, lapin::Error> {
+        let mut declared = Declared {
+            prefix: self.prefix.clone(),
+            exchanges: Vec::new(),
+            queues: Vec::new(),
+            bindings: Vec::new(),
         };
-        channel
-            .queue_declare(
-                self.dead_queue().into(),
-                durable_queue,
-                self.dead_queue_arguments(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.dead_queue().into(),
-                self.dead_letter_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        for kind in QueueKind::ALL {
+        for entity in Entity::ALL {
+            let name = self.name(entity);
+            if entity.is_exchange() {
+                let durable = ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .exchange_declare(
+                        name.as_str().into(),
+                        Self::exchange_kind(entity),
+                        durable,
+                        FieldTable::default(),
+                    )
+                    .await?;
+                declared.exchanges.push(name);
+                continue;
+            }
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
             channel
-                .queue_declare(
-                    self.queue(kind).into(),
-                    durable_queue,
-                    self.work_queue_arguments(),
-                )
+                .queue_declare(name.as_str().into(), durable, self.queue_arguments(entity))
                 .await?;
-            for key in kind.binding_keys() {
+            for binding in self.bindings(entity) {
                 channel
                     .queue_bind(
-                        self.queue(kind).into(),
-                        self.exchange().into(),
-                        (*key).into(),
+                        binding.queue.as_str().into(),
+                        binding.exchange.as_str().into(),
+                        binding.routing_key.as_str().into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),
                     )
                     .await?;
+                declared.bindings.push(binding);
+            }
+            declared.queues.push(name);
+        }
+        Ok(declared)
+    }
+
+    /// Checks with passive declares that every entity of `uses` exists, in the order given, and
+    /// reports the first missing one by name. Bindings are not checked (a passive declare cannot
+    /// see them): a message published to a queue's routing key whose binding is missing still
+    /// comes back as unroutable, and that error names exchange and key.
+    ///
+    /// Runs on a channel of its own: a 404 closes the channel it happened on, and the caller's
+    /// channels must survive the check.
+    pub async fn check(
+        &self,
+        connection: &Connection,
+        uses: &[Entity],
+    ) -> Result<(), TopologyError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(TopologyError::Channel)?;
+        for &entity in uses {
+            let name = self.name(entity);
+            let outcome = if entity.is_exchange() {
+                channel
+                    .exchange_declare(
+                        name.as_str().into(),
+                        Self::exchange_kind(entity),
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            } else {
+                channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(source) = outcome {
+                // The channel is closed by the broker after a failed passive declare: stop here.
+                return Err(if is_not_found(&source) {
+                    TopologyError::Missing {
+                        what: entity.what(),
+                        name,
+                        prefix: self.prefix.clone(),
+                    }
+                } else {
+                    TopologyError::Check {
+                        what: entity.what(),
+                        name,
+                        source,
+                    }
+                });
             }
         }
+        let _ = channel.close(200, "topology checked".into()).await;
         Ok(())
+    }
+
+    /// What a process does on every (re)connect: declares everything in
+    /// [`TopologyMode::Declare`], or checks `uses` in [`TopologyMode::Check`].
+    pub async fn prepare(
+        &self,
+        connection: &Connection,
+        uses: &[Entity],
+    ) -> Result<(), TopologyError> {
+        match self.mode {
+            TopologyMode::Check => self.check(connection, uses).await,
+            TopologyMode::Declare => {
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(TopologyError::Channel)?;
+                match self.declare(&channel).await {
+                    Ok(_) => {
+                        let _ = channel.close(200, "topology declared".into()).await;
+                        Ok(())
+                    }
+                    Err(source) => Err(TopologyError::Declare {
+                        prefix: self.prefix.clone(),
+                        hint: if is_access_refused(&source) {
+                            " (this RabbitMQ user may not configure it: run `prebuildsctl migrate` \
+                             as an operator once and start this process with \
+                             PREBUILDS_DECLARE_TOPOLOGY=false)"
+                        } else {
+                            ""
+                        },
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+fn soft_error(e: &lapin::Error) -> Option<&AMQPSoftError> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(soft_error(e), Some(AMQPSoftError::NOTFOUND))
+}
+
+fn is_access_refused(e: &lapin::Error) -> bool {
+    matches!(soft_error(e), Some(AMQPSoftError::ACCESSREFUSED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_queue_is_declared_after_the_exchange_it_is_bound_to() {
+        let topology = Topology::new("p");
+        let position = |name: &str| {
+            Entity::ALL
+                .iter()
+                .position(|e| topology.name(*e) == name)
+                .unwrap()
+        };
+        for entity in Entity::ALL {
+            for binding in topology.bindings(entity) {
+                assert!(
+                    position(&binding.exchange) < position(&binding.queue),
+                    "{binding:?}"
+                );
+            }
+        }
+        for kind in QueueKind::ALL {
+            assert!(
+                Entity::ALL.contains(&Entity::Queue(kind)),
+                "{kind:?} is declared"
+            );
+        }
+    }
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let topology = Topology::new("p.x");
+        let names: Vec<String> = Entity::ALL.iter().map(|e| topology.name(*e)).collect();
+        assert_eq!(
+            names,
+            [
+                "p.x",
+                "p.x.dlx",
+                "p.x.dead",
+                "p.x.reconcile",
+                "p.x.claims",
+                "p.x.provisioner-jobs",
+                "p.x.provisioner-events",
+                "p.x.notifications"
+            ]
+        );
+        assert_eq!(
+            topology.bindings(Entity::DeadQueue),
+            [Binding {
+                queue: "p.x.dead".into(),
+                exchange: "p.x.dlx".into(),
+                routing_key: "".into()
+            }]
+        );
     }
 }

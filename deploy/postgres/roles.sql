@@ -1,0 +1,115 @@
+-- PostgreSQL roles of a prebuilds deployment, one per role, each granted exactly the tables that
+-- role's SQL reads and writes (README "Least privilege" has the matrix and where it comes from).
+--
+-- Run it with psql as a superuser, connected to the prebuilds database, twice:
+--
+--   1. before `prebuildsctl migrate`: creates the roles, makes the operator the owner of the
+--      database (migrate runs as the operator and so owns every table), and skips the table grants;
+--   2. after every `prebuildsctl migrate`: grants the tables (the grants are replaced as a whole, so
+--      a rerun leaves exactly what this file says).
+--
+--   psql -v ON_ERROR_STOP=1 -d prebuilds -f deploy/postgres/roles.sql \
+--        [-v role_prefix=prebuilds_] [-v worker_password=…] [-v scheduler_password=…] \
+--        [-v provisioner_password=…] [-v claims_password=…] [-v operator_password=…]
+--
+-- Roles are <role_prefix><role>: prebuilds_operator (migrate and every other prebuildsctl
+-- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner and prebuilds_claims (what
+-- sends claim requests, e.g. `prebuildsctl claim`). A role without a password variable gets none
+-- (for certificate, peer or trust authentication); given one, it is set on every run. Roles are
+-- cluster-wide: several databases on one server need a role_prefix each.
+
+\set ON_ERROR_STOP on
+\if :{?role_prefix}
+\else
+    \set role_prefix prebuilds_
+\endif
+\set operator :role_prefix operator
+\set worker :role_prefix worker
+\set scheduler :role_prefix scheduler
+\set provisioner :role_prefix provisioner
+\set claims :role_prefix claims
+
+-- 1. The roles: LOGIN and nothing else (no superuser, CREATEDB, CREATEROLE or replication).
+SELECT format('CREATE ROLE %I LOGIN', name)
+FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims']) AS name
+WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
+\gexec
+
+\if :{?operator_password}
+    ALTER ROLE :"operator" PASSWORD :'operator_password';
+\endif
+\if :{?worker_password}
+    ALTER ROLE :"worker" PASSWORD :'worker_password';
+\endif
+\if :{?scheduler_password}
+    ALTER ROLE :"scheduler" PASSWORD :'scheduler_password';
+\endif
+\if :{?provisioner_password}
+    ALTER ROLE :"provisioner" PASSWORD :'provisioner_password';
+\endif
+\if :{?claims_password}
+    ALTER ROLE :"claims" PASSWORD :'claims_password';
+\endif
+
+-- 2. The database: the operator owns it (and so, from PostgreSQL 15, schema public, where migrate
+-- creates the tables); the others may connect and use the schema but create nothing. PUBLIC loses
+-- CONNECT and TEMPORARY here, so no other role of the server gets in by default.
+SELECT current_database() AS database \gset
+ALTER DATABASE :"database" OWNER TO :"operator";
+REVOKE ALL ON DATABASE :"database" FROM PUBLIC;
+GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims";
+-- Before PostgreSQL 15 schema public belongs to the bootstrap superuser and PUBLIC may create in it.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE, CREATE ON SCHEMA public TO :"operator";
+GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims";
+
+-- 3. The tables, once migrate has created them.
+SELECT to_regclass('public.outbox') IS NOT NULL AS migrated,
+       (SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'outbox')
+           IS DISTINCT FROM :'operator' AS foreign_owner
+\gset
+\if :migrated
+\if :foreign_owner
+    \warn 'roles.sql: the tables are not owned by the operator role (they were migrated as another role): later migrations run as the operator will fail until they are (ALTER TABLE … OWNER TO).'
+\endif
+BEGIN;
+-- Start from nothing, so the grants below are all there is (also after the matrix changed).
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims";
+
+-- Worker: reconcile (snapshot, creates, deletes, preset status and hard limits, watermarks,
+-- capacity waits), provisioner events (job status, agents, logs, notifications, processed ids),
+-- claims (claim records, the claim build) and the outbox relay (lease, mark published, clean up).
+-- INSERT … RETURNING and UPDATE/DELETE … WHERE read the columns they name, and SELECT … FOR UPDATE
+-- needs UPDATE: hence SELECT and UPDATE next to the writes.
+GRANT SELECT ON organizations, users, templates, template_versions, template_version_parameters,
+                template_version_preset_parameters, template_version_preset_prebuild_schedules,
+                prebuilds_settings
+    TO :"worker";
+GRANT SELECT, UPDATE ON template_version_presets TO :"worker";
+GRANT SELECT, INSERT, UPDATE ON workspaces, provisioner_jobs, workspace_agents, preset_reconcile_state
+    TO :"worker";
+GRANT SELECT, INSERT ON workspace_builds, claim_requests, notification_messages TO :"worker";
+GRANT INSERT ON processed_messages, provisioner_job_logs TO :"worker";
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox, preset_capacity_waits TO :"worker";
+GRANT USAGE ON SEQUENCE outbox_id_seq, provisioner_job_logs_id_seq TO :"worker";
+
+-- Scheduler: presets needing attention, the pause setting, and the pool-state metrics (the same
+-- snapshot the worker reads, plus the created/failed/claimed counters). Read only: it publishes
+-- reconcile jobs directly, not through the outbox.
+GRANT SELECT ON organizations, templates, template_versions, template_version_presets,
+                template_version_preset_prebuild_schedules, prebuilds_settings, workspaces,
+                workspace_builds, provisioner_jobs, workspace_agents
+    TO :"scheduler";
+
+-- Provisioner: the terraform backend reads a version's source and whether a job was canceled (the
+-- sim backend never connects).
+GRANT SELECT ON provisioner_jobs, template_versions TO :"provisioner";
+
+-- Claim client (`prebuildsctl claim`): user and template names to ids; the claim itself is the
+-- worker's transaction.
+GRANT SELECT ON users, templates, organizations TO :"claims";
+COMMIT;
+\else
+\echo 'roles.sql: the roles exist; the schema is not migrated yet, so no table is granted: run `prebuildsctl migrate` as' :"operator" 'and then this script again.'
+\endif
