@@ -1,7 +1,8 @@
 //! Command line and environment of `prebuilds-provisioner` (SPEC.md §6): the shared connection and
 //! service groups, the pool size, the backend choice and each backend's knobs. Every flag has an
-//! environment variable; relations clap cannot express (rates within 0..=1, min ≤ max) are checked
-//! by [`Cli::validate`] before anything starts, with messages that say what to change.
+//! environment variable; relations clap cannot express (rates within 0..=1, min ≤ max, the names
+//! of `--terraform-pass-env`) are checked by [`Cli::validate`] before anything starts, with
+//! messages that say what to change.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -9,7 +10,10 @@ use clap::{Args, Parser, ValueEnum};
 use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ServiceArgs};
 use uuid::Uuid;
 
-use crate::{sim::SimConfig, terraform::TerraformConfig};
+use crate::{
+    sim::SimConfig,
+    terraform::{check_pass_env, TerraformConfig},
+};
 
 const ABOUT: &str = "Executes prebuilds provisioner jobs and publishes provisioner events.";
 
@@ -135,6 +139,19 @@ pub struct TerraformArgs {
     /// Bound of every single terraform invocation (init, plan, apply, destroy, ...).
     #[arg(long, env = "PREBUILDS_TERRAFORM_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub terraform_timeout: Duration,
+
+    /// Variables of this process's environment that terraform (and what templates run through
+    /// it) may read, comma-separated, e.g. `AWS_PROFILE,GOOGLE_APPLICATION_CREDENTIALS` or
+    /// `HTTPS_PROXY`. Terraform otherwise starts with an empty environment plus `PATH`, `HOME`
+    /// and every `TF_*` variable. Our own credentials (DATABASE_URL, AMQP_URL, their _FILE forms,
+    /// PREBUILDS_*) are refused.
+    #[arg(
+        long,
+        env = "PREBUILDS_TERRAFORM_PASS_ENV",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub terraform_pass_env: Vec<String>,
 }
 
 impl Cli {
@@ -172,6 +189,7 @@ impl Cli {
                 "--terraform-timeout (PREBUILDS_TERRAFORM_TIMEOUT) must be greater than 0".into(),
             );
         }
+        check_pass_env(self.terraform_pass_env())?;
         Ok(())
     }
 
@@ -187,6 +205,15 @@ impl Cli {
         }
     }
 
+    /// The names of `--terraform-pass-env`; an empty value (`PREBUILDS_TERRAFORM_PASS_ENV=`, as
+    /// deployment files often leave an unused variable) lists none rather than one empty name.
+    fn terraform_pass_env(&self) -> &[String] {
+        match self.terraform.terraform_pass_env.as_slice() {
+            [only] if only.is_empty() => &[],
+            names => names,
+        }
+    }
+
     pub fn terraform_config(&self) -> TerraformConfig {
         TerraformConfig {
             binary: self.terraform.terraform_binary.clone(),
@@ -196,6 +223,7 @@ impl Cli {
                 .clone()
                 .unwrap_or_else(|| std::env::temp_dir().join("prebuilds-terraform")),
             timeout: self.terraform.terraform_timeout,
+            pass_env: self.terraform_pass_env().to_vec(),
         }
     }
 }
@@ -264,6 +292,38 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.contains("--sim-duration-min"), "{err}");
+    }
+
+    #[test]
+    fn terraform_pass_env_is_a_checked_comma_separated_list() {
+        let cli = parse(&[
+            "--terraform-pass-env",
+            "AWS_PROFILE,GOOGLE_APPLICATION_CREDENTIALS",
+        ]);
+        cli.validate().unwrap();
+        assert_eq!(
+            cli.terraform_config().pass_env,
+            ["AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"]
+        );
+        assert!(parse(&[]).terraform_config().pass_env.is_empty());
+        let empty = parse(&["--terraform-pass-env="]);
+        empty.validate().unwrap();
+        assert!(empty.terraform_config().pass_env.is_empty());
+        let err = parse(&["--terraform-pass-env", "AWS_PROFILE,AMQP_URL"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.contains("--terraform-pass-env") && err.contains("AMQP_URL"),
+            "{err}"
+        );
+        let err = parse(&["--terraform-pass-env", "PREBUILDS_AMQP_PREFIX"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("PREBUILDS_AMQP_PREFIX"), "{err}");
+        let err = parse(&["--terraform-pass-env", "AWS_PROFILE,,X"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("not a variable name"), "{err}");
     }
 
     #[test]

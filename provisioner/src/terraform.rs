@@ -30,12 +30,21 @@
 //! `--terraform-timeout` and interrupted (SIGINT, then SIGKILL after a grace period) at the timeout
 //! or when shutdown runs out of patience.
 //!
+//! Environment: terraform (and whatever a template runs through it: `local-exec`, `external`
+//! programs, providers) never inherits the provisioner's environment, which holds our own
+//! credentials (`DATABASE_URL`, `AMQP_URL`, their `_FILE` forms, `PREBUILDS_*`). Every invocation
+//! starts from a cleared environment plus the allow-list of [`terraform_environment`]: `PATH`,
+//! `HOME`, every `TF_*` variable and the names listed in `--terraform-pass-env`; then our own
+//! settings (`TF_IN_AUTOMATION`, `TF_INPUT`, `CHECKPOINT_DISABLE`, maybe `TF_CLI_CONFIG_FILE`) and
+//! the build's `TF_VAR_*` on top.
+//!
 //! Idempotence caveat: a start build executed again after it applied (a crash before the ack, with
 //! its record lost) re-plans against the saved state and finds nothing to change, so its second
 //! `plan_result` lists no replacements; the worker keeps the first one it received.
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    ffi::OsString,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -73,6 +82,69 @@ pub struct TerraformConfig {
     pub binary: PathBuf,
     pub workdir: PathBuf,
     pub timeout: Duration,
+    /// Variables of the provisioner's environment passed to terraform besides `PATH`, `HOME` and
+    /// `TF_*` (`--terraform-pass-env`); validated at start-up ([`check_pass_env`]).
+    pub pass_env: Vec<String>,
+}
+
+/// Whether `name` is one of the provisioner's own credentials or settings, which no template may
+/// read: the connection URLs (and the files holding them) and everything `PREBUILDS_*`.
+pub fn is_own_setting(name: &str) -> bool {
+    matches!(
+        name,
+        "DATABASE_URL" | "AMQP_URL" | "DATABASE_URL_FILE" | "AMQP_URL_FILE"
+    ) || name.starts_with("PREBUILDS_")
+}
+
+/// Checks the names of `--terraform-pass-env`: each a portable variable name
+/// (`[A-Za-z_][A-Za-z0-9_]*`) and none of our own settings ([`is_own_setting`]). The error says
+/// which name is wrong and why.
+pub fn check_pass_env(names: &[String]) -> Result<(), String> {
+    for name in names {
+        let mut chars = name.chars();
+        let portable = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !portable {
+            return Err(format!(
+                "--terraform-pass-env (PREBUILDS_TERRAFORM_PASS_ENV) lists {name:?}, which is not \
+                 a variable name: use comma-separated names of letters, digits and `_`, not \
+                 starting with a digit (e.g. AWS_PROFILE,GOOGLE_APPLICATION_CREDENTIALS)"
+            ));
+        }
+        if is_own_setting(name) {
+            return Err(format!(
+                "--terraform-pass-env (PREBUILDS_TERRAFORM_PASS_ENV) lists {name}, one of the \
+                 provisioner's own credentials or settings (DATABASE_URL, AMQP_URL, their _FILE \
+                 forms, PREBUILDS_*): templates must never see them; remove it from the list"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The part of the provisioner's environment (`parent`) that terraform inherits: `PATH`, `HOME`,
+/// every `TF_*` variable (how operators configure terraform: `TF_LOG`, `TF_PLUGIN_CACHE_DIR`,
+/// `TF_CLI_CONFIG_FILE`, ...) and the names in `pass`, in `parent`'s order. Our own settings never
+/// pass, even when listed in `pass` (start-up refuses that already; this keeps the rule whole in
+/// one place). Names that are not UTF-8 cannot be any of these and are dropped.
+pub fn terraform_environment(
+    parent: impl IntoIterator<Item = (OsString, OsString)>,
+    pass: &[String],
+) -> Vec<(OsString, OsString)> {
+    parent
+        .into_iter()
+        .filter(|(name, _)| {
+            name.to_str().is_some_and(|name| {
+                !is_own_setting(name)
+                    && (name == "PATH"
+                        || name == "HOME"
+                        || name.starts_with("TF_")
+                        || pass.iter().any(|p| p == name))
+            })
+        })
+        .collect()
 }
 
 /// Agent names from `terraform output -json`: the output `agents` (a list of names, of objects with
@@ -182,11 +254,26 @@ enum Source {
     UnknownVersion,
 }
 
+/// The variables terraform inherits. Its `Debug` shows the names only: the values of passed
+/// variables (cloud credentials, say) must not end up in a debug log.
+struct InheritedEnv(Vec<(OsString, OsString)>);
+
+impl std::fmt::Debug for InheritedEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
 #[derive(Debug)]
 pub struct TerraformBackend {
     config: TerraformConfig,
     pool: Pool,
     workspaces: KeyedLocks,
+    /// What terraform inherits of the provisioner's environment ([`terraform_environment`]),
+    /// taken once at start: the process environment does not change afterwards.
+    inherited_env: InheritedEnv,
     /// `TF_CLI_CONFIG_FILE` to pass when the configured CLI configuration file does not exist
     /// (terraform would warn about it on every command).
     cli_config_override: Option<PathBuf>,
@@ -201,10 +288,19 @@ impl TerraformBackend {
             Some(path) if path.exists() => None,
             _ => Some(PathBuf::from("/dev/null")),
         };
+        let inherited_env =
+            InheritedEnv(terraform_environment(std::env::vars_os(), &config.pass_env));
+        // A listed name that is not set is most likely a typo: say so once, at start.
+        for name in &config.pass_env {
+            if !inherited_env.0.iter().any(|(n, _)| n == name.as_str()) {
+                tracing::warn!(variable = %name, "--terraform-pass-env lists a variable that is not set in the provisioner's environment");
+            }
+        }
         TerraformBackend {
             config,
             pool,
             workspaces: KeyedLocks::default(),
+            inherited_env,
             cli_config_override,
         }
     }
@@ -242,8 +338,13 @@ impl TerraformBackend {
             .to_owned())
     }
 
+    /// The environment every terraform command starts with (see the module documentation): a
+    /// cleared one, so nothing of ours leaks to templates by default, plus the allow-listed
+    /// variables, then our own settings on top.
     fn base_env(&self, command: &mut Command) {
         command
+            .env_clear()
+            .envs(self.inherited_env.0.iter().map(|(n, v)| (n, v)))
             .env("TF_IN_AUTOMATION", "1")
             .env("TF_INPUT", "0")
             .env("CHECKPOINT_DISABLE", "1");
@@ -729,6 +830,83 @@ mod tests {
         assert_eq!(vars["is_prebuild"], "true");
         assert_eq!(vars["is_prebuild_claim"], "true");
         assert!(!vars.contains_key("bad=name"));
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (OsString::from(n), OsString::from(v)))
+            .collect()
+    }
+
+    #[test]
+    fn terraform_inherits_path_home_tf_variables_and_listed_names_only() {
+        let parent = env(&[
+            ("PATH", "/usr/bin"),
+            ("HOME", "/home/p"),
+            ("TF_LOG", "debug"),
+            ("TF_PLUGIN_CACHE_DIR", "/cache"),
+            ("DATABASE_URL", "postgres://u:secret@db/prebuilds"),
+            ("AMQP_URL", "amqp://u:secret@mq"),
+            ("DATABASE_URL_FILE", "/run/secrets/db"),
+            ("AMQP_URL_FILE", "/run/secrets/amqp"),
+            ("PREBUILDS_AMQP_PREFIX", "prebuilds"),
+            ("AWS_PROFILE", "dev"),
+            ("GOOGLE_APPLICATION_CREDENTIALS", "/gcp.json"),
+            ("USER", "prebuilds"),
+            // Prefix matches are exact and case-sensitive.
+            ("TFX", "no"),
+            ("tf_log", "no"),
+            ("PATHX", "no"),
+        ]);
+        let pass = vec!["AWS_PROFILE".to_owned(), "NOT_SET".to_owned()];
+        assert_eq!(
+            terraform_environment(parent, &pass),
+            env(&[
+                ("PATH", "/usr/bin"),
+                ("HOME", "/home/p"),
+                ("TF_LOG", "debug"),
+                ("TF_PLUGIN_CACHE_DIR", "/cache"),
+                ("AWS_PROFILE", "dev"),
+            ])
+        );
+    }
+
+    #[test]
+    fn our_own_settings_never_pass_even_when_listed() {
+        let parent = env(&[
+            ("DATABASE_URL", "postgres://u:secret@db/prebuilds"),
+            ("AMQP_URL_FILE", "/run/secrets/amqp"),
+            ("PREBUILDS_SIM_SEED", "1"),
+        ]);
+        let pass: Vec<String> = ["DATABASE_URL", "AMQP_URL_FILE", "PREBUILDS_SIM_SEED"]
+            .map(str::to_owned)
+            .to_vec();
+        assert!(terraform_environment(parent, &pass).is_empty());
+    }
+
+    #[test]
+    fn pass_env_names_are_checked() {
+        let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        check_pass_env(&names(&["AWS_PROFILE", "_X1", "a"])).unwrap();
+        check_pass_env(&[]).unwrap();
+        for bad in ["", "1AWS", "AWS-PROFILE", "A B", "A=B", "É"] {
+            let err = check_pass_env(&names(&[bad])).unwrap_err();
+            assert!(err.contains("not a variable name"), "{bad:?}: {err}");
+        }
+        for ours in [
+            "DATABASE_URL",
+            "AMQP_URL",
+            "DATABASE_URL_FILE",
+            "AMQP_URL_FILE",
+            "PREBUILDS_AMQP_PREFIX",
+        ] {
+            let err = check_pass_env(&names(&["AWS_PROFILE", ours])).unwrap_err();
+            assert!(
+                err.contains(ours) && err.contains("own credentials"),
+                "{ours}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -807,6 +807,17 @@ struct TerraformRig {
 }
 
 async fn terraform_rig(extra: &[&str]) -> Option<TerraformRig> {
+    terraform_rig_with(extra, &[], None).await
+}
+
+/// [`terraform_rig`] with extra environment for the provisioner and, when `database_password` is
+/// given, that password in its DATABASE_URL (PostgreSQL here trusts local connections, so any
+/// password works: it only marks the URL).
+async fn terraform_rig_with(
+    extra: &[&str],
+    env: &[(&str, &str)],
+    database_password: Option<&str>,
+) -> Option<TerraformRig> {
     if !terraform_available() {
         return None;
     }
@@ -822,7 +833,13 @@ async fn terraform_rig(extra: &[&str]) -> Option<TerraformRig> {
         dir.as_str(),
     ];
     args.extend_from_slice(extra);
-    let service = provisioner(&broker, port, &args, &[("DATABASE_URL", db.url.as_str())]);
+    let database_url = match database_password {
+        Some(password) => format!("{}?password={password}", db.url),
+        None => db.url.clone(),
+    };
+    let mut environment = vec![("DATABASE_URL", database_url.as_str())];
+    environment.extend_from_slice(env);
+    let service = provisioner(&broker, port, &args, &environment);
     wait_ready(port).await;
     let publisher = test_publisher(&broker);
     Some(TerraformRig {
@@ -1126,6 +1143,94 @@ async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
     let again: CloudEvent<ProvisionerJob> =
         serde_json::from_slice(&requeued.delivery.data).expect("a job");
     assert_eq!(again.data.job_id, slow.job_id);
+}
+
+/// A template whose apply prints terraform's whole environment (`env` through the built-in
+/// `local-exec` provisioner: no provider download).
+const ENV_TEMPLATE: &str = r#"
+resource "terraform_data" "env" {
+  provisioner "local-exec" {
+    command = "env"
+  }
+}
+"#;
+
+#[tokio::test]
+async fn terraform_runs_without_the_provisioners_secrets() {
+    // Distinctive values: a password in DATABASE_URL and a secret in one of our own settings
+    // (neither may reach terraform), a variable the operator lets through, one nobody listed, and
+    // one of terraform's own `TF_*`.
+    let leak = format!("tf-leak-{}", Uuid::new_v4().simple());
+    let passed = format!("passed-{}", Uuid::new_v4().simple());
+    let unlisted = format!("unlisted-{}", Uuid::new_v4().simple());
+    let Some(rig) = terraform_rig_with(
+        &[
+            "--terraform-timeout",
+            "2m",
+            "--terraform-pass-env",
+            "TEST_PASSED_THROUGH",
+        ],
+        &[
+            ("PREBUILDS_TEST_SECRET_MARKER", leak.as_str()),
+            ("TEST_PASSED_THROUGH", passed.as_str()),
+            ("TEST_NOT_LISTED", unlisted.as_str()),
+            ("TF_X_TEST_SETTING", "operator-tf-setting"),
+        ],
+        Some(&leak),
+    )
+    .await
+    else {
+        return;
+    };
+    let version = template_version(&rig.db, Some(ENV_TEMPLATE)).await;
+    let mut reader = EventReader::new(&rig.broker);
+    let create = create_job(version, &[]);
+    publish(&rig.publisher, &create).await;
+    reader
+        .until(create.job_id, Duration::from_secs(120), "env build", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    reader.settle(Duration::from_millis(300)).await;
+    let events = reader.of(create.job_id);
+    let lines = log_lines(&events);
+    // The build read its source through the marked DATABASE_URL: the secret was really there.
+    assert_eq!(
+        the(&events, "job_completed").data["status"],
+        "succeeded",
+        "{lines:#?}"
+    );
+    let env_lines: Vec<&str> = lines
+        .iter()
+        .filter(|(_, stage, output)| stage == "apply" && output.contains("(local-exec): "))
+        .map(|(_, _, output)| output.as_str())
+        .collect();
+    for expected in [
+        "PATH=".to_owned(),
+        "TF_IN_AUTOMATION=1".to_owned(),
+        "TF_X_TEST_SETTING=operator-tf-setting".to_owned(),
+        format!("TEST_PASSED_THROUGH={passed}"),
+    ] {
+        assert!(
+            env_lines.iter().any(|l| l.contains(&expected)),
+            "terraform's environment lacks {expected}: {env_lines:#?}"
+        );
+    }
+    for (_, stage, output) in &lines {
+        for secret in [
+            leak.as_str(),
+            unlisted.as_str(),
+            "DATABASE_URL",
+            "AMQP_URL",
+            "amqp://",
+            "PREBUILDS_",
+        ] {
+            assert!(
+                !output.contains(secret),
+                "{secret} reached terraform ({stage}): {output}"
+            );
+        }
+    }
 }
 
 /// Inserts the `provisioner_jobs` row of `job_id` with `job_status`, canceled now when `canceled`
