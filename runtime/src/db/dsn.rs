@@ -166,6 +166,12 @@ impl DatabaseUrl {
     /// The TLS connector for these settings; certificate files are read here, so a missing or
     /// malformed file fails before any connection is attempted.
     pub fn connector(&self) -> Result<MakeRustlsConnect, TlsError> {
+        self.connector_with(default_root_cert())
+    }
+
+    /// [`DatabaseUrl::connector`] with libpq's default root certificate (`~/.postgresql/root.crt`,
+    /// when it exists) given, so tests do not depend on the home directory.
+    fn connector_with(&self, default_root: Option<PathBuf>) -> Result<MakeRustlsConnect, TlsError> {
         let settings = &self.tls;
         let roots = match &settings.root_cert {
             Some(RootCert::File(path)) => Some(tls::root_store(
@@ -173,7 +179,7 @@ impl DatabaseUrl {
                 &format!("sslrootcert {}", path.display()),
             )?),
             Some(RootCert::System) => Some(tls::system_roots()?),
-            None if settings.mode >= SslMode::VerifyCa => match default_root_cert() {
+            None if settings.mode >= SslMode::VerifyCa => match default_root {
                 Some(path) => Some(tls::root_store(
                     tls::read_certificates(&path, "the default root certificate")?,
                     &path.display().to_string(),
@@ -361,17 +367,21 @@ mod tests {
 
     #[test]
     fn verify_modes_without_roots_say_what_to_add() {
-        // HOME without ~/.postgresql/root.crt.
-        if default_root_cert().is_some() {
-            return;
-        }
         let url = DatabaseUrl::parse("postgres://h/db?sslmode=verify-full").unwrap();
-        let err = url.connector().err().expect("no roots").to_string();
+        let err = url
+            .connector_with(None)
+            .err()
+            .expect("no roots")
+            .to_string();
         assert!(err.contains("sslrootcert"), "{err}");
         let url =
             DatabaseUrl::parse("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem")
                 .unwrap();
-        let err = url.connector().err().expect("missing file").to_string();
+        let err = url
+            .connector_with(None)
+            .err()
+            .expect("missing file")
+            .to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 }
