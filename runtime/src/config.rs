@@ -297,11 +297,6 @@ impl Connection {
     }
 }
 
-/// Replaces every password in a URL, URL list or key/value DSN with `***` (see [`crate::redact`]).
-pub fn redact_url(url: &str) -> String {
-    redact(url)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -486,16 +481,16 @@ mod tests {
     #[test]
     fn redacts_passwords_only() {
         assert_eq!(
-            redact_url("amqp://guest:secret@host:5672/%2f"),
+            redact("amqp://guest:secret@host:5672/%2f"),
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1/db"),
+            redact("postgres://postgres@127.0.0.1/db"),
             "postgres://postgres@127.0.0.1/db"
         );
-        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact("not a url"), "not a url");
         assert_eq!(
-            redact_url("postgres://u:p%40ss@h/db?x=@"),
+            redact("postgres://u:p%40ss@h/db?x=@"),
             "postgres://u:***@h/db?x=@"
         );
     }

@@ -22,9 +22,7 @@ pub use deadpool_postgres::{Client as PooledClient, Transaction};
 /// Builds the pool. Connections are opened lazily; [`ping`] checks reachability.
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
     let url = DatabaseUrl::parse(database_url).map_err(DbError::Config)?;
-    let tls = url
-        .connector()
-        .map_err(|e| DbError::Config(format!("PostgreSQL TLS: {e}")))?;
+    let tls = tls_connector(&url)?;
     let mut pg_config = url.config;
     // Hot-path statements are prepared once per connection (see [`cached`]); generic plans make
     // each execution skip planning too, instead of re-planning the first five times on every
@@ -138,9 +136,7 @@ pub async fn connect_dedicated(database_url: &str) -> Result<tokio_postgres::Cli
 
 /// [`connect_dedicated`] for a connection string already parsed (and perhaps adjusted).
 pub async fn connect_parsed(url: &DatabaseUrl) -> Result<tokio_postgres::Client, DbError> {
-    let tls = url
-        .connector()
-        .map_err(|e| DbError::Config(format!("PostgreSQL TLS: {e}")))?;
+    let tls = tls_connector(url)?;
     let (client, connection) =
         tokio::time::timeout(Duration::from_secs(5), url.config.connect(tls))
             .await
@@ -151,6 +147,12 @@ pub async fn connect_parsed(url: &DatabaseUrl) -> Result<tokio_postgres::Client,
         }
     });
     Ok(client)
+}
+
+/// The TLS connector for `url`, its certificate files read and checked.
+fn tls_connector(url: &DatabaseUrl) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+    url.connector()
+        .map_err(|e| DbError::Config(format!("PostgreSQL TLS: {e}")))
 }
 
 /// `SELECT 1` through the pool.

@@ -34,14 +34,18 @@ pub fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
-/// Every certificate in the PEM file at `path` (at least one), for `what` (e.g. "sslrootcert").
-pub fn read_certificates(
+/// The bytes of the PEM file at `path`, for `what` (e.g. "sslrootcert").
+pub fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// Every certificate in `pem` (at least one), read from `path` for `what`.
+pub fn certificates(
+    pem: &[u8],
     path: &Path,
     what: &str,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| TlsError(format!("cannot read {what} {}: {e}", path.display())))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError(format!("{what} {} is not valid PEM: {e}", path.display())))?;
     if certs.is_empty() {
@@ -53,16 +57,31 @@ pub fn read_certificates(
     Ok(certs)
 }
 
-/// The private key in the PEM file at `path` (PKCS#8, PKCS#1 or SEC1).
-pub fn read_private_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| TlsError(format!("cannot read {what} {}: {e}", path.display())))?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+/// The private key in `pem` (PKCS#8, PKCS#1 or SEC1), read from `path` for `what`.
+pub fn private_key(
+    pem: &[u8],
+    path: &Path,
+    what: &str,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
         TlsError(format!(
             "{what} {} holds no usable private key (PEM PKCS#8, PKCS#1 or SEC1): {e}",
             path.display()
         ))
     })
+}
+
+/// Every certificate in the PEM file at `path` (at least one).
+pub fn read_certificates(
+    path: &Path,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certificates(&read_pem(path, what)?, path, what)
+}
+
+/// The private key in the PEM file at `path`.
+pub fn read_private_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    private_key(&read_pem(path, what)?, path, what)
 }
 
 /// A root store from `certs`; fails when none of them is a usable CA certificate.

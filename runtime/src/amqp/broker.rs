@@ -64,6 +64,12 @@ impl std::fmt::Debug for Broker {
 #[error("{0}")]
 pub struct BrokerConfigError(pub String);
 
+impl From<tls::TlsError> for BrokerConfigError {
+    fn from(e: tls::TlsError) -> Self {
+        BrokerConfigError(e.0)
+    }
+}
+
 impl Broker {
     /// `urls` (comma-separated) with `files` read and checked now, so a bad path or file fails at
     /// start-up with its name rather than at the first connection.
@@ -75,24 +81,31 @@ impl Broker {
         for node in broker.nodes.iter() {
             parse_node(node).map_err(BrokerConfigError)?;
         }
+        // Each file is read once: checked here, then handed to lapin as read.
         let mut config = OwnedTLSConfig::default();
         if let Some(path) = &files.ca_file {
-            let certs = tls::read_certificates(path, "PREBUILDS_AMQP_CA_FILE")
-                .map_err(|e| BrokerConfigError(e.0))?;
-            tls::root_store(certs, &format!("PREBUILDS_AMQP_CA_FILE {}", path.display()))
-                .map_err(|e| BrokerConfigError(e.0))?;
-            config.cert_chain = Some(read_text(path, "PREBUILDS_AMQP_CA_FILE")?);
+            let what = "PREBUILDS_AMQP_CA_FILE";
+            let pem = tls::read_pem(path, what)?;
+            tls::root_store(
+                tls::certificates(&pem, path, what)?,
+                &format!("{what} {}", path.display()),
+            )?;
+            config.cert_chain = Some(String::from_utf8(pem).map_err(|_| {
+                BrokerConfigError(format!(
+                    "{what} {} is not text (PEM expected)",
+                    path.display()
+                ))
+            })?);
         }
         match (&files.client_cert_file, &files.client_key_file) {
             (Some(cert), Some(key)) => {
-                tls::read_certificates(cert, "PREBUILDS_AMQP_CLIENT_CERT_FILE")
-                    .map_err(|e| BrokerConfigError(e.0))?;
-                tls::read_private_key(key, "PREBUILDS_AMQP_CLIENT_KEY_FILE")
-                    .map_err(|e| BrokerConfigError(e.0))?;
-                config.identity = Some(OwnedIdentity::PKCS8 {
-                    pem: read_bytes(cert, "PREBUILDS_AMQP_CLIENT_CERT_FILE")?,
-                    key: read_bytes(key, "PREBUILDS_AMQP_CLIENT_KEY_FILE")?,
-                });
+                let cert_what = "PREBUILDS_AMQP_CLIENT_CERT_FILE";
+                let key_what = "PREBUILDS_AMQP_CLIENT_KEY_FILE";
+                let pem = tls::read_pem(cert, cert_what)?;
+                let key_pem = tls::read_pem(key, key_what)?;
+                tls::certificates(&pem, cert, cert_what)?;
+                tls::private_key(&key_pem, key, key_what)?;
+                config.identity = Some(OwnedIdentity::PKCS8 { pem, key: key_pem });
             }
             (None, None) => {}
             _ => {
@@ -225,20 +238,6 @@ fn parse_node(node: &str) -> Result<AMQPUri, String> {
             redact(node)
         )
     })
-}
-
-fn read_text(path: &std::path::Path, what: &str) -> Result<String, BrokerConfigError> {
-    String::from_utf8(read_bytes(path, what)?).map_err(|_| {
-        BrokerConfigError(format!(
-            "{what} {} is not text (PEM expected)",
-            path.display()
-        ))
-    })
-}
-
-fn read_bytes(path: &std::path::Path, what: &str) -> Result<Vec<u8>, BrokerConfigError> {
-    std::fs::read(path)
-        .map_err(|e| BrokerConfigError(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 fn io_error(kind: std::io::ErrorKind, message: String) -> lapin::Error {
