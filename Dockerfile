@@ -1,10 +1,21 @@
-# syntax=docker/dockerfile:1
 # One small runtime image with every prebuilds binary:
-#   prebuilds-scheduler, prebuilds-worker, prebuilds-provisioner, prebuildsctl.
+#   prebuilds-scheduler, prebuilds-worker, prebuilds-provisioner, prebuildsctl (and terraform).
+#
+#   docker build -t prebuilds:local .                          compiles everything (stage `compiled`)
+#   docker build --build-arg BINARIES=prebuilt -t prebuilds:local .
+#       takes binaries already built on the host from .docker-bin/ (scripts/compose-check does this:
+#       no registry or internet is needed beyond the debian:bookworm-slim base).
+#
+# No `# syntax=` line on purpose: it would make every build pull a frontend image from a registry.
+
+# Which stage supplies /out (the binaries and terraform): `compiled` or `prebuilt`.
+ARG BINARIES=compiled
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Dependencies first, so source edits don't rebuild them.
+# The dependency layer: the manifests of every workspace member (tests/tests/compose.rs checks the
+# list against Cargo.toml) with empty sources, built once, so a source edit recompiles only the
+# workspace's own crates.
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY core/Cargo.toml core/
 COPY schemas/Cargo.toml schemas/
@@ -15,9 +26,17 @@ COPY scheduler/Cargo.toml scheduler/
 COPY provisioner/Cargo.toml provisioner/
 COPY cli/Cargo.toml cli/
 COPY tests/Cargo.toml tests/
-RUN cargo fetch --locked
+COPY bench/Cargo.toml bench/
+COPY reliability/Cargo.toml reliability/
+COPY scripts/docker-stub-sources scripts/
+RUN scripts/docker-stub-sources . \
+ && cargo build --release --locked \
+      -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuildsctl
 COPY . .
-RUN cargo build --release --locked \
+# COPY keeps the files' own times, which can be older than the stub build: touch them so Cargo
+# rebuilds the workspace crates from the real sources.
+RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked \
       -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuildsctl \
  && mkdir /out \
  && cp target/release/prebuilds-worker target/release/prebuilds-scheduler \
@@ -33,12 +52,22 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && echo "$TERRAFORM_SHA256  /tmp/tf.zip" | sha256sum -c - \
  && unzip /tmp/tf.zip -d /usr/local/bin && rm /tmp/tf.zip
 
-FROM debian:bookworm-slim
+FROM scratch AS compiled
+COPY --from=build /out/ /out/
+COPY --from=terraform /usr/local/bin/terraform /out/terraform
+
+# .docker-bin/ holds prebuilds-worker, prebuilds-scheduler, prebuilds-provisioner, prebuildsctl
+# and terraform, built or installed on the host (the same Debian release as the runtime stage).
+FROM scratch AS prebuilt
+COPY .docker-bin/ /out/
+
+FROM ${BINARIES} AS binaries
+
+FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --create-home --home-dir /home/prebuilds prebuilds
-COPY --from=build /out/ /usr/local/bin/
-COPY --from=terraform /usr/local/bin/terraform /usr/local/bin/terraform
+COPY --from=binaries /out/ /usr/local/bin/
 COPY examples/ /opt/prebuilds/examples/
 USER prebuilds
 WORKDIR /home/prebuilds

@@ -1,7 +1,8 @@
-//! `docker-compose.yml` cannot run here (no Docker engine), so this test checks what can go stale
-//! without one: every service command names a real binary of this workspace with flags and
+//! Fast static checks of `docker-compose.yml` and the `Dockerfile` (scripts/compose-check runs the
+//! stack for real): every service command names a real binary of this workspace with flags and
 //! subcommands that binary accepts, every environment variable is one a binary reads, every file
-//! mounted from the repository exists, and `depends_on` only names defined services.
+//! mounted from the repository exists, `depends_on` only names defined services, and the
+//! Dockerfile's dependency layer copies every workspace member and loads from exactly that.
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
@@ -67,6 +68,23 @@ fn strings(v: &Value) -> Vec<String> {
     }
 }
 
+/// The prebuildsctl command lines of a seed script: its `once "<exists message>" ARGS…` lines.
+fn script_commands(path: &std::path::Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let commands: Vec<Vec<String>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("once \""))
+        .map(|rest| {
+            let args = rest.split_once('"').expect("closing quote").1;
+            std::iter::once("prebuildsctl".to_owned())
+                .chain(args.split_whitespace().map(str::to_owned))
+                .collect()
+        })
+        .collect();
+    assert!(!commands.is_empty(), "{} runs no prebuildsctl command", path.display());
+    commands
+}
+
 /// Checks one command line: binary, subcommands and long flags.
 fn check_command(words: &[String], service: &str) {
     let Some(bin) = words.first() else { return };
@@ -116,7 +134,16 @@ fn every_service_runs_a_real_binary_with_real_flags_and_known_environment() {
         let name = name.as_str().unwrap();
         let entrypoint = strings(&service["entrypoint"]);
         let command = strings(&service["command"]);
-        if entrypoint.first().map(String::as_str) == Some("/bin/sh") {
+        if let Some(script) = command
+            .first()
+            .and_then(|c| c.strip_prefix("/opt/prebuilds/examples/"))
+        {
+            // A script of examples/ (copied into the image): check each prebuildsctl line.
+            for words in script_commands(&repo().join("examples").join(script)) {
+                check_command(&words, name);
+                checked += 1;
+            }
+        } else if entrypoint.first().map(String::as_str) == Some("/bin/sh") {
             // A shell script: check each `prebuildsctl …;` statement.
             let script = command.join(" ");
             for statement in script.split(';') {
@@ -173,7 +200,7 @@ fn every_service_runs_a_real_binary_with_real_flags_and_known_environment() {
             }
         }
     }
-    assert!(checked >= 9, "checked only {checked} commands");
+    assert!(checked >= 12, "checked only {checked} commands");
     for required in [
         "postgres",
         "rabbitmq",
@@ -304,5 +331,111 @@ fn collect_rust(dir: &std::path::Path, out: &mut String) {
         } else if path.extension().is_some_and(|e| e == "rs") {
             out.push_str(&std::fs::read_to_string(&path).unwrap());
         }
+    }
+}
+
+/// The workspace members, from the root manifest.
+fn workspace_members() -> BTreeSet<String> {
+    // `members = [ "a", "b", … ]`, one name per line or several: the quoted words of the array.
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let array = manifest
+        .split_once("members = [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .expect("a workspace members array")
+        .0;
+    let members: BTreeSet<String> = array
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert!(members.len() >= 10, "read only {members:?}");
+    members
+}
+
+/// The `COPY SRC… DEST` lines of the Dockerfile's `build` stage before its `COPY . .`: what the
+/// dependency layer is built from.
+fn dependency_layer_copies() -> Vec<String> {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let stage = dockerfile
+        .split("\nFROM ")
+        .find(|s| s.contains(" AS build\n"))
+        .expect("a build stage");
+    let layer = stage.split("\nCOPY . .").next().unwrap();
+    layer
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len() - 1]
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_dockerfile_dependency_layer_copies_every_workspace_member() {
+    let copied: BTreeSet<String> = dependency_layer_copies()
+        .iter()
+        .filter_map(|path| path.strip_suffix("/Cargo.toml").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        copied,
+        workspace_members(),
+        "the Dockerfile's dependency layer must copy the manifest of every workspace member"
+    );
+}
+
+/// A tree holding only what the dependency layer copies, with the stub sources the Dockerfile
+/// writes, is a workspace Cargo loads, with the same packages as the real one.
+#[test]
+fn the_workspace_loads_from_exactly_what_the_dependency_layer_copies() {
+    let dir = std::env::temp_dir().join(format!("prebuilds-docker-layer-{}", uuid::Uuid::new_v4()));
+    for path in dependency_layer_copies() {
+        let to = dir.join(&path);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(repo().join(&path), &to).unwrap();
+    }
+    let stub = Command::new(dir.join("scripts/docker-stub-sources"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(stub.status.success(), "{}", String::from_utf8_lossy(&stub.stderr));
+    let packages = |root: &std::path::Path| -> BTreeSet<String> {
+        let out = Command::new(env!("CARGO"))
+            .args(["metadata", "--no-deps", "--offline", "--format-version", "1"])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo metadata in {}: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        metadata["workspace_members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| {
+                let id = id.as_str().unwrap();
+                id.rsplit(['#', '/']).next().unwrap().split('@').next().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let (layer, real) = (packages(&dir), packages(&repo()));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(layer, real);
+}
+
+/// The build context leaves out the build output (gigabytes) and the git history.
+#[test]
+fn the_build_context_leaves_out_target_and_git() {
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    let lines: BTreeSet<&str> = ignore.lines().map(str::trim).collect();
+    for required in ["/target", "/.git"] {
+        assert!(lines.contains(required), ".dockerignore lacks {required}");
     }
 }
