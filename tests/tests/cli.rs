@@ -14,12 +14,13 @@ use lapin::{
 };
 use prebuilds_runtime::amqp::{publisher::Outgoing, Publisher, QueueKind};
 use prebuilds_schemas::{
-    ClaimError, ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, RawEvent,
-    ReconcilePreset, ReconcileReason,
+    ClaimError, ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, MissReason,
+    Parameter, PresetParameters, RawEvent, ReconcilePreset, ReconcileReason,
 };
 use prebuilds_tests::{
     fixtures::{self, PrebuildSpec},
     process::binary,
+    stack::{self, FakeOutcome, FakeProvisioner},
     TestBroker, TestDb,
 };
 use serde_json::Value;
@@ -931,7 +932,8 @@ async fn pause_and_resume_flip_each_scope_and_resume_requests_settings_changed_r
 // Claims
 
 /// Answers claim requests like a worker would: `claimed` for preset requests, `no_eligible_prebuild`
-/// for template requests, `rejected` for the name `taken`. Every request is reported.
+/// with `no_matching_preset` (and two presets) for template requests, `pool_empty` for the name
+/// `empty`, `rejected` for the name `taken`. Every request is reported.
 async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEvent<ClaimRequest>> {
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
     let connection = prebuilds_runtime::amqp::connect(&broker.url, "test-claim-responder")
@@ -970,6 +972,19 @@ async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEv
                         code: ClaimErrorCode::NameConflict,
                         message: "the user already has a workspace named taken".into(),
                     }),
+                    reason: None,
+                    presets: vec![],
+                }
+            } else if request.data.workspace_name == "empty" {
+                ClaimReply {
+                    outcome: ClaimOutcome::NoEligiblePrebuild,
+                    workspace_id: None,
+                    build_id: None,
+                    job_id: None,
+                    preset_id: request.data.preset_id,
+                    error: None,
+                    reason: Some(MissReason::PoolEmpty),
+                    presets: vec![],
                 }
             } else if request.data.preset_id.is_some() {
                 ClaimReply {
@@ -979,6 +994,8 @@ async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEv
                     job_id: Some(Uuid::from_u128(3)),
                     preset_id: request.data.preset_id,
                     error: None,
+                    reason: None,
+                    presets: vec![],
                 }
             } else {
                 ClaimReply {
@@ -988,6 +1005,28 @@ async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEv
                     job_id: None,
                     preset_id: None,
                     error: None,
+                    reason: Some(MissReason::NoMatchingPreset),
+                    presets: vec![
+                        PresetParameters {
+                            preset_id: Uuid::from_u128(7),
+                            name: "large".into(),
+                            parameters: vec![
+                                Parameter {
+                                    name: "cpus".into(),
+                                    value: "8".into(),
+                                },
+                                Parameter {
+                                    name: "region".into(),
+                                    value: "eu".into(),
+                                },
+                            ],
+                        },
+                        PresetParameters {
+                            preset_id: Uuid::from_u128(8),
+                            name: "any".into(),
+                            parameters: vec![],
+                        },
+                    ],
                 }
             };
             let event = CloudEvent::new("test-responder", Utc::now(), reply);
@@ -1051,7 +1090,8 @@ async fn claim_sends_the_request_and_prints_the_reply() {
     assert_eq!(request.data.preset_id, Some(fx.preset_id));
     assert_eq!(request.data.parameters[0].name, "dotfiles");
 
-    // By template and parameters: the template id is resolved; no eligible prebuild → exit 1.
+    // By template and parameters: the template id is resolved; no preset matches → exit 1, with
+    // the reason and the presets' parameter sets.
     let out = env
         .ctl(&[
             "claim",
@@ -1067,15 +1107,24 @@ async fn claim_sends_the_request_and_prints_the_reply() {
         .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stdout(&out).contains("no_eligible_prebuild"),
+        stdout(&out).contains("no_eligible_prebuild")
+            && stdout(&out).contains("no_matching_preset"),
         "{}",
         stdout(&out)
     );
-    assert!(
-        stderr(&out).contains("no eligible prebuild"),
-        "{}",
-        stderr(&out)
-    );
+    let err = stderr(&out);
+    for want in [
+        "no eligible prebuild (no_matching_preset): no preset of template 'python-dev' matches \
+         cpus=8 (parameters left out take their defaults); the presets of its active version are:",
+        &format!("\n  large ({}): cpus=8 region=eu\n", Uuid::from_u128(7)),
+        &format!(
+            "\n  any ({}): (no parameters: matches any request)\n",
+            Uuid::from_u128(8)
+        ),
+        "pass --param values equal to one of them, or --preset ID",
+    ] {
+        assert!(err.contains(want), "want {want:?} in:\n{err}");
+    }
     let request = seen.recv().await.unwrap();
     assert_eq!(request.data.template_id, Some(fx.template_id));
     assert_eq!(request.data.preset_id, None);
@@ -1086,6 +1135,50 @@ async fn claim_sends_the_request_and_prints_the_reply() {
         ),
         ("cpus", "8")
     );
+    // --json prints the reason and the presets.
+    let out = env
+        .ctl(&[
+            "claim",
+            "--user",
+            "alice",
+            "--template",
+            "python-dev",
+            "--name",
+            "alice-dev3",
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["outcome"], "no_eligible_prebuild");
+    assert_eq!(rows[0]["reason"], "no_matching_preset");
+    assert_eq!(rows[0]["presets"][0]["name"], "large");
+    assert_eq!(rows[0]["presets"][0]["parameters"][0]["name"], "cpus");
+    assert!(
+        stderr(&out).contains("matches no --param values"),
+        "{}",
+        stderr(&out)
+    );
+    seen.recv().await.unwrap();
+
+    // The pool of the preset is empty: pool_empty, naming it.
+    let out = env
+        .ctl(&[
+            "claim", "--user", "alice", "--preset", &preset, "--name", "empty", "--json",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["reason"], "pool_empty");
+    assert_eq!(rows[0]["presets"], serde_json::json!([]));
+    assert!(
+        stderr(&out).contains(&format!(
+            "no eligible prebuild (pool_empty): preset {preset} has no ready, unexpired prebuild"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    seen.recv().await.unwrap();
 
     // Rejected → exit 1 with the code.
     let out = env
@@ -1117,6 +1210,122 @@ async fn claim_sends_the_request_and_prints_the_reply() {
         ])
         .await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The claim example of `prebuildsctl --help` against the demo template (`examples/`), with a
+/// real worker and a provisioner that succeeds: `cpus=8` alone matches `large` (region takes its
+/// default); misses say why.
+#[tokio::test]
+async fn the_help_claim_example_claims_from_the_demo_template() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "demo"]).await;
+    env.ok(&["user", "create", "--username", "alice"]).await;
+    let demo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/demo-template.yaml"
+    );
+    let pushed = env.json(&["template", "push", demo, "--json"]).await;
+    let presets = preset_ids(&pushed[0]);
+    let _provisioner = FakeProvisioner::start(&env.broker, |_| FakeOutcome::Succeed).await;
+    let (_worker, _) = stack::start(
+        "prebuilds-worker",
+        &env.db,
+        &env.broker,
+        &[("RUST_LOG", "warn")],
+    );
+    stack::wait_for(
+        Duration::from_secs(30),
+        "a ready large prebuild",
+        || async { stack::pool_counts(&env.db, presets["large"]).await.eligible >= 1 },
+    )
+    .await;
+
+    // Exactly the example of `prebuildsctl --help`.
+    let help = stdout(&env.ok(&["--help"]).await);
+    let example = help
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("prebuildsctl claim "))
+        .expect("a claim example");
+    let args: Vec<&str> = example.split_whitespace().skip(1).collect();
+    assert_eq!(
+        args,
+        [
+            "claim",
+            "--user",
+            "alice",
+            "--template",
+            "python-dev",
+            "--param",
+            "cpus=8",
+            "--name",
+            "dev"
+        ]
+    );
+    let mut json_args = args.clone();
+    json_args.push("--json");
+    let rows = env.json(&json_args).await;
+    assert_eq!(rows[0]["outcome"], "claimed", "{rows:?}");
+    assert_eq!(rows[0]["preset_id"], presets["large"].to_string());
+    assert_eq!(rows[0]["reason"], Value::Null);
+
+    // No preset has cpus=4: the error lists both presets' parameters.
+    let out = env
+        .ctl(&[
+            "claim",
+            "--user",
+            "alice",
+            "--template",
+            "python-dev",
+            "--param",
+            "cpus=4",
+            "--name",
+            "dev2",
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["reason"], "no_matching_preset");
+    let err = stderr(&out);
+    for want in [
+        format!("large ({}): cpus=8 region=eu", presets["large"]),
+        format!("small ({}): cpus=2 region=eu", presets["small"]),
+    ] {
+        assert!(err.contains(&want), "want {want:?} in:\n{err}");
+    }
+
+    // With reconciliation paused the large pool is not refilled: claiming it dry says pool_empty.
+    env.ok(&["pause"]).await;
+    let mut reasons = Vec::new();
+    for i in 0..4 {
+        let name = format!("drain-{i}");
+        let out = env
+            .ctl(&[
+                "claim",
+                "--user",
+                "alice",
+                "--template",
+                "python-dev",
+                "--param",
+                "cpus=8",
+                "--name",
+                &name,
+                "--json",
+            ])
+            .await;
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        reasons.push(rows[0]["reason"].clone());
+        if rows[0]["outcome"] != "claimed" {
+            assert_eq!(rows[0]["preset_id"], presets["large"].to_string());
+            break;
+        }
+    }
+    assert_eq!(
+        reasons.last(),
+        Some(&Value::from("pool_empty")),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test]
