@@ -50,6 +50,11 @@ impl Env {
 
     /// Runs `prebuildsctl args…` against this test's database and prefix.
     async fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_with(args, &[]).await
+    }
+
+    /// As [`Env::ctl`], with extra environment variables.
+    async fn ctl_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
         tokio::process::Command::new(binary("prebuildsctl"))
             .args(args)
             .env("DATABASE_URL", &self.db.url)
@@ -59,6 +64,10 @@ impl Env {
             .env_remove("PREBUILDS_BACKOFF_INTERVAL")
             .env_remove("PREBUILDS_BACKOFF_LOOKBACK")
             .env_remove("PREBUILDS_FAILURE_HARD_LIMIT")
+            .env_remove("PREBUILDS_MAX_INSTANCES_PER_PRESET")
+            .env_remove("PREBUILDS_MAX_PRESETS_PER_TEMPLATE")
+            .env_remove("PREBUILDS_CLI_LOCK_TIMEOUT")
+            .envs(vars.iter().copied())
             .output()
             .await
             .expect("run prebuildsctl")
@@ -500,6 +509,176 @@ async fn template_push_reports_every_bad_input_with_file_and_field_and_writes_no
             .await,
         1
     );
+}
+
+#[tokio::test]
+async fn template_push_refuses_files_over_the_input_bounds_and_says_how_to_raise_them() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "acme"]).await;
+    let file_with = |presets: usize, instances: u32, scheduled: u32| {
+        let mut yaml = format!(
+            "organization: acme\ntemplate: big\nversion: v{presets}-{instances}-{scheduled}\n\
+             presets:\n  - name: p0\n    prebuilds:\n      instances: {instances}\n      \
+             scheduling:\n        timezone: UTC\n        schedule:\n          \
+             - {{cron: \"* 8-18 * * 1-5\", instances: {scheduled}}}\n"
+        );
+        for i in 1..presets {
+            yaml.push_str(&format!(
+                "  - {{name: p{i}, prebuilds: {{instances: 1}}}}\n"
+            ));
+        }
+        env.write(
+            &format!("big-{presets}-{instances}-{scheduled}.yaml"),
+            &yaml,
+        )
+    };
+    let before = env.row_counts().await;
+    /// (file, extra environment, what stderr must say).
+    type Refused<'a> = (String, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let refused: Vec<Refused> = vec![
+        (
+            file_with(1, 101, 0),
+            vec![],
+            vec![
+                "presets[0].prebuilds.instances: preset 'p0' asks for 101 prebuilds, more than the \
+                 limit of 100 per preset; lower it, or raise the limit with \
+                 PREBUILDS_MAX_INSTANCES_PER_PRESET (--max-instances-per-preset)",
+                "1 problem(s) found; nothing was written",
+            ],
+        ),
+        (
+            file_with(1, 2, 101),
+            vec![],
+            vec![
+                "presets[0].prebuilds.scheduling.schedule[0].instances: preset 'p0' asks for 101 \
+                 prebuilds at '* 8-18 * * 1-5', more than the limit of 100 per preset",
+            ],
+        ),
+        (
+            file_with(101, 1, 0),
+            vec![],
+            vec![
+                "presets: template 'big' has 101 presets, more than the limit of 100 per \
+                 template; split it, or raise the limit with PREBUILDS_MAX_PRESETS_PER_TEMPLATE \
+                 (--max-presets-per-template)",
+            ],
+        ),
+        (
+            file_with(4, 1, 0),
+            vec![("PREBUILDS_MAX_PRESETS_PER_TEMPLATE", "3")],
+            vec!["presets: template 'big' has 4 presets, more than the limit of 3 per template"],
+        ),
+    ];
+    for (file, vars, wants) in &refused {
+        let out = env.ctl_with(&["template", "push", file], vars).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        for want in wants {
+            assert!(err.contains(want), "{file}: want {want:?} in:\n{err}");
+        }
+        assert_eq!(env.row_counts().await, before, "{file}: nothing written");
+    }
+    // Raised through the variables (or the flag), the same files are pushed.
+    let raised = [("PREBUILDS_MAX_INSTANCES_PER_PRESET", "200")];
+    let out = env
+        .ctl_with(&["template", "push", &refused[0].0], &raised)
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    env.ok(&[
+        "template",
+        "push",
+        &refused[2].0,
+        "--max-presets-per-template",
+        "101",
+    ])
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM template_version_presets")
+            .await,
+        1 + 101
+    );
+    // A limit of 0 would refuse everything: a usage error.
+    let out = env
+        .ctl_with(
+            &["template", "push", &refused[0].0],
+            &[("PREBUILDS_MAX_INSTANCES_PER_PRESET", "0")],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn writes_give_up_on_a_held_lock_and_say_what_they_waited_for() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "acme"]).await;
+    env.write("main.tf", MAIN_TF);
+    let v1 = env.write("v1.yaml", &template_yaml("v1", true));
+    let pushed = env.json(&["template", "push", &v1, "--json"]).await;
+    let large = preset_ids(&pushed[0])["large"];
+    env.reconcile_jobs().await;
+
+    // A worker's reconcile pass of v1's `large` holds its lock; activating v2 must take it (the
+    // old version's pool drains), gives up after the timeout and writes nothing.
+    let mut holder = env.db.pool.get().await.unwrap();
+    let holding = holder.transaction().await.unwrap();
+    prebuilds_store::lock::lock_preset(&holding, large)
+        .await
+        .unwrap();
+    let before = env.row_counts().await;
+    let v2 = env.write("v2.yaml", &template_yaml("v2", true));
+    let started = std::time::Instant::now();
+    let out = env
+        .ctl_with(
+            &["template", "push", &v2],
+            &[("PREBUILDS_CLI_LOCK_TIMEOUT", "1s")],
+        )
+        .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "timed out after 1s waiting for the reconcile lock of preset {large}; another writer \
+             (a worker's reconcile pass or another push) holds it; nothing was written — try \
+             again (PREBUILDS_CLI_LOCK_TIMEOUT or --lock-timeout sets how long to wait)"
+        )),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "it did not hang"
+    );
+    assert_eq!(env.row_counts().await, before, "nothing written");
+    holding.rollback().await.unwrap();
+    env.ok(&["template", "push", &v2]).await;
+
+    // Another writer holds the template row: the command names the template.
+    let holding = holder.transaction().await.unwrap();
+    holding
+        .execute(
+            "SELECT 1 FROM templates WHERE name = 'python-dev' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = env
+        .ctl(&[
+            "template",
+            "invalidate",
+            "python-dev",
+            "--lock-timeout",
+            "300ms",
+        ])
+        .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "timed out after 300ms waiting for a lock on template 'python-dev'; another writer"
+        ),
+        "{err}"
+    );
+    holding.rollback().await.unwrap();
+    env.ok(&["template", "invalidate", "python-dev"]).await;
 }
 
 #[tokio::test]
@@ -1753,6 +1932,38 @@ fn usage_errors_exit_with_2_and_help_with_0() {
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("Example"),
             "{args:?}"
+        );
+    }
+    // The input bounds and the lock timeout, with their variables and defaults.
+    let help = String::from_utf8_lossy(&run(&["template", "push", "--help"]).stdout).into_owned();
+    for (flag, var, default) in [
+        (
+            "--max-instances-per-preset",
+            "PREBUILDS_MAX_INSTANCES_PER_PRESET",
+            "100",
+        ),
+        (
+            "--max-presets-per-template",
+            "PREBUILDS_MAX_PRESETS_PER_TEMPLATE",
+            "100",
+        ),
+        ("--lock-timeout", "PREBUILDS_CLI_LOCK_TIMEOUT", "10s"),
+    ] {
+        let line = help
+            .lines()
+            .position(|l| l.contains(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from:\n{help}"));
+        // clap puts "[env: …]" and "[default: …]" right after the flag's description.
+        let tail: String = help
+            .lines()
+            .skip(line)
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            tail.contains(&format!("[env: {var}="))
+                && tail.contains(&format!("[default: {default}]")),
+            "{flag}: {tail}"
         );
     }
 }
