@@ -1,11 +1,16 @@
 //! What every command shares: connecting to PostgreSQL and RabbitMQ with errors that say what to
 //! check, applying a change together with the reconcile jobs it causes (and relaying them after the
 //! commit), resolving templates by name, and the usage-error type that maps to exit code 2.
+//!
+//! Writes never hang behind another writer: every write transaction starts with
+//! [`begin_write`], which sets `lock_timeout` (`PREBUILDS_CLI_LOCK_TIMEOUT`), and a lock wait that
+//! runs out (SQLSTATE 55P03) becomes an error naming what the command waited for and who holds it
+//! ([`waited_for`], [`explain_lock_timeout`]).
 
-use std::{sync::Arc, time::Duration};
+use std::{ops::Deref, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _};
-use deadpool_postgres::{GenericClient, Pool, Transaction};
+use deadpool_postgres::{GenericClient, Object, Pool, Transaction};
 use prebuilds_runtime::{
     amqp::{self, Entity, Publisher, QueueKind},
     config::Connection,
@@ -14,6 +19,22 @@ use prebuilds_runtime::{
 };
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
+
+/// What every command gets: the connection settings, and how long the CLI's writes wait for a
+/// lock. Dereferences to the [`Connection`], so commands that only read take `&Connection`.
+#[derive(Debug)]
+pub struct Ctx {
+    pub connection: Connection,
+    /// `lock_timeout` of every write transaction (0 = wait as long as it takes).
+    pub lock_timeout: Duration,
+}
+
+impl Deref for Ctx {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
 
 /// A bad argument value found after parsing (exit code 2, like clap's own usage errors).
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +149,75 @@ pub async fn relay_outbox(pool: &Pool, connection: &Connection, queued: usize) -
     }
 }
 
+/// Starts a write transaction whose lock waits give up after `lock_timeout` (with SQLSTATE 55P03,
+/// which [`explain_lock_timeout`] turns into a message) instead of hanging behind another writer.
+pub async fn begin_write(
+    client: &mut Object,
+    lock_timeout: Duration,
+) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Milliseconds, rounded up so a sub-millisecond timeout does not mean "wait forever" (0).
+    let millis = lock_timeout.as_nanos().div_ceil(1_000_000);
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {millis}"))
+        .await?;
+    Ok(tx)
+}
+
+/// What a write was waiting for when its `lock_timeout` ran out.
+#[derive(Debug, thiserror::Error)]
+#[error("lock timeout waiting for {what}")]
+pub struct LockWait {
+    /// e.g. `a lock on template 'python-dev'`.
+    pub what: String,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+/// Whether `e` is PostgreSQL giving up a lock wait (`lock_timeout`, SQLSTATE 55P03).
+pub fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// For `map_err` on a statement that takes a lock: a lock timeout becomes a [`LockWait`] naming
+/// `what` (e.g. `a lock on template 'x'`); any other error passes through.
+pub fn waited_for(
+    what: impl FnOnce() -> String,
+) -> impl FnOnce(tokio_postgres::Error) -> anyhow::Error {
+    move |e| {
+        if is_lock_timeout(&e) {
+            LockWait {
+                what: what(),
+                source: e,
+            }
+            .into()
+        } else {
+            e.into()
+        }
+    }
+}
+
+/// A write's error as the user should read it: a lock timeout anywhere in `e` says how long the
+/// command waited, for what ([`LockWait`], or the rows it changes when the statement was not
+/// named), that another writer holds it, and what to do. Other errors are returned unchanged.
+pub fn explain_lock_timeout(e: anyhow::Error, lock_timeout: Duration) -> anyhow::Error {
+    let what = if let Some(wait) = e.chain().find_map(|c| c.downcast_ref::<LockWait>()) {
+        wait.what.clone()
+    } else if e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(is_lock_timeout)
+    {
+        "a lock on the rows this command changes".to_owned()
+    } else {
+        return e;
+    };
+    anyhow!(
+        "timed out after {lock_timeout:?} waiting for {what}; another writer (a worker's \
+         reconcile pass or another push) holds it; nothing was written — try again \
+         (PREBUILDS_CLI_LOCK_TIMEOUT or --lock-timeout sets how long to wait)"
+    )
+}
+
 /// A template addressed by name.
 #[derive(Debug, Clone)]
 pub struct TemplateRef {
@@ -161,6 +251,7 @@ pub async fn resolve_template<C: GenericClient>(
     let rows = c
         .query(&sql, &[&name, &organization])
         .await
+        .map_err(waited_for(|| format!("a lock on template '{name}'")))
         .context("looking up the template")?;
     match rows.len() {
         0 => {
@@ -259,12 +350,14 @@ pub async fn request_reconciles<C: GenericClient>(
     c: &C,
     preset_ids: &[Uuid],
     reason: ReconcileReason,
-) -> Result<usize, tokio_postgres::Error> {
+) -> anyhow::Result<usize> {
     let mut ids = preset_ids.to_vec();
     ids.sort();
     ids.dedup();
     for id in &ids {
-        prebuilds_store::lock::lock_preset(c, *id).await?;
+        prebuilds_store::lock::lock_preset(c, *id)
+            .await
+            .map_err(waited_for(|| format!("the reconcile lock of preset {id}")))?;
     }
     prebuilds_store::attention::request_reconciles(c, &ids, reason, EVENT_SOURCE).await?;
     Ok(ids.len())
@@ -287,23 +380,30 @@ pub struct Applied<T> {
     pub published: usize,
 }
 
-/// Runs `change` in one transaction, writes its reconcile jobs to the outbox in that same
-/// transaction, commits, and relays the outbox. The jobs thus exist exactly when the change does;
-/// an error from `change` rolls everything back.
+/// Runs `change` in one write transaction ([`begin_write`]), writes its reconcile jobs to the
+/// outbox in that same transaction, commits, and relays the outbox. The jobs thus exist exactly
+/// when the change does; an error from `change` rolls everything back (a lock timeout is
+/// explained by [`explain_lock_timeout`]).
 pub async fn apply_change<T>(
-    connection: &Connection,
+    ctx: &Ctx,
     change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
 ) -> anyhow::Result<Applied<T>> {
+    let connection = &ctx.connection;
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let Change {
-        outcome,
-        reconcile,
-        reason,
-    } = change(&tx).await?;
-    let requested = request_reconciles(&tx, &reconcile, reason).await?;
-    tx.commit().await?;
+    let written: anyhow::Result<(T, usize)> = async {
+        let tx = begin_write(&mut client, ctx.lock_timeout).await?;
+        let Change {
+            outcome,
+            reconcile,
+            reason,
+        } = change(&tx).await?;
+        let requested = request_reconciles(&tx, &reconcile, reason).await?;
+        tx.commit().await?;
+        Ok((outcome, requested))
+    }
+    .await;
+    let (outcome, requested) = written.map_err(|e| explain_lock_timeout(e, ctx.lock_timeout))?;
     // Back to the (two-connection) pool before relaying: the relay takes its connections from it.
     drop(client);
     let published = relay_outbox(&pool, connection, requested).await;

@@ -5,16 +5,18 @@
 //! Every command that writes does so in one transaction; what must be published because of the
 //! change (reconcile jobs) is written to the outbox in that transaction and relayed by the command
 //! itself right after the commit, so the messages are on the broker before it exits (or, if the
-//! broker is down, stay queued for the workers' relay).
+//! broker is down, stay queued for the workers' relay). A write waits at most
+//! `PREBUILDS_CLI_LOCK_TIMEOUT` for a lock another writer holds, then fails saying what it waited
+//! for.
 
 mod commands;
 mod context;
 mod output;
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use prebuilds_runtime::config::{ConnectionArgs, LogFormat};
+use prebuilds_runtime::config::{parse_duration, ConnectionArgs, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +39,12 @@ struct Cli {
     /// Log format of diagnostics on standard error.
     #[arg(long, env = "PREBUILDS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+
+    /// How long a write waits for a lock held by another writer (a worker's reconcile pass of a
+    /// preset, another push) before it gives up, saying what it waited for; 0 waits as long as
+    /// it takes.
+    #[arg(long, env = "PREBUILDS_CLI_LOCK_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    lock_timeout: Duration,
 
     #[command(subcommand)]
     command: Command,
@@ -89,7 +97,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let connection = &connection;
+    let ctx = context::Ctx {
+        connection,
+        lock_timeout: cli.lock_timeout,
+    };
+    let connection = &ctx;
     let result = match cli.command {
         Command::Migrate(args) => commands::migrate::run(connection, args).await,
         Command::Org(command) => commands::org::run(connection, command).await,

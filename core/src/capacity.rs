@@ -9,6 +9,12 @@
 //! one cycle, where `others_waiting` counts the *other* presets recorded as held back. A held-back
 //! preset is recorded and re-queued (round-robin, oldest wait first) as capacity frees, so every
 //! preset makes progress and no single large preset can take the whole budget while others wait.
+//!
+//! **Bounded transactions.** Independently of in-flight jobs, one reconcile transaction makes at
+//! most `PREBUILDS_MAX_CREATES_PER_PASS` creates over all the presets it covers ([`CreateBudget`]),
+//! so a pool of hundreds never fills in one long transaction holding its preset's lock. A preset
+//! left with creates to make asks for a follow-up pass at once; each pass sees the previous one's
+//! creates as starting, so the pool fills in steps of at most the budget.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,9 +50,56 @@ pub fn creates_allowed(requested: u32, c: &Capacity) -> u32 {
     allowed
 }
 
+/// The creates one reconcile transaction may still make (`PREBUILDS_MAX_CREATES_PER_PASS`; see
+/// the module doc). Presets take from it in the order the transaction plans them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateBudget {
+    /// `None` = unlimited.
+    remaining: Option<u32>,
+}
+
+impl CreateBudget {
+    /// A fresh budget for one transaction; `max_per_pass` 0 means unlimited.
+    pub fn new(max_per_pass: u32) -> Self {
+        CreateBudget {
+            remaining: (max_per_pass > 0).then_some(max_per_pass),
+        }
+    }
+
+    /// Takes up to `wanted` creates: returns how many may be made in this transaction. When it is
+    /// fewer than `wanted`, the caller leaves the rest to a follow-up pass.
+    pub fn take(&mut self, wanted: u32) -> u32 {
+        match &mut self.remaining {
+            None => wanted,
+            Some(remaining) => {
+                let granted = wanted.min(*remaining);
+                *remaining -= granted;
+                granted
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_is_shared_by_the_presets_of_one_transaction() {
+        // (max per pass, wanted by each preset in order, granted to each).
+        let cases: [(u32, &[u32], &[u32]); 5] = [
+            (0, &[500, 7], &[500, 7]),
+            (50, &[7], &[7]),
+            (50, &[120], &[50]),
+            (50, &[30, 30, 30], &[30, 20, 0]),
+            (1, &[0, 3, 1], &[0, 1, 0]),
+        ];
+        for (max, wanted, want) in cases {
+            let mut budget = CreateBudget::new(max);
+            let granted: Vec<u32> = wanted.iter().map(|w| budget.take(*w)).collect();
+            assert_eq!(granted, want, "max {max}, wanted {wanted:?}");
+        }
+    }
 
     #[test]
     fn unlimited_by_default_and_capped_when_set() {

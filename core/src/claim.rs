@@ -9,22 +9,29 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresetCandidate {
     pub id: Uuid,
+    /// The preset's name (for telling a user what could have matched).
+    pub name: String,
     pub parameters: Vec<(String, String)>,
 }
 
 /// The preset a claim request without `preset_id` asks for.
 ///
-/// 1. Read the request as a map; a name given twice takes its last value (as form values do).
-/// 2. A candidate matches when every one of its parameters is present in the request with an
-///    equal value (a preset without parameters matches any request).
+/// 1. Read the request as a map over the template parameters' `defaults`: a parameter the request
+///    leaves out takes its default; a name given twice takes its last value (as form values do).
+/// 2. A candidate matches when every one of its parameters is present in that map with an equal
+///    value (a preset without parameters matches any request).
 /// 3. The match with the most parameters wins; ties go to the smallest id, so the answer does not
 ///    depend on candidate order (Coder leaves ties arbitrary).
+///
+/// `None` means no preset matches (the claim's miss reason `no_matching_preset`).
 pub fn match_preset(
     candidates: &[PresetCandidate],
+    defaults: &[(String, String)],
     requested: &[(String, String)],
 ) -> Option<Uuid> {
-    let requested: HashMap<&str, &str> = requested
+    let values: HashMap<&str, &str> = defaults
         .iter()
+        .chain(requested)
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     candidates
@@ -32,7 +39,7 @@ pub fn match_preset(
         .filter(|c| {
             c.parameters
                 .iter()
-                .all(|(name, value)| requested.get(name.as_str()) == Some(&value.as_str()))
+                .all(|(name, value)| values.get(name.as_str()) == Some(&value.as_str()))
         })
         .max_by(|a, b| {
             a.parameters
@@ -57,14 +64,16 @@ mod tests {
     fn cand(id: u128, p: &[(&str, &str)]) -> PresetCandidate {
         PresetCandidate {
             id: Uuid::from_u128(id),
+            name: format!("p{id}"),
             parameters: params(p),
         }
     }
 
-    /// (name, candidates, request, expected id).
+    /// (name, candidates, template defaults, request, expected id).
     type Row = (
         &'static str,
         Vec<PresetCandidate>,
+        Vec<(String, String)>,
         Vec<(String, String)>,
         Option<u128>,
     );
@@ -76,42 +85,91 @@ mod tests {
         let large_us = cand(4, &[("cpus", "8"), ("region", "us")]);
         let any = cand(9, &[]);
         let all = vec![small.clone(), large.clone(), large_us.clone(), any.clone()];
+        let no_defaults = vec![];
+        let region_eu = params(&[("region", "eu")]);
 
         let cases: Vec<Row> = vec![
             (
                 "exact two-parameter match",
                 all.clone(),
+                no_defaults.clone(),
                 params(&[("cpus", "8"), ("region", "eu")]),
                 Some(2),
             ),
             (
                 "extra request parameters are fine",
                 all.clone(),
+                no_defaults.clone(),
                 params(&[("cpus", "2"), ("disk", "10")]),
                 Some(3),
             ),
             (
                 "value mismatch falls back to the parameterless preset",
                 all.clone(),
+                no_defaults.clone(),
                 params(&[("cpus", "4")]),
                 Some(9),
             ),
             (
-                "missing parameter does not match",
+                "missing parameter without a default does not match",
                 vec![large.clone()],
+                no_defaults.clone(),
                 params(&[("cpus", "8")]),
                 None,
             ),
-            ("no candidates", vec![], params(&[("cpus", "8")]), None),
+            (
+                "a missing parameter takes its default",
+                vec![large.clone(), large_us.clone()],
+                region_eu.clone(),
+                params(&[("cpus", "8")]),
+                Some(2),
+            ),
+            (
+                "a given value overrides the default",
+                vec![large.clone(), large_us.clone()],
+                region_eu.clone(),
+                params(&[("cpus", "8"), ("region", "us")]),
+                Some(4),
+            ),
+            (
+                "an overridden default no preset has does not match",
+                vec![large.clone()],
+                region_eu.clone(),
+                params(&[("cpus", "8"), ("region", "ap")]),
+                None,
+            ),
+            (
+                "defaults alone can match",
+                vec![large.clone()],
+                params(&[("cpus", "8"), ("region", "eu")]),
+                vec![],
+                Some(2),
+            ),
+            (
+                "a default makes the more specific preset win",
+                vec![small.clone(), cand(1, &[("cpus", "2"), ("region", "eu")])],
+                region_eu.clone(),
+                params(&[("cpus", "2")]),
+                Some(1),
+            ),
+            (
+                "no candidates",
+                vec![],
+                region_eu.clone(),
+                params(&[("cpus", "8")]),
+                None,
+            ),
             (
                 "empty request only matches parameterless",
                 vec![small.clone(), any.clone()],
+                no_defaults.clone(),
                 vec![],
                 Some(9),
             ),
             (
                 "last duplicate wins",
                 vec![small.clone()],
+                no_defaults.clone(),
                 params(&[("cpus", "2"), ("cpus", "4")]),
                 None,
             ),
@@ -122,20 +180,21 @@ mod tests {
                     cand(5, &[("b", "2")]),
                     cand(6, &[("a", "1")]),
                 ],
+                no_defaults.clone(),
                 params(&[("a", "1"), ("b", "2")]),
                 Some(5),
             ),
         ];
-        for (name, candidates, request, want) in cases {
+        for (name, candidates, defaults, request, want) in cases {
             assert_eq!(
-                match_preset(&candidates, &request),
+                match_preset(&candidates, &defaults, &request),
                 want.map(Uuid::from_u128),
                 "{name}"
             );
             let mut reversed = candidates.clone();
             reversed.reverse();
             assert_eq!(
-                match_preset(&reversed, &request),
+                match_preset(&reversed, &defaults, &request),
                 want.map(Uuid::from_u128),
                 "{name} (reversed)"
             );

@@ -8,8 +8,9 @@
 //!
 //! Modules: [`snapshot`] (inputs), [`state`](mod@state) (derived counts), [`schedule`] and [`cron`] (desired
 //! count over time and schedule validation), [`failures`] (backoff and hard limit), [`actions`](mod@actions)
-//! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps and
-//! their fair share), [`names`] (workspace names), [`claim`] (preset matching for claims).
+//! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps,
+//! their fair share, and the per-transaction create budget), [`names`] (workspace names),
+//! [`claim`] (preset matching for claims).
 
 pub mod actions;
 pub mod capacity;
@@ -26,7 +27,7 @@ pub mod state;
 pub use actions::{
     actions, can_skip, creates_to_execute, plan, Action, CreateDecision, Plan, SkipReason,
 };
-pub use capacity::{creates_allowed, Capacity};
+pub use capacity::{creates_allowed, Capacity, CreateBudget};
 pub use claim::{match_preset, PresetCandidate};
 pub use cron::{matches_cron, CronField, CronSpec, OverlapWitness};
 pub use failures::{backoff, backoff_until, failed_to_delete, is_hard_limited, Backoff};

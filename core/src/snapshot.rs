@@ -198,7 +198,7 @@ pub struct PresetSnapshot {
 /// The reconciler's tunables (`PREBUILDS_BACKOFF_INTERVAL`, `PREBUILDS_BACKOFF_LOOKBACK`,
 /// `PREBUILDS_FAILURE_HARD_LIMIT`, `PREBUILDS_HARD_LIMIT_COOLDOWN[_MAX]`,
 /// `PREBUILDS_MAX_INFLIGHT_JOBS`, `PREBUILDS_MAX_INFLIGHT_PER_PRESET`,
-/// `PREBUILDS_FAILED_RETENTION`, `PREBUILDS_FAILED_KEEP`).
+/// `PREBUILDS_MAX_CREATES_PER_PASS`, `PREBUILDS_FAILED_RETENTION`, `PREBUILDS_FAILED_KEEP`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconcileConfig {
     /// Added to the last failure once per failure in the lookback window.
@@ -215,12 +215,18 @@ pub struct ReconcileConfig {
     pub max_inflight_jobs: u32,
     /// Per-preset cap on in-flight prebuild create jobs (0 = unlimited).
     pub max_inflight_per_preset: u32,
+    /// Most prebuild creates one reconcile transaction makes, over all its presets (0 =
+    /// unlimited); the rest are made by follow-up passes ([`crate::capacity::CreateBudget`]).
+    pub max_creates_per_pass: u32,
     /// Failed prebuilds older than this are deleted (beyond the newest `failed_keep`); `None` =
     /// never (the default: failed prebuilds are evidence).
     pub failed_retention: Option<TimeDelta>,
     /// Newest failed prebuilds per preset that are always kept.
     pub failed_keep: u32,
 }
+
+/// Default of [`ReconcileConfig::max_creates_per_pass`] (`PREBUILDS_MAX_CREATES_PER_PASS`).
+pub const DEFAULT_MAX_CREATES_PER_PASS: u32 = 50;
 
 impl Default for ReconcileConfig {
     fn default() -> Self {
@@ -232,6 +238,7 @@ impl Default for ReconcileConfig {
             hard_limit_cooldown_max: TimeDelta::hours(4),
             max_inflight_jobs: 0,
             max_inflight_per_preset: 0,
+            max_creates_per_pass: DEFAULT_MAX_CREATES_PER_PASS,
             failed_retention: None,
             failed_keep: 3,
         }

@@ -359,6 +359,12 @@ pub struct ReconcileArgs {
     #[arg(long, env = "PREBUILDS_MAX_INFLIGHT_PER_PRESET", default_value_t = 0)]
     pub max_inflight_per_preset: u32,
 
+    /// Most prebuild creates one reconcile transaction makes (0 = unlimited). A preset that wants
+    /// more is re-queued at once and fills over several short passes instead of one long
+    /// transaction holding its lock.
+    #[arg(long, env = "PREBUILDS_MAX_CREATES_PER_PASS", default_value_t = 50)]
+    pub max_creates_per_pass: u32,
+
     /// Delete failed prebuilds older than this, beyond the newest PREBUILDS_FAILED_KEEP per preset
     /// (unset = never: failed prebuilds are kept for investigation).
     #[arg(long, env = "PREBUILDS_FAILED_RETENTION", value_parser = parse_duration)]

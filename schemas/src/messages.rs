@@ -464,6 +464,26 @@ pub struct ClaimError {
     pub message: String,
 }
 
+/// Why a claim got `no_eligible_prebuild` (SPEC.md §9 "Misses say why").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MissReason {
+    /// No preset of the template's active version matches the request's parameters (template
+    /// parameter defaults included).
+    NoMatchingPreset,
+    /// The preset (named or matched) has no eligible prebuild right now.
+    PoolEmpty,
+}
+
+impl MissReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissReason::NoMatchingPreset => "no_matching_preset",
+            MissReason::PoolEmpty => "pool_empty",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimReply {
@@ -473,6 +493,24 @@ pub struct ClaimReply {
     pub job_id: Option<Uuid>,
     pub preset_id: Option<Uuid>,
     pub error: Option<ClaimError>,
+    /// Set exactly when `outcome` is `no_eligible_prebuild` (absent from replies of workers that
+    /// predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<MissReason>,
+    /// With `no_matching_preset`: the presets of the template's active version the request was
+    /// matched against, so the requester can see what it could have asked for. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub presets: Vec<PresetParameters>,
+}
+
+/// A preset and the parameter values it fixes (a claim matches it when it gives, or defaults to,
+/// every one of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PresetParameters {
+    pub preset_id: Uuid,
+    pub name: String,
+    pub parameters: Vec<Parameter>,
 }
 
 impl Payload for ClaimReply {
@@ -491,6 +529,8 @@ impl Payload for ClaimReply {
             job_id: Some(example_uuid(9)),
             preset_id: Some(example_uuid(1)),
             error: None,
+            reason: None,
+            presets: vec![],
         }
     }
 }

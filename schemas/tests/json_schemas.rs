@@ -90,3 +90,40 @@ fn schemas_reject_wrong_type_and_unknown_fields() {
         );
     }
 }
+
+/// A miss says why (`reason`, and with `no_matching_preset` the presets tried); replies stored
+/// before the field existed still decode, and the schema refuses a reason it does not know.
+#[test]
+fn claim_replies_carry_a_miss_reason_and_old_replies_still_decode() {
+    use prebuilds_schemas::{ClaimReply, MissReason};
+    let entry = json_schema::all()
+        .into_iter()
+        .find(|e| e.file_name == "claim.reply.v1.schema.json")
+        .unwrap();
+    let validator = jsonschema::validator_for(&entry.schema).unwrap();
+    let miss = serde_json::json!({
+        "outcome": "no_eligible_prebuild", "workspace_id": null, "build_id": null,
+        "job_id": null, "preset_id": null, "error": null, "reason": "no_matching_preset",
+        "presets": [{"preset_id": "0192f1a4-0000-4000-8000-000000000001", "name": "large",
+                     "parameters": [{"name": "cpus", "value": "8"}]}]
+    });
+    let mut event = entry.example.clone();
+    event["data"] = miss.clone();
+    assert!(validator.is_valid(&event), "{event}");
+    let reply: ClaimReply = serde_json::from_value(miss).unwrap();
+    assert_eq!(reply.reason, Some(MissReason::NoMatchingPreset));
+    assert_eq!(reply.presets[0].parameters[0].value, "8");
+
+    event["data"]["reason"] = "bad_luck".into();
+    assert!(!validator.is_valid(&event), "an unknown reason is refused");
+
+    let old = serde_json::json!({
+        "outcome": "no_eligible_prebuild", "workspace_id": null, "build_id": null,
+        "job_id": null, "preset_id": null, "error": null
+    });
+    let reply: ClaimReply = serde_json::from_value(old).unwrap();
+    assert_eq!((reply.reason, reply.presets.len()), (None, 0));
+    // A reply without a reason leaves the fields out rather than writing nulls.
+    let written = serde_json::to_value(&reply).unwrap();
+    assert!(written.get("reason").is_none() && written.get("presets").is_none());
+}

@@ -14,12 +14,13 @@ use lapin::{
 };
 use prebuilds_runtime::amqp::{publisher::Outgoing, Publisher, QueueKind};
 use prebuilds_schemas::{
-    ClaimError, ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, RawEvent,
-    ReconcilePreset, ReconcileReason,
+    ClaimError, ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, MissReason,
+    Parameter, PresetParameters, RawEvent, ReconcilePreset, ReconcileReason,
 };
 use prebuilds_tests::{
     fixtures::{self, PrebuildSpec},
     process::binary,
+    stack::{self, FakeOutcome, FakeProvisioner},
     TestBroker, TestDb,
 };
 use serde_json::Value;
@@ -49,6 +50,11 @@ impl Env {
 
     /// Runs `prebuildsctl args…` against this test's database and prefix.
     async fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_with(args, &[]).await
+    }
+
+    /// As [`Env::ctl`], with extra environment variables.
+    async fn ctl_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
         tokio::process::Command::new(binary("prebuildsctl"))
             .args(args)
             .env("DATABASE_URL", &self.db.url)
@@ -58,6 +64,10 @@ impl Env {
             .env_remove("PREBUILDS_BACKOFF_INTERVAL")
             .env_remove("PREBUILDS_BACKOFF_LOOKBACK")
             .env_remove("PREBUILDS_FAILURE_HARD_LIMIT")
+            .env_remove("PREBUILDS_MAX_INSTANCES_PER_PRESET")
+            .env_remove("PREBUILDS_MAX_PRESETS_PER_TEMPLATE")
+            .env_remove("PREBUILDS_CLI_LOCK_TIMEOUT")
+            .envs(vars.iter().copied())
             .output()
             .await
             .expect("run prebuildsctl")
@@ -502,6 +512,176 @@ async fn template_push_reports_every_bad_input_with_file_and_field_and_writes_no
 }
 
 #[tokio::test]
+async fn template_push_refuses_files_over_the_input_bounds_and_says_how_to_raise_them() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "acme"]).await;
+    let file_with = |presets: usize, instances: u32, scheduled: u32| {
+        let mut yaml = format!(
+            "organization: acme\ntemplate: big\nversion: v{presets}-{instances}-{scheduled}\n\
+             presets:\n  - name: p0\n    prebuilds:\n      instances: {instances}\n      \
+             scheduling:\n        timezone: UTC\n        schedule:\n          \
+             - {{cron: \"* 8-18 * * 1-5\", instances: {scheduled}}}\n"
+        );
+        for i in 1..presets {
+            yaml.push_str(&format!(
+                "  - {{name: p{i}, prebuilds: {{instances: 1}}}}\n"
+            ));
+        }
+        env.write(
+            &format!("big-{presets}-{instances}-{scheduled}.yaml"),
+            &yaml,
+        )
+    };
+    let before = env.row_counts().await;
+    /// (file, extra environment, what stderr must say).
+    type Refused<'a> = (String, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let refused: Vec<Refused> = vec![
+        (
+            file_with(1, 101, 0),
+            vec![],
+            vec![
+                "presets[0].prebuilds.instances: preset 'p0' asks for 101 prebuilds, more than the \
+                 limit of 100 per preset; lower it, or raise the limit with \
+                 PREBUILDS_MAX_INSTANCES_PER_PRESET (--max-instances-per-preset)",
+                "1 problem(s) found; nothing was written",
+            ],
+        ),
+        (
+            file_with(1, 2, 101),
+            vec![],
+            vec![
+                "presets[0].prebuilds.scheduling.schedule[0].instances: preset 'p0' asks for 101 \
+                 prebuilds at '* 8-18 * * 1-5', more than the limit of 100 per preset",
+            ],
+        ),
+        (
+            file_with(101, 1, 0),
+            vec![],
+            vec![
+                "presets: template 'big' has 101 presets, more than the limit of 100 per \
+                 template; split it, or raise the limit with PREBUILDS_MAX_PRESETS_PER_TEMPLATE \
+                 (--max-presets-per-template)",
+            ],
+        ),
+        (
+            file_with(4, 1, 0),
+            vec![("PREBUILDS_MAX_PRESETS_PER_TEMPLATE", "3")],
+            vec!["presets: template 'big' has 4 presets, more than the limit of 3 per template"],
+        ),
+    ];
+    for (file, vars, wants) in &refused {
+        let out = env.ctl_with(&["template", "push", file], vars).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        for want in wants {
+            assert!(err.contains(want), "{file}: want {want:?} in:\n{err}");
+        }
+        assert_eq!(env.row_counts().await, before, "{file}: nothing written");
+    }
+    // Raised through the variables (or the flag), the same files are pushed.
+    let raised = [("PREBUILDS_MAX_INSTANCES_PER_PRESET", "200")];
+    let out = env
+        .ctl_with(&["template", "push", &refused[0].0], &raised)
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    env.ok(&[
+        "template",
+        "push",
+        &refused[2].0,
+        "--max-presets-per-template",
+        "101",
+    ])
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM template_version_presets")
+            .await,
+        1 + 101
+    );
+    // A limit of 0 would refuse everything: a usage error.
+    let out = env
+        .ctl_with(
+            &["template", "push", &refused[0].0],
+            &[("PREBUILDS_MAX_INSTANCES_PER_PRESET", "0")],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn writes_give_up_on_a_held_lock_and_say_what_they_waited_for() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "acme"]).await;
+    env.write("main.tf", MAIN_TF);
+    let v1 = env.write("v1.yaml", &template_yaml("v1", true));
+    let pushed = env.json(&["template", "push", &v1, "--json"]).await;
+    let large = preset_ids(&pushed[0])["large"];
+    env.reconcile_jobs().await;
+
+    // A worker's reconcile pass of v1's `large` holds its lock; activating v2 must take it (the
+    // old version's pool drains), gives up after the timeout and writes nothing.
+    let mut holder = env.db.pool.get().await.unwrap();
+    let holding = holder.transaction().await.unwrap();
+    prebuilds_store::lock::lock_preset(&holding, large)
+        .await
+        .unwrap();
+    let before = env.row_counts().await;
+    let v2 = env.write("v2.yaml", &template_yaml("v2", true));
+    let started = std::time::Instant::now();
+    let out = env
+        .ctl_with(
+            &["template", "push", &v2],
+            &[("PREBUILDS_CLI_LOCK_TIMEOUT", "1s")],
+        )
+        .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "timed out after 1s waiting for the reconcile lock of preset {large}; another writer \
+             (a worker's reconcile pass or another push) holds it; nothing was written — try \
+             again (PREBUILDS_CLI_LOCK_TIMEOUT or --lock-timeout sets how long to wait)"
+        )),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "it did not hang"
+    );
+    assert_eq!(env.row_counts().await, before, "nothing written");
+    holding.rollback().await.unwrap();
+    env.ok(&["template", "push", &v2]).await;
+
+    // Another writer holds the template row: the command names the template.
+    let holding = holder.transaction().await.unwrap();
+    holding
+        .execute(
+            "SELECT 1 FROM templates WHERE name = 'python-dev' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = env
+        .ctl(&[
+            "template",
+            "invalidate",
+            "python-dev",
+            "--lock-timeout",
+            "300ms",
+        ])
+        .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "timed out after 300ms waiting for a lock on template 'python-dev'; another writer"
+        ),
+        "{err}"
+    );
+    holding.rollback().await.unwrap();
+    env.ok(&["template", "invalidate", "python-dev"]).await;
+}
+
+#[tokio::test]
 async fn template_invalidate_deprecate_and_delete_change_the_template_and_reconcile_its_presets() {
     let env = Env::new().await;
     env.ok(&["org", "create", "acme"]).await;
@@ -931,7 +1111,8 @@ async fn pause_and_resume_flip_each_scope_and_resume_requests_settings_changed_r
 // Claims
 
 /// Answers claim requests like a worker would: `claimed` for preset requests, `no_eligible_prebuild`
-/// for template requests, `rejected` for the name `taken`. Every request is reported.
+/// with `no_matching_preset` (and two presets) for template requests, `pool_empty` for the name
+/// `empty`, `rejected` for the name `taken`. Every request is reported.
 async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEvent<ClaimRequest>> {
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
     let connection = prebuilds_runtime::amqp::connect(&broker.url, "test-claim-responder")
@@ -970,6 +1151,19 @@ async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEv
                         code: ClaimErrorCode::NameConflict,
                         message: "the user already has a workspace named taken".into(),
                     }),
+                    reason: None,
+                    presets: vec![],
+                }
+            } else if request.data.workspace_name == "empty" {
+                ClaimReply {
+                    outcome: ClaimOutcome::NoEligiblePrebuild,
+                    workspace_id: None,
+                    build_id: None,
+                    job_id: None,
+                    preset_id: request.data.preset_id,
+                    error: None,
+                    reason: Some(MissReason::PoolEmpty),
+                    presets: vec![],
                 }
             } else if request.data.preset_id.is_some() {
                 ClaimReply {
@@ -979,6 +1173,8 @@ async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEv
                     job_id: Some(Uuid::from_u128(3)),
                     preset_id: request.data.preset_id,
                     error: None,
+                    reason: None,
+                    presets: vec![],
                 }
             } else {
                 ClaimReply {
@@ -988,6 +1184,28 @@ async fn claim_responder(broker: &TestBroker) -> mpsc::UnboundedReceiver<CloudEv
                     job_id: None,
                     preset_id: None,
                     error: None,
+                    reason: Some(MissReason::NoMatchingPreset),
+                    presets: vec![
+                        PresetParameters {
+                            preset_id: Uuid::from_u128(7),
+                            name: "large".into(),
+                            parameters: vec![
+                                Parameter {
+                                    name: "cpus".into(),
+                                    value: "8".into(),
+                                },
+                                Parameter {
+                                    name: "region".into(),
+                                    value: "eu".into(),
+                                },
+                            ],
+                        },
+                        PresetParameters {
+                            preset_id: Uuid::from_u128(8),
+                            name: "any".into(),
+                            parameters: vec![],
+                        },
+                    ],
                 }
             };
             let event = CloudEvent::new("test-responder", Utc::now(), reply);
@@ -1051,7 +1269,8 @@ async fn claim_sends_the_request_and_prints_the_reply() {
     assert_eq!(request.data.preset_id, Some(fx.preset_id));
     assert_eq!(request.data.parameters[0].name, "dotfiles");
 
-    // By template and parameters: the template id is resolved; no eligible prebuild → exit 1.
+    // By template and parameters: the template id is resolved; no preset matches → exit 1, with
+    // the reason and the presets' parameter sets.
     let out = env
         .ctl(&[
             "claim",
@@ -1067,15 +1286,24 @@ async fn claim_sends_the_request_and_prints_the_reply() {
         .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stdout(&out).contains("no_eligible_prebuild"),
+        stdout(&out).contains("no_eligible_prebuild")
+            && stdout(&out).contains("no_matching_preset"),
         "{}",
         stdout(&out)
     );
-    assert!(
-        stderr(&out).contains("no eligible prebuild"),
-        "{}",
-        stderr(&out)
-    );
+    let err = stderr(&out);
+    for want in [
+        "no eligible prebuild (no_matching_preset): no preset of template 'python-dev' matches \
+         cpus=8 (parameters left out take their defaults); the presets of its active version are:",
+        &format!("\n  large ({}): cpus=8 region=eu\n", Uuid::from_u128(7)),
+        &format!(
+            "\n  any ({}): (no parameters: matches any request)\n",
+            Uuid::from_u128(8)
+        ),
+        "pass --param values equal to one of them, or --preset ID",
+    ] {
+        assert!(err.contains(want), "want {want:?} in:\n{err}");
+    }
     let request = seen.recv().await.unwrap();
     assert_eq!(request.data.template_id, Some(fx.template_id));
     assert_eq!(request.data.preset_id, None);
@@ -1086,6 +1314,50 @@ async fn claim_sends_the_request_and_prints_the_reply() {
         ),
         ("cpus", "8")
     );
+    // --json prints the reason and the presets.
+    let out = env
+        .ctl(&[
+            "claim",
+            "--user",
+            "alice",
+            "--template",
+            "python-dev",
+            "--name",
+            "alice-dev3",
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["outcome"], "no_eligible_prebuild");
+    assert_eq!(rows[0]["reason"], "no_matching_preset");
+    assert_eq!(rows[0]["presets"][0]["name"], "large");
+    assert_eq!(rows[0]["presets"][0]["parameters"][0]["name"], "cpus");
+    assert!(
+        stderr(&out).contains("matches no --param values"),
+        "{}",
+        stderr(&out)
+    );
+    seen.recv().await.unwrap();
+
+    // The pool of the preset is empty: pool_empty, naming it.
+    let out = env
+        .ctl(&[
+            "claim", "--user", "alice", "--preset", &preset, "--name", "empty", "--json",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["reason"], "pool_empty");
+    assert_eq!(rows[0]["presets"], serde_json::json!([]));
+    assert!(
+        stderr(&out).contains(&format!(
+            "no eligible prebuild (pool_empty): preset {preset} has no ready, unexpired prebuild"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    seen.recv().await.unwrap();
 
     // Rejected → exit 1 with the code.
     let out = env
@@ -1117,6 +1389,122 @@ async fn claim_sends_the_request_and_prints_the_reply() {
         ])
         .await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The claim example of `prebuildsctl --help` against the demo template (`examples/`), with a
+/// real worker and a provisioner that succeeds: `cpus=8` alone matches `large` (region takes its
+/// default); misses say why.
+#[tokio::test]
+async fn the_help_claim_example_claims_from_the_demo_template() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "demo"]).await;
+    env.ok(&["user", "create", "--username", "alice"]).await;
+    let demo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/demo-template.yaml"
+    );
+    let pushed = env.json(&["template", "push", demo, "--json"]).await;
+    let presets = preset_ids(&pushed[0]);
+    let _provisioner = FakeProvisioner::start(&env.broker, |_| FakeOutcome::Succeed).await;
+    let (_worker, _) = stack::start(
+        "prebuilds-worker",
+        &env.db,
+        &env.broker,
+        &[("RUST_LOG", "warn")],
+    );
+    stack::wait_for(
+        Duration::from_secs(30),
+        "a ready large prebuild",
+        || async { stack::pool_counts(&env.db, presets["large"]).await.eligible >= 1 },
+    )
+    .await;
+
+    // Exactly the example of `prebuildsctl --help`.
+    let help = stdout(&env.ok(&["--help"]).await);
+    let example = help
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("prebuildsctl claim "))
+        .expect("a claim example");
+    let args: Vec<&str> = example.split_whitespace().skip(1).collect();
+    assert_eq!(
+        args,
+        [
+            "claim",
+            "--user",
+            "alice",
+            "--template",
+            "python-dev",
+            "--param",
+            "cpus=8",
+            "--name",
+            "dev"
+        ]
+    );
+    let mut json_args = args.clone();
+    json_args.push("--json");
+    let rows = env.json(&json_args).await;
+    assert_eq!(rows[0]["outcome"], "claimed", "{rows:?}");
+    assert_eq!(rows[0]["preset_id"], presets["large"].to_string());
+    assert_eq!(rows[0]["reason"], Value::Null);
+
+    // No preset has cpus=4: the error lists both presets' parameters.
+    let out = env
+        .ctl(&[
+            "claim",
+            "--user",
+            "alice",
+            "--template",
+            "python-dev",
+            "--param",
+            "cpus=4",
+            "--name",
+            "dev2",
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["reason"], "no_matching_preset");
+    let err = stderr(&out);
+    for want in [
+        format!("large ({}): cpus=8 region=eu", presets["large"]),
+        format!("small ({}): cpus=2 region=eu", presets["small"]),
+    ] {
+        assert!(err.contains(&want), "want {want:?} in:\n{err}");
+    }
+
+    // With reconciliation paused the large pool is not refilled: claiming it dry says pool_empty.
+    env.ok(&["pause"]).await;
+    let mut reasons = Vec::new();
+    for i in 0..4 {
+        let name = format!("drain-{i}");
+        let out = env
+            .ctl(&[
+                "claim",
+                "--user",
+                "alice",
+                "--template",
+                "python-dev",
+                "--param",
+                "cpus=8",
+                "--name",
+                &name,
+                "--json",
+            ])
+            .await;
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        reasons.push(rows[0]["reason"].clone());
+        if rows[0]["outcome"] != "claimed" {
+            assert_eq!(rows[0]["preset_id"], presets["large"].to_string());
+            break;
+        }
+    }
+    assert_eq!(
+        reasons.last(),
+        Some(&Value::from("pool_empty")),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test]
@@ -1544,6 +1932,38 @@ fn usage_errors_exit_with_2_and_help_with_0() {
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("Example"),
             "{args:?}"
+        );
+    }
+    // The input bounds and the lock timeout, with their variables and defaults.
+    let help = String::from_utf8_lossy(&run(&["template", "push", "--help"]).stdout).into_owned();
+    for (flag, var, default) in [
+        (
+            "--max-instances-per-preset",
+            "PREBUILDS_MAX_INSTANCES_PER_PRESET",
+            "100",
+        ),
+        (
+            "--max-presets-per-template",
+            "PREBUILDS_MAX_PRESETS_PER_TEMPLATE",
+            "100",
+        ),
+        ("--lock-timeout", "PREBUILDS_CLI_LOCK_TIMEOUT", "10s"),
+    ] {
+        let line = help
+            .lines()
+            .position(|l| l.contains(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from:\n{help}"));
+        // clap puts "[env: …]" and "[default: …]" right after the flag's description.
+        let tail: String = help
+            .lines()
+            .skip(line)
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            tail.contains(&format!("[env: {var}="))
+                && tail.contains(&format!("[default: {default}]")),
+            "{flag}: {tail}"
         );
     }
 }

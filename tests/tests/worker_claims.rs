@@ -6,7 +6,9 @@ use std::sync::Arc;
 use chrono::{TimeDelta, Utc};
 use prebuilds_core::ReconcileConfig;
 use prebuilds_runtime::amqp::Publisher;
-use prebuilds_schemas::{ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, Parameter};
+use prebuilds_schemas::{
+    ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, MissReason, Parameter, PresetParameters,
+};
 use prebuilds_tests::{
     fixtures::{self, PrebuildSpec, PresetFixture},
     TestBroker, TestDb,
@@ -116,6 +118,8 @@ async fn a_claim_transfers_a_ready_prebuild_and_queues_the_claim_build_and_a_rep
     // The pool is now empty: the next claim misses.
     let miss = ask(&ctx, &request(user, "other", fx.preset_id)).await;
     assert_eq!(miss.outcome, ClaimOutcome::NoEligiblePrebuild);
+    assert_eq!(miss.reason, Some(MissReason::PoolEmpty));
+    assert_eq!(miss.preset_id, Some(fx.preset_id));
 }
 
 #[tokio::test]
@@ -224,6 +228,117 @@ async fn a_claim_without_a_preset_matches_the_most_specific_preset_by_parameters
         params,
         serde_json::json!([{"name": "dotfiles", "value": "x"}, {"name": "region", "value": "eu"}])
     );
+}
+
+fn param(name: &str, value: &str) -> Parameter {
+    Parameter {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+/// The demo template's shape (examples/demo-template.yaml): `cpus` required, `region` defaulting
+/// to `eu`; presets `small` {cpus 2, region eu} with one ready prebuild and `large` {cpus 8,
+/// region eu} with none.
+#[tokio::test]
+async fn template_claims_take_parameter_defaults_and_misses_say_why() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let (ctx, _) = contexts(&db, &broker).await;
+    let (small, user) = world(&db, 1).await;
+    let c = db.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO template_version_parameters (template_version_id, name, required, default_value)
+         VALUES ($1, 'cpus', true, NULL), ($1, 'region', false, 'eu')",
+        &[&small.version_id],
+    )
+    .await
+    .unwrap();
+    let large = Uuid::new_v4();
+    c.execute(
+        "INSERT INTO template_version_presets (id, template_version_id, name, desired_instances)
+         VALUES ($1, $2, 'large', 1)",
+        &[&large, &small.version_id],
+    )
+    .await
+    .unwrap();
+    for (preset, cpus) in [(small.preset_id, "2"), (large, "8")] {
+        c.execute(
+            "INSERT INTO template_version_preset_parameters VALUES ($1, 'cpus', $2), ($1, 'region', 'eu')",
+            &[&preset, &cpus],
+        )
+        .await
+        .unwrap();
+    }
+    let by_template = |name: &str, parameters: Vec<Parameter>| ClaimRequest {
+        user_id: user,
+        workspace_name: name.into(),
+        preset_id: None,
+        template_id: Some(small.template_id),
+        parameters,
+    };
+
+    // region left out: it takes its default and the request matches `small`, which has a prebuild.
+    let reply = ask(&ctx, &by_template("defaulted", vec![param("cpus", "2")])).await;
+    assert_eq!(reply.outcome, ClaimOutcome::Claimed, "{reply:?}");
+    assert_eq!(reply.preset_id, Some(small.preset_id));
+    assert_eq!((reply.reason, reply.presets.len()), (None, 0));
+
+    // Matches `large` through the default, whose pool is empty.
+    let reply = ask(&ctx, &by_template("large", vec![param("cpus", "8")])).await;
+    assert_eq!(reply.outcome, ClaimOutcome::NoEligiblePrebuild);
+    assert_eq!(reply.reason, Some(MissReason::PoolEmpty));
+    assert_eq!(reply.preset_id, Some(large));
+    assert!(reply.presets.is_empty());
+
+    // An explicit value overrides the default, and then nothing matches: the reply lists what
+    // would have, by name.
+    let reply = ask(
+        &ctx,
+        &by_template("us", vec![param("cpus", "2"), param("region", "us")]),
+    )
+    .await;
+    assert_eq!(reply.outcome, ClaimOutcome::NoEligiblePrebuild);
+    assert_eq!(reply.reason, Some(MissReason::NoMatchingPreset));
+    assert_eq!(reply.preset_id, None);
+    let listed = |id, name: &str, cpus: &str| PresetParameters {
+        preset_id: id,
+        name: name.into(),
+        parameters: vec![param("cpus", cpus), param("region", "eu")],
+    };
+    assert_eq!(
+        reply.presets,
+        vec![
+            listed(small.preset_id, "default", "2"),
+            listed(large, "large", "8")
+        ]
+    );
+    // A request without parameters matches neither (cpus has no default).
+    let reply = ask(&ctx, &by_template("bare", vec![])).await;
+    assert_eq!(reply.reason, Some(MissReason::NoMatchingPreset));
+    // The reason is part of the stored reply: a retry of the request gets it again.
+    let id = Uuid::new_v4();
+    let first = claim(&ctx, id, &by_template("again", vec![]))
+        .await
+        .unwrap()
+        .0;
+    let again = claim(&ctx, id, &by_template("again", vec![]))
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(first, again);
+    assert_eq!(again.reason, Some(MissReason::NoMatchingPreset));
+    assert_eq!(again.presets.len(), 2);
+    // Misses are counted as such in claim_requests (the status history).
+    let misses: i64 = c
+        .query_one(
+            "SELECT count(*) FROM claim_requests WHERE outcome = 'no_eligible_prebuild'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(misses, 4);
 }
 
 #[tokio::test]

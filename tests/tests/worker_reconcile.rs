@@ -358,6 +358,87 @@ async fn under_a_global_cap_a_batch_leaves_creates_to_lone_reconciles() {
     assert_eq!(pool_counts(&db, empty.preset_id).await.created, 2);
 }
 
+/// `reconcile.preset` jobs for `preset_id` waiting in the outbox (a pass's follow-up requests).
+async fn follow_ups(db: &TestDb, preset_id: Uuid) -> Vec<serde_json::Value> {
+    let c = db.pool.get().await.unwrap();
+    c.query(
+        "SELECT body::jsonb FROM outbox
+         WHERE routing_key = 'reconcile.preset' AND body::jsonb -> 'data' ->> 'preset_id' = $1",
+        &[&preset_id.to_string()],
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn a_pool_larger_than_the_create_budget_fills_over_re_queued_passes() {
+    let db = TestDb::new().await;
+    let ctx = ReconcileContext {
+        config: ReconcileConfig {
+            max_creates_per_pass: 3,
+            ..ReconcileConfig::default()
+        },
+        ..context(&db)
+    };
+    let fx = world(&db, Some(7)).await;
+    // (creates of the pass, follow-ups queued so far): 3 + 3 + 1, a follow-up after each short pass.
+    for (created, queued) in [(3, 1), (6, 2), (7, 2)] {
+        let ReconcileOutcome::Reconciled(report) = reconcile(&ctx, fx.preset_id).await else {
+            panic!("reconciled");
+        };
+        assert_eq!(pool_counts(&db, fx.preset_id).await.created, created);
+        assert_eq!(report.deferred, 7 - created as u32, "{report:?}");
+        let jobs = follow_ups(&db, fx.preset_id).await;
+        assert_eq!(jobs.len(), queued, "{jobs:#?}");
+        assert_eq!(jobs[0]["data"]["reason"], "tick");
+        assert_eq!(jobs[0]["source"], "test");
+    }
+    // Full: nothing more to do, nothing re-queued.
+    reconcile(&ctx, fx.preset_id).await;
+    assert_eq!(pool_counts(&db, fx.preset_id).await.created, 7);
+    assert_eq!(follow_ups(&db, fx.preset_id).await.len(), 2);
+
+    // The budget is per transaction: a batch shares it among its presets, in order.
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "budget").await;
+    let first = fixtures::template_with_preset(&c, org, "first", Some(2)).await;
+    let second = fixtures::template_with_preset(&c, org, "second", Some(2)).await;
+    let attempts = reconcile_batch(
+        &ctx,
+        &[fresh_job(first.preset_id), fresh_job(second.preset_id)],
+    )
+    .await
+    .expect("batch");
+    let deferred = |a: &Attempt| match a {
+        Attempt::Done(ReconcileOutcome::Reconciled(r)) => (r.created, r.deferred),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(deferred(&attempts[0]), (2, 0));
+    assert_eq!(deferred(&attempts[1]), (1, 1));
+    assert!(follow_ups(&db, first.preset_id).await.is_empty());
+    assert_eq!(follow_ups(&db, second.preset_id).await.len(), 1);
+
+    // 0 = unlimited: one pass creates everything.
+    let unlimited = ReconcileContext {
+        config: ReconcileConfig {
+            max_creates_per_pass: 0,
+            ..ReconcileConfig::default()
+        },
+        ..context(&db)
+    };
+    let big = fixtures::template_with_preset(&c, org, "big", Some(60)).await;
+    reconcile(&unlimited, big.preset_id).await;
+    assert_eq!(pool_counts(&db, big.preset_id).await.created, 60);
+    // The default budget is 50.
+    let default = fixtures::template_with_preset(&c, org, "default", Some(60)).await;
+    reconcile(&context(&db), default.preset_id).await;
+    assert_eq!(pool_counts(&db, default.preset_id).await.created, 50);
+    assert_eq!(follow_ups(&db, default.preset_id).await.len(), 1);
+}
+
 #[tokio::test]
 async fn a_preset_that_fails_inside_a_batch_fails_only_its_own_job() {
     let db = TestDb::new().await;

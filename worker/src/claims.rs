@@ -9,10 +9,16 @@
 //!    pass, claims one eligible prebuild with `FOR UPDATE SKIP LOCKED`: concurrent claims never
 //!    pick the same prebuild and never wait on each other; a prebuild being deleted is never
 //!    claimed, and a claimed one is never deleted (see `sql/mark_deleting.sql`). A request that
-//!    names a template and parameters instead of a preset is matched to a preset first.
+//!    names a template and parameters instead of a preset is matched to a preset first, with the
+//!    template parameters' defaults standing in for the parameters it leaves out
+//!    (`prebuilds_core::match_preset`).
 //! 3. Build N+1 `start` (initiator the user, stage `claim`, preset parameters plus the user's),
 //!    its provisioner job and an immediate reconcile of the preset (reason `claim`) go to the
 //!    outbox in the same transaction — the replacement prebuild is queued right after commit.
+//!
+//! A `no_eligible_prebuild` reply says why (`reason`): `no_matching_preset`, with the presets the
+//! request was matched against, or `pool_empty` when the named or matched preset has no eligible
+//! prebuild now.
 //!
 //! Latency is mostly round trips, so a request that names its preset usually takes two: `BEGIN`,
 //! the lock and the attempt together; then the writes, the request record and `COMMIT` together
@@ -36,7 +42,8 @@ use prebuilds_runtime::{
 };
 use prebuilds_schemas::{
     BuildStage, ClaimError, ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent,
-    Parameter, ProvisionerJob, RawEvent, ReconcilePreset, ReconcileReason, Transition,
+    MissReason, Parameter, PresetParameters, ProvisionerJob, RawEvent, ReconcilePreset,
+    ReconcileReason, Transition,
 };
 use tokio::sync::Notify;
 use tokio_postgres::{types::ToSql, Row, Statement};
@@ -172,17 +179,36 @@ fn rejected(
             code,
             message: message.into(),
         }),
+        reason: None,
+        presets: vec![],
     }
 }
 
-fn no_eligible(preset_id: Option<Uuid>) -> ClaimReply {
+/// The matched or named preset has no eligible prebuild now.
+fn pool_empty(preset_id: Uuid) -> ClaimReply {
     ClaimReply {
         outcome: ClaimOutcome::NoEligiblePrebuild,
         workspace_id: None,
         build_id: None,
         job_id: None,
-        preset_id,
+        preset_id: Some(preset_id),
         error: None,
+        reason: Some(MissReason::PoolEmpty),
+        presets: vec![],
+    }
+}
+
+/// No preset of the template's active version matches; `presets` are the ones that were tried.
+fn no_matching_preset(presets: Vec<PresetParameters>) -> ClaimReply {
+    ClaimReply {
+        outcome: ClaimOutcome::NoEligiblePrebuild,
+        workspace_id: None,
+        build_id: None,
+        job_id: None,
+        preset_id: None,
+        error: None,
+        reason: Some(MissReason::NoMatchingPreset),
+        presets,
     }
 }
 
@@ -478,8 +504,10 @@ async fn decide(
         (Some(id), _) => id,
         (None, Some(template_id)) => {
             match matching_preset(client, template_id, &request.parameters).await? {
-                Some(id) => id,
-                None => return Ok(answer(no_eligible(None), PresetLabels::default())),
+                Ok(id) => id,
+                Err(tried) => {
+                    return Ok(answer(no_matching_preset(tried), PresetLabels::default()));
+                }
             }
         }
         (None, None) => {
@@ -543,7 +571,7 @@ async fn decide(
         }
     };
     let Some((workspace_id, previous_build)) = claimed else {
-        return Ok(answer(no_eligible(Some(preset_id)), labels));
+        return Ok(answer(pool_empty(preset_id), labels));
     };
     let now: DateTime<Utc> = row.get("now");
     let preset_parameters: Vec<Parameter> =
@@ -571,6 +599,8 @@ async fn decide(
         job_id: Some(job.job_id),
         preset_id: Some(preset_id),
         error: None,
+        reason: None,
+        presets: vec![],
     };
     let writes = ClaimWrites {
         job: CloudEvent::new(ctx.source.clone(), now, job),
@@ -599,38 +629,71 @@ fn claimed_prebuild(row: &Row) -> Option<(Uuid, i32)> {
     Some((workspace_id, row.get("claimed_build_number")))
 }
 
-/// The preset of the template's active version whose parameters all appear with equal values in
-/// the request, preferring the one with most parameters.
+/// The preset of the template's active version that the request matches, its parameters'
+/// defaults filling in what it leaves out (`prebuilds_core::match_preset`); when none matches, the
+/// presets that were tried, by name.
 async fn matching_preset(
     client: &Client,
     template_id: Uuid,
     requested: &[Parameter],
-) -> Result<Option<Uuid>, DbError> {
+) -> Result<Result<Uuid, Vec<PresetParameters>>, DbError> {
     let rows = cached::query(
         client,
         include_str!("sql/claim_match_candidates.sql"),
         &[&template_id],
     )
     .await?;
-    let mut by_preset: BTreeMap<Uuid, Vec<(String, String)>> = BTreeMap::new();
+    let mut by_preset: BTreeMap<Uuid, prebuilds_core::PresetCandidate> = BTreeMap::new();
+    let mut defaults: Vec<(String, String)> = Vec::new();
     for r in rows {
-        let params = by_preset.entry(r.get("id")).or_default();
-        if let (Some(name), Some(value)) = (
+        let value = match (
             r.get::<_, Option<String>>("name"),
             r.get::<_, Option<String>>("value"),
         ) {
-            params.push((name, value));
+            (Some(name), Some(value)) => Some((name, value)),
+            _ => None,
+        };
+        if r.get::<_, &str>("kind") == "default" {
+            defaults.extend(value);
+            continue;
         }
+        let id: Uuid = r.get("id");
+        by_preset
+            .entry(id)
+            .or_insert_with(|| prebuilds_core::PresetCandidate {
+                id,
+                name: r.get("preset_name"),
+                parameters: Vec::new(),
+            })
+            .parameters
+            .extend(value);
     }
-    let candidates: Vec<prebuilds_core::PresetCandidate> = by_preset
-        .into_iter()
-        .map(|(id, parameters)| prebuilds_core::PresetCandidate { id, parameters })
-        .collect();
+    let candidates: Vec<prebuilds_core::PresetCandidate> = by_preset.into_values().collect();
     let requested: Vec<(String, String)> = requested
         .iter()
         .map(|p| (p.name.clone(), p.value.clone()))
         .collect();
-    Ok(prebuilds_core::match_preset(&candidates, &requested))
+    if let Some(id) = prebuilds_core::match_preset(&candidates, &defaults, &requested) {
+        return Ok(Ok(id));
+    }
+    let mut tried: Vec<PresetParameters> = candidates
+        .into_iter()
+        .map(|c| {
+            let mut parameters: Vec<Parameter> = c
+                .parameters
+                .into_iter()
+                .map(|(name, value)| Parameter { name, value })
+                .collect();
+            parameters.sort_by(|a, b| a.name.cmp(&b.name));
+            PresetParameters {
+                preset_id: c.id,
+                name: c.name,
+                parameters,
+            }
+        })
+        .collect();
+    tried.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Err(tried))
 }
 
 /// The claim build's parameters: the user's values, overridden by the preset's for the

@@ -96,6 +96,7 @@ impl WorkerArgs {
             hard_limit_cooldown_max: delta(r.hard_limit_cooldown_max),
             max_inflight_jobs: r.max_inflight_jobs,
             max_inflight_per_preset: r.max_inflight_per_preset,
+            max_creates_per_pass: r.max_creates_per_pass,
             failed_retention: r.failed_retention.map(delta),
             failed_keep: r.failed_keep,
         }

@@ -4,6 +4,11 @@
 //! waits for the worker's `prebuilds.claim.reply.v1` (through the shared
 //! `prebuilds_runtime::amqp::rpc::RpcClient`).
 //!
+//! A miss says why: `reason` is `pool_empty` (the preset has no eligible prebuild now) or
+//! `no_matching_preset` (no preset of the template's active version matches the --param values,
+//! defaults included); for the latter the worker's reply lists the presets it tried, and the error
+//! shows their parameter sets.
+//!
 //! The CloudEvent `id` is the idempotency key: `--request-id` re-sends a request under the same id
 //! and gets the first outcome back (for a claim whose reply was lost to a timeout).
 
@@ -18,7 +23,9 @@ use prebuilds_runtime::{
     },
     config::{parse_duration, Connection},
 };
-use prebuilds_schemas::{ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, Parameter};
+use prebuilds_schemas::{
+    ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, MissReason, Parameter, PresetParameters,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -36,7 +43,12 @@ use crate::{
         rejected or no reply came in time.\n\n\
         Examples:\n  \
         prebuildsctl claim --user alice --preset 0b6c2f1e-… --name alice-dev\n  \
-        prebuildsctl claim --user alice --template python-dev --param cpus=8 --param region=eu --name alice-dev"
+        prebuildsctl claim --user alice --template python-dev --param cpus=8 --param region=eu --name alice-dev\n  \
+        prebuildsctl claim --user alice --template python-dev --param cpus=8 --name alice-dev   # region takes its default\n\n\
+        A miss (no_eligible_prebuild) gives its reason: pool_empty (the preset has no eligible \
+        prebuild right now) or no_matching_preset (no preset of the template's active version \
+        matches the --param values, parameters left out taking their defaults; the presets and \
+        their parameter values are listed)."
 )]
 pub struct Args {
     /// Username of the claimant.
@@ -88,6 +100,10 @@ struct ClaimResult {
     preset_id: Option<Uuid>,
     error_code: Option<String>,
     error_message: Option<String>,
+    /// With `no_eligible_prebuild`: `pool_empty` or `no_matching_preset`.
+    reason: Option<MissReason>,
+    /// With `no_matching_preset`: the presets of the active version and their parameter values.
+    presets: Vec<PresetParameters>,
     latency_ms: f64,
 }
 
@@ -161,6 +177,8 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
                     .unwrap_or_default()
             }),
             error_message: reply.error.as_ref().map(|e| e.message.clone()),
+            reason: reply.reason,
+            presets: reply.presets.clone(),
             latency_ms: latency.as_secs_f64() * 1000.0,
         },
         None => ClaimResult {
@@ -172,6 +190,8 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
             preset_id: None,
             error_code: None,
             error_message: None,
+            reason: None,
+            presets: vec![],
             latency_ms: latency.as_secs_f64() * 1000.0,
         },
     };
@@ -187,6 +207,10 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
             ("build_id", opt(result.build_id)),
             ("job_id", opt(result.job_id)),
             ("preset_id", opt(result.preset_id)),
+            (
+                "reason",
+                output::opt_text(result.reason.map(MissReason::as_str)),
+            ),
             ("error_code", output::opt_text(result.error_code.as_deref())),
             (
                 "error_message",
@@ -201,10 +225,7 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
     }
     match reply.map(|r| (r.outcome, r.error)) {
         Some((ClaimOutcome::Claimed, _)) => Ok(()),
-        Some((ClaimOutcome::NoEligiblePrebuild, _)) => bail!(
-            "no eligible prebuild: the pool has no ready, unexpired prebuild of this preset right \
-             now (create a regular workspace instead, or check the pool with `prebuildsctl status`)"
-        ),
+        Some((ClaimOutcome::NoEligiblePrebuild, _)) => bail!("{}", miss_message(&args, &result)),
         Some((ClaimOutcome::Rejected, error)) => {
             let error = error
                 .map(|e| format!("{}: {}", result.error_code.unwrap_or_default(), e.message))
@@ -219,6 +240,62 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
             event.id
         ),
     }
+}
+
+/// Why nothing was claimed, and what to do about it.
+fn miss_message(args: &Args, result: &ClaimResult) -> String {
+    match result.reason {
+        Some(MissReason::NoMatchingPreset) => {
+            let template = args.template.as_deref().unwrap_or("?");
+            let given = if args.params.is_empty() {
+                "no --param values".to_owned()
+            } else {
+                args.params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let presets = if result.presets.is_empty() {
+                "it has none (push a version with presets, or activate one)".to_owned()
+            } else {
+                result
+                    .presets
+                    .iter()
+                    .map(|p| format!("\n  {}", preset_line(p)))
+                    .collect::<String>()
+            };
+            format!(
+                "no eligible prebuild (no_matching_preset): no preset of template '{template}' \
+                 matches {given} (parameters left out take their defaults); the presets of its \
+                 active version are:{presets}\npass --param values equal to one of them, or \
+                 --preset ID"
+            )
+        }
+        Some(MissReason::PoolEmpty) => format!(
+            "no eligible prebuild (pool_empty): preset {} has no ready, unexpired prebuild right \
+             now (create a regular workspace instead, or check the pool with `prebuildsctl status`)",
+            opt(result.preset_id)
+        ),
+        // A worker that predates miss reasons.
+        None => "no eligible prebuild: the pool has no ready, unexpired prebuild of this preset right \
+              now (create a regular workspace instead, or check the pool with `prebuildsctl status`)"
+            .to_owned(),
+    }
+}
+
+/// `small (0b6c…): cpus=2 region=eu`.
+fn preset_line(p: &PresetParameters) -> String {
+    let values = if p.parameters.is_empty() {
+        "(no parameters: matches any request)".to_owned()
+    } else {
+        p.parameters
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.value))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!("{} ({}): {values}", p.name, p.preset_id)
 }
 
 fn opt(id: Option<Uuid>) -> String {

@@ -4,13 +4,13 @@ use std::collections::HashMap;
 
 use anyhow::bail;
 use chrono::{DateTime, Utc};
-use prebuilds_runtime::config::Connection;
+
 use prebuilds_schemas::ReconcileReason;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    context::{apply_change, connect_db, Applied, Change},
+    context::{apply_change, connect_db, Applied, Change, Ctx},
     output,
 };
 
@@ -83,7 +83,7 @@ struct CancelRow {
     result: String,
 }
 
-pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
         Command::List {
             status,
@@ -96,7 +96,7 @@ pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()
 }
 
 async fn list(
-    connection: &Connection,
+    connection: &Ctx,
     status: Option<String>,
     initiator: Option<String>,
     limit: i64,
@@ -170,7 +170,7 @@ async fn list(
     )
 }
 
-async fn cancel(connection: &Connection, mut ids: Vec<Uuid>, json: bool) -> anyhow::Result<()> {
+async fn cancel(connection: &Ctx, mut ids: Vec<Uuid>, json: bool) -> anyhow::Result<()> {
     ids.sort();
     ids.dedup();
     let Applied {

@@ -1,12 +1,14 @@
 //! `prebuildsctl org create NAME`.
 
 use anyhow::bail;
-use prebuilds_runtime::config::Connection;
+
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    context::{connect_db, is_unique_violation, UsageError},
+    context::{
+        begin_write, connect_db, explain_lock_timeout, is_unique_violation, Ctx, UsageError,
+    },
     output,
 };
 
@@ -29,16 +31,17 @@ struct Created {
     name: String,
 }
 
-pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     let Command::Create { name, json } = command;
     let name = name.trim().to_owned();
     if name.is_empty() {
         return Err(UsageError("organization name must not be empty".into()).into());
     }
     let pool = connect_db(connection).await?;
-    let client = pool.get().await?;
+    let mut client = pool.get().await?;
     let id = Uuid::new_v4();
-    match client
+    let tx = begin_write(&mut client, connection.lock_timeout).await?;
+    match tx
         .execute(
             "INSERT INTO organizations (id, name) VALUES ($1, $2)",
             &[&id, &name],
@@ -49,8 +52,9 @@ pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()
         Err(e) if is_unique_violation(&e) => {
             bail!("organization '{name}' already exists")
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(explain_lock_timeout(e.into(), connection.lock_timeout)),
     }
+    tx.commit().await?;
     if json {
         output::print_json(&[Created { id, name }])?;
     } else {

@@ -5,11 +5,11 @@
 //! transaction, so pools catch up at once instead of at the next tick.
 
 use anyhow::bail;
-use prebuilds_runtime::config::Connection;
+
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
-use crate::context::{apply_change, resolve_template, template_presets, Applied, Change};
+use crate::context::{apply_change, resolve_template, template_presets, Applied, Change, Ctx};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -28,7 +28,7 @@ pub struct Args {
     preset: Option<Uuid>,
 }
 
-pub async fn run(connection: &Connection, args: Args, pause: bool) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, args: Args, pause: bool) -> anyhow::Result<()> {
     let verb = if pause { "paused" } else { "resumed" };
     let Applied {
         outcome: (scope, changed),

@@ -8,11 +8,11 @@
 //! the reconciler on its next failures.
 
 use anyhow::bail;
-use prebuilds_runtime::config::Connection;
+
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
-use crate::context::{apply_change, Applied, Change};
+use crate::context::{apply_change, Applied, Change, Ctx};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -25,7 +25,7 @@ pub enum Command {
     },
 }
 
-pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     let Command::Reset { id } = command;
     let Applied {
         outcome: (name, was),

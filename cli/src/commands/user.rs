@@ -1,12 +1,14 @@
 //! `prebuildsctl user create --username U [--email E] [--role template-admin] [--organization O]`.
 
 use anyhow::{bail, Context as _};
-use prebuilds_runtime::config::Connection;
+
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
-    context::{connect_db, is_unique_violation, UsageError},
+    context::{
+        begin_write, connect_db, explain_lock_timeout, is_unique_violation, Ctx, UsageError,
+    },
     output,
 };
 
@@ -47,7 +49,7 @@ struct Created {
     organizations: Vec<String>,
 }
 
-pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     let Command::Create {
         username,
         email,
@@ -64,7 +66,8 @@ pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()
     organizations.dedup();
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+    let written: anyhow::Result<Uuid> = async {
+    let tx = begin_write(&mut client, connection.lock_timeout).await?;
     let id = Uuid::new_v4();
     match tx
         .execute(
@@ -95,6 +98,10 @@ pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()
         }
     }
     tx.commit().await?;
+    Ok(id)
+    }
+    .await;
+    let id = written.map_err(|e| explain_lock_timeout(e, connection.lock_timeout))?;
     if json {
         output::print_json(&[Created {
             id,

@@ -13,13 +13,16 @@
 //!   `prebuilds_core::creates_allowed`), counted under the global capacity lock only when a create
 //!   is about to happen; a held-back preset is recorded so a completing create re-queues it.
 //!   Deletes and cancels are never held back;
+//! - what the capacity allows is then taken from the transaction's create budget
+//!   (`PREBUILDS_MAX_CREATES_PER_PASS`, `prebuilds_core::CreateBudget`); creates it defers are
+//!   reported, and the caller re-queues the preset for a follow-up pass;
 //! - the hard-limit record (`prebuilds_core::recovery`) is stored with the status; a probe create
 //!   stores the next probe time with it.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use prebuilds_core::{
-    Action, HardLimitChange, HardLimitRecord, Plan, PrebuildStatus, TemplateParameter,
+    Action, CreateBudget, HardLimitChange, HardLimitRecord, Plan, PrebuildStatus, TemplateParameter,
 };
 use prebuilds_runtime::db::cached;
 use prebuilds_runtime::{db::DbError, outbox};
@@ -42,6 +45,9 @@ pub struct ExecutionReport {
     pub validation_failed: bool,
     /// Creates held back by the in-flight capacity.
     pub held_back: u32,
+    /// Creates the capacity allowed but the transaction's create budget left for a follow-up
+    /// pass (the caller re-queues the preset).
+    pub deferred: u32,
     /// A hard-limit probe create was made.
     pub probed: bool,
     pub outbox_rows: u32,
@@ -53,6 +59,7 @@ pub async fn execute(
     view: &PresetView,
     plan: &Plan,
     now: DateTime<Utc>,
+    budget: &mut CreateBudget,
 ) -> Result<ExecutionReport, DbError> {
     let preset_id = view.preset_id();
     let mut report = ExecutionReport::default();
@@ -101,9 +108,9 @@ pub async fn execute(
                 if decision.count == 0 {
                     continue;
                 }
-                let count = within_capacity(tx, ctx, view, decision.count).await?;
-                report.held_back += decision.count - count;
-                if count == 0 {
+                let allowed = within_capacity(tx, ctx, view, decision.count).await?;
+                report.held_back += decision.count - allowed;
+                if allowed == 0 {
                     continue;
                 }
                 let parameters = match validated_parameters(tx, view).await? {
@@ -115,12 +122,20 @@ pub async fn execute(
                         continue;
                     }
                 };
+                // Capacity first: a preset waiting for capacity is woken by a completion, so only
+                // what the budget alone defers needs a follow-up pass.
+                let count = budget.take(allowed);
+                if count < allowed {
+                    tracing::info!(%preset_id, preset = %view.preset_name, allowed, now = count,
+                        "prebuild creates split over passes (PREBUILDS_MAX_CREATES_PER_PASS); the rest follow");
+                }
+                report.deferred += allowed - count;
                 for _ in 0..count {
                     create_prebuild(tx, ctx, view, &parameters, now).await?;
                     report.created += 1;
                     report.outbox_rows += 1;
                 }
-                if let (true, Some(next)) = (decision.probe, plan.hard_limit.probe) {
+                if let (true, Some(next)) = (decision.probe && count > 0, plan.hard_limit.probe) {
                     tracing::warn!(%preset_id, preset = %view.preset_name, next_probe_at = %next.next_probe_at,
                         "hard-limited preset: probe create queued");
                     set_hard_limit(tx, preset_id, HardLimitChange::Set(next)).await?;
@@ -149,6 +164,9 @@ impl ExecutionReport {
         actions
             .with_label_values(&["create_held_back"])
             .inc_by(self.held_back.into());
+        actions
+            .with_label_values(&["create_deferred"])
+            .inc_by(self.deferred.into());
     }
 }
 

@@ -10,6 +10,12 @@
 //!    provisioner jobs to the outbox;
 //! 5. record the watermarks, commit, wake the outbox relay.
 //!
+//! One transaction makes at most `PREBUILDS_MAX_CREATES_PER_PASS` creates over all its presets
+//! (`prebuilds_core::CreateBudget`); a preset left with creates to make writes a `reconcile.preset`
+//! job for itself to the outbox in the same transaction (reason `tick`: SPEC.md §4 pins the
+//! reasons, and to a worker a follow-up is a tick that came early), so the pool keeps filling
+//! through short passes, each after the previous one committed.
+//!
 //! Jobs are level-triggered ("look at preset X now"), so duplicates and reordering are harmless.
 
 pub mod batch;
@@ -24,7 +30,7 @@ use std::{
 
 use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
-use prebuilds_core::{DesiredSource, Plan, ReconcileConfig};
+use prebuilds_core::{CreateBudget, DesiredSource, Plan, ReconcileConfig};
 use prebuilds_runtime::{
     amqp::{consumer::Incoming, Handler, HandlerError},
     db::{cached, DbError},
@@ -264,6 +270,8 @@ async fn reconcile_in_one_transaction(
     let mut marked: Vec<Uuid> = Vec::with_capacity(to_plan.len());
     let mut marked_at: Vec<DateTime<Utc>> = Vec::with_capacity(to_plan.len());
     let mut outbox_rows = 0;
+    let mut budget = CreateBudget::new(ctx.config.max_creates_per_pass);
+    let mut follow_ups: Vec<Uuid> = Vec::new();
     let creates_need_global_lock = locking == Locking::Try && ctx.config.max_inflight_jobs > 0;
     for (index, now) in to_plan {
         let preset_id = jobs[index].preset_id;
@@ -282,11 +290,24 @@ async fn reconcile_in_one_transaction(
             attempts[index] = Some(Attempt::Alone);
             continue;
         }
-        let report = execute::execute(&tx, ctx, &view, &plan, now).await?;
+        let report = execute::execute(&tx, ctx, &view, &plan, now, &mut budget).await?;
         outbox_rows += report.outbox_rows;
+        if report.deferred > 0 {
+            follow_ups.push(preset_id);
+        }
         marked.push(preset_id);
         marked_at.push(now);
         attempts[index] = Some(Attempt::Done(ReconcileOutcome::Reconciled(report)));
+    }
+    if !follow_ups.is_empty() {
+        prebuilds_store::attention::request_reconciles(
+            &tx,
+            &follow_ups,
+            ReconcileReason::Tick,
+            &ctx.source,
+        )
+        .await?;
+        outbox_rows += follow_ups.len() as u32;
     }
     if !marked.is_empty() {
         cached::execute(

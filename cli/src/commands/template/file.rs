@@ -1,7 +1,8 @@
 //! The template file of `prebuildsctl template push` (SPEC.md §7), mirroring Coder's
 //! `coder_parameter` and `coder_workspace_preset` (with its `prebuilds` block): typed structs that
 //! refuse unknown fields, and a validation pass that reports every problem with its field path
-//! before anything touches the database.
+//! before anything touches the database. Bounded input: [`check_limits`] refuses a file that asks
+//! for more presets or prebuilds than the operator allows ([`Limits`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -154,12 +155,45 @@ pub struct Checked {
     pub warnings: Vec<Problem>,
 }
 
-/// Reads, parses and validates `path`. On failure returns every problem found.
-pub fn load(path: &Path) -> Result<Checked, Vec<Problem>> {
+/// How much one template file may ask for (SPEC.md §9 "Bounded input"). Defaults: Coder's clamp of
+/// 100 prebuilds per preset, and 100 presets per template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct Limits {
+    /// Most prebuilds a preset may ask for, in its `instances` or in any schedule's; a file over
+    /// it is refused.
+    #[arg(
+        long,
+        env = "PREBUILDS_MAX_INSTANCES_PER_PRESET",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_instances_per_preset: u32,
+    /// Most presets one template version may have; a file over it is refused.
+    #[arg(
+        long,
+        env = "PREBUILDS_MAX_PRESETS_PER_TEMPLATE",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_presets_per_template: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_instances_per_preset: 100,
+            max_presets_per_template: 100,
+        }
+    }
+}
+
+/// Reads, parses and validates `path`, within `limits`. On failure returns every problem found.
+pub fn load(path: &Path, limits: &Limits) -> Result<Checked, Vec<Problem>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
     let file: TemplateFile = serde_yaml::from_str(&text).map_err(|e| vec![yaml_problem(&e)])?;
     let (mut problems, warnings) = validate(&file);
+    problems.extend(check_limits(&file, limits));
     let source = match &file.source {
         None => None,
         Some(relative) => match read_source(path, relative) {
@@ -302,6 +336,64 @@ pub fn validate(file: &TemplateFile) -> (Vec<Problem>, Vec<Problem>) {
         }
     }
     (errors, warnings)
+}
+
+/// The file's requests over `limits`, each naming the template or preset, the limit and the
+/// variable that raises it:
+/// 1. more presets than `max_presets_per_template`;
+/// 2. a preset whose `instances`, or any schedule's `instances`, is above
+///    `max_instances_per_preset` (values [`validate`] already refuses as out of range are left to
+///    it).
+pub fn check_limits(file: &TemplateFile, limits: &Limits) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let presets = file.presets.len();
+    if presets > limits.max_presets_per_template as usize {
+        problems.push(Problem::new(
+            "presets",
+            format!(
+                "template '{}' has {presets} presets, more than the limit of {} per template; \
+                 split it, or raise the limit with PREBUILDS_MAX_PRESETS_PER_TEMPLATE \
+                 (--max-presets-per-template)",
+                file.template, limits.max_presets_per_template
+            ),
+        ));
+    }
+    let max = i64::from(limits.max_instances_per_preset);
+    let over = |n: i64| n > max && n <= i64::from(i32::MAX);
+    for (i, preset) in file.presets.iter().enumerate() {
+        let Some(prebuilds) = &preset.prebuilds else {
+            continue;
+        };
+        let base = format!("presets[{i}].prebuilds");
+        let too_many = |what: String, n: i64| {
+            format!(
+                "preset '{}' asks for {n} prebuilds{what}, more than the limit of {max} per \
+                 preset; lower it, or raise the limit with PREBUILDS_MAX_INSTANCES_PER_PRESET \
+                 (--max-instances-per-preset)",
+                preset.name
+            )
+        };
+        if over(prebuilds.instances) {
+            problems.push(Problem::new(
+                format!("{base}.instances"),
+                too_many(String::new(), prebuilds.instances),
+            ));
+        }
+        let schedules = prebuilds
+            .scheduling
+            .as_ref()
+            .map(|s| s.schedule.as_slice())
+            .unwrap_or_default();
+        for (k, schedule) in schedules.iter().enumerate() {
+            if over(schedule.instances) {
+                problems.push(Problem::new(
+                    format!("{base}.scheduling.schedule[{k}].instances"),
+                    too_many(format!(" at '{}'", schedule.cron), schedule.instances),
+                ));
+            }
+        }
+    }
+    problems
 }
 
 fn check_name(value: &str) -> Result<(), String> {
@@ -551,6 +643,88 @@ presets:
         assert_eq!(errors.len(), 2, "{errors:#?}");
         assert!(errors[0].starts_with("organization: must not be empty"));
         assert!(errors[1].starts_with("presets[0].prebuilds.scheduling.timezone: is required"));
+    }
+
+    /// A file with `presets` presets, the first asking for `instances` and a schedule of
+    /// `scheduled`.
+    fn sized(presets: usize, instances: i64, scheduled: i64) -> TemplateFile {
+        let mut yaml = "organization: acme\ntemplate: big\nversion: v1\npresets:\n".to_owned();
+        yaml.push_str(&format!(
+            "  - name: p0\n    prebuilds:\n      instances: {instances}\n      scheduling:\n        \
+             timezone: UTC\n        schedule: [{{cron: \"* 8-18 * * *\", instances: {scheduled}}}]\n"
+        ));
+        for i in 1..presets {
+            yaml.push_str(&format!(
+                "  - {{name: p{i}, prebuilds: {{instances: 1}}}}\n"
+            ));
+        }
+        parse(&yaml)
+    }
+
+    #[test]
+    fn limits_refuse_too_many_presets_or_prebuilds_and_say_how_to_raise_them() {
+        let limits = Limits {
+            max_instances_per_preset: 10,
+            max_presets_per_template: 3,
+        };
+        // (what, presets, instances, scheduled instances, expected problems as prefixes).
+        let cases: [(&str, usize, i64, i64, &[&str]); 6] = [
+            ("at every limit", 3, 10, 10, &[]),
+            (
+                "one preset too many",
+                4,
+                1,
+                1,
+                &["presets: template 'big' has 4 presets, more than the limit of 3 per template; \
+                   split it, or raise the limit with PREBUILDS_MAX_PRESETS_PER_TEMPLATE"],
+            ),
+            (
+                "base count over",
+                1,
+                11,
+                0,
+                &["presets[0].prebuilds.instances: preset 'p0' asks for 11 prebuilds, more than \
+                   the limit of 10 per preset; lower it, or raise the limit with \
+                   PREBUILDS_MAX_INSTANCES_PER_PRESET"],
+            ),
+            (
+                "schedule over",
+                1,
+                2,
+                500,
+                &["presets[0].prebuilds.scheduling.schedule[0].instances: preset 'p0' asks for \
+                   500 prebuilds at '* 8-18 * * *', more than the limit of 10 per preset"],
+            ),
+            (
+                "all at once",
+                5,
+                11,
+                12,
+                &[
+                    "presets: template 'big' has 5 presets",
+                    "presets[0].prebuilds.instances: preset 'p0' asks for 11",
+                    "presets[0].prebuilds.scheduling.schedule[0].instances: preset 'p0' asks for 12",
+                ],
+            ),
+            // Out of range entirely: validate's own error, not a second one here.
+            ("too large for the database", 1, 1 << 40, 0, &[]),
+        ];
+        for (what, presets, instances, scheduled, want) in cases {
+            let got: Vec<String> = check_limits(&sized(presets, instances, scheduled), &limits)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(got.len(), want.len(), "{what}: {got:#?}");
+            for (g, w) in got.iter().zip(want) {
+                assert!(g.starts_with(w), "{what}: {g:?} does not start with {w:?}");
+            }
+        }
+        // The defaults are Coder's: 100 and 100.
+        assert!(check_limits(&sized(100, 100, 100), &Limits::default()).is_empty());
+        assert_eq!(
+            check_limits(&sized(101, 101, 0), &Limits::default()).len(),
+            2
+        );
     }
 
     #[test]

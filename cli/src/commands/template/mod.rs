@@ -7,15 +7,15 @@ pub mod file;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
-use prebuilds_runtime::config::Connection;
 use prebuilds_schemas::ReconcileReason;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::{
     context::{
-        apply_change, connect_db, relay_outbox, request_reconciles, resolve_template,
-        template_presets, version_presets, Applied, Change,
+        apply_change, begin_write, connect_db, explain_lock_timeout, relay_outbox,
+        request_reconciles, resolve_template, template_presets, version_presets, waited_for,
+        Applied, Change, Ctx,
     },
     output,
 };
@@ -43,12 +43,17 @@ pub enum Command {
                 timezone: Europe/Berlin\n        \
                 schedule:\n          \
                   - {cron: \"* 8-18 * * 1-5\", instances: 5}\n\n\
-        Everything is validated first (every problem is reported with its field path); then the \
-        version is written in one transaction. Example:\n  \
+        Everything is validated first (every problem is reported with its field path), including \
+        the bounds on input: at most PREBUILDS_MAX_PRESETS_PER_TEMPLATE presets, and at most \
+        PREBUILDS_MAX_INSTANCES_PER_PRESET prebuilds per preset in `instances` and in every \
+        schedule. Then the version is written in one transaction, which waits at most \
+        PREBUILDS_CLI_LOCK_TIMEOUT for a lock held by another writer. Example:\n  \
         prebuildsctl template push examples/python-dev.yaml")]
     Push {
         /// The template file.
         file: PathBuf,
+        #[command(flatten)]
+        limits: file::Limits,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -105,9 +110,9 @@ pub struct OrganizationArg {
     pub organization: Option<String>,
 }
 
-pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Push { file, json } => push(connection, file, json).await,
+        Command::Push { file, limits, json } => push(connection, file, &limits, json).await,
         Command::Activate {
             name,
             version,
@@ -152,10 +157,15 @@ struct PushedPreset {
     desired_instances: Option<i32>,
 }
 
-async fn push(connection: &Connection, path: PathBuf, json: bool) -> anyhow::Result<()> {
+async fn push(
+    connection: &Ctx,
+    path: PathBuf,
+    limits: &file::Limits,
+    json: bool,
+) -> anyhow::Result<()> {
     let shown = path.display().to_string();
     // 1. Validate everything before touching the database.
-    let checked = match file::load(&path) {
+    let checked = match file::load(&path, limits) {
         Ok(checked) => checked,
         Err(problems) => {
             for problem in &problems {
@@ -176,157 +186,179 @@ async fn push(connection: &Connection, path: PathBuf, json: bool) -> anyhow::Res
     //    reconcile jobs.
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let organization_id: Uuid = tx
-        .query_opt(
-            "SELECT id FROM organizations WHERE name = $1",
-            &[&f.organization],
-        )
-        .await?
-        .ok_or_else(|| {
-            anyhow!(
-                "{shown}: organization: organization '{org}' does not exist; create it with \
-                 `prebuildsctl org create {org}`; nothing was written",
-                org = f.organization
+    let written = async {
+        let tx = begin_write(&mut client, connection.lock_timeout).await?;
+        let organization_id: Uuid = tx
+            .query_opt(
+                "SELECT id FROM organizations WHERE name = $1",
+                &[&f.organization],
             )
-        })?
-        .get(0);
-    let new_template_id = Uuid::new_v4();
-    tx.execute(
-        "INSERT INTO templates (id, organization_id, name) VALUES ($1, $2, $3)
+            .await?
+            .ok_or_else(|| {
+                anyhow!(
+                    "{shown}: organization: organization '{org}' does not exist; create it with \
+                 `prebuildsctl org create {org}`; nothing was written",
+                    org = f.organization
+                )
+            })?
+            .get(0);
+        let new_template_id = Uuid::new_v4();
+        tx.execute(
+            "INSERT INTO templates (id, organization_id, name) VALUES ($1, $2, $3)
          ON CONFLICT (organization_id, name) WHERE NOT deleted DO NOTHING",
-        &[&new_template_id, &organization_id, &f.template],
-    )
-    .await
-    .context("creating the template")?;
-    let row = tx
-        .query_one(
-            "SELECT id, active_version_id FROM templates
+            &[&new_template_id, &organization_id, &f.template],
+        )
+        .await
+        .map_err(waited_for(|| {
+            format!(
+                "template name '{}' (another push is creating it)",
+                f.template
+            )
+        }))
+        .context("creating the template")?;
+        let row = tx
+            .query_one(
+                "SELECT id, active_version_id FROM templates
              WHERE organization_id = $1 AND name = $2 AND NOT deleted
              FOR UPDATE",
-            &[&organization_id, &f.template],
-        )
-        .await?;
-    let template_id: Uuid = row.get("id");
-    let previous_active: Option<Uuid> = row.get("active_version_id");
-    let template_created = template_id == new_template_id;
+                &[&organization_id, &f.template],
+            )
+            .await
+            .map_err(waited_for(|| {
+                format!("a lock on template '{}'", f.template)
+            }))?;
+        let template_id: Uuid = row.get("id");
+        let previous_active: Option<Uuid> = row.get("active_version_id");
+        let template_created = template_id == new_template_id;
 
-    let exists = tx
-        .query_opt(
-            "SELECT 1 FROM template_versions WHERE template_id = $1 AND name = $2",
-            &[&template_id, &f.version],
-        )
-        .await?
-        .is_some();
-    if exists {
-        bail!(
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM template_versions WHERE template_id = $1 AND name = $2",
+                &[&template_id, &f.version],
+            )
+            .await?
+            .is_some();
+        if exists {
+            bail!(
             "{shown}: version: template '{t}' already has a version '{v}'; versions are immutable, \
              so push under a new version name (to make the existing one active: \
              `prebuildsctl template activate {t} {v}`); nothing was written",
             t = f.template,
             v = f.version
         );
-    }
-    let version_id = Uuid::new_v4();
-    tx.execute(
-        "INSERT INTO template_versions (id, template_id, name, source) VALUES ($1, $2, $3, $4)",
-        &[&version_id, &template_id, &f.version, &checked.source],
-    )
-    .await
-    .context("creating the template version")?;
-    for parameter in &f.parameters {
-        let default = parameter.default.as_ref().map(|d| d.0.clone());
+        }
+        let version_id = Uuid::new_v4();
         tx.execute(
-            "INSERT INTO template_version_parameters
-                 (template_version_id, name, required, default_value)
-             VALUES ($1, $2, $3, $4)",
-            &[&version_id, &parameter.name, &parameter.required, &default],
+            "INSERT INTO template_versions (id, template_id, name, source) VALUES ($1, $2, $3, $4)",
+            &[&version_id, &template_id, &f.version, &checked.source],
         )
         .await
-        .context("creating the template parameters")?;
-    }
-    let mut presets = Vec::with_capacity(f.presets.len());
-    for preset in &f.presets {
-        let id = Uuid::new_v4();
-        // Validation guarantees these fit in i32.
-        let desired = preset.prebuilds.as_ref().map(|p| p.instances as i32);
-        let ttl = preset
-            .prebuilds
-            .as_ref()
-            .and_then(|p| p.expiration_policy.as_ref())
-            .map(|e| e.ttl as i32);
-        let scheduling = preset
-            .prebuilds
-            .as_ref()
-            .and_then(|p| p.scheduling.as_ref());
-        let timezone = scheduling
-            .map(|s| s.timezone.trim().to_owned())
-            .unwrap_or_default();
-        tx.execute(
-            "INSERT INTO template_version_presets
+        .context("creating the template version")?;
+        for parameter in &f.parameters {
+            let default = parameter.default.as_ref().map(|d| d.0.clone());
+            tx.execute(
+                "INSERT INTO template_version_parameters
+                 (template_version_id, name, required, default_value)
+             VALUES ($1, $2, $3, $4)",
+                &[&version_id, &parameter.name, &parameter.required, &default],
+            )
+            .await
+            .context("creating the template parameters")?;
+        }
+        let mut presets = Vec::with_capacity(f.presets.len());
+        for preset in &f.presets {
+            let id = Uuid::new_v4();
+            // Validation guarantees these fit in i32.
+            let desired = preset.prebuilds.as_ref().map(|p| p.instances as i32);
+            let ttl = preset
+                .prebuilds
+                .as_ref()
+                .and_then(|p| p.expiration_policy.as_ref())
+                .map(|e| e.ttl as i32);
+            let scheduling = preset
+                .prebuilds
+                .as_ref()
+                .and_then(|p| p.scheduling.as_ref());
+            let timezone = scheduling
+                .map(|s| s.timezone.trim().to_owned())
+                .unwrap_or_default();
+            tx.execute(
+                "INSERT INTO template_version_presets
                  (id, template_version_id, name, desired_instances, invalidate_after_secs,
                   scheduling_timezone)
              VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&id, &version_id, &preset.name, &desired, &ttl, &timezone],
-        )
-        .await
-        .context("creating the presets")?;
-        for (name, value) in &preset.parameters {
-            tx.execute(
-                "INSERT INTO template_version_preset_parameters
+                &[&id, &version_id, &preset.name, &desired, &ttl, &timezone],
+            )
+            .await
+            .context("creating the presets")?;
+            for (name, value) in &preset.parameters {
+                tx.execute(
+                    "INSERT INTO template_version_preset_parameters
                      (template_version_preset_id, name, value)
                  VALUES ($1, $2, $3)",
-                &[&id, name, &value.0],
-            )
-            .await
-            .context("creating the preset parameters")?;
-        }
-        for (position, schedule) in scheduling
-            .map(|s| s.schedule.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            tx.execute(
-                "INSERT INTO template_version_preset_prebuild_schedules
+                    &[&id, name, &value.0],
+                )
+                .await
+                .context("creating the preset parameters")?;
+            }
+            for (position, schedule) in scheduling
+                .map(|s| s.schedule.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                tx.execute(
+                    "INSERT INTO template_version_preset_prebuild_schedules
                      (id, preset_id, position, cron_expression, desired_instances)
                  VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &Uuid::new_v4(),
-                    &id,
-                    &(position as i32),
-                    &schedule.cron.trim(),
-                    &(schedule.instances as i32),
-                ],
-            )
-            .await
-            .context("creating the prebuild schedules")?;
+                    &[
+                        &Uuid::new_v4(),
+                        &id,
+                        &(position as i32),
+                        &schedule.cron.trim(),
+                        &(schedule.instances as i32),
+                    ],
+                )
+                .await
+                .context("creating the prebuild schedules")?;
+            }
+            presets.push(PushedPreset {
+                name: preset.name.clone(),
+                id,
+                desired_instances: desired,
+            });
         }
-        presets.push(PushedPreset {
-            name: preset.name.clone(),
-            id,
-            desired_instances: desired,
-        });
-    }
 
-    // 3. Activation: the new presets become active, the superseded version's presets inactive;
-    //    both pools change.
-    let mut affected: Vec<Uuid> = Vec::new();
-    if f.activate {
-        tx.execute(
-            "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
-            &[&version_id, &template_id],
-        )
-        .await?;
-        affected.extend(presets.iter().map(|p| p.id));
-        if let Some(previous) = previous_active {
-            affected.extend(version_presets(&tx, previous).await?);
+        // 3. Activation: the new presets become active, the superseded version's presets inactive;
+        //    both pools change.
+        let mut affected: Vec<Uuid> = Vec::new();
+        if f.activate {
+            tx.execute(
+                "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
+                &[&version_id, &template_id],
+            )
+            .await?;
+            affected.extend(presets.iter().map(|p| p.id));
+            if let Some(previous) = previous_active {
+                affected.extend(version_presets(&tx, previous).await?);
+            }
         }
+        let requested =
+            request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
+        tx.commit()
+            .await
+            .context("committing the template version")?;
+        anyhow::Ok((
+            template_id,
+            template_created,
+            version_id,
+            presets,
+            requested,
+        ))
     }
-    let requested = request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
-    tx.commit()
-        .await
-        .context("committing the template version")?;
+    .await;
+    let (template_id, template_created, version_id, presets, requested) =
+        written.map_err(|e| explain_lock_timeout(e, connection.lock_timeout))?;
     drop(client);
 
     // 4. Publish the reconcile jobs.
@@ -378,7 +410,7 @@ async fn push(connection: &Connection, path: PathBuf, json: bool) -> anyhow::Res
 }
 
 async fn activate(
-    connection: &Connection,
+    connection: &Ctx,
     name: &str,
     version: &str,
     organization: Option<&str>,
@@ -453,7 +485,7 @@ async fn activate(
 }
 
 async fn invalidate(
-    connection: &Connection,
+    connection: &Ctx,
     name: &str,
     organization: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -497,7 +529,7 @@ async fn invalidate(
 }
 
 async fn deprecate(
-    connection: &Connection,
+    connection: &Ctx,
     name: &str,
     message: &str,
     organization: Option<&str>,
@@ -537,11 +569,7 @@ async fn deprecate(
     Ok(())
 }
 
-async fn delete(
-    connection: &Connection,
-    name: &str,
-    organization: Option<&str>,
-) -> anyhow::Result<()> {
+async fn delete(connection: &Ctx, name: &str, organization: Option<&str>) -> anyhow::Result<()> {
     let Applied {
         outcome: (template, user_workspaces),
         requested,
