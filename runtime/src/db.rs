@@ -166,7 +166,9 @@ pub async fn ping(pool: &Pool) -> Result<(), DbError> {
 pub enum DbError {
     #[error("{0}")]
     Config(String),
-    #[error("PostgreSQL pool: {0}")]
+    /// A connection could not be had: shown with the server's own message when the server
+    /// refused it (no such database, authentication failed, …).
+    #[error("PostgreSQL pool: {}", describe_pool(.0))]
     Pool(#[from] PoolError),
     /// Displayed with the server's own message, SQLSTATE, detail and hint (or the I/O or TLS
     /// cause), not tokio-postgres' bare "db error".
@@ -183,6 +185,15 @@ pub enum DbError {
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         DbError::Postgres(e)
+    }
+}
+
+/// A pool error in full: a failed connection attempt is described by [`describe_postgres`]
+/// (deadpool's own text ends in tokio-postgres' bare "db error").
+pub fn describe_pool(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => format!("cannot open a connection: {}", describe_postgres(e)),
+        other => other.to_string(),
     }
 }
 

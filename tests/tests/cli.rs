@@ -1982,3 +1982,25 @@ fn connection_errors_say_what_to_check() {
         "{err}"
     );
 }
+
+/// A connection the server refuses is reported with the server's own message and SQLSTATE, not
+/// tokio-postgres' bare "db error" (issue 19).
+#[test]
+fn a_refused_connection_shows_the_servers_message() {
+    let missing = format!("no_such_db_{}", Uuid::new_v4().simple());
+    let out = std::process::Command::new(binary("prebuildsctl"))
+        .args(["status"])
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:5432/{missing}"),
+        )
+        .output()
+        .expect("run prebuildsctl");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("database \"{missing}\" does not exist")) && err.contains("3D000"),
+        "{err}"
+    );
+    assert!(!err.contains("db error"), "{err}");
+}
