@@ -22,6 +22,7 @@ enum Scenario {
     Fill,
     Events,
     Memory,
+    Lanes,
 }
 
 #[derive(Debug, Parser)]
@@ -77,6 +78,10 @@ async fn main() -> anyhow::Result<()> {
     if run(Scenario::Events) {
         let events = scenarios::events(&sizes).await?;
         report.events(&events, &floors);
+    }
+    if run(Scenario::Lanes) {
+        let lanes = scenarios::lanes(&sizes).await?;
+        report.lanes(&lanes);
     }
     print!("{}", report.table());
     if args.scenario == Scenario::All {

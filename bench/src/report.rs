@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    scenarios::{Claims, Events, Fill, Floors, Reconcile, Sizes},
+    scenarios::{Claims, Events, Fill, Floors, Lanes, Reconcile, Sizes},
     stats::ms,
     Args,
 };
@@ -177,6 +177,23 @@ impl Report {
                 "{} job_log events; {:.0}% of the broker's consume floor",
                 e.events,
                 100.0 * e.per_sec / f.consume_per_sec
+            ),
+        );
+    }
+
+    pub fn lanes(&mut self, l: &Lanes) {
+        self.row(
+            format!("claim build wait behind {} queued creates", l.backlog),
+            format!(
+                "p50 {} / p99 {} ({} claim builds)",
+                ms(l.wait.p50),
+                ms(l.wait.p99),
+                l.wait.count
+            ),
+            "p99 ≤ 100 ms",
+            format!(
+                "publish → job_started; sim builds of 1–2 s, 8 prebuild + 4 user slots; {} creates still queued at the end (FIFO: the whole backlog first)",
+                l.still_queued
             ),
         );
     }

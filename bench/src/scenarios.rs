@@ -43,6 +43,9 @@ pub struct Sizes {
     pub fill_presets: usize,
     pub fill_instances: usize,
     pub events: usize,
+    /// Prebuild creates queued ahead of the claim builds of the lanes scenario.
+    pub backlog: usize,
+    pub claim_builds: usize,
 }
 
 impl Sizes {
@@ -59,6 +62,8 @@ impl Sizes {
             fill_presets: 10,
             fill_instances: 2,
             events: 200,
+            backlog: 30,
+            claim_builds: 3,
         }
     }
 
@@ -80,6 +85,8 @@ impl Sizes {
                 fill_presets: 100,
                 fill_instances: 3,
                 events: 2_000,
+                backlog: 300,
+                claim_builds: 10,
             }
         } else {
             Sizes {
@@ -93,6 +100,8 @@ impl Sizes {
                 fill_presets: 1_000,
                 fill_instances: 3,
                 events: 20_000,
+                backlog: 3_000,
+                claim_builds: 30,
             }
         }
     }
@@ -865,4 +874,122 @@ pub async fn events(sizes: &Sizes) -> anyhow::Result<Events> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Claim builds behind a prebuild backlog (provisioner lanes)
+
+#[derive(Debug, Clone)]
+pub struct Lanes {
+    pub backlog: usize,
+    /// Claim build published → its `job_started` seen (the build was delivered and begun).
+    pub wait: Latency,
+    /// Prebuild creates still queued when the last claim build started.
+    pub still_queued: u32,
+}
+
+/// `sizes.backlog` prebuild creates are queued for a provisioner with realistic build times (1–2 s,
+/// 8 prebuild slots, 4 user slots); then claim builds are published one at a time and the time to
+/// each one's `job_started` is measured. FIFO would make each wait for the whole backlog.
+pub async fn lanes(sizes: &Sizes) -> anyhow::Result<Lanes> {
+    let broker = TestBroker::new().await;
+    let publisher = Publisher::new(&broker.url, "bench-lanes", broker.topology.clone());
+    // Every job_started, as it is published.
+    let conn = prebuilds_runtime::amqp::connect(&broker.url, "bench-lanes-tap").await?;
+    let ch = conn.create_channel().await?;
+    let tap = format!("{}.bench-started", broker.prefix());
+    ch.queue_declare(
+        tap.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        tap.as_str().into(),
+        broker.topology.exchange().as_str().into(),
+        "provisioner.event.job_started".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut started = ch
+        .basic_consume(
+            tap.as_str().into(),
+            "bench-lanes".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let create = |stage: BuildStage| {
+        let mut job = <ProvisionerJob as prebuilds_schemas::Payload>::example();
+        job.job_id = Uuid::new_v4();
+        job.workspace_id = Uuid::new_v4();
+        job.stage = stage;
+        if stage == BuildStage::Claim {
+            job.owner_id = Uuid::new_v4();
+        }
+        job
+    };
+    for _ in 0..sizes.backlog {
+        let event = CloudEvent::new("bench", chrono::Utc::now(), create(BuildStage::Create));
+        publisher.publish_event(&event).await?;
+    }
+    let port = stack::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _provisioner = Service::start(
+        "prebuilds-provisioner",
+        &[],
+        &[
+            ("AMQP_URL", broker.url.as_str()),
+            ("PREBUILDS_AMQP_PREFIX", broker.prefix()),
+            ("PREBUILDS_METRICS_ADDR", &addr),
+            ("RUST_LOG", "warn"),
+            ("PREBUILDS_SIM_DURATION_MIN", "1s"),
+            ("PREBUILDS_SIM_DURATION_MAX", "2s"),
+            ("PREBUILDS_SIM_AGENT_READY_DELAY", "0s"),
+            ("PREBUILDS_PROVISIONER_CONCURRENCY", "8"),
+            ("PREBUILDS_PROVISIONER_USER_CONCURRENCY", "4"),
+        ],
+    );
+    ready(port).await;
+    let mut waits = Vec::new();
+    for _ in 0..sizes.claim_builds {
+        let claim = create(BuildStage::Claim);
+        let event = CloudEvent::new("bench", chrono::Utc::now(), claim.clone());
+        let t = Instant::now();
+        publisher.publish_event(&event).await?;
+        loop {
+            let delivery = tokio::time::timeout(Duration::from_secs(60), started.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("the claim build did not start within 60 s"))?
+                .ok_or_else(|| anyhow::anyhow!("the job_started tap closed"))??;
+            let raw = RawEvent::parse(&delivery.data)?;
+            if raw.data["job_id"].as_str() == Some(claim.job_id.to_string().as_str()) {
+                waits.push(t.elapsed());
+                break;
+            }
+        }
+    }
+    let queued = ch
+        .queue_declare(
+            broker.queue(QueueKind::ProvisionerJobs).as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    Ok(Lanes {
+        backlog: sizes.backlog,
+        wait: Latency::of(waits),
+        still_queued: queued,
+    })
 }

@@ -95,15 +95,20 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbox, preset_capacity_waits TO :"worke
 GRANT USAGE ON SEQUENCE outbox_id_seq, provisioner_job_logs_id_seq TO :"worker";
 
 -- Scheduler: presets needing attention, the pause setting, and the pool-state metrics (the same
--- snapshot the worker reads, plus the created/failed/claimed counters). Read only: it publishes
--- reconcile jobs directly, not through the outbox.
+-- snapshot the worker reads, plus the created/failed/claimed counters); it publishes reconcile
+-- jobs directly. One write: the leader's job reaper fails silent jobs (status, error and times of
+-- provisioner_jobs only; FOR UPDATE needs UPDATE) and requests reconciles through the outbox.
 GRANT SELECT ON organizations, templates, template_versions, template_version_presets,
                 template_version_preset_prebuild_schedules, prebuilds_settings, workspaces,
                 workspace_builds, provisioner_jobs, workspace_agents
     TO :"scheduler";
+GRANT UPDATE (job_status, error, completed_at, updated_at) ON provisioner_jobs TO :"scheduler";
+GRANT INSERT ON outbox TO :"scheduler";
+GRANT USAGE ON SEQUENCE outbox_id_seq TO :"scheduler";
 
--- Provisioner: the terraform backend reads a version's source and whether a job was canceled (the
--- sim backend never connects).
+-- Provisioner: a job's state before it runs and while it runs (admission, cancels of running jobs)
+-- and, for the terraform backend, a version's source. The sim backend connects only when given a
+-- DATABASE_URL.
 GRANT SELECT ON provisioner_jobs, template_versions TO :"provisioner";
 
 -- Claim client (`prebuildsctl claim`): user and template names to ids; the claim itself is the

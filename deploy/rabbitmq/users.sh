@@ -37,7 +37,7 @@ p=$(printf '%s' "$prefix" | sed 's/\./\\./g')
 # exchange that RPC replies to direct reply-to (amq.rabbitmq.reply-to) are published on. Consuming
 # from amq.rabbitmq.reply-to needs no permission; dead-lettering by the broker itself needs none.
 nothing='^$'
-work_queues='reconcile|claims|provisioner-jobs|provisioner-events|notifications'
+work_queues='reconcile|claims|provisioner-jobs|provisioner-jobs-user|provisioner-events|notifications'
 
 # configure / write / read, per role
 worker_configure=$nothing
@@ -50,7 +50,7 @@ scheduler_read=$nothing
 
 provisioner_configure=$nothing
 provisioner_write="^$p(\\.dlx)?\$"
-provisioner_read="^$p\\.provisioner-jobs\$"
+provisioner_read="^$p\\.provisioner-jobs(-user)?\$"
 
 claims_configure=$nothing
 claims_write="^$p\$"

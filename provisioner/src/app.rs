@@ -1,6 +1,7 @@
 //! Wiring of the process: metrics registry, readiness, the `/metrics` `/healthz` `/readyz`
-//! server, the confirming publisher, the backend, and the consumer supervisor on
-//! `<prefix>.provisioner-jobs`.
+//! server, the confirming publisher, the backend, and one consumer supervisor per lane served
+//! (`--lanes`): `<prefix>.provisioner-jobs-user` with `--user-concurrency` slots and
+//! `<prefix>.provisioner-jobs` with `--concurrency`.
 //!
 //! Shutdown (SIGTERM/SIGINT): readiness goes false and the supervisor stops taking deliveries,
 //! lets in-flight jobs finish within `--shutdown-timeout` and settles them. Builds still running
@@ -20,9 +21,11 @@ use prebuilds_runtime::{
     metrics::ServiceMetrics,
     shutdown, Health,
 };
+use prebuilds_schemas::Lane;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admission::JobStates,
     backend::Backend,
     config::{BackendKind, Cli},
     handler::JobHandler,
@@ -45,6 +48,8 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         connection = ?cli.connection,
         backend = cli.backend.as_str(),
         concurrency = cli.concurrency,
+        user_concurrency = cli.user_concurrency,
+        lanes = ?cli.lanes,
         "starting prebuilds-provisioner"
     );
     let connection = cli.connection.resolve()?;
@@ -70,23 +75,40 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         ]),
     );
 
-    let backend = match cli.backend {
-        BackendKind::Sim => {
-            // The simulation never touches the database.
-            health.set_database(true);
-            let config = cli.sim_config();
-            tracing::info!(?config, "simulated backend");
-            Backend::Sim(SimBackend::new(config))
+    // The terraform backend needs the database (template sources); the simulation uses it only
+    // for admission when DATABASE_URL is given (handler step 4).
+    let pool = match cli.backend {
+        BackendKind::Terraform => true,
+        BackendKind::Sim => cli.connection.database_url_given(),
+    }
+    .then(|| db::pool(connection.database_url.expose(), connection.db_pool_size))
+    .transpose()
+    .context("DATABASE_URL")?;
+    match &pool {
+        Some(pool) => {
+            tokio::spawn(probe_database(
+                pool.clone(),
+                health.clone(),
+                shutdown.clone(),
+            ));
         }
-        BackendKind::Terraform => {
-            let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)
-                .context("DATABASE_URL")?;
+        None => {
+            tracing::info!("no DATABASE_URL: every delivered job runs (no admission check)");
+            health.set_database(true);
+        }
+    }
+    let backend = match (cli.backend, &pool) {
+        (BackendKind::Terraform, Some(pool)) => {
             let config = cli.terraform_config();
             let terraform = TerraformBackend::new(config.clone(), pool.clone());
             let version = terraform.preflight().await?;
             tracing::info!(%version, workdir = %config.workdir.display(), timeout = ?config.timeout, "terraform backend");
-            tokio::spawn(probe_database(pool, health.clone(), shutdown.clone()));
             Backend::Terraform(terraform)
+        }
+        _ => {
+            let config = cli.sim_config();
+            tracing::info!(?config, "simulated backend");
+            Backend::Sim(SimBackend::new(config))
         }
     };
 
@@ -135,14 +157,9 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         cli.remembered_jobs,
         stop.clone(),
         metrics,
+        pool.map(JobStates::new),
+        cli.job_timeouts.heartbeat_interval(),
     ));
-    let spec = ConsumerSpec {
-        queue: QueueKind::ProvisionerJobs,
-        prefetch: cli.concurrency,
-        connection_name: "prebuilds-provisioner".to_owned(),
-        drain_timeout: cli.service.shutdown_timeout,
-        transient_window: std::time::Duration::from_secs(60),
-    };
     let context = ConsumerContext {
         broker: connection.broker.clone(),
         topology,
@@ -150,7 +167,22 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         metrics: service_metrics,
         health,
     };
-    consumer::run(spec, context, handler, shutdown.clone()).await;
+    // One consumer (own connection, own prefetch) per lane: a user's build waits for a user-lane
+    // slot only, however long the prebuild backlog is.
+    let consumers = cli.lanes.iter().map(|&lane| {
+        let spec = ConsumerSpec {
+            queue: QueueKind::provisioner_jobs(lane),
+            prefetch: match lane {
+                Lane::User => cli.user_concurrency,
+                Lane::Prebuild => cli.concurrency,
+            },
+            connection_name: format!("prebuilds-provisioner/{}", lane.as_str()),
+            drain_timeout: cli.service.shutdown_timeout,
+            transient_window: std::time::Duration::from_secs(60),
+        };
+        consumer::run(spec, context.clone(), handler.clone(), shutdown.clone())
+    });
+    futures::future::join_all(consumers).await;
 
     stop.cancel();
     publisher.close().await;
@@ -169,7 +201,7 @@ async fn probe_database(
             Ok(()) => health.set_database(true),
             Err(e) => {
                 health.set_database(false);
-                tracing::warn!(error = %e, "PostgreSQL is not reachable (the terraform backend reads template sources and job cancellations from it)");
+                tracing::warn!(error = %e, "PostgreSQL is not reachable (the provisioner reads job states and template sources from it)");
             }
         }
         tokio::select! {

@@ -1,8 +1,7 @@
 //! What a backend returns, and the dispatch between the two backends. A backend executes the build
 //! part of a job (between `job_started` and `job_completed`): it streams log lines and, for start
-//! builds, emits the `plan_result` through the [`Emitter`]; the handler does the rest. Before
-//! that, a backend with database access tells the handler whether the job was canceled while it
-//! was queued ([`Backend::canceled`]).
+//! builds, emits the `plan_result` through the [`Emitter`]; the handler does the rest (admission
+//! included: `admission`).
 
 use std::time::Duration;
 
@@ -24,8 +23,9 @@ pub enum BuildResult {
 /// Why a build produced no outcome: the job must be retried (redelivered), not reported.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// Shutdown interrupted the build.
-    #[error("interrupted by shutdown; the job will be redelivered")]
+    /// The build was interrupted: by shutdown (the job is redelivered) or by a cancel of the
+    /// running job (the handler completes it `canceled`).
+    #[error("interrupted; the job will be redelivered")]
     Aborted,
     /// A dependency (the database) is unavailable.
     #[error("{0:#}")]
@@ -48,16 +48,6 @@ impl Backend {
         match self {
             Backend::Sim(sim) => sim.run(job, emitter, stop).await,
             Backend::Terraform(tf) => tf.run(job, emitter, stop).await,
-        }
-    }
-
-    /// `Some(job_status)` when the job was canceled before it ran, so it must not run (see
-    /// `terraform`). Only a backend with database access can tell: the simulation reads no
-    /// database, provisions nothing real, and runs every job it receives.
-    pub async fn canceled(&self, job: &ProvisionerJob) -> Result<Option<String>, RunError> {
-        match self {
-            Backend::Sim(_) => Ok(None),
-            Backend::Terraform(tf) => tf.canceled(job.job_id).await,
         }
     }
 

@@ -7,7 +7,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
-use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ServiceArgs};
+use prebuilds_runtime::config::{parse_duration, ConnectionArgs, JobTimeoutArgs, ServiceArgs};
+use prebuilds_schemas::Lane;
 use uuid::Uuid;
 
 use crate::{
@@ -20,7 +21,9 @@ const ABOUT: &str = "Executes prebuilds provisioner jobs and publishes provision
 const LONG_ABOUT: &str = "\
 Executes prebuilds provisioner jobs and publishes provisioner events.
 
-Consumes `<prefix>.provisioner-jobs` (prebuilds.provisioner.job.v1) and, for each job, publishes to
+Consumes `<prefix>.provisioner-jobs-user` (builds a user waits for, with its own --user-concurrency)
+and `<prefix>.provisioner-jobs` (prebuild fill and drain), both prebuilds.provisioner.job.v1; --lanes
+picks one or both. For each job it publishes to
 the `<prefix>` topic exchange, with publisher confirms and in this order: job_started, job_log
 batches, plan_result (start builds), job_completed and, for a successful start build, the agents'
 lifecycle `starting` then `ready`. A job is acknowledged only after all its events are confirmed.
@@ -60,9 +63,35 @@ pub struct Cli {
     #[command(flatten)]
     pub service: ServiceArgs,
 
-    /// Jobs executed at once by this process (the AMQP prefetch of the job queue).
+    /// Prebuild-lane jobs (fill and drain) executed at once by this process (the AMQP prefetch of
+    /// `<prefix>.provisioner-jobs`).
     #[arg(long, env = "PREBUILDS_PROVISIONER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
+
+    /// User-lane jobs (builds a user waits for: claim builds, builds of users' workspaces)
+    /// executed at once, on top of --concurrency: the prefetch of
+    /// `<prefix>.provisioner-jobs-user`. A user's build never waits for a prebuild slot.
+    #[arg(
+        long,
+        env = "PREBUILDS_PROVISIONER_USER_CONCURRENCY",
+        default_value_t = 4
+    )]
+    pub user_concurrency: u16,
+
+    /// Lanes this process serves, comma-separated: `user` (<prefix>.provisioner-jobs-user),
+    /// `prebuild` (<prefix>.provisioner-jobs). Run dedicated pools with `--lanes user` and
+    /// `--lanes prebuild` (Coder's `is_prebuild` provisioner tag).
+    #[arg(
+        long,
+        env = "PREBUILDS_PROVISIONER_LANES",
+        value_delimiter = ',',
+        default_value = "user,prebuild",
+        value_parser = parse_lane
+    )]
+    pub lanes: Vec<Lane>,
+
+    #[command(flatten)]
+    pub job_timeouts: JobTimeoutArgs,
 
     /// Build executor.
     #[arg(long, env = "PREBUILDS_PROVISIONER_BACKEND", value_enum, default_value_t = BackendKind::Sim)]
@@ -82,6 +111,10 @@ pub struct Cli {
 
     #[command(flatten, next_help_heading = "Terraform backend (--backend terraform)")]
     pub terraform: TerraformArgs,
+}
+
+fn parse_lane(s: &str) -> Result<Lane, String> {
+    s.trim().parse()
 }
 
 /// A duration flag that also accepts a bare `0`.
@@ -158,11 +191,25 @@ impl Cli {
     /// Start-up validation of what the parser cannot check.
     pub fn validate(&self) -> Result<(), String> {
         self.connection.resolve().map_err(|e| e.0)?;
-        if self.concurrency == 0 {
+        if self.lanes.contains(&Lane::Prebuild) && self.concurrency == 0 {
             return Err(
                 "--concurrency (PREBUILDS_PROVISIONER_CONCURRENCY) must be at least 1".into(),
             );
         }
+        if self.lanes.is_empty() {
+            return Err(
+                "--lanes (PREBUILDS_PROVISIONER_LANES) names no lane: use user, prebuild or both"
+                    .into(),
+            );
+        }
+        if self.lanes.contains(&Lane::User) && self.user_concurrency == 0 {
+            return Err(
+                "--user-concurrency (PREBUILDS_PROVISIONER_USER_CONCURRENCY) must be at least 1 \
+                 while this process serves the user lane"
+                    .into(),
+            );
+        }
+        self.job_timeouts.validate()?;
         if self.remembered_jobs == 0 {
             return Err(
                 "--remembered-jobs (PREBUILDS_PROVISIONER_REMEMBERED_JOBS) must be at least 1"
@@ -324,6 +371,25 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.contains("not a variable name"), "{err}");
+    }
+
+    #[test]
+    fn lanes_default_to_both_and_parse_from_a_list() {
+        assert_eq!(parse(&[]).lanes, [Lane::User, Lane::Prebuild]);
+        let user_only = parse(&["--lanes", "user"]);
+        user_only.validate().unwrap();
+        assert_eq!(user_only.lanes, [Lane::User]);
+        let argv = ["prebuilds-provisioner", "--lanes", "user,builds"];
+        let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("unknown lane \"builds\""), "{err}");
+        let err = parse(&["--lanes", "user", "--user-concurrency", "0"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--user-concurrency"), "{err}");
+        // A dedicated user-lane pool needs no prebuild slots.
+        parse(&["--lanes", "user", "--concurrency", "0"])
+            .validate()
+            .unwrap();
     }
 
     #[test]

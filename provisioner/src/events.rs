@@ -40,6 +40,9 @@ pub enum EventKind {
     PlanResult,
     JobCompleted,
     AgentLifecycle,
+    /// A progress line of a running job (a `job_log` event outside the job's record: heartbeats
+    /// depend on timing, so a re-run need not repeat them).
+    Heartbeat,
 }
 
 impl EventKind {
@@ -50,6 +53,7 @@ impl EventKind {
             EventKind::PlanResult => "plan_result",
             EventKind::JobCompleted => "job_completed",
             EventKind::AgentLifecycle => "agent_lifecycle",
+            EventKind::Heartbeat => "heartbeat",
         }
     }
 }
@@ -58,6 +62,31 @@ impl EventKind {
 pub fn event_id(job_id: Uuid, kind: EventKind, seq: u32) -> Uuid {
     let name = format!("{job_id}/{}/{seq}", kind.as_str());
     Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
+}
+
+/// The `seq`-th heartbeat of a running job: one `job_log` line saying how long it has run.
+pub fn heartbeat(
+    job_id: Uuid,
+    source: &str,
+    seq: u32,
+    elapsed: std::time::Duration,
+) -> CloudEvent<JobLog> {
+    let now = Utc::now();
+    let elapsed = humantime::format_duration(std::time::Duration::from_secs(elapsed.as_secs()));
+    CloudEvent::with_id(
+        event_id(job_id, EventKind::Heartbeat, seq),
+        source.to_owned(),
+        now,
+        JobLog {
+            job_id,
+            logs: vec![LogLine {
+                created_at: now,
+                level: LogLevel::Debug,
+                stage: "heartbeat".to_owned(),
+                output: format!("Still running after {elapsed}."),
+            }],
+        },
+    )
 }
 
 /// One published (or to-be-published) event.

@@ -1,32 +1,36 @@
-//! The job handler plugged into the shared consumer supervisor. For one delivery of
-//! `prebuilds.provisioner.job.v1`:
+//! The job handler plugged into the shared consumer supervisor (one per lane, one handler). For
+//! one delivery of `prebuilds.provisioner.job.v1`:
 //!
 //! 1. Decode the envelope and payload strictly; a failure is permanent (the supervisor
 //!    dead-letters the message with the reason).
 //! 2. Take the job's in-process lock, so a duplicate delivery waits for the first one.
 //! 3. If this process already finished the job, republish its recorded events (same ids, same
 //!    content) and stop: a job is never executed twice here.
-//! 4. If the backend can read the job's `provisioner_jobs` row (terraform) and the job was canceled
-//!    or is being canceled, do not run it: a `job_log` line saying so, then `job_completed`
-//!    `canceled` (no `job_started`: it never started). The reconciler cancels a pending create in
-//!    the database while its message may still be queued; running it would provision real
-//!    infrastructure for a workspace that is already orphan-deleted. The worker applies that
-//!    completion as a no-op to a `canceled` job and finishes a `canceling` one. It is recorded like
-//!    any outcome (step 6), so a duplicate delivery republishes the same events (and one arriving
-//!    after the record was forgotten finds the job still canceled: same events, same ids).
+//! 4. Admission (`admission`), when this process can read the database: a message naming no job
+//!    is dead-lettered (`unknown_job`); a job already running elsewhere (a duplicate publish) or
+//!    already done (reaped, completed) is acknowledged without running (counted by reason); a job
+//!    canceled while queued is not run: a `job_log` line saying so, then `job_completed`
+//!    `canceled` (no `job_started`: it never started), recorded like any outcome (step 6).
 //! 5. Otherwise execute it: `job_started`; the build (orphan deletes succeed at once: nothing was
 //!    provisioned), which streams `job_log` batches and, for start builds, emits `plan_result`;
 //!    `job_completed`; for a successful start build each agent's `starting`, the agent-ready
-//!    delay, then `ready`.
+//!    delay, then `ready`. While the build runs, a watch sends a heartbeat line every quarter of
+//!    `PREBUILDS_JOB_HUNG_TIMEOUT` (so the job reaper never takes a live build for hung) and, with
+//!    database access, polls the row: a cancel of the running job (`prebuildsctl jobs cancel`)
+//!    interrupts the build (terraform gets SIGINT, then SIGKILL after a grace period) and the job
+//!    completes `canceled`.
 //! 6. Remember the record, make sure every event is confirmed by the broker, and only then return
 //!    `Ok` (the supervisor acknowledges the delivery). A publish failure is transient: the
 //!    supervisor retries, and the retry republishes the record rather than re-running the build.
 //!
-//! A build interrupted by shutdown, or one that could not read the database (the cancellation
-//! check included), produced no outcome: the error is transient, the delivery goes back to the
-//! queue and the job runs again later with the same event ids.
+//! A build interrupted by shutdown, or one that could not read the database (admission included),
+//! produced no outcome: the error is transient, the delivery goes back to the queue and the job
+//! runs again later with the same event ids.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prebuilds_runtime::amqp::{consumer::Incoming, Handler, HandlerError, Publisher};
 use prebuilds_schemas::{
@@ -37,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 use prebuilds_runtime::keyed_locks::KeyedLocks;
 
 use crate::{
+    admission::{admit, Admission, JobStates},
     backend::{Backend, BuildResult, RunError},
-    events::{Emitter, JobRecord},
+    events::{self, Emitter, JobRecord},
     metrics::ProvisionerMetrics,
     records::CompletedJobs,
 };
@@ -54,6 +59,20 @@ pub struct JobHandler {
     /// Fires when shutdown can no longer wait for builds: they are interrupted.
     stop: CancellationToken,
     metrics: ProvisionerMetrics,
+    /// Job rows, for admission and cancels of running jobs; `None` without database access.
+    states: Option<JobStates>,
+    /// Time between heartbeats of a running job (a quarter of the hung timeout).
+    heartbeat: Duration,
+}
+
+/// Longest time between two reads of a running job's row (a cancel is noticed within it).
+const CANCEL_POLL: Duration = Duration::from_secs(2);
+
+/// How a watched build ended.
+enum Watched {
+    Finished(Result<BuildResult, RunError>),
+    /// A cancel of the running job interrupted it.
+    Canceled,
 }
 
 /// Decodes a delivery body; every failure is permanent.
@@ -67,6 +86,7 @@ pub fn decode(body: &[u8]) -> Result<ProvisionerJob, HandlerError> {
 }
 
 impl JobHandler {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: Backend,
         publisher: Arc<Publisher>,
@@ -74,6 +94,8 @@ impl JobHandler {
         remembered_jobs: usize,
         stop: CancellationToken,
         metrics: ProvisionerMetrics,
+        states: Option<JobStates>,
+        heartbeat: Duration,
     ) -> Self {
         JobHandler {
             backend,
@@ -83,19 +105,75 @@ impl JobHandler {
             running: KeyedLocks::default(),
             stop,
             metrics,
+            states,
+            heartbeat: heartbeat.max(Duration::from_millis(100)),
         }
     }
 
-    /// Runs the job and returns its final status.
+    /// Runs the build while watching it: heartbeats, and a cancel of the running job.
+    async fn run_watched(&self, job: &ProvisionerJob, emitter: &mut Emitter) -> Watched {
+        let build_stop = self.stop.child_token();
+        let canceled = CancellationToken::new();
+        let build = self.backend.run(job, emitter, &build_stop);
+        let watch = self.watch(job.job_id, &build_stop, &canceled);
+        tokio::pin!(build, watch);
+        let result = tokio::select! {
+            biased;
+            result = &mut build => result,
+            never = &mut watch => match never {},
+        };
+        match result {
+            Err(RunError::Aborted) if canceled.is_cancelled() => Watched::Canceled,
+            other => Watched::Finished(other),
+        }
+    }
+
+    /// Never returns: sends a heartbeat every `self.heartbeat` and, with database access, polls
+    /// the job's row; on a cancel it fires `canceled` and `build_stop`.
+    async fn watch(
+        &self,
+        job_id: uuid::Uuid,
+        build_stop: &CancellationToken,
+        canceled: &CancellationToken,
+    ) -> std::convert::Infallible {
+        let started = tokio::time::Instant::now();
+        let poll = self.heartbeat.min(CANCEL_POLL);
+        let mut next_heartbeat = started + self.heartbeat;
+        let mut beats = 0u32;
+        loop {
+            tokio::time::sleep(poll).await;
+            let now = tokio::time::Instant::now();
+            if now >= next_heartbeat {
+                let event = events::heartbeat(job_id, &self.source, beats, now - started);
+                match self.publisher.publish_event(&event).await {
+                    Ok(()) => self.metrics.heartbeats.inc(),
+                    Err(e) => {
+                        tracing::warn!(%job_id, error = %e, "publishing a heartbeat of a running job failed")
+                    }
+                }
+                beats += 1;
+                next_heartbeat = now + self.heartbeat;
+            }
+            if let Some(states) = &self.states {
+                if !canceled.is_cancelled() && states.cancel_requested(job_id).await {
+                    tracing::info!(%job_id, "the running job was canceled; interrupting its build");
+                    canceled.cancel();
+                    build_stop.cancel();
+                }
+            }
+        }
+    }
+
+    /// Runs the job and returns its final status; `canceled_while_queued` (admission) completes
+    /// it `canceled` without running anything.
     async fn execute(
         &self,
         job: &ProvisionerJob,
         emitter: &mut Emitter,
+        canceled_while_queued: Option<String>,
     ) -> Result<JobOutcome, RunError> {
-        // Checked first, before anything is published or provisioned: see step 4 of the module
-        // documentation. A database error here is transient (the job is retried, never run
-        // unchecked).
-        if let Some(job_status) = self.backend.canceled(job).await? {
+        // Before anything is published or provisioned: see step 4 of the module documentation.
+        if let Some(job_status) = canceled_while_queued {
             tracing::info!(job_id = %job.job_id, %job_status, "provisioner job was canceled before it ran; not running it");
             emitter
                 .log(
@@ -119,7 +197,21 @@ impl JobHandler {
                 .await;
             BuildResult::Succeeded { agents: vec![] }
         } else {
-            self.backend.run(job, emitter, &self.stop).await?
+            match self.run_watched(job, emitter).await {
+                Watched::Finished(result) => result?,
+                Watched::Canceled => {
+                    emitter.flush_logs().await;
+                    emitter
+                        .log(
+                            LogLevel::Warn,
+                            "cancel",
+                            "The job was canceled while it ran: the build was interrupted.",
+                        )
+                        .await;
+                    emitter.job_completed(JobOutcome::Canceled, None, &[]).await;
+                    return Ok(JobOutcome::Canceled);
+                }
+            }
         };
         let (status, error, agents) = match result {
             BuildResult::Succeeded { agents } if job.transition == Transition::Start => {
@@ -156,6 +248,22 @@ impl JobHandler {
         Ok(status)
     }
 
+    /// Step 4 of the module documentation; every job runs without database access.
+    async fn admission(
+        &self,
+        job: &ProvisionerJob,
+        redelivered: bool,
+    ) -> Result<Admission, HandlerError> {
+        let Some(states) = &self.states else {
+            return Ok(Admission::Run);
+        };
+        let state = states
+            .get(job.job_id)
+            .await
+            .map_err(|e| HandlerError::Transient(anyhow::Error::new(e)))?;
+        Ok(admit(state.as_ref(), redelivered))
+    }
+
     async fn republish(&self, record: &JobRecord, from: usize) -> Result<(), HandlerError> {
         record
             .publish_from(&self.publisher, from)
@@ -178,8 +286,27 @@ impl Handler for JobHandler {
             self.metrics.replayed.inc();
             return self.republish(&record, 0).await;
         }
+        let canceled_while_queued = match self.admission(&job, message.redelivered).await? {
+            Admission::Run => None,
+            Admission::Canceled { job_status } => Some(job_status),
+            Admission::Refuse { reason, permanent } => {
+                self.metrics.refused.with_label_values(&[&reason]).inc();
+                if permanent {
+                    return Err(HandlerError::permanent(
+                        "unknown_job",
+                        format!(
+                            "provisioner job {} does not exist in the database: not running it",
+                            job.job_id
+                        ),
+                    ));
+                }
+                tracing::info!(job_id = %job.job_id, %reason, redelivered = message.redelivered, "not running a provisioner job that is no longer pending");
+                return Ok(());
+            }
+        };
         tracing::info!(
             job_id = %job.job_id,
+            lane = job.lane().as_str(),
             workspace_id = %job.workspace_id,
             transition = job.transition.as_str(),
             stage = job.stage.as_str(),
@@ -190,7 +317,9 @@ impl Handler for JobHandler {
         );
         let mut emitter = Emitter::new(job.job_id, self.source.clone(), self.publisher.clone());
         self.metrics.in_flight.inc();
-        let executed = self.execute(&job, &mut emitter).await;
+        let executed = self
+            .execute(&job, &mut emitter, canceled_while_queued)
+            .await;
         self.metrics.in_flight.dec();
         let status = match executed {
             Ok(status) => status,

@@ -6,6 +6,7 @@
 //! [`backend`], [`sim`] and [`terraform`] (the executors), [`records`] (in-process idempotence,
 //! with `prebuilds_runtime::keyed_locks`), [`metrics`].
 
+mod admission;
 mod app;
 mod backend;
 mod config;

@@ -8,6 +8,8 @@
 //! | `prebuilds_provisioner_jobs_replayed_total` | counter: redelivered jobs answered from memory | |
 //! | `prebuilds_provisioner_job_duration_seconds` | histogram: job_started → job_completed | `transition` |
 //! | `prebuilds_provisioner_jobs_in_flight` | gauge: jobs executing now | |
+//! | `prebuilds_provisioner_jobs_refused_total` | counter: deliveries not run (`admission`) | `reason` |
+//! | `prebuilds_provisioner_heartbeats_total` | counter: progress lines sent for running jobs | |
 
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -19,6 +21,8 @@ pub struct ProvisionerMetrics {
     pub replayed: IntCounter,
     pub duration: HistogramVec,
     pub in_flight: IntGauge,
+    pub refused: IntCounterVec,
+    pub heartbeats: IntCounter,
 }
 
 impl ProvisionerMetrics {
@@ -48,6 +52,19 @@ impl ProvisionerMetrics {
             "prebuilds_provisioner_jobs_in_flight",
             "Provisioner jobs executing now.",
         )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "prebuilds_provisioner_jobs_refused_total",
+                "Delivered jobs not run because of their database row (unknown_job, already_running, already_succeeded, already_failed).",
+            ),
+            &["reason"],
+        )?;
+        let heartbeats = IntCounter::new(
+            "prebuilds_provisioner_heartbeats_total",
+            "Progress log lines sent for running jobs, so the job reaper does not take them for hung.",
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(heartbeats.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(replayed.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -57,6 +74,8 @@ impl ProvisionerMetrics {
             replayed,
             duration,
             in_flight,
+            refused,
+            heartbeats,
         })
     }
 }

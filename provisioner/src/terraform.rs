@@ -5,11 +5,8 @@
 //! across that workspace's builds, and `variables.json` (the variables of the last plan, which a
 //! later destroy reuses: delete builds carry no parameters). Builds of one workspace run one at a time.
 //!
-//! Before a job runs, the handler asks this backend whether the job was canceled
-//! ([`TerraformBackend::canceled`], `sql/job_canceled.sql`): the reconciler cancels a pending create
-//! in PostgreSQL while its message may still sit in the queue, and running it would provision real
-//! infrastructure nobody wants (the worker has already orphan-deleted its workspace). A canceled or
-//! `canceling` job runs no terraform command and completes as `canceled`; a job without a row runs.
+//! Whether a delivered job may run at all (canceled while queued, reaped, a duplicate) is decided
+//! before the backend is called, from the job's row (`admission`).
 //!
 //! Start and stop builds:
 //! 1. write `main.tf`; `terraform init -input=false`;
@@ -68,7 +65,6 @@ use crate::{
 };
 
 const TEMPLATE_SOURCE_SQL: &str = include_str!("sql/template_source.sql");
-const JOB_CANCELED_SQL: &str = include_str!("sql/job_canceled.sql");
 
 /// How often streamed terraform output is published while a command runs.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -393,28 +389,6 @@ impl TerraformBackend {
                 Some(text) => Source::Found(text),
                 None => Source::Null,
             },
-        })
-    }
-
-    /// `Some(job_status)` when the job was canceled (or is being canceled) before it ran; `None`
-    /// when it was not, or when PostgreSQL has no row for it (a job published by another system
-    /// runs as it always did). A database error is transient: the job is retried, never run
-    /// unchecked.
-    pub async fn canceled(&self, job_id: Uuid) -> Result<Option<String>, RunError> {
-        let row = self
-            .query_by_id(
-                JOB_CANCELED_SQL,
-                job_id,
-                "checking whether the job was canceled",
-            )
-            .await?;
-        Ok(match row {
-            None => {
-                tracing::debug!(%job_id, "the job has no provisioner_jobs row; running it");
-                None
-            }
-            Some(row) if row.get::<_, bool>("canceled") => Some(row.get("job_status")),
-            Some(_) => None,
         })
     }
 

@@ -101,6 +101,7 @@ pub async fn drained(stack: &Stack, include_reconcile: bool) -> anyhow::Result<C
     let mut queues = vec![
         QueueKind::Claims,
         QueueKind::ProvisionerJobs,
+        QueueKind::ProvisionerJobsUser,
         QueueKind::ProvisionerEvents,
     ];
     if include_reconcile {

@@ -98,7 +98,7 @@ pub struct Stack {
     pub workers: Vec<Proc>,
     pub scheduler: Proc,
     pub provisioner: Proc,
-    /// Every `provisioner.job.*` message the workers published.
+    /// Every provisioner job message the workers published, of both lanes.
     pub jobs_tap: Tap,
     /// Every `provisioner.event.*` message that reached the workers' exchange.
     pub events_tap: Tap,
@@ -136,7 +136,8 @@ impl Stack {
             &broker.url,
             format!("{}.tap-jobs", broker.prefix()),
             exchange.clone(),
-            "provisioner.job.*",
+            // `#`: both lanes (`provisioner.job.<t>` and `provisioner.job.user.<t>`).
+            "provisioner.job.#",
         )
         .await?;
         let events_tap = Tap::start(
@@ -152,13 +153,15 @@ impl Stack {
             // The provisioner lives on a prefix of its own; two relays join the prefixes, each
             // delivering every message twice in shuffled batches.
             let other = TestBroker::new().await;
-            relays.push(Relay::start(
-                &broker.url,
-                broker.queue(QueueKind::ProvisionerJobs),
-                other.topology.exchange(),
-                2,
-                32,
-            ));
+            for lane in prebuilds_schemas::Lane::ALL {
+                relays.push(Relay::start(
+                    &broker.url,
+                    broker.queue(QueueKind::provisioner_jobs(lane)),
+                    other.topology.exchange(),
+                    2,
+                    32,
+                ));
+            }
             relays.push(Relay::start(
                 &broker.url,
                 other.queue(QueueKind::ProvisionerEvents),

@@ -175,6 +175,11 @@ impl ConnectionArgs {
         }
     }
 
+    /// Whether DATABASE_URL (or its _FILE twin) was given, rather than left at the default.
+    pub fn database_url_given(&self) -> bool {
+        self.database_url.is_some() || self.database_url_file.is_some()
+    }
+
     /// Reads secrets from their files, checks the TLS files and validates both URLs.
     pub fn resolve(&self) -> Result<Connection, ConfigError> {
         let database_url = secret_value(
@@ -317,6 +322,42 @@ pub struct ServiceArgs {
     /// How long SIGTERM waits for in-flight work before exiting anyway.
     #[arg(long, env = "PREBUILDS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// How long a provisioner job may stay silent (SPEC.md §9 "Job reaper"). The scheduler's leader
+/// reaps by them; a provisioner sends progress at least every quarter of the hung timeout while a
+/// job runs, so a live build is never mistaken for a hung one. Give every process the same values.
+#[derive(Debug, Clone, Args)]
+pub struct JobTimeoutArgs {
+    /// A `running` job with no provisioner event for this long is failed (`hung: …`).
+    #[arg(long, env = "PREBUILDS_JOB_HUNG_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub job_hung_timeout: Duration,
+
+    /// A `pending` job no provisioner started within this long is failed (`pending: …`).
+    #[arg(long, env = "PREBUILDS_JOB_PENDING_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub job_pending_timeout: Duration,
+}
+
+impl JobTimeoutArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        for (flag, value) in [
+            ("PREBUILDS_JOB_HUNG_TIMEOUT", self.job_hung_timeout),
+            ("PREBUILDS_JOB_PENDING_TIMEOUT", self.job_pending_timeout),
+        ] {
+            if value < Duration::from_secs(2) {
+                return Err(format!(
+                    "{flag} is {}; use at least 2s (provisioners report progress every quarter of the hung timeout)",
+                    humantime::format_duration(value)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How often a running job reports progress: a quarter of the hung timeout.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.job_hung_timeout / 4
+    }
 }
 
 /// The reconciler's rules (SPEC.md §2, §6).

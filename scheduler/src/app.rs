@@ -4,9 +4,9 @@
 //!    pool-state collector); probe PostgreSQL and RabbitMQ in the background for `/readyz`.
 //! 2. Campaign for the leader lock ([`leader::campaign`]); while standing by, do nothing else.
 //! 3. Once leading, start a **term**: a child cancellation token shared by the tick loop
-//!    ([`ticker`]), the settings watcher ([`settings_watch`]) and the metrics refresher
-//!    ([`pool_metrics::Refresher`]). Every lock-retry interval check the lock connection; if it is
-//!    dead or the check fails, cancel the term at once — in-flight publishes are dropped, the pool
+//!    ([`ticker`]), the settings watcher ([`settings_watch`]), the metrics refresher
+//!    ([`pool_metrics::Refresher`]) and the job reaper ([`crate::reaper`]). Every lock-retry
+//!    interval check the lock connection; if it is dead or the check fails, cancel the term at once — in-flight publishes are dropped, the pool
 //!    metrics are forgotten — and campaign again.
 //! 4. On SIGTERM/SIGINT: readiness goes false, the term is cancelled, its tasks stop, the lock is
 //!    released (its connection closed), the publisher and the HTTP server close. The caller bounds
@@ -28,6 +28,7 @@ use crate::{
     metrics::SchedulerMetrics,
     pass::Passes,
     pool_metrics::{PoolCollector, PoolState, Refresher},
+    reaper::{Reaper, ReaperConfig},
     settings_watch, ticker,
 };
 
@@ -93,11 +94,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics.clone(),
         interval: config.reconcile.metrics_interval,
     };
+    let reaper = Reaper {
+        pool: pool.clone(),
+        config: ReaperConfig::for_timeouts(
+            config.job_timeouts.job_hung_timeout,
+            config.job_timeouts.job_pending_timeout,
+        ),
+        metrics: metrics.clone(),
+        source: event_source(),
+    };
     let leadership = Leadership {
         config: &config,
         database_url: connection.database_url.clone(),
         passes,
         refresher,
+        reaper,
         metrics,
         pool_state,
     };
@@ -118,6 +129,7 @@ struct Leadership<'a> {
     database_url: prebuilds_runtime::config::Secret,
     passes: Passes,
     refresher: Refresher,
+    reaper: Reaper,
     metrics: SchedulerMetrics,
     pool_state: PoolState,
 }
@@ -164,6 +176,7 @@ impl Leadership<'_> {
             term.clone(),
         ));
         tasks.spawn(self.refresher.clone().run(term.clone()));
+        tasks.spawn(self.reaper.clone().run(term.clone()));
         tasks.spawn(db::refresh_plans_as_tables_grow(
             self.passes.pool.clone(),
             prebuilds_store::GROWING_TABLES,

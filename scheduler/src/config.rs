@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use clap::Parser;
-use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ReconcileArgs, ServiceArgs};
+use prebuilds_runtime::config::{
+    parse_duration, ConnectionArgs, JobTimeoutArgs, ReconcileArgs, ServiceArgs,
+};
 
 /// `prebuilds-scheduler` configuration.
 #[derive(Debug, Clone, Parser)]
@@ -20,7 +22,9 @@ use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ReconcileArgs, S
                   for every preset that needs attention every reconcile interval (nothing while \
                   reconciliation is globally paused), publishes `settings_changed` jobs for every such \
                   preset when it sees the global pause lifted, and exports the pool-state gauges \
-                  (coderd_prebuilt_workspaces_*) from a snapshot refreshed every metrics interval.",
+                  (coderd_prebuilt_workspaces_*) from a snapshot refreshed every metrics interval. \
+                  The leader also reaps provisioner jobs: a running job silent for the hung \
+                  timeout, or a pending one not started within the pending timeout, is failed.",
     after_help = "Durations are written like 500ms, 2s, 1m. Scrape /metrics of the leader for the \
                   pool-state series (a standby exports only prebuilds_scheduler_is_leader and its own \
                   counters); /readyz is true while PostgreSQL and RabbitMQ are reachable.\n\n\
@@ -37,6 +41,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub reconcile: ReconcileArgs,
+
+    #[command(flatten)]
+    pub job_timeouts: JobTimeoutArgs,
 
     /// How often a standby tries to take the leader lock, and how often the leader checks that
     /// its lock connection is still alive. A standby takes over within about twice this after the
@@ -64,6 +71,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.connection.resolve().map_err(|e| e.0)?;
         self.reconcile.validate()?;
+        self.job_timeouts.validate()?;
         if self.connection.db_pool_size == 0 {
             return Err("PREBUILDS_DB_POOL_SIZE must be at least 1".into());
         }

@@ -5,8 +5,9 @@
 //! index `floor(unix time / reconcile interval)`, so two publications of the same tick — a leader
 //! that retries, or a new leader taking over mid-tick — carry the same id and can be deduplicated.
 //!
-//! The scheduler publishes directly (no outbox): it writes nothing to the database, so there is no
-//! transaction whose outcome the message would have to follow. A message counts as published only
+//! The scheduler publishes reconcile jobs directly (no outbox): a pass writes nothing to the
+//! database, so there is no transaction whose outcome the message would have to follow. (The job
+//! reaper does write; its reconcile requests go through the outbox, in its transaction.) A message counts as published only
 //! after the broker confirmed it and routed it to a queue ([`Publisher::publish_event`]); failures
 //! are retried a few times within the pass, and the next tick covers anything still missing
 //! (reconcile jobs are level-triggered).

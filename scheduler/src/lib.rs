@@ -6,7 +6,8 @@
 //!   reconcile interval ([`ticker`], [`pass`], [`jobs`]), nothing while globally paused;
 //! - publishes `settings_changed` jobs for every such preset when it sees the global pause lifted
 //!   ([`settings_watch`]);
-//! - exports the pool-state metrics from a cached database snapshot ([`pool_metrics`]).
+//! - exports the pool-state metrics from a cached database snapshot ([`pool_metrics`]);
+//! - reaps provisioner jobs a provisioner went silent on ([`reaper`]).
 //!
 //! [`app`] wires it together with the shared runtime; [`config`] is the command line;
 //! [`metrics`] holds the scheduler's own counters.
@@ -18,6 +19,7 @@ pub mod leader;
 pub mod metrics;
 pub mod pass;
 pub mod pool_metrics;
+pub mod reaper;
 pub mod settings_watch;
 pub mod ticker;
 

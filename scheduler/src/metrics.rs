@@ -13,6 +13,7 @@
 //! | `prebuilds_scheduler_last_pass_jobs` | gauge | — | presets the latest `tick` pass published for |
 //! | `prebuilds_scheduler_metrics_refresh_duration_seconds` | gauge | — | latest pool-state refresh |
 //! | `prebuilds_scheduler_metrics_refresh_failures_total` | counter | — | failed pool-state refreshes |
+//! | `prebuilds_scheduler_jobs_reaped_total` | counter | `kind` (`hung`, `pending`) | provisioner jobs the reaper failed |
 
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -29,6 +30,7 @@ pub struct SchedulerMetrics {
     pub last_pass_jobs: IntGauge,
     pub refresh_duration: Gauge,
     pub refresh_failures: IntCounter,
+    pub jobs_reaped: IntCounterVec,
 }
 
 impl SchedulerMetrics {
@@ -80,7 +82,15 @@ impl SchedulerMetrics {
                 "prebuilds_scheduler_metrics_refresh_failures_total",
                 "Pool-state metrics refreshes that failed (the previous values stay).",
             )?,
+            jobs_reaped: IntCounterVec::new(
+                Opts::new(
+                    "prebuilds_scheduler_jobs_reaped_total",
+                    "Provisioner jobs failed by the job reaper, by kind (hung: running and silent; pending: never started).",
+                ),
+                &["kind"],
+            )?,
         };
+        registry.register(Box::new(m.jobs_reaped.clone()))?;
         registry.register(Box::new(m.is_leader.clone()))?;
         registry.register(Box::new(m.leader_terms.clone()))?;
         registry.register(Box::new(m.jobs_published.clone()))?;

@@ -158,11 +158,60 @@ pub struct ProvisionerJob {
     pub parameters: Vec<Parameter>,
 }
 
+/// Which provisioner queue a job goes to (SPEC.md §9 "Provisioner lanes"): builds a user waits for
+/// are served before, and apart from, the prebuild fill and drain behind them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// A build a user waits for: a claim build, or any build of a workspace a user owns.
+    User,
+    /// Prebuild fill and drain: builds of workspaces the prebuilds user owns.
+    Prebuild,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::User, Lane::Prebuild];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::User => "user",
+            Lane::Prebuild => "prebuild",
+        }
+    }
+}
+
+impl std::str::FromStr for Lane {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "user" => Ok(Lane::User),
+            "prebuild" => Ok(Lane::Prebuild),
+            other => Err(format!("unknown lane {other:?} (lanes: user, prebuild)")),
+        }
+    }
+}
+
+impl ProvisionerJob {
+    /// The one home of the lane rule: a claim build, or a build of a workspace that is no longer
+    /// the prebuilds user's, is a user's; every other build fills or drains a pool.
+    pub fn lane(&self) -> Lane {
+        if self.stage == BuildStage::Claim || self.owner_id != crate::PREBUILDS_USER_ID {
+            Lane::User
+        } else {
+            Lane::Prebuild
+        }
+    }
+}
+
 impl Payload for ProvisionerJob {
     const TYPE: &'static str = "prebuilds.provisioner.job.v1";
     const SCHEMA_NAME: &'static str = "provisioner.job.v1";
+    /// `provisioner.job.<transition>` for the prebuild lane (bound to `<prefix>.provisioner-jobs`),
+    /// `provisioner.job.user.<transition>` for the user lane (`<prefix>.provisioner-jobs-user`).
     fn routing_key(&self) -> String {
-        format!("provisioner.job.{}", self.transition.as_str())
+        match self.lane() {
+            Lane::Prebuild => format!("provisioner.job.{}", self.transition.as_str()),
+            Lane::User => format!("provisioner.job.user.{}", self.transition.as_str()),
+        }
     }
     fn example() -> Self {
         ProvisionerJob {

@@ -77,6 +77,8 @@ pub enum FakeOutcome {
     Fail,
     /// Never answers (the job stays pending).
     Hold,
+    /// Sends `job_started`, then nothing (a provisioner that died mid-build).
+    StartThenSilent,
 }
 
 type Decide = dyn Fn(&ProvisionerJob) -> FakeOutcome + Send + Sync;
@@ -110,15 +112,24 @@ impl FakeProvisioner {
             .basic_qos(64, BasicQosOptions::default())
             .await
             .expect("qos");
-        let mut consumer = channel
-            .basic_consume(
-                broker.queue(QueueKind::ProvisionerJobs).as_str().into(),
-                "fake-provisioner".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        // Both lanes, like a provisioner started with its default `--lanes user,prebuild`.
+        let mut lanes = Vec::new();
+        for lane in prebuilds_schemas::Lane::ALL {
+            let queue = broker.queue(QueueKind::provisioner_jobs(lane));
+            let lane_consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("fake-provisioner-{}", lane.as_str())
+                        .as_str()
+                        .into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("consume");
+            lanes.push(lane_consumer);
+        }
+        let mut consumer = futures::stream::select_all(lanes);
         let publisher =
             Publisher::new(&broker.url, "fake-provisioner-pub", broker.topology.clone());
         let seen = jobs.clone();
@@ -189,6 +200,9 @@ pub async fn answer(publisher: &Publisher, job: &ProvisionerJob, outcome: FakeOu
         started_at: now,
     })
     .await;
+    if outcome == FakeOutcome::StartThenSilent {
+        return;
+    }
     let succeeded = outcome == FakeOutcome::Succeed;
     let with_agent = succeeded && job.transition == Transition::Start;
     publisher

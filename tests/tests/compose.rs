@@ -81,7 +81,11 @@ fn script_commands(path: &std::path::Path) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect();
-    assert!(!commands.is_empty(), "{} runs no prebuildsctl command", path.display());
+    assert!(
+        !commands.is_empty(),
+        "{} runs no prebuildsctl command",
+        path.display()
+    );
     commands
 }
 
@@ -401,10 +405,20 @@ fn the_workspace_loads_from_exactly_what_the_dependency_layer_copies() {
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(stub.status.success(), "{}", String::from_utf8_lossy(&stub.stderr));
+    assert!(
+        stub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stub.stderr)
+    );
     let packages = |root: &std::path::Path| -> BTreeSet<String> {
         let out = Command::new(env!("CARGO"))
-            .args(["metadata", "--no-deps", "--offline", "--format-version", "1"])
+            .args([
+                "metadata",
+                "--no-deps",
+                "--offline",
+                "--format-version",
+                "1",
+            ])
             .current_dir(root)
             .output()
             .unwrap();
@@ -421,7 +435,13 @@ fn the_workspace_loads_from_exactly_what_the_dependency_layer_copies() {
             .iter()
             .map(|id| {
                 let id = id.as_str().unwrap();
-                id.rsplit(['#', '/']).next().unwrap().split('@').next().unwrap().to_owned()
+                id.rsplit(['#', '/'])
+                    .next()
+                    .unwrap()
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .to_owned()
             })
             .collect()
     };

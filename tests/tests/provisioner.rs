@@ -227,9 +227,13 @@ async fn publish(publisher: &Publisher, job: &ProvisionerJob) -> CloudEvent<Prov
 }
 
 async fn publish_again(publisher: &Publisher, event: &CloudEvent<ProvisionerJob>) {
+    let lane = match event.data.lane() {
+        prebuilds_schemas::Lane::User => "user.",
+        prebuilds_schemas::Lane::Prebuild => "",
+    };
     assert_eq!(
         event.routing_key(),
-        format!("provisioner.job.{}", event.data.transition.as_str())
+        format!("provisioner.job.{lane}{}", event.data.transition.as_str())
     );
     publisher
         .publish_event(event)
@@ -876,6 +880,18 @@ async fn template_version(db: &TestDb, source: Option<&str>) -> Uuid {
     fixture.version_id
 }
 
+/// Publishes `job` as a worker would have made it: with its `provisioner_jobs` row (`pending`
+/// unless the test made it already), which a provisioner with database access requires
+/// (admission: a job without a row is refused).
+async fn submit(
+    db: &TestDb,
+    publisher: &Publisher,
+    job: &ProvisionerJob,
+) -> CloudEvent<ProvisionerJob> {
+    job_row(db, job.job_id, "pending", false).await;
+    publish(publisher, job).await
+}
+
 #[tokio::test]
 async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() {
     let Some(rig) = terraform_rig(&["--terraform-timeout", "2m"]).await else {
@@ -888,7 +904,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     // 1. The prebuild is created.
     let create = create_job(version, &[("image", "ubuntu")]);
     let started = Instant::now();
-    publish(publisher, &create).await;
+    submit(db, publisher, &create).await;
     let events = reader
         .until(
             create.job_id,
@@ -949,7 +965,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     claim.owner_id = Uuid::new_v4();
     claim.owner_name = "alice".into();
     let started = Instant::now();
-    publish(publisher, &claim).await;
+    submit(db, publisher, &claim).await;
     let events = reader
         .until(claim.job_id, Duration::from_secs(120), "claim build", |e| {
             has(e, "agent_lifecycle:ready")
@@ -985,7 +1001,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     // 3. Delete: no parameters (the previous build's variables are reused), state destroyed.
     let delete = next_build(&claim, Transition::Delete, BuildStage::None, &[]);
     let started = Instant::now();
-    publish(publisher, &delete).await;
+    submit(db, publisher, &delete).await;
     let events = reader
         .until(
             delete.job_id,
@@ -1029,8 +1045,8 @@ async fn terraform_failures_are_reported_with_terraforms_error() {
     let missing_var = create_job(needs_image, &[]);
     // No source at all.
     let no_source = create_job(without_source, &[]);
-    publish(&rig.publisher, &missing_var).await;
-    publish(&rig.publisher, &no_source).await;
+    submit(&rig.db, &rig.publisher, &missing_var).await;
+    submit(&rig.db, &rig.publisher, &no_source).await;
 
     for (job, expected) in [
         (&missing_var, "No value for required variable"),
@@ -1075,7 +1091,7 @@ async fn terraform_invocations_are_bounded_by_the_timeout() {
     let mut reader = EventReader::new(&rig.broker);
     let slow = create_job(version, &[]);
     let started = Instant::now();
-    publish(&rig.publisher, &slow).await;
+    submit(&rig.db, &rig.publisher, &slow).await;
     let events = reader
         .until(
             slow.job_id,
@@ -1105,7 +1121,7 @@ async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
     };
     let version = template_version(&rig.db, Some(SLOW_TEMPLATE)).await;
     let slow = create_job(version, &[]);
-    publish(&rig.publisher, &slow).await;
+    submit(&rig.db, &rig.publisher, &slow).await;
     let mut reader = EventReader::new(&rig.broker);
     reader
         .until(slow.job_id, Duration::from_secs(60), "apply running", |e| {
@@ -1185,7 +1201,7 @@ async fn terraform_runs_without_the_provisioners_secrets() {
     let version = template_version(&rig.db, Some(ENV_TEMPLATE)).await;
     let mut reader = EventReader::new(&rig.broker);
     let create = create_job(version, &[]);
-    publish(&rig.publisher, &create).await;
+    submit(&rig.db, &rig.publisher, &create).await;
     reader
         .until(create.job_id, Duration::from_secs(120), "env build", |e| {
             has(e, "job_completed")
@@ -1241,7 +1257,8 @@ async fn job_row(db: &TestDb, job_id: Uuid, job_status: &str, canceled: bool) {
         .execute(
             "INSERT INTO provisioner_jobs (id, initiator_id, job_status, canceled_at, completed_at)
              VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END,
-                     CASE WHEN $3 = 'canceled' THEN now() END)",
+                     CASE WHEN $3 = 'canceled' THEN now() END)
+             ON CONFLICT (id) DO NOTHING",
             &[&job_id, &PREBUILDS_USER_ID, &job_status, &canceled],
         )
         .await
@@ -1267,9 +1284,9 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
     // A pending job with a row runs as before (the check only stops canceled ones).
     let pending = create_job(version, &image);
     job_row(db, pending.job_id, "pending", false).await;
-    let message = publish(publisher, &canceled).await;
-    publish(publisher, &canceling).await;
-    publish(publisher, &pending).await;
+    let message = submit(db, publisher, &canceled).await;
+    submit(db, publisher, &canceling).await;
+    submit(db, publisher, &pending).await;
 
     for job in [&canceled, &canceling] {
         reader
@@ -1362,4 +1379,271 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
         metric(*port, "prebuilds_provisioner_jobs_replayed_total").await,
         1.0
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes, admission, heartbeats and cancels of running jobs (issue #18).
+
+/// A build a user waits for: the claim build of a workspace now owned by a user.
+fn claim_build(parameters: &[(&str, &str)]) -> ProvisionerJob {
+    let mut claim = job(Transition::Start, BuildStage::Claim, parameters);
+    claim.owner_id = Uuid::new_v4();
+    claim.owner_name = "alice".to_owned();
+    claim.build_number = 2;
+    claim
+}
+
+fn started(events: &[Received]) -> bool {
+    has(events, "job_started")
+}
+
+#[tokio::test]
+async fn a_claim_build_is_served_ahead_of_a_long_prebuild_backlog() {
+    let broker = TestBroker::new().await;
+    let port = free_port();
+    // One slot per lane and builds of a second: FIFO would start the claim build after the whole
+    // backlog (20 s).
+    let sim = [
+        "--sim-duration-min",
+        "1s",
+        "--sim-duration-max",
+        "1s",
+        "--sim-agent-ready-delay",
+        "0",
+        "--concurrency",
+        "1",
+        "--user-concurrency",
+        "1",
+    ];
+    let mut service = provisioner(&broker, port, &sim, &[]);
+    wait_ready(port).await;
+    let publisher = test_publisher(&broker);
+    let backlog: Vec<ProvisionerJob> = (0..20)
+        .map(|_| job(Transition::Start, BuildStage::Create, &[]))
+        .collect();
+    for create in &backlog {
+        let event = CloudEvent::new("test", chrono::Utc::now(), create.clone());
+        publisher.publish_event(&event).await.expect("publish");
+    }
+    let claim = claim_build(&[]);
+    assert_eq!(
+        publish(&publisher, &claim).await.routing_key(),
+        "provisioner.job.user.start"
+    );
+
+    let mut reader = EventReader::new(&broker);
+    reader
+        .until(claim.job_id, WAIT, "the claim build completed", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    let creates_started = backlog
+        .iter()
+        .filter(|create| started(&reader.of(create.job_id)))
+        .count();
+    assert!(
+        creates_started <= 3,
+        "the claim build waited behind {creates_started} prebuild creates"
+    );
+    assert!(service.terminate(WAIT).await.expect("exits").success());
+}
+
+#[tokio::test]
+async fn a_provisioner_serving_one_lane_leaves_the_other_alone() {
+    let broker = TestBroker::new().await;
+    let port = free_port();
+    let mut args = FAST_SIM.to_vec();
+    args.extend(["--lanes", "prebuild"]);
+    let mut service = provisioner(&broker, port, &args, &[]);
+    wait_ready(port).await;
+    let publisher = test_publisher(&broker);
+    let claim = claim_build(&[]);
+    let create = job(Transition::Start, BuildStage::Create, &[]);
+    publish(&publisher, &claim).await;
+    publish(&publisher, &create).await;
+    let mut reader = EventReader::new(&broker);
+    reader
+        .until(create.job_id, WAIT, "the create completed", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    reader.settle(Duration::from_millis(500)).await;
+    assert!(
+        reader.of(claim.job_id).is_empty(),
+        "the user lane is not served"
+    );
+    let waiting = broker
+        .get(
+            &broker.queue(QueueKind::ProvisionerJobsUser),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the claim build waits on the user lane");
+    let waiting: CloudEvent<ProvisionerJob> =
+        serde_json::from_slice(&waiting.delivery.data).expect("a job");
+    assert_eq!(waiting.data.job_id, claim.job_id);
+    assert!(service.terminate(WAIT).await.expect("exits").success());
+}
+
+#[tokio::test]
+async fn with_database_access_only_pending_jobs_run() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let port = free_port();
+    let mut service = provisioner(&broker, port, &FAST_SIM, &[("DATABASE_URL", &db.url)]);
+    wait_ready(port).await;
+    let publisher = test_publisher(&broker);
+
+    let unknown = job(Transition::Start, BuildStage::Create, &[]);
+    let succeeded = job(Transition::Start, BuildStage::Create, &[]);
+    job_row(&db, succeeded.job_id, "succeeded", false).await;
+    // Reaped: failed by the job reaper while its message was still queued.
+    let reaped = job(Transition::Start, BuildStage::Create, &[]);
+    job_row(&db, reaped.job_id, "failed", false).await;
+    // Running elsewhere; this copy is a duplicate publish, not a redelivery.
+    let running = job(Transition::Start, BuildStage::Create, &[]);
+    job_row(&db, running.job_id, "running", false).await;
+    let pending = job(Transition::Start, BuildStage::Create, &[]);
+    job_row(&db, pending.job_id, "pending", false).await;
+    for job in [&unknown, &succeeded, &reaped, &running, &pending] {
+        publish(&publisher, job).await;
+    }
+
+    let mut reader = EventReader::new(&broker);
+    reader
+        .until(pending.job_id, WAIT, "the pending job built", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    let dead = broker
+        .get(&broker.topology.dead_queue(), Duration::from_secs(10))
+        .await
+        .expect("the unknown job is dead-lettered");
+    let headers = dead.delivery.properties.headers().clone().expect("headers");
+    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get(DEAD_REASON_HEADER)
+    else {
+        panic!("a string reason header: {headers:?}");
+    };
+    let reason = String::from_utf8_lossy(reason.as_bytes());
+    assert!(
+        reason.contains("does not exist in the database"),
+        "{reason}"
+    );
+    let body: CloudEvent<ProvisionerJob> = serde_json::from_slice(&dead.delivery.data).unwrap();
+    assert_eq!(body.data.job_id, unknown.job_id);
+    prebuilds_tests::eventually(WAIT, "three refusals counted", || async {
+        let total = metric(
+            port,
+            "prebuilds_provisioner_jobs_refused_total{reason=\"already_succeeded\"}",
+        )
+        .await
+            + metric(
+                port,
+                "prebuilds_provisioner_jobs_refused_total{reason=\"already_failed\"}",
+            )
+            .await
+            + metric(
+                port,
+                "prebuilds_provisioner_jobs_refused_total{reason=\"already_running\"}",
+            )
+            .await;
+        (total == 3.0).then_some(())
+    })
+    .await;
+    reader.settle(Duration::from_millis(500)).await;
+    for refused in [&unknown, &succeeded, &reaped, &running] {
+        assert!(
+            reader.of(refused.job_id).is_empty(),
+            "a refused job publishes nothing: {:?}",
+            labels(&reader.of(refused.job_id))
+        );
+    }
+    assert!(service.terminate(WAIT).await.expect("exits").success());
+}
+
+#[tokio::test]
+async fn a_long_build_sends_heartbeats_every_quarter_of_the_hung_timeout() {
+    let broker = TestBroker::new().await;
+    let port = free_port();
+    let args = [
+        "--sim-duration-min",
+        "3s",
+        "--sim-duration-max",
+        "3s",
+        "--sim-agent-ready-delay",
+        "0",
+        "--job-hung-timeout",
+        "2s",
+    ];
+    let mut service = provisioner(&broker, port, &args, &[]);
+    wait_ready(port).await;
+    let create = job(Transition::Start, BuildStage::Create, &[]);
+    publish(&test_publisher(&broker), &create).await;
+    let mut reader = EventReader::new(&broker);
+    let events = reader
+        .until(create.job_id, WAIT, "the build completed", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    let beats = log_lines(&events)
+        .into_iter()
+        .filter(|(_, stage, output)| stage == "heartbeat" && output.starts_with("Still running"))
+        .count();
+    // A 3 s build with a heartbeat every 0.5 s: 5 in theory; at least 3 whatever the scheduling.
+    assert!(beats >= 3, "{beats} heartbeats: {:#?}", log_lines(&events));
+    assert!(service.terminate(WAIT).await.expect("exits").success());
+}
+
+/// Moves a job to `canceling`, as `prebuildsctl jobs cancel` does with a running job.
+async fn cancel_running(db: &TestDb, job_id: Uuid) {
+    let client = db.pool.get().await.expect("db");
+    client
+        .execute(
+            "UPDATE provisioner_jobs SET job_status = 'canceling', canceled_at = now() WHERE id = $1",
+            &[&job_id],
+        )
+        .await
+        .expect("cancel");
+}
+
+#[tokio::test]
+async fn a_running_terraform_build_is_interrupted_by_a_cancel_and_completes_canceled() {
+    let Some(rig) = terraform_rig(&["--terraform-timeout", "2m"]).await else {
+        return;
+    };
+    let version = template_version(&rig.db, Some(SLOW_TEMPLATE)).await;
+    let slow = create_job(version, &[]);
+    submit(&rig.db, &rig.publisher, &slow).await;
+    let mut reader = EventReader::new(&rig.broker);
+    reader
+        .until(slow.job_id, Duration::from_secs(60), "apply running", |e| {
+            log_lines(e).iter().any(|(_, stage, output)| {
+                stage == "apply" && output.contains("Provisioning with 'local-exec'")
+            })
+        })
+        .await;
+    let canceling = Instant::now();
+    cancel_running(&rig.db, slow.job_id).await;
+    let events = reader
+        .until(slow.job_id, Duration::from_secs(30), "job_completed", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    // The poll (2 s) plus terraform's interrupt grace (5 s), far below the 60 s sleep.
+    assert!(
+        canceling.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        canceling.elapsed()
+    );
+    let completed = the(&events, "job_completed");
+    assert_eq!(
+        completed.data["status"],
+        "canceled",
+        "{:#?}",
+        log_lines(&events)
+    );
+    assert!(!has(&events, "agent_lifecycle:ready"));
+    assert!(log_lines(&events)
+        .iter()
+        .any(|(_, stage, output)| stage == "cancel" && output.contains("canceled while it ran")));
 }

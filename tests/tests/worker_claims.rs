@@ -114,7 +114,11 @@ async fn a_claim_transfers_a_ready_prebuild_and_queues_the_claim_build_and_a_rep
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(outbox, vec!["provisioner.job.start", "reconcile.preset"]);
+    // The claim build goes to the user lane.
+    assert_eq!(
+        outbox,
+        vec!["provisioner.job.user.start", "reconcile.preset"]
+    );
     // The pool is now empty: the next claim misses.
     let miss = ask(&ctx, &request(user, "other", fx.preset_id)).await;
     assert_eq!(miss.outcome, ClaimOutcome::NoEligiblePrebuild);

@@ -63,6 +63,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             Entity::Exchange,
             Entity::Queue(QueueKind::Reconcile),
             Entity::Queue(QueueKind::ProvisionerJobs),
+            Entity::Queue(QueueKind::ProvisionerJobsUser),
             Entity::Queue(QueueKind::Notifications),
             Entity::DeadLetterExchange,
             Entity::DeadQueue,

@@ -28,16 +28,20 @@ pub const DELIVERY_LIMIT: i64 = 5;
 pub enum QueueKind {
     Reconcile,
     Claims,
+    /// Prebuild fill and drain builds (the prebuild lane).
     ProvisionerJobs,
+    /// Builds a user waits for (the user lane, SPEC.md §9).
+    ProvisionerJobsUser,
     ProvisionerEvents,
     Notifications,
 }
 
 impl QueueKind {
-    pub const ALL: [QueueKind; 5] = [
+    pub const ALL: [QueueKind; 6] = [
         QueueKind::Reconcile,
         QueueKind::Claims,
         QueueKind::ProvisionerJobs,
+        QueueKind::ProvisionerJobsUser,
         QueueKind::ProvisionerEvents,
         QueueKind::Notifications,
     ];
@@ -48,8 +52,17 @@ impl QueueKind {
             QueueKind::Reconcile => "reconcile",
             QueueKind::Claims => "claims",
             QueueKind::ProvisionerJobs => "provisioner-jobs",
+            QueueKind::ProvisionerJobsUser => "provisioner-jobs-user",
             QueueKind::ProvisionerEvents => "provisioner-events",
             QueueKind::Notifications => "notifications",
+        }
+    }
+
+    /// The queue of a provisioner lane.
+    pub fn provisioner_jobs(lane: prebuilds_schemas::Lane) -> QueueKind {
+        match lane {
+            prebuilds_schemas::Lane::User => QueueKind::ProvisionerJobsUser,
+            prebuilds_schemas::Lane::Prebuild => QueueKind::ProvisionerJobs,
         }
     }
 
@@ -58,7 +71,10 @@ impl QueueKind {
         match self {
             QueueKind::Reconcile => &["reconcile.preset"],
             QueueKind::Claims => &["claim.request"],
+            // A topic `*` is exactly one word: `provisioner.job.user.start` (the user lane) does
+            // not match the prebuild lane's key.
             QueueKind::ProvisionerJobs => &["provisioner.job.*"],
+            QueueKind::ProvisionerJobsUser => &["provisioner.job.user.*"],
             QueueKind::ProvisionerEvents => &["provisioner.event.*"],
             QueueKind::Notifications => &["notification.*"],
         }
@@ -81,13 +97,14 @@ pub enum Entity {
 
 impl Entity {
     /// Every entity in declaration order: exchanges before the queues bound to them.
-    pub const ALL: [Entity; 8] = [
+    pub const ALL: [Entity; 9] = [
         Entity::Exchange,
         Entity::DeadLetterExchange,
         Entity::DeadQueue,
         Entity::Queue(QueueKind::Reconcile),
         Entity::Queue(QueueKind::Claims),
         Entity::Queue(QueueKind::ProvisionerJobs),
+        Entity::Queue(QueueKind::ProvisionerJobsUser),
         Entity::Queue(QueueKind::ProvisionerEvents),
         Entity::Queue(QueueKind::Notifications),
     ];
@@ -494,6 +511,42 @@ mod tests {
         }
     }
 
+    /// A job's routing key reaches exactly the queue of its lane (topic `*` is one word).
+    #[test]
+    fn each_lane_routes_to_its_own_queue_only() {
+        use prebuilds_schemas::{BuildStage, Lane, Payload, ProvisionerJob};
+        let matches = |pattern: &str, key: &str| {
+            let p: Vec<&str> = pattern.split('.').collect();
+            let k: Vec<&str> = key.split('.').collect();
+            p.len() == k.len() && p.iter().zip(&k).all(|(p, k)| *p == "*" || p == k)
+        };
+        let mut job = ProvisionerJob::example();
+        for (stage, owner, lane) in [
+            (
+                BuildStage::Create,
+                prebuilds_schemas::PREBUILDS_USER_ID,
+                Lane::Prebuild,
+            ),
+            (
+                BuildStage::None,
+                prebuilds_schemas::PREBUILDS_USER_ID,
+                Lane::Prebuild,
+            ),
+            (BuildStage::Claim, uuid::Uuid::from_u128(7), Lane::User),
+            (BuildStage::None, uuid::Uuid::from_u128(7), Lane::User),
+        ] {
+            job.stage = stage;
+            job.owner_id = owner;
+            assert_eq!(job.lane(), lane, "{stage:?} owned by {owner}");
+            let key = job.routing_key();
+            let routed: Vec<QueueKind> = QueueKind::ALL
+                .into_iter()
+                .filter(|q| q.binding_keys().iter().any(|b| matches(b, &key)))
+                .collect();
+            assert_eq!(routed, [QueueKind::provisioner_jobs(lane)], "{key}");
+        }
+    }
+
     #[test]
     fn names_follow_the_prefix() {
         let topology = Topology::new("p.x");
@@ -507,6 +560,7 @@ mod tests {
                 "p.x.reconcile",
                 "p.x.claims",
                 "p.x.provisioner-jobs",
+                "p.x.provisioner-jobs-user",
                 "p.x.provisioner-events",
                 "p.x.notifications"
             ]
