@@ -56,7 +56,7 @@ async fn main() -> ExitCode {
         );
         outcomes.push(outcome);
     }
-    let restored = faults::restore_all();
+    let restored = faults::machine_services_running();
     print!("{}", report::table(&outcomes));
     let command = format!(
         "cargo run --release -p reliability --{}",

@@ -14,7 +14,7 @@ use rand::{seq::SliceRandom, Rng};
 use uuid::Uuid;
 
 use crate::{
-    faults::{self, PostgresDown, RabbitDown, RabbitStop},
+    faults,
     invariants::{self, Check},
     load::{self, ClaimLoad, ClaimStats},
     stack::{Stack, Wiring},
@@ -111,14 +111,14 @@ pub async fn run(scenario: Scenario, profile: Profile) -> Outcome {
     };
     let mut checks =
         result.unwrap_or_else(|e| vec![Check::new("scenario ran", false, format!("error: {e:#}"))]);
-    let restored = faults::restore_all();
+    let untouched = faults::machine_services_running();
     checks.push(Check::new(
-        "services restored",
-        restored,
-        if restored {
-            "RabbitMQ and PostgreSQL running"
+        "machine's services untouched",
+        untouched,
+        if untouched {
+            "the machine's RabbitMQ and PostgreSQL kept running (faults hit private instances)"
         } else {
-            "a service is still down"
+            "the machine's RabbitMQ or PostgreSQL is down"
         },
     ));
     Outcome {
@@ -236,46 +236,50 @@ async fn worker_kill(profile: Profile, faults: &mut String) -> anyhow::Result<Ve
 }
 
 async fn rabbitmq_restart(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
-    let stack = Stack::start(profile, Wiring::default()).await?;
+    let stack = Stack::start(
+        profile,
+        Wiring {
+            private_services: true,
+            ..Wiring::default()
+        },
+    )
+    .await?;
+    let node = stack.services.rabbit()?;
     let load = claims(&stack, shared(&stack.presets));
     let deadline = Instant::now() + profile.fault_window;
     let window = profile.fault_window / 4;
     tokio::time::sleep(window).await;
-    let t = Instant::now();
-    let down = RabbitDown::new(RabbitStop::App)?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    drop(down);
-    let app = t.elapsed();
+    let app = faults::restart_rabbit_app(node, Duration::from_secs(3)).await?;
     tokio::time::sleep(window).await;
-    let t = Instant::now();
-    let down = RabbitDown::new(RabbitStop::Node)?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    drop(down);
-    let node = t.elapsed();
+    let whole = faults::restart_rabbit_node(node, Duration::from_secs(3)).await?;
     until(deadline).await;
     let stats = load.finish().await;
     *faults = format!(
-        "stop_app/start_app ({:.0}s down), then rabbitmqctl stop + rabbitmq-server -detached ({:.0}s down)",
+        "private node: stop_app/start_app ({:.0}s down), then rabbitmqctl stop and a fresh boot ({:.0}s down)",
         app.as_secs_f64(),
-        node.as_secs_f64()
+        whole.as_secs_f64()
     );
     verify(stack, stats, &HashSet::new()).await
 }
 
 async fn postgres_restart(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
-    let stack = Stack::start(profile, Wiring::default()).await?;
+    let stack = Stack::start(
+        profile,
+        Wiring {
+            private_services: true,
+            ..Wiring::default()
+        },
+    )
+    .await?;
+    let server = stack.services.postgres()?;
     let load = claims(&stack, shared(&stack.presets));
     let deadline = Instant::now() + profile.fault_window;
     tokio::time::sleep(profile.fault_window / 4).await;
-    let t = Instant::now();
-    let down = PostgresDown::new()?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    drop(down);
-    let outage = t.elapsed();
+    let outage = faults::restart_postgres(server, Duration::from_secs(4)).await?;
     until(deadline).await;
     let stats = load.finish().await;
     *faults = format!(
-        "pg_ctlcluster stop/start mid-fill ({:.0}s down)",
+        "private server: pg_ctl stop -m fast / start mid-fill ({:.0}s down)",
         outage.as_secs_f64()
     );
     verify(stack, stats, &HashSet::new()).await
@@ -286,6 +290,7 @@ async fn duplicate_reorder(profile: Profile, faults: &mut String) -> anyhow::Res
         profile,
         Wiring {
             duplicate_and_reorder: true,
+            ..Wiring::default()
         },
     )
     .await?;

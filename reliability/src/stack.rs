@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
-use prebuilds_runtime::amqp::QueueKind;
+use prebuilds_runtime::amqp::{Broker, QueueKind};
 use prebuilds_tests::{
+    private_postgres::PrivatePostgres,
+    private_rabbit::{NodeOptions, PrivateRabbit},
     stack::{self, http_get},
     Service, TestBroker, TestDb,
 };
@@ -86,6 +88,30 @@ pub async fn metric_sum(port: u16, name: &str) -> Option<f64> {
 pub struct Wiring {
     /// Put the provisioner behind a relay that delivers every job and event twice, shuffled.
     pub duplicate_and_reorder: bool,
+    /// Run on a private PostgreSQL server and RabbitMQ node of the stack's own (for scenarios
+    /// that stop them), not on the machine's.
+    pub private_services: bool,
+}
+
+/// The stack's private servers, when it has them (`Wiring::private_services`).
+#[derive(Debug, Default)]
+pub struct PrivateServices {
+    postgres: Option<PrivatePostgres>,
+    rabbit: Option<PrivateRabbit>,
+}
+
+impl PrivateServices {
+    pub fn postgres(&self) -> anyhow::Result<&PrivatePostgres> {
+        self.postgres
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this stack runs on the machine's PostgreSQL"))
+    }
+
+    pub fn rabbit(&self) -> anyhow::Result<&PrivateRabbit> {
+        self.rabbit
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this stack runs on the machine's RabbitMQ"))
+    }
 }
 
 #[derive(Debug)]
@@ -107,6 +133,8 @@ pub struct Stack {
     pub killed_peak_rss_mib: f64,
     relays: Vec<Relay>,
     provisioner_broker: Option<TestBroker>,
+    /// Last: dropped after every process of the stack.
+    pub services: PrivateServices,
 }
 
 fn worker_env() -> Vec<(&'static str, &'static str)> {
@@ -125,8 +153,22 @@ impl Stack {
     /// Builds the world (`presets` presets desiring `instances`, no prebuilds yet) and starts every
     /// process; the pools begin to fill at once.
     pub async fn start(profile: Profile, wiring: Wiring) -> anyhow::Result<Stack> {
-        let db = TestDb::new().await;
-        let broker = TestBroker::new().await;
+        let mut services = PrivateServices::default();
+        let (db, broker) = if wiring.private_services {
+            let postgres = services.postgres.insert(PrivatePostgres::start());
+            let db = TestDb::on(&postgres.server_url()).await;
+            let rabbit = services.rabbit.insert(
+                PrivateRabbit::start(NodeOptions {
+                    plain: true,
+                    tls: None,
+                })
+                .await,
+            );
+            let url = rabbit.plain_url();
+            (db, TestBroker::on(Broker::from(url.as_str()), url).await)
+        } else {
+            (TestDb::new().await, TestBroker::new().await)
+        };
         let pg = db.connect().await;
         let presets = world(&pg, profile.presets, profile.instances).await?;
         let users = claimants(&pg, profile.claim_clients.max(1) * 4).await?;
@@ -152,7 +194,7 @@ impl Stack {
         let provisioner_broker = if wiring.duplicate_and_reorder {
             // The provisioner lives on a prefix of its own; two relays join the prefixes, each
             // delivering every message twice in shuffled batches.
-            let other = TestBroker::new().await;
+            let other = TestBroker::on(broker.broker.clone(), broker.url.clone()).await;
             for lane in prebuilds_schemas::Lane::ALL {
                 relays.push(Relay::start(
                     &broker.url,
@@ -221,6 +263,7 @@ impl Stack {
             killed_peak_rss_mib: 0.0,
             relays,
             provisioner_broker,
+            services,
         };
         for _ in 0..profile.workers {
             stack.start_worker();

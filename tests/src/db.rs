@@ -10,8 +10,8 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn database_url(name: &str) -> String {
-    format!("{}/{}", server_url().trim_end_matches('/'), name)
+fn database_url(server: &str, name: &str) -> String {
+    format!("{}/{}", server.trim_end_matches('/'), name)
 }
 
 /// A database of its own for one test.
@@ -20,6 +20,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: Pool,
+    /// The server it lives on (no database path).
+    server: String,
 }
 
 /// Advisory-lock key serialising template creation across concurrently running test processes.
@@ -48,13 +50,13 @@ fn template_name() -> String {
     format!("prebuilds_test_tmpl_{hash:016x}")
 }
 
-async fn admin() -> tokio_postgres::Client {
-    db::connect_dedicated(&database_url("postgres"))
+async fn admin(server: &str) -> tokio_postgres::Client {
+    db::connect_dedicated(&database_url(server, "postgres"))
         .await
         .expect("connect to PostgreSQL as postgres (is it running? see .ci/run)")
 }
 
-async fn ensure_template(admin: &tokio_postgres::Client) -> String {
+async fn ensure_template(server: &str, admin: &tokio_postgres::Client) -> String {
     let template = template_name();
     admin
         .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
@@ -70,7 +72,7 @@ async fn ensure_template(admin: &tokio_postgres::Client) -> String {
             .batch_execute(&format!("CREATE DATABASE {template}"))
             .await
             .expect("create template database");
-        let mut client = db::connect_dedicated(&database_url(&template))
+        let mut client = db::connect_dedicated(&database_url(server, &template))
             .await
             .expect("connect to template database");
         prebuilds_schemas::migrations::run(&mut client)
@@ -94,10 +96,15 @@ async fn ensure_template(admin: &tokio_postgres::Client) -> String {
 }
 
 impl TestDb {
-    /// A fresh, migrated database.
+    /// A fresh, migrated database on the machine's server (`PREBUILDS_TEST_PG`).
     pub async fn new() -> TestDb {
-        let admin = admin().await;
-        let template = ensure_template(&admin).await;
+        TestDb::on(&server_url()).await
+    }
+
+    /// A fresh, migrated database on `server` (a private server, say).
+    pub async fn on(server: &str) -> TestDb {
+        let admin = admin(server).await;
+        let template = ensure_template(server, &admin).await;
         let name = format!("prebuilds_test_{}", uuid::Uuid::new_v4().simple());
         // CREATE DATABASE … TEMPLATE fails if another session is connected to the template;
         // retry briefly (another test process may be cloning it at this instant).
@@ -116,23 +123,34 @@ impl TestDb {
                 Err(e) => panic!("create test database: {e}"),
             }
         }
-        let url = database_url(&name);
+        let url = database_url(server, &name);
         let pool = db::pool(&url, 8).expect("pool");
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            pool,
+            server: server.to_owned(),
+        }
     }
 
     /// A fresh database with no schema at all, for tests that migrate it themselves (as a role of
     /// their own); dropped like any other.
     pub async fn empty() -> TestDb {
-        let admin = admin().await;
+        let server = server_url();
+        let admin = admin(&server).await;
         let name = format!("prebuilds_test_{}", uuid::Uuid::new_v4().simple());
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create empty test database");
-        let url = database_url(&name);
+        let url = database_url(&server, &name);
         let pool = db::pool(&url, 8).expect("pool");
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            pool,
+            server,
+        }
     }
 
     /// A dedicated connection to this database.
@@ -150,7 +168,7 @@ impl Drop for TestDb {
             eprintln!("PREBUILDS_TEST_KEEP_DB: kept database {name}");
             return;
         }
-        let url = database_url("postgres");
+        let url = database_url(&self.server, "postgres");
         // Drop runs outside async context guarantees: use a thread with its own runtime.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()

@@ -16,6 +16,7 @@ pub mod bulk;
 pub mod certs;
 pub mod db;
 pub mod fixtures;
+pub mod private_postgres;
 pub mod private_rabbit;
 pub mod process;
 pub mod stack;

@@ -43,6 +43,9 @@ pub struct PrivateRabbit {
     /// The TLS AMQP port, when it has one.
     pub tls_port: Option<u16>,
     dir: PathBuf,
+    /// Erlang distribution and node ports, kept so a restarted node comes back the same.
+    dist_port: u16,
+    node_port: u16,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -105,12 +108,21 @@ impl PrivateRabbit {
             amqp_port,
             tls_port,
             dir,
+            dist_port: free_port(),
+            node_port: free_port(),
         };
-        let dist_port = free_port();
+        node.boot().await;
+        node
+    }
+
+    /// Starts the node's server (again, after [`PrivateRabbit::stop`]: same name, ports and data)
+    /// and waits until it has booted.
+    pub async fn boot(&self) {
+        let node = self;
         let output = node
             .command(SERVER)
-            .env("RABBITMQ_NODE_PORT", free_port().to_string())
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_NODE_PORT", node.node_port.to_string())
+            .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", node.dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", node.dir.join("log"))
             .env("RABBITMQ_CONFIG_FILE", node.dir.join("rabbitmq.conf"))
@@ -152,7 +164,6 @@ impl PrivateRabbit {
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        node
     }
 
     /// `amqp://guest:guest@localhost:<plain port>/%2f`.
@@ -213,8 +224,8 @@ impl PrivateRabbit {
             .join("\n")
     }
 
-    /// Stops the node (and waits for it to be gone).
-    pub fn stop(&mut self) {
+    /// Stops the node (and waits for it to be gone); [`PrivateRabbit::boot`] starts it again.
+    pub fn stop(&self) {
         let _ = self.ctl(&["stop"]);
         // `stop` returns once the node has shut down; the pid file lets us make sure.
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {

@@ -1,47 +1,53 @@
-//! Tests that stop and restart a real service. They run in their own serial CI step (see
-//! `scripts/test`), never beside other tests, and always bring the service back.
+//! Tests that stop and restart a real service — a private one: the broker here is a RabbitMQ node
+//! of the test's own (`private_rabbit`), so the machine's services are never touched. They still
+//! run in their own serial step of `scripts/test` (private nodes are CPU-hungry at start).
 
-use std::{collections::HashSet, process::Command, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use prebuilds_runtime::amqp::Broker;
 use prebuilds_runtime::{
     amqp::{Publisher, QueueKind},
     outbox::{self, Relay, RelayConfig},
 };
 use prebuilds_schemas::{CloudEvent, ReconcilePreset, ReconcileReason};
-use prebuilds_tests::{TestBroker, TestDb};
+use prebuilds_tests::{
+    private_rabbit::{NodeOptions, PrivateRabbit},
+    TestBroker, TestDb,
+};
 use tokio_util::sync::CancellationToken;
 
-/// Stops the RabbitMQ application; starts it again when dropped, whatever happened.
-struct RabbitStopped;
+/// Stops the node's RabbitMQ application; starts it again when dropped, whatever happened.
+struct RabbitStopped<'a>(&'a PrivateRabbit);
 
-impl RabbitStopped {
-    fn new() -> Self {
-        let status = Command::new("rabbitmqctl")
-            .arg("stop_app")
-            .output()
-            .expect("rabbitmqctl");
+impl<'a> RabbitStopped<'a> {
+    fn new(node: &'a PrivateRabbit) -> Self {
+        let status = node.ctl(&["stop_app"]);
         assert!(
             status.status.success(),
             "stop_app: {}",
             String::from_utf8_lossy(&status.stderr)
         );
-        RabbitStopped
+        RabbitStopped(node)
     }
 }
 
-impl Drop for RabbitStopped {
+impl Drop for RabbitStopped<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl")
-            .args(["await_startup", "--timeout", "60"])
-            .output();
+        let _ = self.0.ctl(&["start_app"]);
+        let _ = self.0.ctl(&["await_startup", "--timeout", "60"]);
     }
 }
 
 #[tokio::test]
 async fn outbox_rows_written_while_the_broker_is_down_are_published_once_it_is_back() {
     let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
+    let node = PrivateRabbit::start(NodeOptions {
+        plain: true,
+        tls: None,
+    })
+    .await;
+    let url = node.plain_url();
+    let broker = TestBroker::on(Broker::from(url.as_str()), url).await;
     let publisher = Arc::new(Publisher::new(
         &broker.url,
         "relay",
@@ -59,7 +65,7 @@ async fn outbox_rows_written_while_the_broker_is_down_are_published_once_it_is_b
     let shutdown = CancellationToken::new();
     let relay_task = tokio::spawn(relay.clone().run(shutdown.clone()));
 
-    let stopped = RabbitStopped::new();
+    let stopped = RabbitStopped::new(&node);
     let client = db.pool.get().await.unwrap();
     let mut ids = HashSet::new();
     for _ in 0..20 {

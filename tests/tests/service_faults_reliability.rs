@@ -1,8 +1,9 @@
 //! The CI form of the reliability suite (issue 11): the fault scenarios of the `reliability` crate,
 //! with its bounded CI profile and the debug binaries, so CI runs exactly the code the
 //! `reliability` binary runs. The name starts with `service_faults`: `scripts/test` runs these in
-//! its serial step, never beside other tests, because they stop and start RabbitMQ and PostgreSQL
-//! (always restored, whatever happens).
+//! its serial step, never beside other tests. The restart scenarios stop and start a private
+//! PostgreSQL server and RabbitMQ node of their own (`Wiring::private_services`); the machine's
+//! services are never touched, and `scripts/test` checks that they ran untouched throughout.
 
 use reliability::{scenarios, Profile, Scenario};
 

@@ -1,0 +1,158 @@
+//! Private PostgreSQL servers for tests that stop or restart the database: each has its own data
+//! directory (`initdb`, trust authentication on loopback), its own spare port and its own socket
+//! directory, and runs as the `postgres` user with the distribution's binaries. The machine's
+//! server (5432) is never touched. The server is stopped, and its directory removed, when the value
+//! is dropped — also when the test fails.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use crate::stack::free_port;
+
+/// The newest installed server's binaries (`/usr/lib/postgresql/<version>/bin`).
+fn bin_dir() -> PathBuf {
+    let root = PathBuf::from("/usr/lib/postgresql");
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(&root)
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql (package postgresql)")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().expect("an installed PostgreSQL version").1
+}
+
+/// A running private server.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    /// Initialises a data directory and starts the server on a spare port.
+    pub fn start() -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!(
+            "prebuilds-postgres-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("server directory");
+        let owned = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(owned.success(), "chown the server directory to postgres");
+        let server = PrivatePostgres {
+            port: free_port(),
+            dir,
+            bin: bin_dir(),
+        };
+        let init = server.run(
+            "initdb",
+            &[
+                "-D",
+                &server.data().display().to_string(),
+                "--auth=trust",
+                "--username=postgres",
+                "--no-sync",
+            ],
+        );
+        assert!(init.status.success(), "initdb: {}", text(&init));
+        server.boot();
+        server
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>` (no database: the test harness's server URL).
+    pub fn server_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Runs one of the server's binaries as `postgres`.
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        let data = self.data().display().to_string();
+        let mut all = vec!["-D", data.as_str()];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all)
+    }
+
+    /// Starts the server (again, after [`PrivatePostgres::stop`]) and waits until it accepts
+    /// connections.
+    pub fn boot(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log").display().to_string();
+        let started = self.pg_ctl(&["-o", &options, "-l", &log, "-w", "-t", "60", "start"]);
+        assert!(
+            started.status.success(),
+            "private PostgreSQL on port {} did not start: {}\n{}",
+            self.port,
+            text(&started),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server (fast shutdown: sessions are disconnected, as in a restart or failover).
+    pub fn stop(&self) {
+        let _ = self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "stop"]);
+    }
+
+    /// Whether it accepts connections.
+    pub fn running(&self) -> bool {
+        self.run(
+            "pg_isready",
+            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", "2"],
+        )
+        .status
+        .success()
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits until `running` holds (bounded), for callers restoring a server.
+pub fn wait_until(mut running: impl FnMut() -> bool, bound: Duration) -> bool {
+    let deadline = std::time::Instant::now() + bound;
+    while std::time::Instant::now() < deadline {
+        if running() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    running()
+}
