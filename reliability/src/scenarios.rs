@@ -236,14 +236,7 @@ async fn worker_kill(profile: Profile, faults: &mut String) -> anyhow::Result<Ve
 }
 
 async fn rabbitmq_restart(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
-    let stack = Stack::start(
-        profile,
-        Wiring {
-            private_services: true,
-            ..Wiring::default()
-        },
-    )
-    .await?;
+    let stack = Stack::start(profile, Wiring::private()).await?;
     let node = stack.services.rabbit()?;
     let load = claims(&stack, shared(&stack.presets));
     let deadline = Instant::now() + profile.fault_window;
@@ -263,14 +256,7 @@ async fn rabbitmq_restart(profile: Profile, faults: &mut String) -> anyhow::Resu
 }
 
 async fn postgres_restart(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
-    let stack = Stack::start(
-        profile,
-        Wiring {
-            private_services: true,
-            ..Wiring::default()
-        },
-    )
-    .await?;
+    let stack = Stack::start(profile, Wiring::private()).await?;
     let server = stack.services.postgres()?;
     let load = claims(&stack, shared(&stack.presets));
     let deadline = Instant::now() + profile.fault_window;

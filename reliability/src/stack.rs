@@ -93,6 +93,16 @@ pub struct Wiring {
     pub private_services: bool,
 }
 
+impl Wiring {
+    /// Plain wiring on private servers, for the scenarios that restart them.
+    pub fn private() -> Wiring {
+        Wiring {
+            private_services: true,
+            ..Wiring::default()
+        }
+    }
+}
+
 /// The stack's private servers, when it has them (`Wiring::private_services`).
 #[derive(Debug, Default)]
 pub struct PrivateServices {

@@ -241,6 +241,23 @@ async fn publish_again(publisher: &Publisher, event: &CloudEvent<ProvisionerJob>
         .expect("publish provisioner job");
 }
 
+/// The next dead letter of the broker's prefix: its `x-prebuilds-dead-reason` and its body.
+async fn dead_letter(broker: &TestBroker) -> (String, Vec<u8>) {
+    let dead = broker
+        .get(&broker.topology.dead_queue(), WAIT)
+        .await
+        .expect("a dead letter");
+    let headers = dead.delivery.properties.headers().clone().expect("headers");
+    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get(DEAD_REASON_HEADER)
+    else {
+        panic!("a string reason header: {headers:?}");
+    };
+    (
+        String::from_utf8_lossy(reason.as_bytes()).into_owned(),
+        dead.delivery.data.clone(),
+    )
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -707,16 +724,7 @@ async fn an_undecodable_job_is_dead_lettered_with_the_reason() {
         ))
         .await
         .unwrap();
-    let dead = broker
-        .get(&broker.topology.dead_queue(), WAIT)
-        .await
-        .expect("dead-lettered");
-    let headers = dead.delivery.properties.headers().clone().expect("headers");
-    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get(DEAD_REASON_HEADER)
-    else {
-        panic!("a string reason header: {headers:?}");
-    };
-    let reason = String::from_utf8_lossy(reason.as_bytes());
+    let (reason, _) = dead_letter(&broker).await;
     assert!(
         reason.contains("not a CloudEvents 1.0 envelope"),
         "{reason}"
@@ -1114,15 +1122,17 @@ async fn terraform_invocations_are_bounded_by_the_timeout() {
     );
 }
 
-#[tokio::test]
-async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
-    let Some(mut rig) = terraform_rig(&["--shutdown-timeout", "6s"]).await else {
-        return;
-    };
-    let version = template_version(&rig.db, Some(SLOW_TEMPLATE)).await;
+/// Submits a create of [`SLOW_TEMPLATE`] and reads its events until terraform is in the apply's
+/// minute-long `local-exec`.
+async fn slow_apply_running<'b>(
+    db: &TestDb,
+    publisher: &Publisher,
+    broker: &'b TestBroker,
+) -> (ProvisionerJob, EventReader<'b>) {
+    let version = template_version(db, Some(SLOW_TEMPLATE)).await;
     let slow = create_job(version, &[]);
-    submit(&rig.db, &rig.publisher, &slow).await;
-    let mut reader = EventReader::new(&rig.broker);
+    submit(db, publisher, &slow).await;
+    let mut reader = EventReader::new(broker);
     reader
         .until(slow.job_id, Duration::from_secs(60), "apply running", |e| {
             log_lines(e).iter().any(|(_, stage, output)| {
@@ -1130,6 +1140,15 @@ async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
             })
         })
         .await;
+    (slow, reader)
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_a_long_terraform_build_and_requeues_its_job() {
+    let Some(mut rig) = terraform_rig(&["--shutdown-timeout", "6s"]).await else {
+        return;
+    };
+    let (slow, mut reader) = slow_apply_running(&rig.db, &rig.publisher, &rig.broker).await;
     let stopping = Instant::now();
     let status = rig
         .service
@@ -1515,21 +1534,12 @@ async fn with_database_access_only_pending_jobs_run() {
             has(e, "job_completed")
         })
         .await;
-    let dead = broker
-        .get(&broker.topology.dead_queue(), Duration::from_secs(10))
-        .await
-        .expect("the unknown job is dead-lettered");
-    let headers = dead.delivery.properties.headers().clone().expect("headers");
-    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get(DEAD_REASON_HEADER)
-    else {
-        panic!("a string reason header: {headers:?}");
-    };
-    let reason = String::from_utf8_lossy(reason.as_bytes());
+    let (reason, dead) = dead_letter(&broker).await;
     assert!(
         reason.contains("does not exist in the database"),
         "{reason}"
     );
-    let body: CloudEvent<ProvisionerJob> = serde_json::from_slice(&dead.delivery.data).unwrap();
+    let body: CloudEvent<ProvisionerJob> = serde_json::from_slice(&dead).unwrap();
     assert_eq!(body.data.job_id, unknown.job_id);
     prebuilds_tests::eventually(WAIT, "three refusals counted", || async {
         let total = metric(
@@ -1611,17 +1621,7 @@ async fn a_running_terraform_build_is_interrupted_by_a_cancel_and_completes_canc
     let Some(rig) = terraform_rig(&["--terraform-timeout", "2m"]).await else {
         return;
     };
-    let version = template_version(&rig.db, Some(SLOW_TEMPLATE)).await;
-    let slow = create_job(version, &[]);
-    submit(&rig.db, &rig.publisher, &slow).await;
-    let mut reader = EventReader::new(&rig.broker);
-    reader
-        .until(slow.job_id, Duration::from_secs(60), "apply running", |e| {
-            log_lines(e).iter().any(|(_, stage, output)| {
-                stage == "apply" && output.contains("Provisioning with 'local-exec'")
-            })
-        })
-        .await;
+    let (slow, mut reader) = slow_apply_running(&rig.db, &rig.publisher, &rig.broker).await;
     let canceling = Instant::now();
     cancel_running(&rig.db, slow.job_id).await;
     let events = reader
