@@ -192,7 +192,7 @@ impl Report {
             ),
             "p99 ≤ 100 ms",
             format!(
-                "publish → job_started; sim builds of 1–2 s, 8 prebuild + 4 user slots; {} creates still queued at the end (FIFO: the whole backlog first)",
+                "publish → job_started, one claim build at a time; sim builds of 1–2 s, 8 prebuild + 4 user slots; {} creates still queued at the end (FIFO: the whole backlog first)",
                 l.still_queued
             ),
         );
