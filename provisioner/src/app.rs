@@ -159,6 +159,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         metrics,
         pool.map(JobStates::new),
         cli.job_timeouts.heartbeat_interval(),
+        cli.job_max_duration,
     ));
     let context = ConsumerContext {
         broker: connection.broker.clone(),

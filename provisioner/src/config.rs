@@ -93,6 +93,11 @@ pub struct Cli {
     #[command(flatten)]
     pub job_timeouts: JobTimeoutArgs,
 
+    /// Longest a job's build may run in all (every terraform command of it together): it is then
+    /// interrupted (terraform gets SIGINT, then SIGKILL) and the job fails with `timeout: …`.
+    #[arg(long, env = "PREBUILDS_JOB_MAX_DURATION", default_value = "2h", value_parser = parse_duration)]
+    pub job_max_duration: Duration,
+
     /// Build executor.
     #[arg(long, env = "PREBUILDS_PROVISIONER_BACKEND", value_enum, default_value_t = BackendKind::Sim)]
     pub backend: BackendKind,
@@ -210,6 +215,11 @@ impl Cli {
             );
         }
         self.job_timeouts.validate()?;
+        if self.job_max_duration < Duration::from_secs(1) {
+            return Err(
+                "--job-max-duration (PREBUILDS_JOB_MAX_DURATION) must be at least 1s".into(),
+            );
+        }
         if self.remembered_jobs == 0 {
             return Err(
                 "--remembered-jobs (PREBUILDS_PROVISIONER_REMEMBERED_JOBS) must be at least 1"

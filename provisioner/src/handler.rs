@@ -63,6 +63,8 @@ pub struct JobHandler {
     states: Option<JobStates>,
     /// Time between heartbeats of a running job (a quarter of the hung timeout).
     heartbeat: Duration,
+    /// Longest a build may run before it is interrupted and failed (`--job-max-duration`).
+    max_duration: Duration,
 }
 
 /// Longest time between two reads of a running job's row (a cancel is noticed within it).
@@ -96,6 +98,7 @@ impl JobHandler {
         metrics: ProvisionerMetrics,
         states: Option<JobStates>,
         heartbeat: Duration,
+        max_duration: Duration,
     ) -> Self {
         JobHandler {
             backend,
@@ -107,23 +110,42 @@ impl JobHandler {
             metrics,
             states,
             heartbeat: heartbeat.max(Duration::from_millis(100)),
+            max_duration,
         }
     }
 
-    /// Runs the build while watching it: heartbeats, and a cancel of the running job.
+    /// Runs the build while watching it: heartbeats, a cancel of the running job, and the bound
+    /// on its total time (an interrupted build that ran out of time is a failed one).
     async fn run_watched(&self, job: &ProvisionerJob, emitter: &mut Emitter) -> Watched {
         let build_stop = self.stop.child_token();
         let canceled = CancellationToken::new();
+        let timed_out = CancellationToken::new();
         let build = self.backend.run(job, emitter, &build_stop);
         let watch = self.watch(job.job_id, &build_stop, &canceled);
-        tokio::pin!(build, watch);
-        let result = tokio::select! {
-            biased;
-            result = &mut build => result,
-            never = &mut watch => match never {},
+        let deadline = tokio::time::sleep(self.max_duration);
+        tokio::pin!(build, watch, deadline);
+        let result = loop {
+            tokio::select! {
+                biased;
+                result = &mut build => break result,
+                () = &mut deadline, if !timed_out.is_cancelled() => {
+                    tracing::warn!(job_id = %job.job_id, max = ?self.max_duration, "the build ran out of time; interrupting it");
+                    timed_out.cancel();
+                    build_stop.cancel();
+                }
+                never = &mut watch => match never {},
+            }
         };
         match result {
             Err(RunError::Aborted) if canceled.is_cancelled() => Watched::Canceled,
+            Err(RunError::Aborted) if timed_out.is_cancelled() => {
+                Watched::Finished(Ok(BuildResult::Failed {
+                    error: format!(
+                        "timeout: the build ran longer than {} (PREBUILDS_JOB_MAX_DURATION) and was interrupted",
+                        humantime::format_duration(self.max_duration)
+                    ),
+                }))
+            }
             other => Watched::Finished(other),
         }
     }

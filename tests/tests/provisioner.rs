@@ -1647,3 +1647,42 @@ async fn a_running_terraform_build_is_interrupted_by_a_cancel_and_completes_canc
         .iter()
         .any(|(_, stage, output)| stage == "cancel" && output.contains("canceled while it ran")));
 }
+
+#[tokio::test]
+async fn a_build_longer_than_the_job_bound_is_interrupted_and_fails() {
+    let broker = TestBroker::new().await;
+    let port = free_port();
+    let args = [
+        "--sim-duration-min",
+        "60s",
+        "--sim-duration-max",
+        "60s",
+        "--job-max-duration",
+        "1s",
+    ];
+    let mut service = provisioner(&broker, port, &args, &[]);
+    wait_ready(port).await;
+    let create = job(Transition::Start, BuildStage::Create, &[]);
+    publish(&test_publisher(&broker), &create).await;
+    let started = Instant::now();
+    let mut reader = EventReader::new(&broker);
+    let events = reader
+        .until(create.job_id, WAIT, "job_completed", |e| {
+            has(e, "job_completed")
+        })
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let completed = the(&events, "job_completed");
+    assert_eq!(completed.data["status"], "failed");
+    let error = completed.data["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("timeout: ") && error.contains("1s"),
+        "{error}"
+    );
+    assert!(!has(&events, "agent_lifecycle:ready"));
+    assert!(service.terminate(WAIT).await.expect("exits").success());
+}
