@@ -97,15 +97,18 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
             health.set_database(true);
         }
     }
-    let backend = match (cli.backend, &pool) {
-        (BackendKind::Terraform, Some(pool)) => {
+    let backend = match cli.backend {
+        BackendKind::Terraform => {
+            let pool = pool
+                .clone()
+                .expect("the terraform backend always opens the pool");
             let config = cli.terraform_config();
-            let terraform = TerraformBackend::new(config.clone(), pool.clone());
+            let terraform = TerraformBackend::new(config.clone(), pool);
             let version = terraform.preflight().await?;
             tracing::info!(%version, workdir = %config.workdir.display(), timeout = ?config.timeout, "terraform backend");
             Backend::Terraform(terraform)
         }
-        _ => {
+        BackendKind::Sim => {
             let config = cli.sim_config();
             tracing::info!(?config, "simulated backend");
             Backend::Sim(SimBackend::new(config))

@@ -71,3 +71,26 @@ pub async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> Result<
         _ = stop.cancelled() => Err(RunError::Aborted),
     }
 }
+
+/// The row, if any, that `sql` returns for `id`; `doing` names the step in the error. Every
+/// database failure (the pool's included) is transient: the job is retried, never failed or run
+/// unchecked, because of an outage.
+pub async fn query_by_id(
+    pool: &deadpool_postgres::Pool,
+    sql: &str,
+    id: uuid::Uuid,
+    doing: &'static str,
+) -> Result<Option<deadpool_postgres::tokio_postgres::Row>, RunError> {
+    let client = pool.get().await.map_err(|e| {
+        RunError::Transient(anyhow::anyhow!(
+            "{doing}: PostgreSQL pool: {}",
+            prebuilds_runtime::db::describe_pool(&e)
+        ))
+    })?;
+    client.query_opt(sql, &[&id]).await.map_err(|e| {
+        RunError::Transient(anyhow::anyhow!(
+            "{doing}: {}",
+            prebuilds_runtime::db::describe_postgres(&e)
+        ))
+    })
+}

@@ -48,7 +48,7 @@ use std::{
 };
 
 use anyhow::Context;
-use deadpool_postgres::{tokio_postgres::Row, Pool};
+use deadpool_postgres::Pool;
 use prebuilds_schemas::{BuildStage, LogLevel, ProvisionerJob, Transition};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -60,7 +60,7 @@ use uuid::Uuid;
 use prebuilds_runtime::keyed_locks::KeyedLocks;
 
 use crate::{
-    backend::{BuildResult, RunError},
+    backend::{query_by_id, BuildResult, RunError},
     events::Emitter,
 };
 
@@ -353,36 +353,14 @@ impl TerraformBackend {
         self.config.workdir.join(workspace_id.to_string())
     }
 
-    /// The row, if any, that `sql` returns for `id`; `doing` names the step in the error. Every
-    /// database failure (the pool's included) is transient: the job is retried, never failed or
-    /// run unchecked, because of an outage.
-    async fn query_by_id(
-        &self,
-        sql: &str,
-        id: Uuid,
-        doing: &'static str,
-    ) -> Result<Option<Row>, RunError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .with_context(|| format!("{doing}: PostgreSQL pool"))
-            .map_err(RunError::Transient)?;
-        client
-            .query_opt(sql, &[&id])
-            .await
-            .context(doing)
-            .map_err(RunError::Transient)
-    }
-
     async fn template_source(&self, version_id: Uuid) -> Result<Source, RunError> {
-        let row = self
-            .query_by_id(
-                TEMPLATE_SOURCE_SQL,
-                version_id,
-                "reading the template source",
-            )
-            .await?;
+        let row = query_by_id(
+            &self.pool,
+            TEMPLATE_SOURCE_SQL,
+            version_id,
+            "reading the template source",
+        )
+        .await?;
         Ok(match row {
             None => Source::UnknownVersion,
             Some(row) => match row.get::<_, Option<String>>(0) {

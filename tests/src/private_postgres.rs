@@ -7,7 +7,6 @@
 use std::{
     path::PathBuf,
     process::{Command, Output},
-    time::Duration,
 };
 
 use crate::stack::free_port;
@@ -143,16 +142,4 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Waits until `running` holds (bounded), for callers restoring a server.
-pub fn wait_until(mut running: impl FnMut() -> bool, bound: Duration) -> bool {
-    let deadline = std::time::Instant::now() + bound;
-    while std::time::Instant::now() < deadline {
-        if running() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    running()
 }
