@@ -10,11 +10,16 @@
 --
 --   psql -v ON_ERROR_STOP=1 -d prebuilds -f deploy/postgres/roles.sql \
 --        [-v role_prefix=prebuilds_] [-v worker_password=…] [-v scheduler_password=…] \
---        [-v provisioner_password=…] [-v claims_password=…] [-v operator_password=…]
+--        [-v provisioner_password=…] [-v claims_password=…] [-v operator_password=…] \
+--        [-v terraform_state_password=…] [-v terraform_state_schema=prebuilds_terraform_state]
 --
 -- Roles are <role_prefix><role>: prebuilds_operator (migrate and every other prebuildsctl
 -- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner and prebuilds_claims (what
--- sends claim requests, e.g. `prebuildsctl claim`). A role without a password variable gets none
+-- sends claim requests, e.g. `prebuildsctl claim`), and prebuilds_terraform_state: the terraform
+-- backend's state store (PREBUILDS_TERRAFORM_STATE_DATABASE_URL), which terraform and every template
+-- it runs can read, so it owns the state schema (terraform_state_schema, default
+-- prebuilds_terraform_state, the provisioner's default for AMQP prefix `prebuilds`) and nothing
+-- else: no table of the system of record. A role without a password variable gets none
 -- (for certificate, peer or trust authentication); given one, it is set on every run. Roles are
 -- cluster-wide: several databases on one server need a role_prefix each.
 
@@ -28,10 +33,16 @@
 \set scheduler :role_prefix scheduler
 \set provisioner :role_prefix provisioner
 \set claims :role_prefix claims
+\set terraform_state :role_prefix terraform_state
+\if :{?terraform_state_schema}
+\else
+    \set terraform_state_schema prebuilds_terraform_state
+\endif
 
 -- 1. The roles: LOGIN and nothing else (no superuser, CREATEDB, CREATEROLE or replication).
 SELECT format('CREATE ROLE %I LOGIN', name)
-FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims']) AS name
+FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims',
+                  :'terraform_state']) AS name
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \gexec
 
@@ -50,6 +61,9 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \if :{?claims_password}
     ALTER ROLE :"claims" PASSWORD :'claims_password';
 \endif
+\if :{?terraform_state_password}
+    ALTER ROLE :"terraform_state" PASSWORD :'terraform_state_password';
+\endif
 
 -- 2. The database: the operator owns it (and so, from PostgreSQL 15, schema public, where migrate
 -- creates the tables); the others may connect and use the schema but create nothing. PUBLIC loses
@@ -62,6 +76,11 @@ GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner"
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE, CREATE ON SCHEMA public TO :"operator";
 GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims";
+-- The terraform state role: CONNECT, and the state schema as its own (the provisioner creates the
+-- state table in it at start-up); no USAGE on public, so it reaches no table of the system of record.
+GRANT CONNECT ON DATABASE :"database" TO :"terraform_state";
+CREATE SCHEMA IF NOT EXISTS :"terraform_state_schema" AUTHORIZATION :"terraform_state";
+ALTER SCHEMA :"terraform_state_schema" OWNER TO :"terraform_state";
 
 -- 3. The tables, once migrate has created them.
 SELECT to_regclass('public.outbox') IS NOT NULL AS migrated,
@@ -107,9 +126,11 @@ GRANT INSERT ON outbox TO :"scheduler";
 GRANT USAGE ON SEQUENCE outbox_id_seq TO :"scheduler";
 
 -- Provisioner: a job's state before it runs and while it runs (admission, cancels of running jobs)
--- and, for the terraform backend, a version's source. The sim backend connects only when given a
+-- and, for the terraform backend, a version's source The sim backend connects only when given a
 -- DATABASE_URL.
 GRANT SELECT ON provisioner_jobs, template_versions TO :"provisioner";
+-- ... and the parameters of a workspace's previous build, which a delete build destroys with.
+GRANT SELECT (workspace_id, transition, build_number, parameters) ON workspace_builds TO :"provisioner";
 
 -- Claim client (`prebuildsctl claim`): user and template names to ids; the claim itself is the
 -- worker's transaction.

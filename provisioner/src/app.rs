@@ -102,10 +102,10 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
             let pool = pool
                 .clone()
                 .expect("the terraform backend always opens the pool");
-            let config = cli.terraform_config();
-            let terraform = TerraformBackend::new(config.clone(), pool);
+            let config = cli.terraform_config().map_err(anyhow::Error::msg)?;
+            let terraform = TerraformBackend::new(config.clone(), pool)?;
             let version = terraform.preflight().await?;
-            tracing::info!(%version, workdir = %config.workdir.display(), timeout = ?config.timeout, "terraform backend");
+            tracing::info!(%version, workdir = %config.workdir.display(), timeout = ?config.timeout, state = %terraform.state_description(), "terraform backend");
             Backend::Terraform(terraform)
         }
         BackendKind::Sim => {

@@ -7,13 +7,16 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
-use prebuilds_runtime::config::{parse_duration, ConnectionArgs, JobTimeoutArgs, ServiceArgs};
+use prebuilds_runtime::config::{
+    parse_duration, resolve_secret, ConnectionArgs, JobTimeoutArgs, Secret, ServiceArgs,
+};
 use prebuilds_schemas::Lane;
 use uuid::Uuid;
 
 use crate::{
     sim::SimConfig,
     terraform::{check_pass_env, TerraformConfig},
+    terraform_state::{check_schema, default_schema, StateConfig, StateKind},
 };
 
 const ABOUT: &str = "Executes prebuilds provisioner jobs and publishes provisioner events.";
@@ -34,7 +37,9 @@ Backends:
   sim        simulated builds: random duration, failure and resource-replacement rates, derived
              from --sim-seed and the job id (the same job always gets the same outcome)
   terraform  runs the real `terraform` CLI (init, plan, show -json, apply / destroy) on the template
-             version's `source`, in one working directory per workspace";
+             version's `source`, in one working directory per workspace, with the state in
+             PostgreSQL (--terraform-state pg, the default: any replica resumes any job) or in the
+             working directory (--terraform-state local)";
 
 /// Which executor runs the builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -190,6 +195,42 @@ pub struct TerraformArgs {
         value_name = "NAMES"
     )]
     pub terraform_pass_env: Vec<String>,
+
+    /// Where Terraform state is kept: `pg` (terraform's pg backend in PostgreSQL, shared by every
+    /// replica, so any replica can resume any job and two never apply one workspace at once) or
+    /// `local` (terraform.tfstate in this replica's working directory: one replica only).
+    #[arg(long, env = "PREBUILDS_TERRAFORM_STATE", value_enum, default_value_t = StateKind::Pg)]
+    pub terraform_state: StateKind,
+
+    /// PostgreSQL connection string of the state store (`--terraform-state pg`), handed to
+    /// terraform and so readable by templates: use a role that may only use the state schema
+    /// (deploy/postgres/roles.sql: <prefix>terraform_state), never the provisioner's DATABASE_URL.
+    #[arg(
+        long,
+        env = "PREBUILDS_TERRAFORM_STATE_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        value_parser = parse_secret
+    )]
+    pub terraform_state_database_url: Option<Secret>,
+
+    /// File holding the state store's connection string (a Docker or Kubernetes secret); not
+    /// together with PREBUILDS_TERRAFORM_STATE_DATABASE_URL.
+    #[arg(
+        long,
+        env = "PREBUILDS_TERRAFORM_STATE_DATABASE_URL_FILE",
+        value_name = "PATH"
+    )]
+    pub terraform_state_database_url_file: Option<PathBuf>,
+
+    /// Schema of the state table (one per deployment sharing a database)
+    /// [default: <AMQP prefix>_terraform_state].
+    #[arg(long, env = "PREBUILDS_TERRAFORM_STATE_SCHEMA", value_name = "SCHEMA")]
+    pub terraform_state_schema: Option<String>,
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
 }
 
 impl Cli {
@@ -247,7 +288,63 @@ impl Cli {
             );
         }
         check_pass_env(self.terraform_pass_env())?;
+        if self.backend == BackendKind::Terraform {
+            self.terraform_state()?;
+        }
         Ok(())
+    }
+
+    /// The terraform backend's state store, checked: `pg` needs its own connection string (not
+    /// the provisioner's DATABASE_URL, which templates must never see) and a valid schema name.
+    pub fn terraform_state(&self) -> Result<StateConfig, String> {
+        let args = &self.terraform;
+        let url = resolve_secret(
+            (
+                "PREBUILDS_TERRAFORM_STATE_DATABASE_URL",
+                "--terraform-state-database-url",
+                args.terraform_state_database_url
+                    .as_ref()
+                    .map(Secret::expose),
+            ),
+            (
+                "PREBUILDS_TERRAFORM_STATE_DATABASE_URL_FILE",
+                "--terraform-state-database-url-file",
+                args.terraform_state_database_url_file.as_deref(),
+            ),
+        )
+        .map_err(|e| e.0)?;
+        if args.terraform_state == StateKind::Local {
+            return Ok(StateConfig::Local);
+        }
+        let Some(url) = url else {
+            return Err(
+                "--backend terraform keeps Terraform state in PostgreSQL by default \
+                 (--terraform-state pg): set PREBUILDS_TERRAFORM_STATE_DATABASE_URL (or its \
+                 _FILE twin) to a role that may only use the state schema (README, \"Terraform \
+                 state\"), or set PREBUILDS_TERRAFORM_STATE=local for a single replica with a \
+                 persistent --terraform-workdir"
+                    .into(),
+            );
+        };
+        let connection = self.connection.resolve().map_err(|e| e.0)?;
+        if url.expose().trim() == connection.database_url.expose().trim() {
+            return Err(
+                "PREBUILDS_TERRAFORM_STATE_DATABASE_URL is the provisioner's own \
+                 DATABASE_URL: terraform and every template it runs can read the state \
+                 connection string, so give it a role of its own that may only use the state \
+                 schema (deploy/postgres/roles.sql creates <prefix>terraform_state)"
+                    .into(),
+            );
+        }
+        prebuilds_runtime::db::DatabaseUrl::parse(url.expose()).map_err(|e| {
+            format!("PREBUILDS_TERRAFORM_STATE_DATABASE_URL ({url}) is not usable: {e}")
+        })?;
+        let schema = args
+            .terraform_state_schema
+            .clone()
+            .unwrap_or_else(|| default_schema(&connection.amqp_prefix));
+        check_schema(&schema)?;
+        Ok(StateConfig::Pg { url, schema })
     }
 
     pub fn sim_config(&self) -> SimConfig {
@@ -271,8 +368,8 @@ impl Cli {
         }
     }
 
-    pub fn terraform_config(&self) -> TerraformConfig {
-        TerraformConfig {
+    pub fn terraform_config(&self) -> Result<TerraformConfig, String> {
+        Ok(TerraformConfig {
             binary: self.terraform.terraform_binary.clone(),
             workdir: self
                 .terraform
@@ -281,7 +378,8 @@ impl Cli {
                 .unwrap_or_else(|| std::env::temp_dir().join("prebuilds-terraform")),
             timeout: self.terraform.terraform_timeout,
             pass_env: self.terraform_pass_env().to_vec(),
-        }
+            state: self.terraform_state()?,
+        })
     }
 }
 
@@ -354,18 +452,24 @@ mod tests {
     #[test]
     fn terraform_pass_env_is_a_checked_comma_separated_list() {
         let cli = parse(&[
+            "--terraform-state=local",
             "--terraform-pass-env",
             "AWS_PROFILE,GOOGLE_APPLICATION_CREDENTIALS",
         ]);
         cli.validate().unwrap();
         assert_eq!(
-            cli.terraform_config().pass_env,
+            cli.terraform_config().unwrap().pass_env,
             ["AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"]
         );
-        assert!(parse(&[]).terraform_config().pass_env.is_empty());
-        let empty = parse(&["--terraform-pass-env="]);
+        let local = ["--terraform-state=local"];
+        assert!(parse(&local)
+            .terraform_config()
+            .unwrap()
+            .pass_env
+            .is_empty());
+        let empty = parse(&["--terraform-state=local", "--terraform-pass-env="]);
         empty.validate().unwrap();
-        assert!(empty.terraform_config().pass_env.is_empty());
+        assert!(empty.terraform_config().unwrap().pass_env.is_empty());
         let err = parse(&["--terraform-pass-env", "AWS_PROFILE,AMQP_URL"])
             .validate()
             .unwrap_err();
@@ -381,6 +485,68 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.contains("not a variable name"), "{err}");
+    }
+
+    #[test]
+    fn pg_state_needs_its_own_connection_string_and_a_valid_schema() {
+        let terraform = ["--backend", "terraform"];
+        let err = parse(&terraform).validate().unwrap_err();
+        assert!(
+            err.contains("PREBUILDS_TERRAFORM_STATE_DATABASE_URL")
+                && err.contains("PREBUILDS_TERRAFORM_STATE=local"),
+            "{err}"
+        );
+        // The sim backend keeps no Terraform state: nothing to configure.
+        parse(&[]).validate().unwrap();
+        parse(&["--backend", "terraform", "--terraform-state", "local"])
+            .validate()
+            .unwrap();
+
+        let state_url = "postgres://tfstate:s3cret@db/prebuilds";
+        let cli = parse(&[
+            "--backend",
+            "terraform",
+            "--database-url",
+            "postgres://provisioner:other@db/prebuilds",
+            "--amqp-prefix",
+            "team-a.prod",
+            "--terraform-state-database-url",
+            state_url,
+        ]);
+        cli.validate().unwrap();
+        let StateConfig::Pg { url, schema } = cli.terraform_state().unwrap() else {
+            panic!("pg is the default");
+        };
+        assert_eq!(url.expose(), state_url);
+        assert_eq!(schema, "team_a_prod_terraform_state");
+        assert!(!format!("{cli:?}").contains("s3cret"), "{cli:?}");
+
+        // Templates can read the state URL: it may not be the provisioner's own.
+        let own = "postgres://provisioner:pw@db/prebuilds";
+        let err = parse(&[
+            "--backend",
+            "terraform",
+            "--database-url",
+            own,
+            "--terraform-state-database-url",
+            own,
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("own DATABASE_URL"), "{err}");
+        assert!(!err.contains("pw@"), "{err}");
+
+        let err = parse(&[
+            "--backend",
+            "terraform",
+            "--terraform-state-database-url",
+            state_url,
+            "--terraform-state-schema",
+            "Bad-Name",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("--terraform-state-schema"), "{err}");
     }
 
     #[test]

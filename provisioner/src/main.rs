@@ -16,6 +16,7 @@ mod metrics;
 mod records;
 mod sim;
 mod terraform;
+mod terraform_state;
 
 use std::process::ExitCode;
 

@@ -1,15 +1,19 @@
 //! The terraform backend: runs the real `terraform` CLI on the template version's source.
 //!
 //! Each workspace has its own working directory `<--terraform-workdir>/<workspace_id>`, holding
-//! `main.tf` (the template version's `source`, read from PostgreSQL), the local Terraform state
-//! across that workspace's builds, and `variables.json` (the variables of the last plan, which a
-//! later destroy reuses: delete builds carry no parameters). Builds of one workspace run one at a time.
+//! `main.tf` (the template version's `source`, read from PostgreSQL) and terraform's plugin cache.
+//! The state lives in the configured store (`terraform_state`): by default terraform's `pg`
+//! backend in PostgreSQL, one terraform workspace per prebuilds workspace (so any replica resumes
+//! any job, under terraform's lock), or `terraform.tfstate` in the working directory. Builds of one
+//! workspace run one at a time in this process; across replicas, terraform's state lock (waited for
+//! up to `--terraform-timeout`) keeps them apart.
 //!
 //! Whether a delivered job may run at all (canceled while queued, reaped, a duplicate) is decided
 //! before the backend is called, from the job's row (`admission`).
 //!
 //! Start and stop builds:
-//! 1. write `main.tf`; `terraform init -input=false`;
+//! 1. write `main.tf` (and, for the pg store, `prebuilds_backend.tf`); `terraform init
+//!    -input=false`; pg store: `terraform workspace select -or-create <workspace_id>`;
 //! 2. `terraform plan -input=false -out=plan.tfplan`, variables passed as `TF_VAR_*` (terraform
 //!    ignores the ones the source does not declare): the job's parameters, then `owner_name`,
 //!    `owner_id`, `workspace_name`, `workspace_id`, `template_id`, `template_version_id`,
@@ -20,24 +24,28 @@
 //! 5. start builds: `terraform output -json` → the agents ([`agents_from_outputs`]: the names in an
 //!    output `agents`, default one agent `main`).
 //!
-//! Delete builds: `terraform destroy -auto-approve -input=false` when a state exists, then the
-//! working directory is removed. Terraform's output streams as `job_log` lines (stdout at info —
-//! `# forces replacement` lines of claim builds at warn — and stderr at error); a non-zero exit fails
-//! the job with the last stderr lines as its error. Every invocation is bounded by
-//! `--terraform-timeout` and interrupted (SIGINT, then SIGKILL after a grace period) at the timeout
-//! or when shutdown runs out of patience.
+//! Delete builds carry no parameters: the variables are those of the workspace's previous build
+//! (its `workspace_builds.parameters`, read from PostgreSQL) with the delete's own built-ins on top.
+//! `terraform destroy -auto-approve -input=false` runs when the store holds a state for the
+//! workspace; then the state (pg: `terraform workspace delete`) and the working directory are
+//! removed. Terraform's output streams as `job_log` lines (stdout at info — `# forces replacement`
+//! lines of claim builds at warn — and stderr at error); a non-zero exit fails the job with the last
+//! stderr lines as its error. Every invocation is bounded by `--terraform-timeout` and interrupted
+//! (SIGINT, then SIGKILL after a grace period) at the timeout or when shutdown runs out of patience.
 //!
 //! Environment: terraform (and whatever a template runs through it: `local-exec`, `external`
 //! programs, providers) never inherits the provisioner's environment, which holds our own
 //! credentials (`DATABASE_URL`, `AMQP_URL`, their `_FILE` forms, `PREBUILDS_*`). Every invocation
 //! starts from a cleared environment plus the allow-list of [`terraform_environment`]: `PATH`,
 //! `HOME`, every `TF_*` variable and the names listed in `--terraform-pass-env`; then our own
-//! settings (`TF_IN_AUTOMATION`, `TF_INPUT`, `CHECKPOINT_DISABLE`, maybe `TF_CLI_CONFIG_FILE`) and
-//! the build's `TF_VAR_*` on top.
+//! settings (`TF_IN_AUTOMATION`, `TF_INPUT`, `CHECKPOINT_DISABLE`, maybe `TF_CLI_CONFIG_FILE`, the
+//! pg store's `PG_*`) and the build's `TF_VAR_*` on top.
 //!
-//! Idempotence caveat: a start build executed again after it applied (a crash before the ack, with
-//! its record lost) re-plans against the saved state and finds nothing to change, so its second
-//! `plan_result` lists no replacements; the worker keeps the first one it received.
+//! Idempotence: a build executed again after it applied (a crash before the ack, or on another
+//! replica after this one died) re-plans against the saved state and changes only what is missing,
+//! so its second `plan_result` lists no replacements; the worker keeps the first one it received.
+//! A resource that was being created at the instant its replica died is not in the state and is
+//! created again: terraform cannot know about it.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -62,9 +70,11 @@ use prebuilds_runtime::keyed_locks::KeyedLocks;
 use crate::{
     backend::{query_by_id, BuildResult, RunError},
     events::Emitter,
+    terraform_state::{StateConfig, StateStore, BACKEND_BLOCK, BACKEND_FILE},
 };
 
 const TEMPLATE_SOURCE_SQL: &str = include_str!("sql/template_source.sql");
+const PREVIOUS_PARAMETERS_SQL: &str = include_str!("sql/previous_parameters.sql");
 
 /// How often streamed terraform output is published while a command runs.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -81,6 +91,8 @@ pub struct TerraformConfig {
     /// Variables of the provisioner's environment passed to terraform besides `PATH`, `HOME` and
     /// `TF_*` (`--terraform-pass-env`); validated at start-up ([`check_pass_env`]).
     pub pass_env: Vec<String>,
+    /// Where the state is kept (`--terraform-state`).
+    pub state: StateConfig,
 }
 
 /// Whether `name` is one of the provisioner's own credentials or settings, which no template may
@@ -162,8 +174,17 @@ pub fn agents_from_outputs(outputs: &serde_json::Value) -> Vec<String> {
 
 /// The variables of a build, by name (see the module documentation).
 pub fn variables(job: &ProvisionerJob) -> BTreeMap<String, String> {
+    variables_with(&job.parameters, job)
+}
+
+/// The variables of a build whose parameters are `parameters` (a delete build: those of the
+/// workspace's previous build), the built-ins of `job` on top.
+pub fn variables_with(
+    parameters: &[prebuilds_schemas::Parameter],
+    job: &ProvisionerJob,
+) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
-    for p in &job.parameters {
+    for p in parameters {
         if valid_variable_name(&p.name) {
             vars.insert(p.name.clone(), p.value.clone());
         }
@@ -266,6 +287,7 @@ impl std::fmt::Debug for InheritedEnv {
 pub struct TerraformBackend {
     config: TerraformConfig,
     pool: Pool,
+    state: StateStore,
     workspaces: KeyedLocks,
     /// What terraform inherits of the provisioner's environment ([`terraform_environment`]),
     /// taken once at start: the process environment does not change afterwards.
@@ -276,7 +298,8 @@ pub struct TerraformBackend {
 }
 
 impl TerraformBackend {
-    pub fn new(config: TerraformConfig, pool: Pool) -> Self {
+    pub fn new(config: TerraformConfig, pool: Pool) -> anyhow::Result<Self> {
+        let state = StateStore::open(&config.state)?;
         let configured = std::env::var_os("TF_CLI_CONFIG_FILE")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".terraformrc")));
@@ -292,12 +315,21 @@ impl TerraformBackend {
                 tracing::warn!(variable = %name, "--terraform-pass-env lists a variable that is not set in the provisioner's environment");
             }
         }
-        TerraformBackend {
+        Ok(TerraformBackend {
             config,
             pool,
+            state,
             workspaces: KeyedLocks::default(),
             inherited_env,
             cli_config_override,
+        })
+    }
+
+    /// Where the state is kept, for the start-up log line.
+    pub fn state_description(&self) -> String {
+        match &self.state {
+            StateStore::Local => "local (terraform.tfstate in each working directory)".to_owned(),
+            StateStore::Pg(pg) => format!("pg (schema {})", pg.schema()),
         }
     }
 
@@ -327,6 +359,9 @@ impl TerraformBackend {
             self.config.binary.display(),
             String::from_utf8_lossy(&output.stderr).trim()
         );
+        if let StateStore::Pg(pg) = &self.state {
+            pg.prepare().await?;
+        }
         Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
             .next()
@@ -347,6 +382,50 @@ impl TerraformBackend {
         if let Some(path) = &self.cli_config_override {
             command.env("TF_CLI_CONFIG_FILE", path);
         }
+        if let StateStore::Pg(pg) = &self.state {
+            command.envs(pg.environment());
+        }
+    }
+
+    /// `-lock-timeout` for the commands that take the state lock: a build of this workspace on
+    /// another replica (a job redelivered while its first replica's terraform still runs) is waited
+    /// for, within the bound of one command, rather than failed at once.
+    fn lock_timeout(&self) -> String {
+        format!("-lock-timeout={}s", self.config.timeout.as_secs().max(1))
+    }
+
+    /// Whether the store holds a state for the workspace whose working directory is `dir`.
+    async fn has_state(&self, workspace_id: Uuid, dir: &Path) -> Result<bool, Outcome> {
+        match &self.state {
+            StateStore::Local => Ok(dir.join("terraform.tfstate").exists()),
+            StateStore::Pg(pg) => Ok(pg.exists(workspace_id).await?),
+        }
+    }
+
+    /// The parameters of the workspace's latest build before this delete (delete builds carry
+    /// none, yet terraform needs the variables to destroy); none when there is no such build.
+    async fn previous_parameters(
+        &self,
+        job: &ProvisionerJob,
+    ) -> Result<Vec<prebuilds_schemas::Parameter>, Outcome> {
+        let row = query_by_id(
+            &self.pool,
+            PREVIOUS_PARAMETERS_SQL,
+            job.workspace_id,
+            "reading the previous build's parameters",
+        )
+        .await?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let text: String = row.get(0);
+        serde_json::from_str(&text).map_err(|e| {
+            Outcome::Failed(format!(
+                "the previous build of workspace {} has parameters that are not a list of \
+                 {{name, value}}: {e}",
+                job.workspace_id
+            ))
+        })
     }
 
     fn workspace_dir(&self, workspace_id: Uuid) -> PathBuf {
@@ -413,6 +492,39 @@ impl TerraformBackend {
         tokio::fs::write(dir.join("main.tf"), source)
             .await
             .map_err(|e| Outcome::Failed(format!("cannot write main.tf: {e}")))?;
+        self.write_backend(dir).await
+    }
+
+    /// Selects the state store in `dir`: the pg backend's block, or none for local state (removed
+    /// if an earlier run with the pg store left it).
+    async fn write_backend(&self, dir: &Path) -> Result<(), Outcome> {
+        let path = dir.join(BACKEND_FILE);
+        match &self.state {
+            StateStore::Pg(_) => tokio::fs::write(&path, BACKEND_BLOCK)
+                .await
+                .map_err(|e| Outcome::Failed(format!("cannot write {BACKEND_FILE}: {e}"))),
+            StateStore::Local => match tokio::fs::remove_file(&path).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Outcome::Failed(
+                    format!("cannot remove {BACKEND_FILE}: {e}"),
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Pg store: makes the workspace's own terraform workspace (its state row) the current one.
+    async fn select_workspace(
+        &self,
+        build: &mut BuildContext<'_>,
+        workspace_id: Uuid,
+        create: bool,
+    ) -> Result<(), Outcome> {
+        if let StateStore::Pg(_) = &self.state {
+            let name = workspace_id.to_string();
+            let or_create = format!("-or-create={create}");
+            let args = ["workspace", "select", or_create.as_str(), name.as_str()];
+            self.exec(build, &args, "init", Stdout::LOG).await?;
+        }
         Ok(())
     }
 
@@ -427,16 +539,14 @@ impl TerraformBackend {
         self.write_source(job, &dir).await?;
         let vars = variables(job);
         let mut build = self.init(&dir, &vars, emitter, stop).await?;
+        self.select_workspace(&mut build, job.workspace_id, true)
+            .await?;
         let plan_log = Stdout::Log {
             warn_replacements: job.stage == BuildStage::Claim,
         };
-        let plan_args = ["plan", "-input=false", "-out=plan.tfplan"];
+        let lock_timeout = self.lock_timeout();
+        let plan_args = ["plan", "-input=false", &lock_timeout, "-out=plan.tfplan"];
         self.exec(&mut build, &plan_args, "plan", plan_log).await?;
-        // A later destroy needs the same variable values (delete builds carry no parameters).
-        let saved = serde_json::to_vec_pretty(&vars).unwrap_or_default();
-        if let Err(e) = tokio::fs::write(dir.join("variables.json"), saved).await {
-            tracing::warn!(job_id = %job.job_id, error = %e, "cannot save the build variables; a later destroy may miss them");
-        }
         if job.transition == Transition::Start {
             let plan = self
                 .exec_json(&mut build, "show", &["plan.tfplan"], "plan")
@@ -446,7 +556,7 @@ impl TerraformBackend {
                 .plan_result(prebuilds_schemas::plan::replacements_from_plan(&plan))
                 .await;
         }
-        let apply_args = ["apply", "-input=false", "plan.tfplan"];
+        let apply_args = ["apply", "-input=false", &lock_timeout, "plan.tfplan"];
         self.exec(&mut build, &apply_args, "apply", Stdout::LOG)
             .await?;
         let _ = tokio::fs::remove_file(dir.join("plan.tfplan")).await;
@@ -464,7 +574,7 @@ impl TerraformBackend {
         stop: &CancellationToken,
     ) -> Result<Vec<String>, Outcome> {
         let dir = self.workspace_dir(job.workspace_id);
-        if !dir.join("terraform.tfstate").exists() {
+        if !self.has_state(job.workspace_id, &dir).await? {
             emitter
                 .log(
                     LogLevel::Info,
@@ -485,19 +595,41 @@ impl TerraformBackend {
                         format!("{why}; destroying with the source of the previous build"),
                     )
                     .await;
+                self.write_backend(&dir).await?;
             }
             Err(other) => return Err(other),
         }
-        let mut vars: BTreeMap<String, String> = tokio::fs::read(dir.join("variables.json"))
-            .await
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
-        vars.extend(variables(job));
+        let parameters = self.previous_parameters(job).await?;
+        let vars = variables_with(&parameters, job);
         let mut build = self.init(&dir, &vars, emitter, stop).await?;
-        let destroy_args = ["destroy", "-auto-approve", "-input=false"];
+        self.select_workspace(&mut build, job.workspace_id, false)
+            .await?;
+        let lock_timeout = self.lock_timeout();
+        let destroy_args = ["destroy", "-auto-approve", "-input=false", &lock_timeout];
         self.exec(&mut build, &destroy_args, "destroy", Stdout::LOG)
             .await?;
+        if let StateStore::Pg(_) = &self.state {
+            // The state is empty now: drop its row so the table holds live workspaces only. A
+            // workspace cannot delete itself while selected.
+            let name = job.workspace_id.to_string();
+            self.exec(
+                &mut build,
+                &["workspace", "select", "default"],
+                "destroy",
+                Stdout::LOG,
+            )
+            .await?;
+            // `-force`: a successful destroy left nothing to track, whatever outputs remain.
+            let delete_args = [
+                "workspace",
+                "delete",
+                "-force",
+                &lock_timeout,
+                name.as_str(),
+            ];
+            self.exec(&mut build, &delete_args, "destroy", Stdout::LOG)
+                .await?;
+        }
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             tracing::warn!(job_id = %job.job_id, dir = %dir.display(), error = %e, "cannot remove the destroyed workspace's working directory");
         }
@@ -556,11 +688,13 @@ impl TerraformBackend {
         stdout_mode: Stdout,
     ) -> Result<String, Outcome> {
         let command_name = args.first().copied().unwrap_or("terraform");
+        // Options follow the (sub)command they belong to: `workspace select -no-color …`.
+        let words = if command_name == "workspace" { 2 } else { 1 }.min(args.len());
         let mut command = Command::new(&self.config.binary);
         command
-            .arg(command_name)
+            .args(&args[..words])
             .arg("-no-color")
-            .args(&args[1..])
+            .args(&args[words..])
             .current_dir(build.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

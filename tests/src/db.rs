@@ -157,7 +157,44 @@ impl TestDb {
     pub async fn connect(&self) -> tokio_postgres::Client {
         db::connect_dedicated(&self.url).await.expect("connect")
     }
+
+    /// A connection string for the terraform state store in this database
+    /// (`PREBUILDS_TERRAFORM_STATE_DATABASE_URL`): a role of its own, as a deployment would give
+    /// it, never the provisioner's DATABASE_URL. The role (shared by all tests; created once) may
+    /// create schemas in this database only, so the provisioner prepares the state schema itself.
+    pub async fn terraform_state_url(&self) -> String {
+        let admin = admin(&self.server).await;
+        let create = format!(
+            "DO $$ BEGIN CREATE ROLE {TERRAFORM_STATE_ROLE} LOGIN;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        );
+        admin
+            .batch_execute(&create)
+            .await
+            .expect("create the terraform state role");
+        admin
+            .batch_execute(&format!(
+                "GRANT CONNECT, CREATE ON DATABASE {} TO {TERRAFORM_STATE_ROLE}",
+                self.name
+            ))
+            .await
+            .expect("grant the terraform state role its database");
+        let host = self
+            .server
+            .split_once("://")
+            .map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, host)| host))
+            .expect("server URL has a scheme");
+        // Loopback, and terraform's PostgreSQL driver has no `prefer`: plaintext.
+        format!(
+            "postgres://{TERRAFORM_STATE_ROLE}@{}/{}?sslmode=disable",
+            host.trim_end_matches('/'),
+            self.name
+        )
+    }
 }
+
+/// The role of [`TestDb::terraform_state_url`].
+pub const TERRAFORM_STATE_ROLE: &str = "prebuilds_test_terraform_state";
 
 impl Drop for TestDb {
     fn drop(&mut self) {

@@ -79,6 +79,39 @@ impl Service {
         }
     }
 
+    /// Like [`Service::start`], as the leader of a process group of its own, so that
+    /// [`Service::kill_group`] takes everything it started with it (a container or pod dying).
+    pub fn start_group(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
+        let mut command = Command::new(binary(binary_name));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Service {
+            name: binary_name.to_owned(),
+            child: Some(command.spawn().expect("spawn service")),
+        }
+    }
+
+    /// SIGKILL to the whole process group of a service started with [`Service::start_group`]:
+    /// the process and every child it runs die at once, as when their container is killed.
+    pub async fn kill_group(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+            let _ = child.wait().await;
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
     }

@@ -209,6 +209,7 @@ async fn a_claim_that_replaces_a_terraform_resource_warns_counts_and_notifies_ea
     let (preset, alice) = world(&db, &broker).await;
     let (_worker, worker_port) = stack::start("prebuilds-worker", &db, &broker, &[]);
     let workdir = tempdir();
+    let state_url = db.terraform_state_url().await;
     let (_provisioner, _) = stack::start(
         "prebuilds-provisioner",
         &db,
@@ -216,6 +217,7 @@ async fn a_claim_that_replaces_a_terraform_resource_warns_counts_and_notifies_ea
         &[
             ("PREBUILDS_PROVISIONER_BACKEND", "terraform"),
             ("PREBUILDS_TERRAFORM_WORKDIR", workdir.to_str().unwrap()),
+            ("PREBUILDS_TERRAFORM_STATE_DATABASE_URL", state_url.as_str()),
         ],
     );
     ctl(&db, &broker, &["template", "invalidate", "drift"]); // a reconcile now, not at a tick

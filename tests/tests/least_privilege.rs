@@ -171,7 +171,8 @@ impl Drop for DbRoles {
         let Some(db) = self.db.take() else { return };
         let admin = format!("{}/postgres", server_url());
         drop(db);
-        for role in ROLES {
+        // The database-only role of roles.sql (no broker user) goes too.
+        for role in ROLES.iter().chain(&["terraform_state"]) {
             let _ = std::process::Command::new("psql")
                 .args(["-X", "-q", "-d", &admin, "-c"])
                 .arg(format!("DROP ROLE IF EXISTS \"{}\"", self.name(role)))
@@ -307,6 +308,32 @@ async fn the_documented_permissions_run_the_whole_system() {
         .unwrap()
         .get(0);
     assert_eq!(owner, roles.name("operator"), "migrate created the tables");
+    // The terraform state role (templates can read its URL) owns the state schema and reaches no
+    // table of the system of record.
+    let state_role = roles.name("terraform_state");
+    let as_state_role = prebuilds_runtime::db::connect_dedicated(&roles.url("terraform_state"))
+        .await
+        .expect("the terraform state role connects");
+    let schema_owner: String = as_state_role
+        .query_one(
+            "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'prebuilds_terraform_state'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema_owner, state_role);
+    for table in ["provisioner_jobs", "users", "outbox", "template_versions"] {
+        let err = as_state_role
+            .query(&format!("SELECT 1 FROM public.{table} LIMIT 1"), &[])
+            .await
+            .expect_err("the state role reads no table of the system of record");
+        assert!(
+            err.as_db_error()
+                .is_some_and(|e| e.message().contains("permission denied")),
+            "{table}: {err}"
+        );
+    }
 
     // 2. The operator sets up an organization, users and a template (relaying its reconcile jobs).
     let dir = std::env::temp_dir().join(format!("prebuilds-lp-{tag}"));

@@ -849,7 +849,11 @@ async fn terraform_rig_with(
         Some(password) => format!("{}?password={password}", db.url),
         None => db.url.clone(),
     };
-    let mut environment = vec![("DATABASE_URL", database_url.as_str())];
+    let state_url = db.terraform_state_url().await;
+    let mut environment = vec![
+        ("DATABASE_URL", database_url.as_str()),
+        ("PREBUILDS_TERRAFORM_STATE_DATABASE_URL", state_url.as_str()),
+    ];
     environment.extend_from_slice(env);
     let service = provisioner(&broker, port, &args, &environment);
     wait_ready(port).await;
@@ -888,6 +892,82 @@ async fn template_version(db: &TestDb, source: Option<&str>) -> Uuid {
     fixture.version_id
 }
 
+/// Records `job` as the worker would have, in full: its job row, its workspace (once) and its
+/// `workspace_builds` row with its parameters, where a later delete build's variables come from.
+async fn record_build(db: &TestDb, job: &ProvisionerJob) {
+    job_row(db, job.job_id, "pending", false).await;
+    let client = db.pool.get().await.expect("db");
+    let parameters = serde_json::to_value(&job.parameters).expect("parameters serialise");
+    client
+        .execute(
+            "INSERT INTO workspaces (id, owner_id, organization_id, template_id, name)
+             SELECT $1, $2, t.organization_id, t.id, $3
+             FROM template_versions v JOIN templates t ON t.id = v.template_id
+             WHERE v.id = $4
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &job.workspace_id,
+                &PREBUILDS_USER_ID,
+                &job.workspace_name,
+                &job.template_version_id,
+            ],
+        )
+        .await
+        .expect("insert workspace");
+    client
+        .execute(
+            "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number,
+                                           transition, initiator_id, job_id, parameters)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &job.build_id,
+                &job.workspace_id,
+                &job.template_version_id,
+                &job.build_number,
+                &job.transition.as_str(),
+                &PREBUILDS_USER_ID,
+                &job.job_id,
+                &parameters,
+            ],
+        )
+        .await
+        .expect("insert workspace build");
+}
+
+/// The terraform state rows of the test's database (the pg store's table, whatever its schema):
+/// (name, whether it records a resource named `resource`).
+async fn terraform_states(db: &TestDb, resource: &str) -> Vec<(String, bool)> {
+    let client = db.pool.get().await.expect("db");
+    let schemas: Vec<String> = client
+        .query(
+            "SELECT table_schema::text FROM information_schema.tables WHERE table_name = 'states'",
+            &[],
+        )
+        .await
+        .expect("find the state table")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut states = Vec::new();
+    for schema in schemas {
+        let rows = client
+            .query(
+                &format!("SELECT name, coalesce(data, '') FROM {schema}.states ORDER BY id"),
+                &[],
+            )
+            .await
+            .expect("read the states");
+        for row in rows {
+            let data: String = row.get(1);
+            states.push((
+                row.get(0),
+                data.contains(&format!("\"name\": \"{resource}\"")),
+            ));
+        }
+    }
+    states
+}
+
 /// Publishes `job` as a worker would have made it: with its `provisioner_jobs` row (`pending`
 /// unless the test made it already), which a provisioner with database access requires
 /// (admission: a job without a row is refused).
@@ -912,6 +992,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     // 1. The prebuild is created.
     let create = create_job(version, &[("image", "ubuntu")]);
     let started = Instant::now();
+    record_build(db, &create).await;
     submit(db, publisher, &create).await;
     let events = reader
         .until(
@@ -954,14 +1035,15 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
             .any(|(_, s, o)| s == "apply" && o.contains("Apply complete! Resources: 2 added")),
         "{lines:#?}"
     );
-    let state = workdir
-        .0
-        .join(create.workspace_id.to_string())
-        .join("terraform.tfstate");
-    assert!(
-        state.exists(),
-        "state kept in the workspace's working directory"
+    // The state is in PostgreSQL (the default store), one terraform workspace per workspace;
+    // nothing of it on this replica's disk.
+    assert_eq!(
+        terraform_states(db, "workspace").await,
+        [(create.workspace_id.to_string(), true)]
     );
+    let local = workdir.0.join(create.workspace_id.to_string());
+    assert!(!local.join("terraform.tfstate").exists());
+    assert!(!local.join("terraform.tfstate.d").exists());
 
     // 2. The claim changes the image: the container is replaced.
     let mut claim = next_build(
@@ -973,6 +1055,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
     claim.owner_id = Uuid::new_v4();
     claim.owner_name = "alice".into();
     let started = Instant::now();
+    record_build(db, &claim).await;
     submit(db, publisher, &claim).await;
     let events = reader
         .until(claim.job_id, Duration::from_secs(120), "claim build", |e| {
@@ -1006,9 +1089,11 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
         "{lines:#?}"
     );
 
-    // 3. Delete: no parameters (the previous build's variables are reused), state destroyed.
+    // 3. Delete: no parameters (the previous build's are reused: `image` has no default, so
+    //    without them the destroy fails), state destroyed and its row gone.
     let delete = next_build(&claim, Transition::Delete, BuildStage::None, &[]);
     let started = Instant::now();
+    record_build(db, &delete).await;
     submit(db, publisher, &delete).await;
     let events = reader
         .until(
@@ -1038,6 +1123,7 @@ async fn terraform_backend_creates_reports_replacements_at_claim_and_destroys() 
         !workdir.0.join(delete.workspace_id.to_string()).exists(),
         "working directory removed after destroy"
     );
+    assert_eq!(terraform_states(db, "workspace").await, []);
 }
 
 #[tokio::test]
@@ -1328,11 +1414,11 @@ async fn terraform_backend_does_not_run_a_job_canceled_while_queued() {
         "{:#?}",
         log_lines(&events)
     );
-    assert!(workdir
-        .0
-        .join(pending.workspace_id.to_string())
-        .join("terraform.tfstate")
-        .exists());
+    // Only the pending job built anything: one state, of its workspace.
+    assert_eq!(
+        terraform_states(db, "workspace").await,
+        [(pending.workspace_id.to_string(), true)]
+    );
     reader.settle(Duration::from_millis(700)).await;
     let mut first_run = Vec::new();
     for job in [&canceled, &canceling] {
@@ -1685,4 +1771,143 @@ async fn a_build_longer_than_the_job_bound_is_interrupted_and_fails() {
     );
     assert!(!has(&events, "agent_lifecycle:ready"));
     assert!(service.terminate(WAIT).await.expect("exits").success());
+}
+
+/// Three resources in a row, each appending its name to the ledger file when it is created (a
+/// resource created twice shows twice). `middle` takes 21 s: terraform saves the state of a
+/// running apply when a resource completes at least 20 s after the last save, so once `middle` is
+/// done the state holds `first` and `middle`. `last` waits until the release file exists.
+const RESUMABLE_TEMPLATE: &str = r#"
+variable "ledger" {
+  type = string
+}
+variable "release" {
+  type = string
+}
+resource "terraform_data" "first" {
+  provisioner "local-exec" {
+    command = "echo first >> ${var.ledger}"
+  }
+}
+resource "terraform_data" "middle" {
+  depends_on = [terraform_data.first]
+  provisioner "local-exec" {
+    command = "sleep 21; echo middle >> ${var.ledger}"
+  }
+}
+resource "terraform_data" "last" {
+  depends_on = [terraform_data.middle]
+  provisioner "local-exec" {
+    command = "while [ ! -e ${var.release} ]; do sleep 0.2; done; echo last >> ${var.ledger}"
+  }
+}
+"#;
+
+#[tokio::test]
+async fn a_build_interrupted_by_a_dying_replica_is_finished_by_another_without_duplicates() {
+    let Some(rig) = terraform_rig(&["--terraform-timeout", "3m"]).await else {
+        return;
+    };
+    let TerraformRig {
+        db,
+        broker,
+        mut service,
+        publisher,
+        ..
+    } = rig;
+    // The rig's provisioner is not in a process group of its own: replace it with replicas that
+    // are, so that killing one kills its terraform too, as a container's death would.
+    service.terminate(Duration::from_secs(10)).await;
+    let state_url = db.terraform_state_url().await;
+    let replica = |workdir: &TempDir, port: u16| {
+        let dir = workdir.0.to_str().expect("utf-8 path").to_owned();
+        let addr = format!("127.0.0.1:{port}");
+        let args = [
+            "--amqp-prefix",
+            broker.prefix(),
+            "--metrics-addr",
+            addr.as_str(),
+            "--backend",
+            "terraform",
+            "--terraform-timeout",
+            "3m",
+            "--terraform-workdir",
+            dir.as_str(),
+        ];
+        let env = [
+            ("AMQP_URL", broker.url.as_str()),
+            ("DATABASE_URL", db.url.as_str()),
+            ("PREBUILDS_TERRAFORM_STATE_DATABASE_URL", state_url.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        Service::start_group("prebuilds-provisioner", &args, &env)
+    };
+    let (workdir_a, workdir_b) = (TempDir::new(), TempDir::new());
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut replica_a = replica(&workdir_a, port_a);
+    wait_ready(port_a).await;
+
+    let files = TempDir::new();
+    let ledger = files.0.join("ledger");
+    let release = files.0.join("release");
+    let version = template_version(&db, Some(RESUMABLE_TEMPLATE)).await;
+    let create = create_job(
+        version,
+        &[
+            ("ledger", ledger.to_str().expect("utf-8 path")),
+            ("release", release.to_str().expect("utf-8 path")),
+        ],
+    );
+    let mut reader = EventReader::new(&broker);
+    submit(&db, &publisher, &create).await;
+
+    // Replica A applies until the state in PostgreSQL holds `middle`; then it dies mid-apply,
+    // with `last` in progress.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !terraform_states(&db, "middle").await.iter().any(|s| s.1) {
+        assert!(
+            Instant::now() < deadline,
+            "replica A never saved `middle` to the state: {:#?}",
+            log_lines(&reader.of(create.job_id))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    replica_a.kill_group().await;
+    std::fs::write(&release, "go").expect("write the release file");
+
+    // Replica B, with an empty working directory of its own, gets the redelivered job.
+    let _replica_b = replica(&workdir_b, port_b);
+    wait_ready(port_b).await;
+    let events = reader
+        .until(
+            create.job_id,
+            Duration::from_secs(150),
+            "the job finished by replica B",
+            |e| has(e, "job_completed"),
+        )
+        .await;
+    let lines = log_lines(&events);
+    assert_eq!(
+        the(&events, "job_completed").data["status"],
+        "succeeded",
+        "{lines:#?}"
+    );
+    // Each resource was created once: B planned against A's state and created only `last`.
+    let created = std::fs::read_to_string(&ledger).expect("read the ledger");
+    assert_eq!(
+        created.lines().collect::<Vec<_>>(),
+        ["first", "middle", "last"],
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|(_, stage, output)| stage == "plan" && output.contains("1 to add, 0 to change")),
+        "replica B planned only the missing resource: {lines:#?}"
+    );
+    assert!(!workdir_a
+        .0
+        .join(create.workspace_id.to_string())
+        .join("terraform.tfstate")
+        .exists());
 }
