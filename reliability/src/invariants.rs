@@ -227,6 +227,32 @@ pub async fn jobs_exactly_once(stack: &Stack) -> anyhow::Result<Check> {
     ))
 }
 
+/// No worker holds a delivery in in-place retries any more (waited for up to `bound`): every
+/// message the broker handed out has been settled, so the database shows all that was applied.
+pub async fn retries_settled(stack: &Stack, bound: Duration) -> Check {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < bound {
+        last = stack.workers_in_retry().await;
+        if last == Some(0.0) {
+            return Check::new(
+                "in-place retries settled",
+                true,
+                format!(
+                    "no delivery in retry after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Check::new(
+        "in-place retries settled",
+        false,
+        format!("still {last:?} deliveries in retry after {bound:?}"),
+    )
+}
+
 /// Every provisioner event that reached the workers' exchange is reflected in the database:
 /// completions set the job status, log lines are stored exactly once, agents end in the state of
 /// their latest lifecycle event, started jobs have `started_at`.

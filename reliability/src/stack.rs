@@ -330,6 +330,18 @@ impl Stack {
             .fold(self.killed_peak_rss_mib, f64::max)
     }
 
+    /// Deliveries the live workers hold in in-place retries right now
+    /// (`prebuilds_messages_in_retry`, every queue); None when a worker's `/metrics` does not
+    /// answer. Queue depths count ready messages only: a delivery in retry is neither queued nor
+    /// applied, so "drained" needs this at 0 too.
+    pub async fn workers_in_retry(&self) -> Option<f64> {
+        let mut total = 0.0;
+        for worker in &self.workers {
+            total += metric_sum(worker.port, "prebuilds_messages_in_retry").await?;
+        }
+        Some(total)
+    }
+
     /// Jobs the provisioner executed (not replayed from memory), from its `/metrics`.
     pub async fn provisioner_executed(&self) -> Option<f64> {
         metric_sum(self.provisioner.port, "prebuilds_provisioner_jobs_total").await

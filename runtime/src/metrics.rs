@@ -3,7 +3,7 @@
 //! outbox backlog. Registered on the process's one `Registry`, passed in explicitly so tests stay
 //! isolated.
 
-use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
@@ -11,6 +11,10 @@ pub struct ServiceMetrics {
     pub messages: IntCounterVec,
     /// `prebuilds_dead_lettered_total{queue, reason}`; reason is a bounded class, never free text.
     pub dead_lettered: IntCounterVec,
+    /// `prebuilds_messages_in_retry{queue}`: deliveries held unacknowledged right now in in-place
+    /// retries after a transient failure (the database is down, say). The broker counts them as
+    /// neither ready nor settled: "nothing queued" is not "nothing in flight" while this is > 0.
+    pub in_retry: IntGaugeVec,
     /// `prebuilds_outbox_published_total`.
     pub outbox_published: prometheus::IntCounter,
     /// `prebuilds_outbox_pending`: rows not yet published at the last relay pass.
@@ -35,6 +39,13 @@ impl ServiceMetrics {
             ),
             &["queue", "reason"],
         )?;
+        let in_retry = IntGaugeVec::new(
+            Opts::new(
+                "prebuilds_messages_in_retry",
+                "Deliveries held unacknowledged in in-place retries after a transient failure.",
+            ),
+            &["queue"],
+        )?;
         let outbox_published = prometheus::IntCounter::new(
             "prebuilds_outbox_published_total",
             "Outbox rows published to RabbitMQ with a confirm.",
@@ -49,12 +60,14 @@ impl ServiceMetrics {
         )?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
+        registry.register(Box::new(in_retry.clone()))?;
         registry.register(Box::new(outbox_published.clone()))?;
         registry.register(Box::new(outbox_pending.clone()))?;
         registry.register(Box::new(outbox_lag_seconds.clone()))?;
         Ok(ServiceMetrics {
             messages,
             dead_lettered,
+            in_retry,
             outbox_published,
             outbox_pending,
             outbox_lag_seconds,

@@ -264,6 +264,8 @@ async fn settle<H: Handler>(
         .with_total_delay(Some(spec.transient_window))
         .with_jitter()
         .build();
+    // Counted in `prebuilds_messages_in_retry` from its first transient failure until it settles.
+    let mut in_retry: Option<InRetry> = None;
     let outcome = loop {
         if let Err(refused) = check_content_type(&incoming) {
             break Err(refused);
@@ -271,6 +273,9 @@ async fn settle<H: Handler>(
         match handler.handle(&incoming).await {
             Err(HandlerError::Transient(e)) => match delays.next() {
                 Some(delay) if !shutdown.is_cancelled() => {
+                    in_retry.get_or_insert_with(|| {
+                        InRetry::start(context.metrics.in_retry.with_label_values(&[queue_label]))
+                    });
                     tracing::warn!(queue = queue_label, error = %format!("{e:#}"), retry_in = ?delay, "transient failure handling message; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -328,9 +333,26 @@ async fn settle<H: Handler>(
             delivery.reject(BasicRejectOptions { requeue: true }).await
         }
     };
+    drop(in_retry);
     if let Err(e) = settled {
         // The channel is gone; the broker redelivers the message, and handlers are idempotent.
         tracing::warn!(queue = queue_label, error = %e, "could not settle delivery; it will be redelivered");
+    }
+}
+
+/// One delivery counted in `prebuilds_messages_in_retry` while it lives.
+struct InRetry(prometheus::IntGauge);
+
+impl InRetry {
+    fn start(gauge: prometheus::IntGauge) -> InRetry {
+        gauge.inc();
+        InRetry(gauge)
+    }
+}
+
+impl Drop for InRetry {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
