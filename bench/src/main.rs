@@ -23,6 +23,7 @@ enum Scenario {
     Events,
     Memory,
     Lanes,
+    TimeToReady,
 }
 
 #[derive(Debug, Parser)]
@@ -82,6 +83,10 @@ async fn main() -> anyhow::Result<()> {
     if run(Scenario::Lanes) {
         let lanes = scenarios::lanes(&sizes).await?;
         report.lanes(&lanes);
+    }
+    if run(Scenario::TimeToReady) {
+        let ready = scenarios::time_to_ready(&sizes).await?;
+        report.time_to_ready(&ready);
     }
     print!("{}", report.table());
     if args.scenario == Scenario::All {

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    scenarios::{Claims, Events, Fill, Floors, Lanes, Reconcile, Sizes},
+    scenarios::{Claims, Events, Fill, Floors, Lanes, Reconcile, Sizes, TimeToReady, READY_BUILD},
     stats::ms,
     Args,
 };
@@ -194,6 +194,27 @@ impl Report {
             format!(
                 "publish → job_started, one claim build at a time; sim builds of 1–2 s, 8 prebuild + 4 user slots; {} creates still queued at the end (FIFO: the whole backlog first)",
                 l.still_queued
+            ),
+        );
+    }
+
+    pub fn time_to_ready(&mut self, r: &TimeToReady) {
+        let (min, max, agent) = READY_BUILD;
+        self.row(
+            "claim → workspace ready".to_owned(),
+            format!(
+                "idle p50 {} / p99 {}; behind {} creates p50 {} / p99 {} ({} claims each)",
+                ms(r.idle.p50),
+                ms(r.idle.p99),
+                r.backlog,
+                ms(r.behind_backlog.p50),
+                ms(r.behind_backlog.p99),
+                r.idle.count
+            ),
+            "behind a backlog = idle",
+            format!(
+                "claim RPC → claim build succeeded and agent ready; sim builds {min}–{max} + {agent} to ready, 8 prebuild + 4 user slots; {} creates still open at the end",
+                r.backlog_left
             ),
         );
     }

@@ -46,6 +46,10 @@ pub struct Sizes {
     /// Prebuild creates queued ahead of the claim builds of the lanes scenario.
     pub backlog: usize,
     pub claim_builds: usize,
+    /// Claims of the time-to-ready scenario, in each of its two phases.
+    pub ready_claims: usize,
+    /// Prebuild creates the time-to-ready scenario queues behind its second phase's claims.
+    pub ready_backlog: usize,
 }
 
 impl Sizes {
@@ -64,6 +68,8 @@ impl Sizes {
             events: 200,
             backlog: 30,
             claim_builds: 3,
+            ready_claims: 2,
+            ready_backlog: 20,
         }
     }
 
@@ -87,6 +93,8 @@ impl Sizes {
                 events: 2_000,
                 backlog: 300,
                 claim_builds: 10,
+                ready_claims: 5,
+                ready_backlog: 100,
             }
         } else {
             Sizes {
@@ -102,6 +110,8 @@ impl Sizes {
                 events: 20_000,
                 backlog: 3_000,
                 claim_builds: 30,
+                ready_claims: 15,
+                ready_backlog: 400,
             }
         }
     }
@@ -1003,3 +1013,163 @@ pub async fn lanes(sizes: &Sizes) -> anyhow::Result<Lanes> {
         still_queued: queued,
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Time to ready: a claim until the user's workspace is built and its agent ready
+
+#[derive(Debug, Clone)]
+pub struct TimeToReady {
+    /// Claim sent → the claimed workspace's claim build succeeded and its agent is ready; with
+    /// an idle provisioner.
+    pub idle: Latency,
+    /// The same, with `backlog` prebuild creates queued for the provisioner.
+    pub behind_backlog: Latency,
+    pub backlog: usize,
+    /// Prebuild creates still queued or running when the last claim was ready.
+    pub backlog_left: i64,
+}
+
+/// Sim builds of realistic length ([`READY_BUILD`]: 2–4 s, then 1 s until the agent is ready),
+/// two workers, one provisioner (8 prebuild + 4 user slots). A preset with ready prebuilds is
+/// claimed from one claim at a time; each claim is timed until its claim build completed and the
+/// agent reported ready (the workspace is usable). First with nothing else to build, then with
+/// `ready_backlog` creates of other presets queued: with the user lane the two should match
+/// (the claim build never waits for a prebuild slot).
+pub async fn time_to_ready(sizes: &Sizes) -> anyhow::Result<TimeToReady> {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let pg = db.connect().await;
+    let claims = sizes.ready_claims * 2;
+    let claimed = fixtures::world(&pg, 1, claims, claims).await?[0];
+    // The backlog: presets wanting prebuilds, reconciled only in the second phase.
+    let per_preset = 100;
+    let backlog_presets = fixtures::world(
+        &pg,
+        sizes.ready_backlog.div_ceil(per_preset),
+        per_preset.min(sizes.ready_backlog),
+        0,
+    )
+    .await?;
+    let users = fixtures::users(&pg, 1).await?;
+    let mut worker_env = quiet();
+    // One reconcile pass may queue the whole backlog (the default caps creates at 50 a pass).
+    worker_env.push(("PREBUILDS_MAX_CREATES_PER_PASS", "1000"));
+    let (_w1, p1) = stack::start("prebuilds-worker", &db, &broker, &worker_env);
+    let (_w2, p2) = stack::start("prebuilds-worker", &db, &broker, &worker_env);
+    let (_prov, p3) = stack::start(
+        "prebuilds-provisioner",
+        &db,
+        &broker,
+        &[
+            ("RUST_LOG", "warn"),
+            ("PREBUILDS_SIM_DURATION_MIN", READY_BUILD.0),
+            ("PREBUILDS_SIM_DURATION_MAX", READY_BUILD.1),
+            ("PREBUILDS_SIM_AGENT_READY_DELAY", READY_BUILD.2),
+            ("PREBUILDS_PROVISIONER_CONCURRENCY", "8"),
+            ("PREBUILDS_PROVISIONER_USER_CONCURRENCY", "4"),
+        ],
+    );
+    for p in [p1, p2, p3] {
+        ready(p).await;
+    }
+    let client = RpcClient::connect(&broker.url, "bench-ready", broker.topology.clone()).await?;
+    let claim = |name: String| claim_until_ready(&client, &pg, users[0], claimed, name);
+    let mut idle = Vec::new();
+    for n in 0..sizes.ready_claims {
+        idle.push(claim(format!("ready-idle-{n}")).await?);
+    }
+    let publisher = Publisher::new(&broker.url, "bench-ready", broker.topology.clone());
+    publish_reconciles(&publisher, &backlog_presets).await;
+    // Wait until the backlog is really there: creates queued or running.
+    let t = Instant::now();
+    while open_creates(&pg, &backlog_presets).await? < (sizes.ready_backlog as i64) * 9 / 10 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "time to ready: the backlog was not queued within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut behind = Vec::new();
+    for n in 0..sizes.ready_claims {
+        behind.push(claim(format!("ready-backlog-{n}")).await?);
+    }
+    Ok(TimeToReady {
+        idle: Latency::of(idle),
+        behind_backlog: Latency::of(behind),
+        backlog: sizes.ready_backlog,
+        backlog_left: open_creates(&pg, &backlog_presets).await?,
+    })
+}
+
+/// One claim of `preset` for `user`, timed until the claimed workspace's claim build succeeded
+/// and its agent is ready.
+async fn claim_until_ready(
+    client: &RpcClient,
+    pg: &tokio_postgres::Client,
+    user: Uuid,
+    preset: Uuid,
+    name: String,
+) -> anyhow::Result<Duration> {
+    let request = CloudEvent::new(
+        "bench",
+        chrono::Utc::now(),
+        ClaimRequest {
+            user_id: user,
+            workspace_name: name,
+            preset_id: Some(preset),
+            template_id: None,
+            parameters: vec![],
+        },
+    );
+    let t = Instant::now();
+    let reply: CloudEvent<ClaimReply> = client.call(&request, Duration::from_secs(30)).await?;
+    anyhow::ensure!(
+        reply.data.outcome == ClaimOutcome::Claimed,
+        "time to ready: the claim was not served: {:?}",
+        reply.data
+    );
+    let workspace = reply
+        .data
+        .workspace_id
+        .ok_or_else(|| anyhow::anyhow!("a claimed reply without a workspace"))?;
+    loop {
+        let ready: bool = pg
+            .query_one(
+                "SELECT coalesce((SELECT j.job_status = 'succeeded' AND b.stage = 'claim'
+                                         AND EXISTS (SELECT 1 FROM workspace_agents a
+                                                     WHERE a.job_id = j.id
+                                                       AND a.lifecycle_state = 'ready')
+                                  FROM workspace_builds b
+                                  JOIN provisioner_jobs j ON j.id = b.job_id
+                                  WHERE b.workspace_id = $1
+                                  ORDER BY b.build_number DESC LIMIT 1), false)",
+                &[&workspace],
+            )
+            .await?
+            .get(0);
+        if ready {
+            return Ok(t.elapsed());
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "time to ready: workspace {workspace} not ready after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates of `presets` queued or running.
+async fn open_creates(pg: &tokio_postgres::Client, presets: &[Uuid]) -> anyhow::Result<i64> {
+    Ok(pg
+        .query_one(
+            "SELECT count(*) FROM workspace_builds b JOIN provisioner_jobs j ON j.id = b.job_id
+             WHERE b.template_version_preset_id = ANY($1)
+               AND j.job_status IN ('pending', 'running')",
+            &[&presets],
+        )
+        .await?
+        .get(0))
+}
+
+/// Sim build length of the time-to-ready scenario: (min, max, agent ready delay).
+pub const READY_BUILD: (&str, &str, &str) = ("2s", "4s", "1s");
