@@ -219,39 +219,67 @@ mod tests {
 
     use super::*;
 
+    /// Requests of `key` waiting or running now (for tests to synchronise on).
+    fn interested<T: Clone>(flight: &SingleFlight<T>, key: Uuid) -> usize {
+        flight
+            .slots
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map_or(0, |slot| slot.interested)
+    }
+
     #[tokio::test]
-    async fn a_burst_on_one_key_runs_at_most_twice_and_everyone_is_answered() {
+    async fn a_burst_during_a_run_costs_exactly_one_more_run_and_everyone_is_answered() {
         let flight = Arc::new(SingleFlight::default());
         let runs = Arc::new(AtomicUsize::new(0));
         let key = Uuid::new_v4();
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let flight = flight.clone();
-                let runs = runs.clone();
-                tokio::spawn(async move {
-                    flight
-                        .run(key, || {
-                            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                            async move {
-                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                                Ok::<_, ()>(run)
+        // Run 1 is held open until the whole burst has arrived behind it.
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let release = Arc::new(Mutex::new(Some(release_rx)));
+        let request = |flight: Arc<SingleFlight<usize>>| {
+            let (runs, release) = (runs.clone(), release.clone());
+            tokio::spawn(async move {
+                flight
+                    .run(key, || {
+                        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                        let gate = release.lock().unwrap().take();
+                        async move {
+                            if let Some(gate) = gate {
+                                let _ = gate.await;
                             }
-                        })
-                        .await
-                })
+                            Ok::<_, ()>(run)
+                        }
+                    })
+                    .await
             })
-            .collect();
-        let mut answers = Vec::new();
-        for t in tasks {
-            answers.push(t.await.unwrap().unwrap());
+        };
+        let first = request(flight.clone());
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
         }
-        // A coalesced request carries the result of the run that answered it.
-        let last_run = runs.load(Ordering::SeqCst);
-        assert!(answers.iter().all(|a| match a {
-            Flight::Ran(run) | Flight::Coalesced(run) => (1..=last_run).contains(run),
-        }));
-        let n = runs.load(Ordering::SeqCst);
-        assert!((1..=2).contains(&n), "{n} runs for one burst");
+        let burst: Vec<_> = (0..49).map(|_| request(flight.clone())).collect();
+        while interested(&flight, key) < 50 {
+            tokio::task::yield_now().await;
+        }
+        release_tx.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), Flight::Ran(1));
+        let mut ran = 0;
+        for task in burst {
+            match task.await.unwrap().unwrap() {
+                // The burst arrived during run 1: only a run that started after it answers it.
+                Flight::Ran(run) => {
+                    assert_eq!(run, 2);
+                    ran += 1;
+                }
+                Flight::Coalesced(run) => assert_eq!(run, 2),
+            }
+        }
+        assert_eq!(
+            ran, 1,
+            "one of the burst ran, the others were answered by it"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "a burst of 49 cost one run");
         assert_eq!(flight.tracked(), 0, "idle slots are dropped");
     }
 
