@@ -230,7 +230,7 @@ impl Relay {
                 &[&self.config.batch_size, &lease_secs],
             )
             .await?;
-        Ok(rows
+        let mut rows: Vec<LeasedRow> = rows
             .into_iter()
             .map(|r| LeasedRow {
                 id: r.get("id"),
@@ -238,7 +238,11 @@ impl Relay {
                 routing_key: r.get("routing_key"),
                 body: r.get("body"),
             })
-            .collect())
+            .collect();
+        // `UPDATE … RETURNING` returns rows in the order the update met them, not the order of the
+        // subquery that chose them: put them back in commit (id) order before publishing.
+        rows.sort_unstable_by_key(|r| r.id);
+        Ok(rows)
     }
 
     async fn settle(&self, published: &[i64], failed: &[(i64, String)]) -> Result<(), DbError> {
