@@ -267,7 +267,7 @@ impl Report {
             let _ = writeln!(out, "| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
         }
         let _ = write!(out, "\n{COMMENTARY_BEGIN}\n{commentary}{COMMENTARY_END}\n");
-        out.push_str("\nReproduce: `cargo build --release --bins && cargo run --release -p bench -- all`\n(needs the local PostgreSQL and RabbitMQ: `scripts/services-up`).\n");
+        out.push_str("\nReproduce: `cargo build --release --bins && cargo run --release -p bench -- all`\n(needs the local PostgreSQL and RabbitMQ: `scripts/services-up`). One scenario alone:\n`cargo run --release -p bench -- lanes` or `-- time-to-ready` (prints the table, writes nothing).\n");
         out
     }
 }
