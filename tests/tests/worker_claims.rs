@@ -391,10 +391,16 @@ async fn duplicates_waiting_on_the_request_lock_all_answer_the_first_claim() {
     let watcher = db.connect().await;
     let four_waiting = "four deliveries waiting on the request lock";
     prebuilds_tests::stack::wait_for(std::time::Duration::from_secs(10), four_waiting, || async {
+        // Waiters on this request's lock in this database only: tests run in parallel on one
+        // server, and other tests' advisory waiters must not count.
         let waiting: i64 = watcher
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                &[],
+                "SELECT count(*) FROM pg_locks
+                 WHERE locktype = 'advisory' AND NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND objsubid = 1
+                   AND ((classid::bigint << 32) | objid::bigint) = $1",
+                &[&prebuilds_store::lock::lock_key(id)],
             )
             .await
             .unwrap()
