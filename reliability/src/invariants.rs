@@ -255,7 +255,8 @@ pub async fn retries_settled(stack: &Stack, bound: Duration) -> Check {
 
 /// Every provisioner event that reached the workers' exchange is reflected in the database:
 /// completions set the job status, log lines are stored exactly once, agents end in the state of
-/// their latest lifecycle event, started jobs have `started_at`.
+/// their latest lifecycle event (none at all for a job that ended canceled or failed: its agent
+/// events are refused as stale), started jobs have `started_at`.
 pub async fn events_applied(stack: &Stack) -> anyhow::Result<Check> {
     let seen = stack.events_tap.seen();
     let mut events: HashMap<Uuid, (chrono::DateTime<chrono::Utc>, ProvisionerEvent)> =
@@ -349,8 +350,14 @@ pub async fn events_applied(stack: &Stack) -> anyhow::Result<Check> {
         }
     }
     for (key, (_, want)) in &last_state {
+        // A job that ended without a build (canceled while the provisioner ran it anyway, or
+        // failed) gets no agents: its late agent events are refused as stale (agent_upsert.sql).
+        let ended_without_build = jobs
+            .get(&key.0)
+            .is_some_and(|(status, _)| status == "canceled" || status == "failed");
         match agents.get(key) {
             Some((state, deleted)) if state == want || *deleted => {}
+            None if ended_without_build => {}
             other => {
                 agent_bad += 1;
                 if examples.len() < 4 {

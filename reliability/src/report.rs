@@ -63,8 +63,11 @@ pub fn markdown(outcomes: &[Outcome], profile: &Profile, command: &str) -> Strin
          desired count (0 when inactive) and nothing in progress; *drained* — no open job, outbox \
          fully relayed, work queues empty; *jobs published and executed once* — every job row has \
          exactly one message id on the wire and the provisioner executed it once (its \
-         `prebuilds_provisioner_jobs_total`); *provisioner events applied* — every distinct event \
-         is in the database (status, started_at, agent state, log lines exactly once); *no \
+         `prebuilds_provisioner_jobs_total`); *in-place retries settled* — no worker holds a \
+         delivery in retry (`prebuilds_messages_in_retry` is 0), so what follows reads a settled \
+         database; *provisioner events applied* — every distinct event is in the database \
+         (status, started_at, agent state, log lines exactly once; a job that ended canceled or \
+         failed has no agents: their late events are refused as stale); *no \
          workspace claimed and deleted*; *no double claim* — one workspace per claim request and \
          one claim per workspace, in the database and in the replies, replays return the first \
          outcome; *dead letters* — exactly the poison messages, each with `x-prebuilds-dead-reason`; \
