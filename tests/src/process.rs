@@ -30,24 +30,30 @@ pub struct Service {
     child: Option<Child>,
 }
 
+/// The command every [`Service`] constructor starts from: `binary` with `args` and extra
+/// environment, no stdin, killed when dropped.
+fn service_command(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(binary(binary_name));
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
+}
+
 impl Service {
-    /// Starts `binary` with `args` and extra environment; output goes to the test's stderr.
-    pub fn start(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
-        let mut command = Command::new(binary(binary_name));
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let child = command.spawn().expect("spawn service");
+    fn spawn(binary_name: &str, mut command: Command) -> Service {
         Service {
             name: binary_name.to_owned(),
-            child: Some(child),
+            child: Some(command.spawn().expect("spawn service")),
         }
+    }
+
+    /// Starts `binary` with `args` and extra environment; output goes to the test's stderr.
+    pub fn start(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
+        let mut command = service_command(binary_name, args, env);
+        command.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        Service::spawn(binary_name, command)
     }
 
     /// Like [`Service::start`], with stdout and stderr appended to `log` (for tests that read
@@ -63,40 +69,22 @@ impl Service {
             .append(true)
             .open(log)
             .expect("open service log");
-        let mut command = Command::new(binary(binary_name));
+        let mut command = service_command(binary_name, args, env);
         command
-            .args(args)
-            .stdin(Stdio::null())
             .stdout(file.try_clone().expect("clone log handle"))
-            .stderr(file)
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        Service {
-            name: binary_name.to_owned(),
-            child: Some(command.spawn().expect("spawn service")),
-        }
+            .stderr(file);
+        Service::spawn(binary_name, command)
     }
 
     /// Like [`Service::start`], as the leader of a process group of its own, so that
     /// [`Service::kill_group`] takes everything it started with it (a container or pod dying).
     pub fn start_group(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
-        let mut command = Command::new(binary(binary_name));
+        let mut command = service_command(binary_name, args, env);
         command
-            .args(args)
-            .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        Service {
-            name: binary_name.to_owned(),
-            child: Some(command.spawn().expect("spawn service")),
-        }
+            .process_group(0);
+        Service::spawn(binary_name, command)
     }
 
     /// SIGKILL to the whole process group of a service started with [`Service::start_group`]:
