@@ -122,7 +122,7 @@ async fn failing_builds_back_off_then_hard_limit_the_preset() {
     let org = fixtures::organization(&c, "acme").await;
     let fx = fixtures::template_with_preset(&c, org, "broken", Some(1)).await;
     let provisioner = FakeProvisioner::start(&broker, |_| FakeOutcome::Fail).await;
-    let (_worker, _) = stack::start(
+    let (_worker, worker_port) = stack::start(
         "prebuilds-worker",
         &db,
         &broker,
@@ -162,11 +162,34 @@ async fn failing_builds_back_off_then_hard_limit_the_preset() {
     assert!(saw_backoff_gap);
     let jobs = provisioner.received().len();
     assert_eq!(jobs, 3, "exactly the hard limit's worth of failed creates");
-    // No more creates once hard-limited.
+    // No more creates once hard-limited: once the worker has handled five more reconcile jobs
+    // (acknowledged, so their transactions are over), still three jobs.
+    let acked = || async {
+        let (_, body) = stack::http_get(worker_port, "/metrics").await?;
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"prebuilds_messages_total{outcome="ack",queue="reconcile"} "#)
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let before = acked()
+        .await
+        .expect("the worker acknowledged reconcile jobs");
     for _ in 0..5 {
         request_reconcile(&publisher, fx.preset_id).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "five more reconcile jobs handled",
+        || async { acked().await.is_some_and(|n| n >= before + 5) },
+    )
+    .await;
+    let job_rows: i64 = c
+        .query_one("SELECT count(*) FROM provisioner_jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(job_rows, 3, "no create after the hard limit");
     assert_eq!(provisioner.received().len(), 3);
 }
 
