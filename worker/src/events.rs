@@ -6,6 +6,9 @@
 //! reordered events are harmless. Log lines, the bulk of all events, change no state: each
 //! `job_log` event is one statement, with no job lock (`sql/job_log_event.sql`).
 //!
+//! Trust: with `PREBUILDS_PROVISIONER_PUBLISHERS` set, only events whose validated AMQP `user_id`
+//! names a listed broker user are applied ([`prebuilds_runtime::amqp::trust`]).
+//!
 //! Event-driven replenishment: a completed prebuild build or an agent becoming ready queues an
 //! immediate reconcile of the preset through the outbox instead of waiting for the next tick. A
 //! completed prebuild *create* build also frees in-flight capacity: it re-queues the presets that
@@ -17,7 +20,7 @@ use deadpool_postgres::{Pool, Transaction};
 use prebuilds_runtime::db::cached;
 use prebuilds_runtime::keyed_locks::KeyedLocks;
 use prebuilds_runtime::{
-    amqp::{consumer::Incoming, Handler, HandlerError},
+    amqp::{consumer::Incoming, trust, Handler, HandlerError, Publishers},
     db::DbError,
     outbox,
 };
@@ -62,6 +65,8 @@ pub struct EventsHandler {
     /// Event transactions at once. The consumer takes more deliveries than this, so events of
     /// other jobs keep flowing while one job's events wait their turn.
     slots: Semaphore,
+    /// Who may send provisioner events (`PREBUILDS_PROVISIONER_PUBLISHERS`; empty: anyone).
+    publishers: Publishers,
 }
 
 impl EventsHandler {
@@ -70,7 +75,15 @@ impl EventsHandler {
             context,
             jobs: KeyedLocks::default(),
             slots: Semaphore::new(concurrency.max(1)),
+            publishers: Publishers::default(),
         }
+    }
+
+    /// Accepts events only from these broker users (their validated AMQP `user_id`); others are
+    /// dead-lettered unapplied (`forbidden_publisher`).
+    pub fn with_publishers(mut self, publishers: Publishers) -> Self {
+        self.publishers = publishers;
+        self
     }
 }
 
@@ -99,6 +112,11 @@ impl From<tokio_postgres::Error> for EventError {
 
 impl Handler for EventsHandler {
     async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
+        // Before anything is read: a forged event changes nothing and is dead-lettered with the
+        // reason (counted in `prebuilds_dead_lettered_total{reason="forbidden_publisher"}`).
+        self.publishers
+            .check(message)
+            .map_err(|reason| HandlerError::permanent(trust::FORBIDDEN_PUBLISHER, reason))?;
         let raw = RawEvent::parse(&message.body)
             .map_err(|e| HandlerError::permanent("envelope", e.to_string()))?;
         let (id, event) = ProvisionerEvent::decode(raw)
