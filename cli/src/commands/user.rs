@@ -67,7 +67,7 @@ pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
     let written: anyhow::Result<Uuid> = async {
-    let tx = begin_write(&mut client, connection.lock_timeout).await?;
+    let tx = begin_write(&mut client, connection).await?;
     let id = Uuid::new_v4();
     match tx
         .execute(
