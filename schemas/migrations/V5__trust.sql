@@ -7,10 +7,12 @@
 -- A deleted user keeps its row (workspace and audit history refer to it) but may claim nothing.
 ALTER TABLE users ADD COLUMN deleted boolean NOT NULL DEFAULT false;
 
--- The request a stored claim reply answered (the claim request's `data`), so a request id reused
--- for another user or another body is refused (`request_conflict`) instead of answered with the
--- first reply. NULL for requests recorded before this migration: those compare by user only.
-ALTER TABLE claim_requests ADD COLUMN request jsonb;
+-- The request a stored claim reply answered (the claim request's `data` as JSON text, exactly as
+-- the worker serialises it), so a request id reused for another user or another body is refused
+-- (`request_conflict`) instead of answered with the first reply. Text, not jsonb: jsonb cannot
+-- hold the escaped NUL of a hostile (and rejected) workspace name. NULL for requests recorded
+-- before this migration: those compare by user only.
+ALTER TABLE claim_requests ADD COLUMN request text;
 
 -- Who changed what through `prebuildsctl`, and when. Append-only by convention: the operator
 -- writes a row in the same transaction as every change it makes; nothing updates or deletes rows.
@@ -30,3 +32,8 @@ CREATE TABLE audit_log (
     arguments   jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX audit_log_occurred_at ON audit_log (occurred_at);
+
+-- Which provisioner took a job: the broker user (the validated AMQP `user_id`) whose job_started
+-- moved it to running. The job's later events must come from that same broker user; NULL (not
+-- started, or started by an event without user_id) binds nothing.
+ALTER TABLE provisioner_jobs ADD COLUMN started_by text;

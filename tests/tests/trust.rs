@@ -1,6 +1,7 @@
 //! Trust boundaries (SPEC.md §9 "Trust", issue 23) on the real services: who may claim for whom,
 //! request ids that cannot be reused for someone else, publisher allow-lists on RabbitMQ's
-//! validated `user_id` (with broker users the test creates), and the audit log of `prebuildsctl`.
+//! validated `user_id` (with broker users the test creates), job ownership of provisioner events,
+//! and the audit log of `prebuildsctl`.
 
 use std::{process::Output, sync::Arc, time::Duration};
 
@@ -12,7 +13,8 @@ use prebuilds_runtime::amqp::{
     Publisher, Topology, TopologyMode,
 };
 use prebuilds_schemas::{
-    ClaimErrorCode, ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, JobStarted,
+    AgentLifecycle, AgentLifecycleState, AgentSpec, ClaimErrorCode, ClaimOutcome, ClaimReply,
+    ClaimRequest, CloudEvent, JobCompleted, JobOutcome, JobStarted, ProvisionerEvent,
     PREBUILDS_USER_ID,
 };
 use prebuilds_tests::{
@@ -24,6 +26,7 @@ use prebuilds_tests::{
 };
 use prebuilds_worker::{
     claims::{claim, ClaimsContext},
+    events::{apply_from, Applied, EventsContext},
     metrics::WorkerMetrics,
 };
 use serde_json::Value;
@@ -445,6 +448,16 @@ async fn with_allow_lists_only_listed_broker_users_may_claim_and_report_events()
         || async { job_status(&db, job).await == "running" },
     )
     .await;
+    // The worker records which broker user took the job, from the validated user_id.
+    let owner: Option<String> = c
+        .query_one(
+            "SELECT started_by FROM provisioner_jobs WHERE id = $1",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, Some(listed.name.clone()));
 }
 
 /// Runs `prebuildsctl` against the test's database and prefix with extra environment.
@@ -608,4 +621,169 @@ async fn the_audit_log_records_who_pushed_paused_and_canceled() {
     );
     let out = ctl(&db, &broker, &["audit", "--since", "yesterday"], &[]).await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A pending prebuild build of a fresh preset: its job id.
+async fn pending_job(db: &TestDb, fx: &PresetFixture) -> Uuid {
+    let c = db.pool.get().await.unwrap();
+    let workspace = fixtures::prebuild(
+        &c,
+        fx,
+        &PrebuildSpec {
+            transition: "start",
+            job_status: "pending",
+            created_at: Utc::now(),
+            ready: false,
+        },
+    )
+    .await;
+    c.query_one(
+        "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
+        &[&workspace],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn agents(db: &TestDb, job: Uuid) -> Vec<String> {
+    let c = db.pool.get().await.unwrap();
+    c.query(
+        "SELECT lifecycle_state FROM workspace_agents WHERE job_id = $1",
+        &[&job],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn completed(job: Uuid, status: JobOutcome) -> ProvisionerEvent {
+    ProvisionerEvent::JobCompleted(JobCompleted {
+        job_id: job,
+        status,
+        error: None,
+        completed_at: Utc::now(),
+        agents: vec![AgentSpec {
+            name: "main".into(),
+        }],
+    })
+}
+
+fn ready(job: Uuid) -> ProvisionerEvent {
+    ProvisionerEvent::AgentLifecycle(AgentLifecycle {
+        job_id: job,
+        agent_name: "main".into(),
+        lifecycle_state: AgentLifecycleState::Ready,
+    })
+}
+
+#[tokio::test]
+async fn a_job_belongs_to_the_broker_user_that_started_it_and_forged_events_change_nothing() {
+    let db = TestDb::new().await;
+    let ctx = EventsContext {
+        pool: db.pool.clone(),
+        metrics: WorkerMetrics::register(&prometheus::Registry::new()).unwrap(),
+        outbox_waker: Arc::new(tokio::sync::Notify::new()),
+        source: "test".into(),
+        wakes_held_back: false,
+    };
+    let fx = pool(&db, 0).await;
+    let job = pending_job(&db, &fx).await;
+    let send = |event: ProvisionerEvent, publisher: Option<&'static str>| {
+        let ctx = ctx.clone();
+        async move {
+            apply_from(&ctx, Uuid::new_v4(), &event, publisher)
+                .await
+                .unwrap()
+        }
+    };
+    let started = ProvisionerEvent::JobStarted(JobStarted {
+        job_id: job,
+        started_at: Utc::now(),
+    });
+    assert_eq!(send(started, Some("prov-a")).await, Applied::Applied);
+    let c = db.pool.get().await.unwrap();
+    let owner: Option<String> = c
+        .query_one(
+            "SELECT started_by FROM provisioner_jobs WHERE id = $1",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        owner.as_deref(),
+        Some("prov-a"),
+        "which provisioner took the job"
+    );
+
+    // Another broker user, or none at all, cannot complete the job or make its agent ready.
+    for (what, forged, publisher) in [
+        (
+            "a completion from another user",
+            completed(job, JobOutcome::Succeeded),
+            Some("prov-b"),
+        ),
+        (
+            "a completion without user_id",
+            completed(job, JobOutcome::Succeeded),
+            None,
+        ),
+        (
+            "an agent ready from another user",
+            ready(job),
+            Some("prov-b"),
+        ),
+    ] {
+        assert_eq!(send(forged, publisher).await, Applied::NotOwner, "{what}");
+        assert_eq!(job_status(&db, job).await, "running", "{what}");
+        assert!(agents(&db, job).await.is_empty(), "{what}");
+    }
+    assert_eq!(
+        ctx.metrics
+            .provisioner_events
+            .with_label_values(&["job_completed", "not_owner"])
+            .get(),
+        2
+    );
+    // A refused event stays refused when redelivered (its id is recorded).
+    let id = Uuid::new_v4();
+    let forged = completed(job, JobOutcome::Failed);
+    assert_eq!(
+        apply_from(&ctx, id, &forged, Some("prov-b")).await.unwrap(),
+        Applied::NotOwner
+    );
+    assert_eq!(
+        apply_from(&ctx, id, &forged, Some("prov-a")).await.unwrap(),
+        Applied::Duplicate
+    );
+
+    // The owner's events apply; afterwards the job is terminal and even the owner changes nothing.
+    assert_eq!(
+        send(completed(job, JobOutcome::Succeeded), Some("prov-a")).await,
+        Applied::Applied
+    );
+    assert_eq!(send(ready(job), Some("prov-a")).await, Applied::Applied);
+    assert_eq!(agents(&db, job).await, vec!["ready".to_owned()]);
+    assert_eq!(
+        send(completed(job, JobOutcome::Failed), Some("prov-a")).await,
+        Applied::Stale
+    );
+    assert_eq!(job_status(&db, job).await, "succeeded");
+
+    // A job nobody has started yet is bound to no one: a completion a relay delivered before its
+    // start still applies (reordered delivery stays harmless), and the late start changes nothing.
+    let reordered = pending_job(&db, &fx).await;
+    assert_eq!(
+        send(completed(reordered, JobOutcome::Succeeded), Some("prov-a")).await,
+        Applied::Applied
+    );
+    let late_start = ProvisionerEvent::JobStarted(JobStarted {
+        job_id: reordered,
+        started_at: Utc::now(),
+    });
+    assert_eq!(send(late_start, Some("prov-b")).await, Applied::Stale);
+    assert_eq!(job_status(&db, reordered).await, "succeeded");
 }

@@ -328,7 +328,7 @@ async fn claim_once(
     };
     let reply_json = serde_json::to_value(&reply).expect("replies serialise");
     let outcome = reply.outcome.as_str();
-    let request_json = serde_json::to_value(request).expect("requests serialise");
+    let request_json = request_text(request);
     let record_params: [&(dyn ToSql + Sync); 7] = [
         &request_id,
         &request.user_id,
@@ -388,6 +388,12 @@ impl EarlierColumns {
     };
 }
 
+/// The request as stored with its reply (`claim_requests.request`): its JSON text, which is the
+/// same for the same request every time (fields in declaration order).
+fn request_text(request: &ClaimRequest) -> String {
+    serde_json::to_string(request).expect("requests serialise")
+}
+
 /// The decision an earlier answer of this request id makes (None: not answered before): its
 /// reply again when it answered the same user and request data, otherwise `request_conflict` —
 /// a reused id never hands one user's reply (a claimed workspace's id) to another. Requests
@@ -402,8 +408,8 @@ fn earlier_answer(
         .get::<_, Option<serde_json::Value>>(columns.reply)
         .and_then(|v| serde_json::from_value(v).ok())?;
     let same_user = row.get::<_, Option<Uuid>>(columns.user_id) == Some(request.user_id);
-    let same_body = match row.get::<_, Option<serde_json::Value>>(columns.request) {
-        Some(stored) => stored == serde_json::to_value(request).expect("requests serialise"),
+    let same_body = match row.get::<_, Option<String>>(columns.request) {
+        Some(stored) => stored == request_text(request),
         None => true,
     };
     if same_user && same_body {
