@@ -493,6 +493,50 @@ async fn the_audit_log_records_who_pushed_paused_and_canceled() {
     let broker = TestBroker::new().await;
     let as_os_user = [("USER", "ops-on-call"), ("LOGNAME", "ops-on-call")];
     ok(&db, &broker, &["org", "create", "demo"], &as_os_user).await;
+    // A user who leaves: deleted (claims for it are then forbidden); deleting again changes
+    // nothing and leaves no entry.
+    ok(
+        &db,
+        &broker,
+        &[
+            "user",
+            "create",
+            "--username",
+            "gone",
+            "--organization",
+            "demo",
+        ],
+        &as_os_user,
+    )
+    .await;
+    for _ in 0..2 {
+        ok(
+            &db,
+            &broker,
+            &["user", "delete", "--username", "gone", "--actor", "hr"],
+            &as_os_user,
+        )
+        .await;
+    }
+    let c = db.pool.get().await.unwrap();
+    let deleted: bool = c
+        .query_one("SELECT deleted FROM users WHERE username = 'gone'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deleted);
+    let out = ctl(
+        &db,
+        &broker,
+        &["user", "delete", "--username", "prebuilds"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the system user cannot be deleted"
+    );
     let demo = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/demo-template.yaml"
@@ -585,6 +629,8 @@ async fn the_audit_log_records_who_pushed_paused_and_canceled() {
             entry("jobs cancel", "carol"),
             entry("pause", "ops-on-call"),
             entry("template push", "release-bot"),
+            entry("user delete", "hr"),
+            entry("user create", "ops-on-call"),
             entry("org create", "ops-on-call"),
         ],
         "{rows:#?}"
@@ -592,7 +638,9 @@ async fn the_audit_log_records_who_pushed_paused_and_canceled() {
     assert_eq!(rows[0]["arguments"]["ids"], Value::String(job.to_string()));
     assert_eq!(rows[1]["arguments"]["template"], "python-dev");
     assert_eq!(rows[2]["arguments"]["file"], demo);
-    assert_eq!(rows[3]["arguments"]["name"], "demo");
+    assert_eq!(rows[3]["arguments"]["username"], "gone");
+    assert_eq!(rows[4]["arguments"]["organizations"], "demo");
+    assert_eq!(rows[5]["arguments"]["name"], "demo");
     // The database role that made the change is recorded by the database itself.
     assert_eq!(rows[0]["db_role"], "postgres");
     let all = String::from_utf8_lossy(&out.stdout);
