@@ -835,3 +835,69 @@ async fn a_job_belongs_to_the_broker_user_that_started_it_and_forged_events_chan
     assert_eq!(send(late_start, Some("prov-b")).await, Applied::Stale);
     assert_eq!(job_status(&db, reordered).await, "succeeded");
 }
+
+#[tokio::test]
+async fn a_dead_letter_replay_is_audited_with_the_messages_it_replayed() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    // A dead letter as a worker leaves one: a reconcile job with its reason, in `<prefix>.dead`.
+    let message_id = Uuid::new_v4().to_string();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        DEAD_REASON_HEADER.into(),
+        lapin::types::AMQPValue::LongString("schema: test".into()),
+    );
+    broker
+        .channel
+        .basic_publish(
+            broker.topology.dead_letter_exchange().as_str().into(),
+            "reconcile.preset".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default()
+                .with_message_id(message_id.as_str().into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the dead letter queued",
+        || async {
+            let out = ctl(&db, &broker, &["dead-letters", "list", "--json"], &[]).await;
+            String::from_utf8_lossy(&out.stdout).contains(&message_id)
+        },
+    )
+    .await;
+    // Nothing replayed (an unknown id): no entry.
+    let out = ctl(
+        &db,
+        &broker,
+        &["dead-letters", "replay", "--id", "no-such-id"],
+        &[("PREBUILDS_ACTOR", "dana")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    ok(
+        &db,
+        &broker,
+        &["dead-letters", "replay", "--id", &message_id],
+        &[("PREBUILDS_ACTOR", "dana")],
+    )
+    .await;
+    let out = ok(&db, &broker, &["audit", "--json"], &[]).await;
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["action"], "dead-letters replay");
+    assert_eq!(rows[0]["actor"], "dana");
+    assert_eq!(
+        rows[0]["arguments"]["ids"],
+        Value::String(message_id.clone())
+    );
+    assert_eq!(
+        rows[0]["arguments"]["replayed"],
+        Value::Array(vec![Value::String(message_id)])
+    );
+}
