@@ -1,9 +1,9 @@
 //! The audit trail (SPEC.md §9 "Trust", table `audit_log`): every state-changing command writes
 //! who acted, what it did, when, and with which arguments, in the same transaction as the change
 //! itself ([`crate::context::begin_write`]) — a change that commits has its row, a change that
-//! rolls back leaves none. Commands whose effect is not a database transaction of their own
-//! (a claim, which the worker makes; a dead-letter replay, which publishes) record their row
-//! right after acting ([`record_standalone`]).
+//! rolls back leaves none. A dead-letter replay, which publishes rather than writes, records its
+//! row right after acting ([`record_standalone`]). Not audited: `migrate` and `claim` (see
+//! [`UNAUDITED`]).
 //!
 //! Who: `--actor` / `PREBUILDS_ACTOR` when given (a person acting through automation, a token
 //! name), else the OS user (`USER`, `LOGNAME`). Both are what the caller says, like any client
@@ -28,20 +28,23 @@ pub struct Entry {
     pub arguments: Value,
 }
 
-/// Commands that change nothing: no audit row.
-const READ_ONLY: [&str; 7] = [
+/// Commands with no audit row: those that change nothing; `migrate`, which changes the schema
+/// (the table may not exist yet; migrations are recorded by refinery's own history table); and
+/// `claim`, whose change is the worker's and is recorded in `claim_requests` (who, for whom, when).
+const UNAUDITED: [&str; 8] = [
     "status",
     "prebuilds list",
     "jobs list",
     "dead-letters list",
     "audit",
-    "migrate",
     "help",
+    "migrate",
+    "claim",
 ];
 
 impl Entry {
     /// The entry of the command `matches` parsed; `globals` are the ids of `prebuildsctl`'s own
-    /// options (excluded). `None` for read-only commands.
+    /// options (excluded). `None` for the commands in [`UNAUDITED`].
     pub fn from_matches(
         matches: &ArgMatches,
         globals: &[&str],
@@ -54,7 +57,7 @@ impl Entry {
             leaf = sub;
         }
         let action = path.join(" ");
-        if action.is_empty() || READ_ONLY.contains(&action.as_str()) {
+        if action.is_empty() || UNAUDITED.contains(&action.as_str()) {
             return None;
         }
         let mut arguments = Map::new();
