@@ -20,6 +20,8 @@ use prebuilds_runtime::{
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
+use crate::audit;
+
 /// What every command gets: the connection settings, and how long the CLI's writes wait for a
 /// lock. Dereferences to the [`Connection`], so commands that only read take `&Connection`.
 #[derive(Debug)]
@@ -27,6 +29,9 @@ pub struct Ctx {
     pub connection: Connection,
     /// `lock_timeout` of every write transaction (0 = wait as long as it takes).
     pub lock_timeout: Duration,
+    /// The audit row every write transaction of this command writes (`None`: a read-only
+    /// command).
+    pub audit: Option<audit::Entry>,
 }
 
 impl Deref for Ctx {
@@ -150,16 +155,21 @@ pub async fn relay_outbox(pool: &Pool, connection: &Connection, queued: usize) -
 }
 
 /// Starts a write transaction whose lock waits give up after `lock_timeout` (with SQLSTATE 55P03,
-/// which [`explain_lock_timeout`] turns into a message) instead of hanging behind another writer.
-pub async fn begin_write(
-    client: &mut Object,
-    lock_timeout: Duration,
-) -> Result<Transaction<'_>, tokio_postgres::Error> {
+/// which [`explain_lock_timeout`] turns into a message) instead of hanging behind another writer,
+/// and writes the command's audit row in it ([`crate::audit`]).
+pub async fn begin_write<'a>(
+    client: &'a mut Object,
+    ctx: &Ctx,
+) -> Result<Transaction<'a>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // Milliseconds, rounded up so a sub-millisecond timeout does not mean "wait forever" (0).
-    let millis = lock_timeout.as_nanos().div_ceil(1_000_000);
+    let millis = ctx.lock_timeout.as_nanos().div_ceil(1_000_000);
     tx.batch_execute(&format!("SET LOCAL lock_timeout = {millis}"))
         .await?;
+    // Who is making this change, in the change's own transaction.
+    if let Some(entry) = &ctx.audit {
+        audit::record(&tx, entry).await?;
+    }
     Ok(tx)
 }
 
@@ -392,7 +402,7 @@ pub async fn apply_change<T>(
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
     let written: anyhow::Result<(T, usize)> = async {
-        let tx = begin_write(&mut client, ctx.lock_timeout).await?;
+        let tx = begin_write(&mut client, ctx).await?;
         let Change {
             outcome,
             reconcile,

@@ -7,15 +7,17 @@
 //! itself right after the commit, so the messages are on the broker before it exits (or, if the
 //! broker is down, stay queued for the workers' relay). A write waits at most
 //! `PREBUILDS_CLI_LOCK_TIMEOUT` for a lock another writer holds, then fails saying what it waited
-//! for.
+//! for. Every change is recorded in the audit log (`audit_log`, listed by `prebuildsctl audit`)
+//! with who made it ([`audit`]).
 
+mod audit;
 mod commands;
 mod context;
 mod output;
 
 use std::{process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use prebuilds_runtime::config::{parse_duration, ConnectionArgs, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -45,6 +47,11 @@ struct Cli {
     /// it takes.
     #[arg(long, env = "PREBUILDS_CLI_LOCK_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
     lock_timeout: Duration,
+
+    /// Who is acting, recorded in the audit log with every change (default: the OS user); e.g.
+    /// the person behind an automation, or a token name.
+    #[arg(long, env = "PREBUILDS_ACTOR", global = true)]
+    actor: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -83,12 +90,25 @@ enum Command {
     /// Inspect and replay dead-lettered messages (queue `<prefix>.dead`).
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(commands::dead_letters::Command),
+    /// List the audit log: who changed what with prebuildsctl, and when.
+    Audit(commands::audit::Args),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     // Usage errors exit with 2 (clap's convention); --help and --version with 0.
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // prebuildsctl's own options (connection settings among them) are never audit arguments.
+    let globals: Vec<String> = Cli::command()
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    let globals: Vec<&str> = globals.iter().map(String::as_str).collect();
+    let audit = audit::Entry::from_matches(&matches, &globals, cli.actor.as_deref());
     prebuilds_runtime::telemetry::init(cli.log_format);
     let connection = match cli.connection.resolve() {
         Ok(connection) => connection,
@@ -100,6 +120,7 @@ async fn main() -> ExitCode {
     let ctx = context::Ctx {
         connection,
         lock_timeout: cli.lock_timeout,
+        audit,
     };
     let connection = &ctx;
     let result = match cli.command {
@@ -115,6 +136,7 @@ async fn main() -> ExitCode {
         Command::Prebuilds(command) => commands::prebuilds::run(connection, command).await,
         Command::Jobs(command) => commands::jobs::run(connection, command).await,
         Command::DeadLetters(command) => commands::dead_letters::run(connection, command).await,
+        Command::Audit(args) => commands::audit::run(connection, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

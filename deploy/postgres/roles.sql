@@ -103,7 +103,7 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"pro
 -- needs UPDATE: hence SELECT and UPDATE next to the writes.
 GRANT SELECT ON organizations, users, templates, template_versions, template_version_parameters,
                 template_version_preset_parameters, template_version_preset_prebuild_schedules,
-                prebuilds_settings
+                prebuilds_settings, organization_members
     TO :"worker";
 GRANT SELECT, UPDATE ON template_version_presets TO :"worker";
 GRANT SELECT, INSERT, UPDATE ON workspaces, provisioner_jobs, workspace_agents, preset_reconcile_state
@@ -133,7 +133,11 @@ GRANT SELECT ON provisioner_jobs, template_versions TO :"provisioner";
 GRANT SELECT (workspace_id, transition, build_number, parameters) ON workspace_builds TO :"provisioner";
 
 -- Claim client (`prebuildsctl claim`): user and template names to ids; the claim itself is the
--- worker's transaction.
+-- worker's transaction (which also checks organization membership, hence the worker's SELECT on
+-- organization_members).
+--
+-- audit_log: only the operator, its owner, writes and reads it (every prebuildsctl change writes
+-- its row in the change's transaction); no service role has any grant on it.
 GRANT SELECT ON users, templates, organizations TO :"claims";
 COMMIT;
 \else

@@ -504,6 +504,13 @@ pub enum ClaimErrorCode {
     PresetInactive,
     InvalidName,
     NameConflict,
+    /// The user may not claim here: the prebuilds system user, a deleted user, a user who is not
+    /// a member of the template's organization, or a publisher not in `PREBUILDS_CLAIM_PUBLISHERS`
+    /// (SPEC.md §9 "Trust").
+    Forbidden,
+    /// The request id was used before for another user or another body; the first reply is not
+    /// repeated to someone else. Send a new request id for a new claim.
+    RequestConflict,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -65,13 +65,20 @@ pub async fn world(
     Ok(ids)
 }
 
-/// Users `bench-user-<i>` for claim clients.
+/// Users `bench-user-<i>` for claim clients, members of every organization that exists now
+/// (claims need membership of the template's organization).
 pub async fn users(client: &tokio_postgres::Client, n: usize) -> anyhow::Result<Vec<Uuid>> {
     let rows = client
         .query(
             &format!(
-                "INSERT INTO users (id, username) SELECT gen_random_uuid(), 'bench-user-' || i || '-' || substr(md5(random()::text), 1, 6)
-                 FROM generate_series(1, {n}) i RETURNING id"
+                "WITH u AS (
+                     INSERT INTO users (id, username) SELECT gen_random_uuid(), 'bench-user-' || i || '-' || substr(md5(random()::text), 1, 6)
+                     FROM generate_series(1, {n}) i RETURNING id
+                 ), m AS (
+                     INSERT INTO organization_members (user_id, organization_id)
+                     SELECT u.id, o.id FROM u CROSS JOIN organizations o
+                 )
+                 SELECT id FROM u"
             ),
             &[],
         )

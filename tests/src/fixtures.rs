@@ -16,8 +16,32 @@ pub async fn organization<C: GenericClient>(c: &C, name: &str) -> Uuid {
     id
 }
 
-/// Inserts a user (optionally a template admin) and returns its id.
+/// Inserts a user (optionally a template admin) and returns its id. The user is a member of every
+/// organization that exists at that moment (claims need membership of the template's
+/// organization); [`outsider`] makes one who belongs to none.
 pub async fn user<C: GenericClient>(c: &C, username: &str, template_admin: bool) -> Uuid {
+    let id = outsider(c, username, template_admin).await;
+    c.execute(
+        "INSERT INTO organization_members (user_id, organization_id) SELECT $1, id FROM organizations",
+        &[&id],
+    )
+    .await
+    .expect("insert memberships");
+    id
+}
+
+/// Adds `user` to organization `organization_id`.
+pub async fn member<C: GenericClient>(c: &C, user: Uuid, organization_id: Uuid) {
+    c.execute(
+        "INSERT INTO organization_members (user_id, organization_id) VALUES ($1, $2)",
+        &[&user, &organization_id],
+    )
+    .await
+    .expect("insert membership");
+}
+
+/// Inserts a user who is a member of no organization and returns its id.
+pub async fn outsider<C: GenericClient>(c: &C, username: &str, template_admin: bool) -> Uuid {
     let id = Uuid::new_v4();
     let roles: Vec<String> = if template_admin {
         vec!["template-admin".into()]

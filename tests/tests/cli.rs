@@ -1398,7 +1398,15 @@ async fn claim_sends_the_request_and_prints_the_reply() {
 async fn the_help_claim_example_claims_from_the_demo_template() {
     let env = Env::new().await;
     env.ok(&["org", "create", "demo"]).await;
-    env.ok(&["user", "create", "--username", "alice"]).await;
+    env.ok(&[
+        "user",
+        "create",
+        "--username",
+        "alice",
+        "--organization",
+        "demo",
+    ])
+    .await;
     let demo = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/demo-template.yaml"

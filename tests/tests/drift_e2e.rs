@@ -78,7 +78,18 @@ async fn world(db: &TestDb, broker: &TestBroker) -> (Uuid, Uuid) {
             "template-admin",
         ],
     );
-    ctl(db, broker, &["user", "create", "--username", "alice"]);
+    ctl(
+        db,
+        broker,
+        &[
+            "user",
+            "create",
+            "--username",
+            "alice",
+            "--organization",
+            "acme",
+        ],
+    );
     ctl(
         db,
         broker,

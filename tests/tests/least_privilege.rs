@@ -343,7 +343,15 @@ async fn the_documented_permissions_run_the_whole_system() {
     let template_file = dir.join("template.yaml").display().to_string();
     for args in [
         &["org", "create", "acme", "--json"][..],
-        &["user", "create", "--username", "alice", "--json"],
+        &[
+            "user",
+            "create",
+            "--username",
+            "alice",
+            "--organization",
+            "acme",
+            "--json",
+        ],
         // A template admin receives the resource-replaced notification of the claim below.
         &[
             "user",

@@ -8,7 +8,7 @@ use anyhow::Context;
 use prebuilds_runtime::{
     amqp::{
         consumer::{self, ConsumerContext},
-        ConsumerSpec, Entity, PublishError, Publisher, QueueKind,
+        ConsumerSpec, Entity, PublishError, Publisher, Publishers, QueueKind,
     },
     db,
     metrics::ServiceMetrics,
@@ -135,17 +135,23 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         args.reconcile_batch_size.into(),
         args.reconcile_spacing,
     ));
-    let events = Arc::new(EventsHandler::new(
-        EventsContext {
-            pool: pool.clone(),
-            metrics: worker_metrics.clone(),
-            outbox_waker: waker.clone(),
-            source: source.clone(),
-            // A per-preset cap is freed by the preset's own completions, which re-queue it anyway.
-            wakes_held_back: args.reconcile.max_inflight_jobs > 0,
-        },
-        args.worker_concurrency.into(),
-    ));
+    let events = Arc::new(
+        EventsHandler::new(
+            EventsContext {
+                pool: pool.clone(),
+                metrics: worker_metrics.clone(),
+                outbox_waker: waker.clone(),
+                source: source.clone(),
+                // A per-preset cap is freed by the preset's own completions, which re-queue it anyway.
+                wakes_held_back: args.reconcile.max_inflight_jobs > 0,
+            },
+            args.worker_concurrency.into(),
+        )
+        .with_publishers(Publishers::parse(
+            &args.provisioner_publishers,
+            "PREBUILDS_PROVISIONER_PUBLISHERS",
+        )),
+    );
     // Replies get their own unconfirmed connection: they must not wait behind the confirms of
     // persistent outbox messages.
     // Replies go to the default exchange (direct reply-to), which always exists: nothing to check.
@@ -165,6 +171,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             outbox_waker: waker.clone(),
             source: source.clone(),
         },
+        publishers: Publishers::parse(&args.claim_publishers, "PREBUILDS_CLAIM_PUBLISHERS"),
     });
     let consumers = TaskTracker::new();
     consumers.spawn(consumer::run(

@@ -16,6 +16,13 @@
 //!    its provisioner job and an immediate reconcile of the preset (reason `claim`) go to the
 //!    outbox in the same transaction — the replacement prebuild is queued right after commit.
 //!
+//! Trust (SPEC.md §9): with `PREBUILDS_CLAIM_PUBLISHERS` set, a request whose validated AMQP
+//! `user_id` is missing or not listed gets a `forbidden` reply and is dead-lettered
+//! (`forbidden_publisher`). The claim attempt refuses (`forbidden`) the prebuilds system user (and
+//! any system user), deleted users and users who are not members of the template's organization;
+//! and a request id answered before for another user or another body gets `request_conflict`,
+//! never the first requester's reply.
+//!
 //! A `no_eligible_prebuild` reply says why (`reason`): `no_matching_preset`, with the presets the
 //! request was matched against, or `pool_empty` when the named or matched preset has no eligible
 //! prebuild now.
@@ -31,7 +38,8 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Client, Pool};
 use prebuilds_runtime::{
     amqp::{
-        consumer::Incoming, publisher::Outgoing, Handler, HandlerError, PublishError, Publisher,
+        consumer::Incoming, publisher::Outgoing, trust, Handler, HandlerError, PublishError,
+        Publisher, Publishers,
     },
     db::{
         cached,
@@ -64,6 +72,8 @@ pub struct ClaimsContext {
 #[derive(Debug)]
 pub struct ClaimsHandler {
     pub context: ClaimsContext,
+    /// Who may send claim requests (`PREBUILDS_CLAIM_PUBLISHERS`; empty: anyone).
+    pub publishers: Publishers,
 }
 
 /// Labels of the claim-duration histogram.
@@ -88,6 +98,18 @@ impl Handler for ClaimsHandler {
                     return Err(HandlerError::permanent("schema", e.to_string()));
                 }
             };
+        if let Err(reason) = self.publishers.check(message) {
+            // Refused before the database is touched: the requester learns why, the body is
+            // dead-lettered with the reason and counted (`prebuilds_dead_lettered_total`).
+            tracing::warn!(request_id = %request.id, %reason, "claim request from a publisher not allowed");
+            let reply = rejected(ClaimErrorCode::Forbidden, reason.clone(), None);
+            let _ = send_reply(ctx, message, &reply).await;
+            ctx.metrics
+                .claims
+                .with_label_values(&[reply.outcome.as_str()])
+                .inc();
+            return Err(HandlerError::permanent(trust::FORBIDDEN_PUBLISHER, reason));
+        }
         let (reply, labels) = claim(ctx, request.id, &request.data)
             .await
             .map_err(|e| HandlerError::Transient(e.into()))?;
@@ -288,8 +310,8 @@ async fn claim_once(
     let mut results = tx.begin_with(&first).await?.into_iter();
     let begun = single_row(results.next().unwrap_or_default())?;
     let attempted = results.next().map(single_row).transpose()?;
-    let decision = match stored_reply(&begun, "reply") {
-        Some(reply) => Decision::Replayed(reply),
+    let decision = match earlier_answer(&begun, EarlierColumns::BEGIN, request_id, request) {
+        Some(decision) => decision,
         None => decide(client, ctx, &attempt, attempted).await?,
     };
     let (reply, labels, writes) = match decision {
@@ -306,13 +328,15 @@ async fn claim_once(
     };
     let reply_json = serde_json::to_value(&reply).expect("replies serialise");
     let outcome = reply.outcome.as_str();
-    let record_params: [&(dyn ToSql + Sync); 6] = [
+    let request_json = request_text(request);
+    let record_params: [&(dyn ToSql + Sync); 7] = [
         &request_id,
         &request.user_id,
         &reply.preset_id,
         &outcome,
         &reply.workspace_id,
         &reply_json,
+        &request_json,
     ];
     let record = (&record, &record_params[..]);
     match &writes {
@@ -327,8 +351,11 @@ async fn claim_once(
     Ok((reply, labels))
 }
 
-/// What a delivery gets: the reply an earlier delivery of the same request stored, or its own.
+/// What a delivery gets: the reply an earlier delivery of the same request stored (or, when the
+/// id was used for another claim, a `request_conflict` refusal), or its own.
 enum Decision {
+    /// Nothing is written: a stored reply again, or a conflict refusal that is not recorded (the
+    /// request id belongs to the first claim).
     Replayed(ClaimReply),
     Answer {
         reply: ClaimReply,
@@ -338,10 +365,70 @@ enum Decision {
     },
 }
 
-/// The reply stored in `column` (NULL: the request was not answered before).
-fn stored_reply(row: &Row, column: &str) -> Option<ClaimReply> {
-    row.get::<_, Option<serde_json::Value>>(column)
-        .and_then(|v| serde_json::from_value(v).ok())
+/// Where a statement returns an earlier answer of the request: its reply, and the user and
+/// request data it answered.
+struct EarlierColumns {
+    reply: &'static str,
+    user_id: &'static str,
+    request: &'static str,
+}
+
+impl EarlierColumns {
+    /// `sql/claim_begin.sql`.
+    const BEGIN: EarlierColumns = EarlierColumns {
+        reply: "reply",
+        user_id: "reply_user_id",
+        request: "reply_request",
+    };
+    /// `sql/claim_attempt.sql`.
+    const ATTEMPT: EarlierColumns = EarlierColumns {
+        reply: "answered_reply",
+        user_id: "answered_user_id",
+        request: "answered_request",
+    };
+}
+
+/// The request as stored with its reply (`claim_requests.request`): its JSON text, which is the
+/// same for the same request every time (fields in declaration order).
+fn request_text(request: &ClaimRequest) -> String {
+    serde_json::to_string(request).expect("requests serialise")
+}
+
+/// The decision an earlier answer of this request id makes (None: not answered before): its
+/// reply again when it answered the same user and request data, otherwise `request_conflict` —
+/// a reused id never hands one user's reply (a claimed workspace's id) to another. Requests
+/// recorded before the request data was kept compare by user only.
+fn earlier_answer(
+    row: &Row,
+    columns: EarlierColumns,
+    request_id: Uuid,
+    request: &ClaimRequest,
+) -> Option<Decision> {
+    let reply: ClaimReply = row
+        .get::<_, Option<serde_json::Value>>(columns.reply)
+        .and_then(|v| serde_json::from_value(v).ok())?;
+    let same_user = row.get::<_, Option<Uuid>>(columns.user_id) == Some(request.user_id);
+    let same_body = match row.get::<_, Option<String>>(columns.request) {
+        Some(stored) => stored == request_text(request),
+        None => true,
+    };
+    if same_user && same_body {
+        return Some(Decision::Replayed(reply));
+    }
+    let message = format!(
+        "request id {request_id} was already used for {}; a retry must repeat the same request, \
+         and a new claim needs a new request id",
+        if same_user {
+            "a claim with other fields"
+        } else {
+            "another user's claim"
+        }
+    );
+    Some(Decision::Replayed(rejected(
+        ClaimErrorCode::RequestConflict,
+        message,
+        None,
+    )))
 }
 
 /// `sql/claim_attempt.sql` for one request.
@@ -523,14 +610,24 @@ async fn decide(
         Some(row) => row,
         None => attempt.run(client, preset_id, attempt.start, None).await?,
     };
-    if let Some(reply) = stored_reply(&row, "answered_reply") {
-        return Ok(Decision::Replayed(reply));
+    if let Some(decision) =
+        earlier_answer(&row, EarlierColumns::ATTEMPT, attempt.request_id, request)
+    {
+        return Ok(decision);
     }
     let Some(owner_name) = row.get::<_, Option<String>>("username") else {
         let msg = format!("no user with id {}", request.user_id);
         let reply = rejected(ClaimErrorCode::UnknownUser, msg, Some(preset_id));
         return Ok(answer(reply, PresetLabels::default()));
     };
+    if !row.get::<_, bool>("user_may_claim") {
+        let msg = format!(
+            "user {owner_name} may not claim workspaces (the prebuilds system user, a system user \
+             or a deleted user); claim for the user who will own the workspace"
+        );
+        let reply = rejected(ClaimErrorCode::Forbidden, msg, Some(preset_id));
+        return Ok(answer(reply, PresetLabels::default()));
+    }
     if row.get::<_, Option<Uuid>>("preset_id").is_none() {
         let msg = format!("no preset with id {preset_id}");
         let reply = rejected(ClaimErrorCode::UnknownPreset, msg, Some(preset_id));
@@ -541,6 +638,16 @@ async fn decide(
         template: row.get("template_name"),
         preset: row.get("preset_name"),
     };
+    if !row.get::<_, bool>("member") {
+        let msg = format!(
+            "user {owner_name} is not a member of organization {} (template {}); a user claims \
+             only in organizations it belongs to: add it to the organization (organization_members; \
+             new users: `prebuildsctl user create --organization {}`)",
+            labels.organization, labels.template, labels.organization
+        );
+        let reply = rejected(ClaimErrorCode::Forbidden, msg, Some(preset_id));
+        return Ok(answer(reply, labels));
+    }
     if !row.get::<_, Option<bool>>("preset_active").unwrap_or(false) {
         let msg = format!(
             "preset {} of template {} is not on the active version (or the template is deleted or deprecated)",

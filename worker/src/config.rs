@@ -41,6 +41,15 @@ pub struct WorkerArgs {
     /// so they get their own, larger budget.
     #[arg(long, env = "PREBUILDS_CLAIM_CONCURRENCY", default_value_t = 16)]
     pub claim_concurrency: u16,
+    /// Broker users allowed to send claim requests, comma-separated (their AMQP `user_id`, which
+    /// RabbitMQ validates); a request from anyone else, or without `user_id`, gets a `forbidden`
+    /// reply and is dead-lettered. Empty: anyone who may publish to the exchange.
+    #[arg(long, env = "PREBUILDS_CLAIM_PUBLISHERS", default_value = "")]
+    pub claim_publishers: String,
+    /// Broker users allowed to send provisioner events, comma-separated (as
+    /// `PREBUILDS_CLAIM_PUBLISHERS`); other events are dead-lettered unapplied. Empty: anyone.
+    #[arg(long, env = "PREBUILDS_PROVISIONER_PUBLISHERS", default_value = "")]
+    pub provisioner_publishers: String,
 }
 
 impl WorkerArgs {

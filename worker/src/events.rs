@@ -6,6 +6,12 @@
 //! reordered events are harmless. Log lines, the bulk of all events, change no state: each
 //! `job_log` event is one statement, with no job lock (`sql/job_log_event.sql`).
 //!
+//! Trust: with `PREBUILDS_PROVISIONER_PUBLISHERS` set, only events whose validated AMQP `user_id`
+//! names a listed broker user are applied ([`prebuilds_runtime::amqp::trust`]). Job ownership:
+//! the broker user whose `job_started` took a job is recorded (`provisioner_jobs.started_by`), and
+//! the job's later state events from any other publisher are recorded and ignored
+//! ([`apply_from`]).
+//!
 //! Event-driven replenishment: a completed prebuild build or an agent becoming ready queues an
 //! immediate reconcile of the preset through the outbox instead of waiting for the next tick. A
 //! completed prebuild *create* build also frees in-flight capacity: it re-queues the presets that
@@ -17,7 +23,7 @@ use deadpool_postgres::{Pool, Transaction};
 use prebuilds_runtime::db::cached;
 use prebuilds_runtime::keyed_locks::KeyedLocks;
 use prebuilds_runtime::{
-    amqp::{consumer::Incoming, Handler, HandlerError},
+    amqp::{consumer::Incoming, trust, Handler, HandlerError, Publishers},
     db::DbError,
     outbox,
 };
@@ -62,6 +68,8 @@ pub struct EventsHandler {
     /// Event transactions at once. The consumer takes more deliveries than this, so events of
     /// other jobs keep flowing while one job's events wait their turn.
     slots: Semaphore,
+    /// Who may send provisioner events (`PREBUILDS_PROVISIONER_PUBLISHERS`; empty: anyone).
+    publishers: Publishers,
 }
 
 impl EventsHandler {
@@ -70,7 +78,15 @@ impl EventsHandler {
             context,
             jobs: KeyedLocks::default(),
             slots: Semaphore::new(concurrency.max(1)),
+            publishers: Publishers::default(),
         }
+    }
+
+    /// Accepts events only from these broker users (their validated AMQP `user_id`); others are
+    /// dead-lettered unapplied (`forbidden_publisher`).
+    pub fn with_publishers(mut self, publishers: Publishers) -> Self {
+        self.publishers = publishers;
+        self
     }
 }
 
@@ -81,6 +97,9 @@ pub enum Applied {
     Duplicate,
     /// Valid but superseded (e.g. `job_started` for a completed job): recorded, no effect.
     Stale,
+    /// Sent by another broker user than the one whose `job_started` took the job
+    /// (`provisioner_jobs.started_by`): recorded, no effect.
+    NotOwner,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +118,11 @@ impl From<tokio_postgres::Error> for EventError {
 
 impl Handler for EventsHandler {
     async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
+        // Before anything is read: a forged event changes nothing and is dead-lettered with the
+        // reason (counted in `prebuilds_dead_lettered_total{reason="forbidden_publisher"}`).
+        self.publishers
+            .check(message)
+            .map_err(|reason| HandlerError::permanent(trust::FORBIDDEN_PUBLISHER, reason))?;
         let raw = RawEvent::parse(&message.body)
             .map_err(|e| HandlerError::permanent("envelope", e.to_string()))?;
         let (id, event) = ProvisionerEvent::decode(raw)
@@ -114,7 +138,7 @@ impl Handler for EventsHandler {
             .acquire()
             .await
             .expect("the events semaphore is never closed");
-        match apply(&self.context, id, &event).await {
+        match apply_from(&self.context, id, &event, message.user_id.as_deref()).await {
             Ok(_) => Ok(()),
             Err(EventError::UnknownJob(job)) => Err(HandlerError::permanent(
                 "unknown_id",
@@ -151,11 +175,28 @@ impl JobContext {
     }
 }
 
-/// Applies one event in its own transaction.
+/// Applies one event in its own transaction, as an event of unknown publisher (see
+/// [`apply_from`]).
 pub async fn apply(
     ctx: &EventsContext,
     event_id: Uuid,
     event: &ProvisionerEvent,
+) -> Result<Applied, EventError> {
+    apply_from(ctx, event_id, event, None).await
+}
+
+/// Applies one event sent by broker user `publisher` (its validated AMQP `user_id`) in its own
+/// transaction. Job ownership: `job_started` binds the job to its publisher
+/// (`provisioner_jobs.started_by`); a later state event of the job from anyone else — another
+/// broker user, or no `user_id` at all — is recorded and ignored ([`Applied::NotOwner`]). A job
+/// not bound (not started yet, or started without `user_id`) accepts any publisher, so events a
+/// relay reordered (a completion before its start) still apply. Log lines are not checked (they
+/// change no state).
+pub async fn apply_from(
+    ctx: &EventsContext,
+    event_id: Uuid,
+    event: &ProvisionerEvent,
+    publisher: Option<&str>,
 ) -> Result<Applied, EventError> {
     if let ProvisionerEvent::JobLog(e) = event {
         let applied = append_log(ctx, event_id, e).await?;
@@ -180,6 +221,21 @@ pub async fn apply(
         record(ctx, event, Applied::Duplicate);
         return Ok(Applied::Duplicate);
     }
+    if let Some(owner) = row.get::<_, Option<String>>("started_by") {
+        if publisher != Some(owner.as_str()) {
+            // The event's id stays recorded: a redelivery is a duplicate, not a second refusal.
+            tx.commit().await?;
+            tracing::warn!(
+                %job_id,
+                kind = kind(event),
+                owner = %owner,
+                publisher = publisher.unwrap_or("(no user_id)"),
+                "provisioner event ignored: the job was started by another broker user, which alone may report on it"
+            );
+            record(ctx, event, Applied::NotOwner);
+            return Ok(Applied::NotOwner);
+        }
+    }
     let job = JobContext {
         workspace_id: row.get("workspace_id"),
         transition: row.get("transition"),
@@ -193,7 +249,7 @@ pub async fn apply(
             let n = cached::execute(
                 &tx,
                 include_str!("sql/job_started.sql"),
-                &[&e.job_id, &e.started_at],
+                &[&e.job_id, &e.started_at, &publisher],
             )
             .await?;
             changed(n)
@@ -243,6 +299,7 @@ fn record(ctx: &EventsContext, event: &ProvisionerEvent, applied: Applied) {
         Applied::Applied => "applied",
         Applied::Duplicate => "duplicate",
         Applied::Stale => "stale",
+        Applied::NotOwner => "not_owner",
     };
     ctx.metrics
         .provisioner_events

@@ -21,7 +21,8 @@ pub struct WorkerMetrics {
     pub claims_by_preset: IntCounterVec,
     /// `coderd_prebuilt_workspaces_resource_replacements_total{template_name,preset_name,organization_name}`.
     pub resource_replacements: IntCounterVec,
-    /// `prebuilds_provisioner_events_total{kind,result}`: applied, duplicate, stale.
+    /// `prebuilds_provisioner_events_total{kind,result}`: applied, duplicate, stale, not_owner
+    /// (sent by another broker user than the one that started the job: recorded, ignored).
     pub provisioner_events: IntCounterVec,
     /// `prebuilds_replenish_latency_seconds`: a claim's reconcile request → its replacement's
     /// create committed (the outbox relay publishes it right after).

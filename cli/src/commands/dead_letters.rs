@@ -31,7 +31,8 @@ use prebuilds_runtime::{
 use serde::Serialize;
 
 use crate::{
-    context::{connect_amqp, publisher, UsageError},
+    audit,
+    context::{connect_amqp, connect_db, publisher, Ctx, UsageError},
     output,
 };
 
@@ -88,7 +89,7 @@ struct Replayed {
     error: Option<String>,
 }
 
-pub async fn run(connection: &Connection, command: Command) -> anyhow::Result<()> {
+pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
         Command::List { limit, json } => list(connection, limit, json).await,
         Command::Replay { limit, ids, json } => replay(connection, limit, ids, json).await,
@@ -298,7 +299,7 @@ fn replay_headers(delivery: &Delivery) -> FieldTable {
 }
 
 async fn replay(
-    connection: &Connection,
+    connection: &Ctx,
     limit: Option<u16>,
     ids: Vec<String>,
     json: bool,
@@ -359,6 +360,7 @@ async fn replay(
     requeue(&keep).await?;
     publisher.close().await;
     queue.close().await;
+    record_replay(connection, &results).await?;
     let failed = results.iter().filter(|r| !r.replayed).count();
     let missing: Vec<&String> = ids
         .iter()
@@ -400,5 +402,31 @@ async fn replay(
             "{failed} message(s) could not be republished and stay in the dead-letter queue"
         );
     }
+    Ok(())
+}
+
+/// The audit row of a replay: republishing is not a transaction of ours, so the row follows it,
+/// naming the messages that went back to work (none replayed: nothing changed, no row).
+async fn record_replay(ctx: &Ctx, results: &[Replayed]) -> anyhow::Result<()> {
+    let replayed: Vec<serde_json::Value> = results
+        .iter()
+        .filter(|r| r.replayed)
+        .map(|r| serde_json::Value::from(r.message_id.clone().unwrap_or_default()))
+        .collect();
+    let Some(entry) = &ctx.audit else {
+        return Ok(());
+    };
+    if replayed.is_empty() {
+        return Ok(());
+    }
+    let mut entry = entry.clone();
+    if let serde_json::Value::Object(arguments) = &mut entry.arguments {
+        arguments.insert("replayed".into(), serde_json::Value::Array(replayed));
+    }
+    let pool = connect_db(ctx).await?;
+    let client = pool.get().await?;
+    audit::record_standalone(&client, &entry).await.context(
+        "the messages were replayed, but the audit log could not be written (check the database)",
+    )?;
     Ok(())
 }

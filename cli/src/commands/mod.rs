@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod audit;
 pub mod claim;
 pub mod dead_letters;
 pub mod jobs;

@@ -40,7 +40,7 @@ pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
     let id = Uuid::new_v4();
-    let tx = begin_write(&mut client, connection.lock_timeout).await?;
+    let tx = begin_write(&mut client, connection).await?;
     match tx
         .execute(
             "INSERT INTO organizations (id, name) VALUES ($1, $2)",

@@ -1,4 +1,5 @@
-//! `prebuildsctl user create --username U [--email E] [--role template-admin] [--organization O]`.
+//! `prebuildsctl user create --username U [--email E] [--role template-admin] [--organization O]`
+//! and `user delete --username U`.
 
 use anyhow::{bail, Context as _};
 
@@ -38,6 +39,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete a user: it keeps its row (history refers to it) but may claim nothing any more
+    /// (claims for it are refused with `forbidden`). Its workspaces are left as they are.
+    #[command(after_help = "Example:\n  prebuildsctl user delete --username mallory")]
+    Delete {
+        /// Username.
+        #[arg(long)]
+        username: String,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -50,13 +59,19 @@ struct Created {
 }
 
 pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
+    if let Command::Delete { username } = command {
+        return delete(connection, &username).await;
+    }
     let Command::Create {
         username,
         email,
         mut roles,
         mut organizations,
         json,
-    } = command;
+    } = command
+    else {
+        unreachable!("delete is handled above");
+    };
     if username.trim().is_empty() {
         return Err(UsageError("--username must not be empty".into()).into());
     }
@@ -67,7 +82,7 @@ pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
     let written: anyhow::Result<Uuid> = async {
-    let tx = begin_write(&mut client, connection.lock_timeout).await?;
+    let tx = begin_write(&mut client, connection).await?;
     let id = Uuid::new_v4();
     match tx
         .execute(
@@ -117,6 +132,43 @@ pub async fn run(connection: &Ctx, command: Command) -> anyhow::Result<()> {
             format!(", roles {}", roles.join(","))
         };
         println!("created user {username} ({id}){roles}");
+    }
+    Ok(())
+}
+
+/// `user delete`: marks the user deleted, in one audited transaction.
+async fn delete(connection: &Ctx, username: &str) -> anyhow::Result<()> {
+    let pool = connect_db(connection).await?;
+    let mut client = pool.get().await?;
+    let deleted: anyhow::Result<u64> = async {
+        let tx = begin_write(&mut client, connection).await?;
+        let row = tx
+            .query_opt(
+                "SELECT is_system, deleted FROM users WHERE username = $1 FOR UPDATE",
+                &[&username],
+            )
+            .await?;
+        match row {
+            None => bail!("user '{username}' does not exist; nothing was deleted"),
+            Some(r) if r.get::<_, bool>(0) => {
+                bail!("user '{username}' is a system user and cannot be deleted")
+            }
+            Some(r) if r.get::<_, bool>(1) => return Ok(0),
+            Some(_) => {}
+        }
+        let n = tx
+            .execute(
+                "UPDATE users SET deleted = true WHERE username = $1",
+                &[&username],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+    .await;
+    match deleted.map_err(|e| explain_lock_timeout(e, connection.lock_timeout))? {
+        0 => println!("user {username} was already deleted"),
+        _ => println!("deleted user {username}: it may claim no workspace any more"),
     }
     Ok(())
 }

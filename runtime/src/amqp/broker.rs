@@ -121,6 +121,21 @@ impl Broker {
         })
     }
 
+    /// The broker user this process authenticates as: the user of the URLs (lapin's `guest` when a
+    /// URL names none). Publishers stamp it as the AMQP `user_id` property, which RabbitMQ checks
+    /// against the connection, so consumers with allow-lists can trust it ([`super::trust`]).
+    /// `None` when the nodes name different users (then no `user_id` is set: a cluster's nodes
+    /// share their users, so list the same one for each).
+    pub fn user(&self) -> Option<String> {
+        let mut users = self
+            .nodes
+            .iter()
+            .filter_map(|node| parse_node(node).ok())
+            .map(|uri| uri.authority.userinfo.username);
+        let first = users.next()?;
+        users.all(|u| u == first).then_some(first)
+    }
+
     /// The nodes, passwords replaced by `***`.
     pub fn redacted(&self) -> String {
         redact(&self.nodes.join(","))
@@ -249,6 +264,22 @@ fn io_error(kind: std::io::ErrorKind, message: String) -> lapin::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_user_is_the_urls_user() {
+        assert_eq!(
+            Broker::from("amqp://claims:x@n1/%2f,amqp://claims:y@n2/%2f").user(),
+            Some("claims".to_owned())
+        );
+        assert_eq!(
+            Broker::from("amqp://n1/%2f").user(),
+            Some("guest".to_owned())
+        );
+        assert_eq!(
+            Broker::from("amqp://a:x@n1/%2f,amqp://b:y@n2/%2f").user(),
+            None
+        );
+    }
 
     #[test]
     fn url_lists_split_on_commas() {

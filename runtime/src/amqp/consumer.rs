@@ -38,6 +38,9 @@ use crate::{
 pub const DEAD_REASON_HEADER: &str = "x-prebuilds-dead-reason";
 /// Header naming the queue the dead-lettered message came from.
 pub const DEAD_QUEUE_HEADER: &str = "x-prebuilds-source-queue";
+/// Header of a message this process dead-letters: the broker user who published the original
+/// (its validated `user_id` property), when it had one.
+pub const DEAD_PUBLISHER_HEADER: &str = "x-prebuilds-publisher";
 
 /// A delivery as handlers see it: owned, so handlers can run on their own task.
 #[derive(Debug, Clone)]
@@ -49,6 +52,10 @@ pub struct Incoming {
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     pub content_type: Option<String>,
+    /// The AMQP `user_id` property. RabbitMQ refuses a publish whose `user_id` is not the
+    /// connection's user, so when present it names the broker user who published
+    /// ([`super::trust::Publishers`]).
+    pub user_id: Option<String>,
 }
 
 impl Incoming {
@@ -62,6 +69,7 @@ impl Incoming {
             reply_to: props.reply_to().as_ref().map(|s| s.to_string()),
             correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
             content_type: props.content_type().as_ref().map(|s| s.to_string()),
+            user_id: props.user_id().as_ref().map(|s| s.to_string()),
         }
     }
 }
@@ -386,5 +394,9 @@ async fn dead_letter(
     message.message_id = incoming.message_id.clone();
     message.correlation_id = incoming.correlation_id.clone();
     message.reply_to = incoming.reply_to.clone();
+    if let Some(user) = &incoming.user_id {
+        // The dead letter is published as this process's user: keep who sent the original.
+        message = message.header(DEAD_PUBLISHER_HEADER, user.clone());
+    }
     context.publisher.publish(message).await
 }

@@ -76,6 +76,9 @@ pub struct Publisher {
     confirms: bool,
     /// What this publisher's messages need (checked on connect in check mode).
     uses: Vec<Entity>,
+    /// The AMQP `user_id` set on every message: the broker user of the connection
+    /// ([`Broker::user`]).
+    user_id: Option<String>,
     state: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -124,8 +127,10 @@ impl Publisher {
     /// `name` shows up as the connection name in the RabbitMQ management UI. Uses the topic
     /// exchange; name the rest with [`Self::uses`].
     pub fn new(broker: impl Into<Broker>, name: impl Into<String>, topology: Topology) -> Self {
+        let broker = broker.into();
         Publisher {
-            broker: broker.into(),
+            user_id: broker.user(),
+            broker,
             name: name.into(),
             topology,
             confirms: true,
@@ -222,6 +227,11 @@ impl Publisher {
         }
         if let Some(r) = &message.reply_to {
             properties = properties.with_reply_to(r.as_str().into());
+        }
+        // Who publishes, validated by the broker: consumers with publisher allow-lists accept
+        // only listed users (`super::trust`).
+        if let Some(user) = &self.user_id {
+            properties = properties.with_user_id(user.as_str().into());
         }
         let confirm = async {
             channel

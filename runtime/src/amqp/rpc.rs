@@ -38,6 +38,9 @@ pub enum RpcError {
 #[derive(Debug)]
 pub struct RpcClient {
     _connection: Connection,
+    /// The AMQP `user_id` of every request: the connection's broker user ([`Broker::user`]), so
+    /// workers with `PREBUILDS_CLAIM_PUBLISHERS` can check who sent it.
+    user_id: Option<String>,
     channel: lapin::Channel,
     topology: Topology,
     pending: Pending,
@@ -49,7 +52,9 @@ impl RpcClient {
         name: &str,
         topology: Topology,
     ) -> Result<Self, RpcError> {
-        let connection = broker.into().connect(name).await?;
+        let broker = broker.into();
+        let user_id = broker.user();
+        let connection = broker.connect(name).await?;
         let channel = connection.create_channel().await?;
         // Confirms let an unroutable request fail fast instead of timing out.
         channel
@@ -83,6 +88,7 @@ impl RpcClient {
         });
         Ok(RpcClient {
             _connection: connection,
+            user_id,
             channel,
             topology,
             pending,
@@ -124,12 +130,15 @@ impl RpcClient {
             .lock()
             .await
             .insert(correlation_id.to_owned(), tx);
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(correlation_id.into())
             .with_type(message_type.into())
             .with_correlation_id(correlation_id.into())
             .with_reply_to(DIRECT_REPLY_TO.into());
+        if let Some(user) = &self.user_id {
+            properties = properties.with_user_id(user.as_str().into());
+        }
         let outcome = async {
             let confirm = self
                 .channel

@@ -2,11 +2,13 @@
 -- every check passes, the guarded claim of one eligible prebuild. One statement, so a request
 -- that names its preset goes out with BEGIN and the request lock in a single round trip.
 --
--- Checks (NULL = not found): the user; the preset, its names and TTL; whether it is active (its
--- template's active version; template neither deleted nor deprecated); whether the user already
--- has a live workspace of the requested name (case-insensitive); the reply stored by an earlier
--- delivery of this request. This statement starts after the request lock is granted, so it sees
--- such a reply, and then claims nothing.
+-- Checks (NULL = not found): the user, and whether it may claim at all (not the prebuilds system
+-- user nor any system user, not deleted); the preset, its names and TTL; whether the user is a
+-- member of the template's organization; whether the preset is active (its template's active
+-- version; template neither deleted nor deprecated); whether the user already has a live
+-- workspace of the requested name (case-insensitive); the reply stored by an earlier delivery of
+-- this request, with the user and request it answered. This statement starts after the request
+-- lock is granted, so it sees such a reply, and then claims nothing.
 --
 -- Eligible prebuild: a live prebuild of the template (partial index `workspaces_prebuild_pool`),
 -- created for this preset, no delete queued, latest build a successful start on the active
@@ -21,6 +23,9 @@
 -- $6 first id not to consider (NULL: none).
 WITH checks AS (
     SELECT u.username,
+           (NOT u.is_system AND NOT u.deleted)                                  AS user_may_claim,
+           EXISTS (SELECT 1 FROM organization_members m
+                   WHERE m.user_id = $1 AND m.organization_id = t.organization_id) AS member,
            p.id                                                                 AS preset_id,
            p.name                                                               AS preset_name,
            p.last_invalidated_at,
@@ -35,7 +40,9 @@ WITH checks AS (
            (SELECT COALESCE(json_agg(json_build_object('name', pp.name, 'value', pp.value) ORDER BY pp.name), '[]')
             FROM template_version_preset_parameters pp
             WHERE pp.template_version_preset_id = p.id)                         AS preset_parameters,
-           (SELECT r.reply FROM claim_requests r WHERE r.request_id = $4)       AS answered_reply,
+           r.reply                                                              AS answered_reply,
+           r.user_id                                                            AS answered_user_id,
+           r.request                                                            AS answered_request,
            clock_timestamp()                                                    AS now
     FROM (SELECT 1) one
     LEFT JOIN users u ON u.id = $1
@@ -43,6 +50,7 @@ WITH checks AS (
     LEFT JOIN template_versions v ON v.id = p.template_version_id
     LEFT JOIN templates t ON t.id = v.template_id
     LEFT JOIN organizations o ON o.id = t.organization_id
+    LEFT JOIN claim_requests r ON r.request_id = $4
 ),
 picked AS (
     SELECT w.id, lb.build_number
@@ -51,7 +59,8 @@ picked AS (
     -- an index range on the pool, (template, id >= $5), in id order. NULL (a check failed)
     -- matches nothing.
     JOIN workspaces w ON w.template_id = (SELECT template_id FROM checks
-                                          WHERE username IS NOT NULL AND preset_active
+                                          WHERE username IS NOT NULL AND user_may_claim
+                                            AND member AND preset_active
                                             AND NOT name_taken AND answered_reply IS NULL)
     JOIN workspace_builds first
       ON first.workspace_id = w.id AND first.build_number = 1

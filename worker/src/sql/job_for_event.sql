@@ -8,6 +8,7 @@ WITH recorded AS (
 )
 SELECT EXISTS (SELECT 1 FROM recorded) AS first_time,    -- false: a redelivery, nothing to do
        j.job_status,
+       j.started_by,    -- the broker user that took the job (NULL: none known)
        b.id            AS build_id,
        b.workspace_id,
        b.transition,

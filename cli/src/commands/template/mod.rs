@@ -187,7 +187,7 @@ async fn push(
     let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
     let written = async {
-        let tx = begin_write(&mut client, connection.lock_timeout).await?;
+        let tx = begin_write(&mut client, connection).await?;
         let organization_id: Uuid = tx
             .query_opt(
                 "SELECT id FROM organizations WHERE name = $1",
