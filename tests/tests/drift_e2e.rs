@@ -113,6 +113,18 @@ async fn world(db: &TestDb, broker: &TestBroker) -> (Uuid, Uuid) {
     (preset, alice)
 }
 
+/// A reconcile of the preset now, not at a tick (there is no scheduler here). Not `template
+/// invalidate`: invalidating after the push's own reconcile had created the prebuild made that
+/// prebuild unclaimable while the pool count still showed it ready, and the claim missed.
+async fn request_a_reconcile(broker: &TestBroker, preset: Uuid) {
+    let publisher = prebuilds_runtime::amqp::Publisher::new(
+        &broker.url,
+        "drift-reconcile",
+        broker.topology.clone(),
+    );
+    prebuilds_tests::stack::request_reconcile(&publisher, preset).await;
+}
+
 fn tempdir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("prebuilds-drift-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -231,7 +243,7 @@ async fn a_claim_that_replaces_a_terraform_resource_warns_counts_and_notifies_ea
             ("PREBUILDS_TERRAFORM_STATE_DATABASE_URL", state_url.as_str()),
         ],
     );
-    ctl(&db, &broker, &["template", "invalidate", "drift"]); // a reconcile now, not at a tick
+    request_a_reconcile(&broker, preset).await;
     claim_and_check_the_drift_report(
         &db,
         &broker,
@@ -260,7 +272,7 @@ async fn the_same_flow_passes_with_the_sim_backend_at_replacement_rate_one() {
             ("PREBUILDS_SIM_REPLACEMENT_RATE", "1"),
         ],
     );
-    ctl(&db, &broker, &["template", "invalidate", "drift"]);
+    request_a_reconcile(&broker, preset).await;
     // The sim reports one or two resources; the first is always the workspace container.
     claim_and_check_the_drift_report(
         &db,
