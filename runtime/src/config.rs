@@ -226,7 +226,7 @@ impl ConnectionArgs {
 
 /// The value of a setting that may come directly or from a file; both at once is an error naming
 /// both. `(variable, flag, value)` each.
-fn secret_value(
+pub fn secret_value(
     direct: (&str, &str, Option<&str>),
     file: (&str, &str, Option<&Path>),
 ) -> Result<Option<String>, ConfigError> {
@@ -258,6 +258,12 @@ fn secret_value(
 /// A string that is never printed: `Debug` and `Display` show it redacted.
 #[derive(Clone)]
 pub struct Secret(String);
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
 
 impl Secret {
     /// The value itself, for the one place that needs it (opening a connection).
