@@ -10,11 +10,12 @@
 --
 --   psql -v ON_ERROR_STOP=1 -d prebuilds -f deploy/postgres/roles.sql \
 --        [-v role_prefix=prebuilds_] [-v worker_password=…] [-v scheduler_password=…] \
---        [-v provisioner_password=…] [-v claims_password=…] [-v operator_password=…]
+--        [-v provisioner_password=…] [-v claims_password=…] [-v notifier_password=…] \
+--        [-v operator_password=…]
 --
 -- Roles are <role_prefix><role>: prebuilds_operator (migrate and every other prebuildsctl
--- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner and prebuilds_claims (what
--- sends claim requests, e.g. `prebuildsctl claim`). A role without a password variable gets none
+-- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner, prebuilds_notifier and
+-- prebuilds_claims (what sends claim requests, e.g. `prebuildsctl claim`). A role without a password variable gets none
 -- (for certificate, peer or trust authentication); given one, it is set on every run. Roles are
 -- cluster-wide: several databases on one server need a role_prefix each.
 
@@ -28,10 +29,11 @@
 \set scheduler :role_prefix scheduler
 \set provisioner :role_prefix provisioner
 \set claims :role_prefix claims
+\set notifier :role_prefix notifier
 
 -- 1. The roles: LOGIN and nothing else (no superuser, CREATEDB, CREATEROLE or replication).
 SELECT format('CREATE ROLE %I LOGIN', name)
-FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims']) AS name
+FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims', :'notifier']) AS name
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \gexec
 
@@ -50,6 +52,9 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \if :{?claims_password}
     ALTER ROLE :"claims" PASSWORD :'claims_password';
 \endif
+\if :{?notifier_password}
+    ALTER ROLE :"notifier" PASSWORD :'notifier_password';
+\endif
 
 -- 2. The database: the operator owns it (and so, from PostgreSQL 15, schema public, where migrate
 -- creates the tables); the others may connect and use the schema but create nothing. PUBLIC loses
@@ -57,11 +62,11 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 SELECT current_database() AS database \gset
 ALTER DATABASE :"database" OWNER TO :"operator";
 REVOKE ALL ON DATABASE :"database" FROM PUBLIC;
-GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims";
+GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
 -- Before PostgreSQL 15 schema public belongs to the bootstrap superuser and PUBLIC may create in it.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE, CREATE ON SCHEMA public TO :"operator";
-GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims";
+GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
 
 -- 3. The tables, once migrate has created them.
 SELECT to_regclass('public.outbox') IS NOT NULL AS migrated,
@@ -74,8 +79,8 @@ SELECT to_regclass('public.outbox') IS NOT NULL AS migrated,
 \endif
 BEGIN;
 -- Start from nothing, so the grants below are all there is (also after the matrix changed).
-REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims";
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims";
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
 
 -- Worker: reconcile (snapshot, creates, deletes, preset status and hard limits, watermarks,
 -- capacity waits), provisioner events (job status, agents, logs, notifications, processed ids),
@@ -114,6 +119,11 @@ GRANT SELECT ON provisioner_jobs, template_versions TO :"provisioner";
 -- Claim client (`prebuildsctl claim`): user and template names to ids; the claim itself is the
 -- worker's transaction.
 GRANT SELECT ON users, templates, organizations TO :"claims";
+
+-- Notifier: the notification a message names, its template and recipient; its own delivery
+-- records (INSERT … ON CONFLICT DO UPDATE … RETURNING needs SELECT, INSERT and UPDATE).
+GRANT SELECT ON notification_messages, notification_templates, users TO :"notifier";
+GRANT SELECT, INSERT, UPDATE ON notification_deliveries TO :"notifier";
 COMMIT;
 \else
 \echo 'roles.sql: the roles exist; the schema is not migrated yet, so no table is granted: run `prebuildsctl migrate` as' :"operator" 'and then this script again.'
