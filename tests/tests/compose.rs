@@ -9,10 +9,11 @@ use std::{collections::BTreeSet, path::PathBuf, process::Command};
 use prebuilds_tests::process::binary;
 use serde_yaml::Value;
 
-const BINARIES: [&str; 4] = [
+const BINARIES: [&str; 5] = [
     "prebuilds-scheduler",
     "prebuilds-worker",
     "prebuilds-provisioner",
+    "prebuilds-notifier",
     "prebuildsctl",
 ];
 
