@@ -2,7 +2,9 @@
 //! each test (`prebuilds_tests::notify`): a drift on claim reaches every template admin once by
 //! webhook and once by e-mail; 503s are retried into exactly one delivery; a 400 is dead-lettered
 //! with its reason; duplicated messages and a notifier killed mid-delivery send nothing twice; the
-//! notifications queue dead-letters its oldest message when full. Every wait is on what the
+//! notifications queue dead-letters its oldest message when full; TLS receivers are verified
+//! against `PREBUILDS_NOTIFY_CA_FILE`, and SMTP credentials come from a file and are never
+//! printed. Every wait is on what the
 //! receivers, the database or the broker show.
 
 use std::{process::Command, time::Duration};
@@ -14,6 +16,7 @@ use prebuilds_schemas::{
     RESOURCE_REPLACED_TEMPLATE_ID,
 };
 use prebuilds_tests::{
+    certs::TestCa,
     eventually,
     notify::{Reply, SmtpSink, WebhookReceiver},
     process::binary,
@@ -580,4 +583,117 @@ async fn a_full_notifications_queue_dead_letters_its_oldest_message() {
             .map(|s| s.to_string()),
         Some(ids[2].clone())
     );
+}
+
+#[tokio::test]
+async fn tls_receivers_are_verified_against_the_ca_file_and_smtp_credentials_come_from_a_file() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let dir =
+        std::env::temp_dir().join(format!("prebuilds-notify-tls-{}", Uuid::new_v4().simple()));
+    let ca = TestCa::new(&dir, "notify-ca");
+    let server = ca.server("receivers", &["127.0.0.1"]);
+    let receiver = WebhookReceiver::start_tls(vec![], &server).await;
+    let smtps = SmtpSink::start_tls(&server).await;
+    let starttls = SmtpSink::start_starttls(&server).await;
+    let quick = [
+        ("PREBUILDS_NOTIFY_TIMEOUT", "2s"),
+        ("PREBUILDS_NOTIFY_RETRY_INITIAL_DELAY", "50ms"),
+        ("PREBUILDS_NOTIFY_RETRY_MAX_DELAY", "100ms"),
+        ("PREBUILDS_NOTIFY_MAX_ATTEMPTS", "2"),
+        ("PREBUILDS_NOTIFY_FROM", "prebuilds@example.com"),
+    ];
+
+    // 1. Without the CA the receivers' certificates are not trusted: nothing reaches them, and the
+    //    deliveries fail naming the certificate.
+    let mut env: Vec<(&str, &str)> = quick.to_vec();
+    env.push(("PREBUILDS_NOTIFY_WEBHOOK_URL", &receiver.url));
+    env.push(("PREBUILDS_SMTP_URL", &smtps.url));
+    let (mut untrusting, _) = stack::start("prebuilds-notifier", &db, &broker, &env);
+    publish(&broker, &notification(&db, "admin-1").await, 1).await;
+    let dead = broker
+        .get(&broker.topology.dead_queue(), WAIT)
+        .await
+        .expect("a dead letter");
+    let headers = dead.delivery.properties.headers().clone().expect("headers");
+    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get(DEAD_REASON_HEADER)
+    else {
+        panic!("a string reason header: {headers:?}");
+    };
+    let reason = String::from_utf8_lossy(reason.as_bytes()).into_owned();
+    assert!(
+        reason.contains("webhook: ")
+            && reason.contains("email: ")
+            && reason.contains("certificate"),
+        "{reason}"
+    );
+    assert!(receiver.requests().is_empty() && smtps.mails().is_empty());
+    untrusting.kill().await;
+
+    // 2. With PREBUILDS_NOTIFY_CA_FILE: https, and STARTTLS with credentials read from
+    //    PREBUILDS_SMTP_URL_FILE, which never show in the log.
+    let url_file = dir.join("smtp-url");
+    std::fs::write(
+        &url_file,
+        format!(
+            "smtp://mailer:pw-marker-smtp%21@127.0.0.1:{}?tls=required\n",
+            starttls.port
+        ),
+    )
+    .unwrap();
+    let ca_file = ca.cert.display().to_string();
+    let url_file = url_file.display().to_string();
+    let log = dir.join("notifier.log");
+    let port = stack::free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut env: Vec<(&str, &str)> = vec![
+        ("DATABASE_URL", &db.url),
+        ("AMQP_URL", &broker.url),
+        ("PREBUILDS_AMQP_PREFIX", broker.prefix()),
+        ("PREBUILDS_METRICS_ADDR", &metrics_addr),
+        ("PREBUILDS_DB_POOL_SIZE", "4"),
+        ("RUST_LOG", "debug"),
+        ("PREBUILDS_NOTIFY_CA_FILE", &ca_file),
+        ("PREBUILDS_NOTIFY_WEBHOOK_URL", &receiver.url),
+        ("PREBUILDS_SMTP_URL_FILE", &url_file),
+    ];
+    env.extend_from_slice(&quick);
+    let mut trusting = Service::start_logged("prebuilds-notifier", &[], &env, &log);
+    let second = notification(&db, "admin-2").await;
+    publish(&broker, &second, 1).await;
+    eventually(WAIT, "delivered over https and STARTTLS", || async {
+        (statuses(&db, second.data.notification_id).await == ["email:sent", "webhook:sent"])
+            .then_some(())
+    })
+    .await;
+    assert_eq!(receiver.delivered().len(), 1);
+    let mails = starttls.mails();
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].encrypted, "the message went over TLS");
+    assert_eq!(
+        mails[0].login,
+        Some(("mailer".to_owned(), "pw-marker-smtp!".to_owned())),
+        "the credentials of the URL file, percent-decoded, after STARTTLS"
+    );
+    trusting.terminate(Duration::from_secs(10)).await;
+    let printed = std::fs::read_to_string(&log).unwrap();
+    assert!(printed.contains("notifier starting"), "{printed}");
+    assert!(
+        !printed.contains("pw-marker-smtp"),
+        "the SMTP password is never printed: {printed}"
+    );
+
+    // 3. smtps:// with the CA: TLS from the first byte.
+    let mut env: Vec<(&str, &str)> = quick.to_vec();
+    env.push(("PREBUILDS_NOTIFY_CA_FILE", &ca_file));
+    env.push(("PREBUILDS_SMTP_URL", &smtps.url));
+    let (_smtps_notifier, _) = stack::start("prebuilds-notifier", &db, &broker, &env);
+    let third = notification(&db, "admin-3").await;
+    publish(&broker, &third, 1).await;
+    eventually(WAIT, "delivered over smtps", || async {
+        (statuses(&db, third.data.notification_id).await == ["email:sent"]).then_some(())
+    })
+    .await;
+    assert!(smtps.mails().iter().all(|m| m.encrypted) && smtps.mails().len() == 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
