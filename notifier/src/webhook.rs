@@ -121,7 +121,7 @@ impl WebhookTarget {
         {
             Ok(outcome) => outcome,
             Err(_) => Err(Failure::Retryable(format!(
-                "webhook {} gave no answer within {}",
+                "{} gave no answer within {}",
                 self.origin,
                 humanize(timeout)
             ))),
@@ -236,7 +236,7 @@ impl WebhookTarget {
                 Err(_) => String::new(),
             };
             let answered = format!(
-                "webhook {} answered {status}{}",
+                "{} answered {status}{}",
                 self.origin,
                 if quoted.is_empty() {
                     String::new()
