@@ -1,16 +1,16 @@
 //! `prebuilds-notifier` on the real services, with a webhook receiver and an SMTP sink started by
 //! each test (`prebuilds_tests::notify`): a drift on claim reaches every template admin once by
 //! webhook and once by e-mail; 503s are retried into exactly one delivery; a 400 is dead-lettered
-//! with its reason; duplicated messages and a notifier killed mid-delivery send nothing twice; the
-//! notifications queue dead-letters its oldest message when full; TLS receivers are verified
-//! against `PREBUILDS_NOTIFY_CA_FILE`, and SMTP credentials come from a file and are never
-//! printed. Every wait is on what the
-//! receivers, the database or the broker show.
+//! with its reason (and a replay of the dead letter delivers it); duplicated messages and a
+//! notifier killed mid-delivery send nothing twice; the notifications queue dead-letters its
+//! oldest message when full; TLS receivers are verified against `PREBUILDS_NOTIFY_CA_FILE`, and
+//! SMTP credentials come from a file and are never printed. Every wait is on what the receivers,
+//! the database or the broker show.
 
 use std::{process::Command, time::Duration};
 
 use chrono::Utc;
-use prebuilds_runtime::amqp::{consumer::DEAD_REASON_HEADER, rpc::RpcClient, Publisher};
+use prebuilds_runtime::amqp::{consumer::DEAD_REASON_HEADER, rpc::RpcClient, Publisher, QueueKind};
 use prebuilds_schemas::{
     ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, Notification, Payload,
     RESOURCE_REPLACED_TEMPLATE_ID,
@@ -401,23 +401,22 @@ async fn a_receiver_failing_twice_with_503_gets_exactly_one_successful_delivery(
 }
 
 #[tokio::test]
-async fn a_400_is_dead_lettered_with_its_reason_and_never_retried() {
+async fn a_400_is_dead_lettered_with_its_reason_never_retried_and_a_replay_delivers_it() {
     let db = TestDb::new().await;
     let broker = TestBroker::new().await;
     let receiver = WebhookReceiver::start(vec![Reply::Status(400, "unknown field 'labels'")]).await;
     let (_notifier, port) = notifier(&db, &broker, Some(&receiver), None);
     let event = notification(&db, "admin").await;
     publish(&broker, &event, 1).await;
-    let dead = broker
-        .get(&broker.topology.dead_queue(), WAIT)
-        .await
-        .expect("a dead letter");
-    let headers = dead.delivery.properties.headers().clone().expect("headers");
-    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.inner().get(DEAD_REASON_HEADER)
-    else {
-        panic!("a string reason header: {headers:?}");
-    };
-    let reason = String::from_utf8_lossy(reason.as_bytes()).into_owned();
+    // As an operator reads it (the list leaves the dead letter where it is, for the replay).
+    let dead = eventually(WAIT, "a dead letter", || async {
+        let listed: serde_json::Value =
+            serde_json::from_str(&ctl(&db, &broker, &["dead-letters", "list", "--json"])).unwrap();
+        (listed.as_array().unwrap().len() == 1).then(|| listed[0].clone())
+    })
+    .await;
+    assert_eq!(dead["source_queue"], broker.queue(QueueKind::Notifications));
+    let reason = dead["reason"].as_str().unwrap().to_owned();
     assert!(
         reason.contains("400") && reason.contains("unknown field 'labels'"),
         "{reason}"
@@ -447,6 +446,21 @@ async fn a_400_is_dead_lettered_with_its_reason_and_never_retried() {
         )
         .await,
         1.0
+    );
+    // The receiver is fixed (its script is used up: 200 from now on); replaying the dead letter
+    // tries the failed delivery again, once.
+    ctl(&db, &broker, &["dead-letters", "replay"]);
+    eventually(WAIT, "the replayed delivery sent", || async {
+        (statuses(&db, event.data.notification_id).await == ["webhook:sent"]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        receiver
+            .requests()
+            .iter()
+            .map(|r| r.answered)
+            .collect::<Vec<_>>(),
+        [Some(400), Some(200)]
     );
 }
 
@@ -569,10 +583,7 @@ async fn a_full_notifications_queue_dead_letters_its_oldest_message() {
         assert_eq!(reason.as_bytes(), b"maxlen");
     }
     let kept = broker
-        .get(
-            &topology.queue(prebuilds_runtime::amqp::QueueKind::Notifications),
-            WAIT,
-        )
+        .get(&topology.queue(QueueKind::Notifications), WAIT)
         .await
         .expect("the newest are kept");
     assert_eq!(
