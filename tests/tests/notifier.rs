@@ -708,3 +708,61 @@ async fn tls_receivers_are_verified_against_the_ca_file_and_smtp_credentials_com
     assert!(smtps.mails().iter().all(|m| m.encrypted) && smtps.mails().len() == 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A broker upgraded from a version whose notifications queue had no length limit: RabbitMQ
+/// refuses to change a live queue's arguments, so declaring keeps it (and its messages), warns
+/// with the policy to apply, declares everything else, and the notifier consumes from it.
+#[tokio::test]
+async fn a_notifications_queue_of_an_older_version_is_kept_and_consumed() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::undeclared().await;
+    let topology = broker.topology.clone();
+    let old = topology.queue(QueueKind::Notifications);
+    broker
+        .channel
+        .queue_declare(
+            old.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            topology.work_queue_arguments(),
+        )
+        .await
+        .expect("the old queue");
+    let connection = prebuilds_runtime::amqp::connect(&broker.url, "upgrade")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let declared = topology
+        .declare(&channel)
+        .await
+        .expect("declaring keeps the old queue");
+    assert_eq!(declared.warnings.len(), 1, "{declared:?}");
+    assert!(
+        declared.warnings[0].contains("rabbitmqctl set_policy")
+            && declared.warnings[0].contains(&old),
+        "{declared:?}"
+    );
+    // Its binding was the old version's; bind it as that version did.
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_bind(
+            old.as_str().into(),
+            topology.exchange().as_str().into(),
+            "notification.*".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let receiver = WebhookReceiver::start(vec![]).await;
+    let (_notifier, _) = notifier(&db, &broker, Some(&receiver), None);
+    let event = notification(&db, "admin").await;
+    publish(&broker, &event, 1).await;
+    eventually(WAIT, "delivered from the old queue", || async {
+        (statuses(&db, event.data.notification_id).await == ["webhook:sent"]).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.delivered().len(), 1);
+}
