@@ -283,6 +283,7 @@ fn the_dashboard_only_queries_metrics_the_code_registers() {
         "scheduler/src",
         "runtime/src",
         "provisioner/src",
+        "notifier/src",
     ] {
         collect_rust(&repo().join(dir), &mut sources);
     }
