@@ -1,5 +1,6 @@
 # One small runtime image with every prebuilds binary:
-#   prebuilds-scheduler, prebuilds-worker, prebuilds-provisioner, prebuildsctl (and terraform).
+#   prebuilds-scheduler, prebuilds-worker, prebuilds-provisioner, prebuilds-notifier, prebuildsctl
+#   (and terraform).
 #
 #   docker build -t prebuilds:local .                          compiles everything (stage `compiled`)
 #   docker build --build-arg BINARIES=prebuilt -t prebuilds:local .
@@ -24,6 +25,7 @@ COPY store/Cargo.toml store/
 COPY worker/Cargo.toml worker/
 COPY scheduler/Cargo.toml scheduler/
 COPY provisioner/Cargo.toml provisioner/
+COPY notifier/Cargo.toml notifier/
 COPY cli/Cargo.toml cli/
 COPY tests/Cargo.toml tests/
 COPY bench/Cargo.toml bench/
@@ -31,16 +33,19 @@ COPY reliability/Cargo.toml reliability/
 COPY scripts/docker-stub-sources scripts/
 RUN scripts/docker-stub-sources . \
  && cargo build --release --locked \
-      -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuildsctl
+      -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuilds-notifier \
+      -p prebuildsctl
 COPY . .
 # COPY keeps the files' own times, which can be older than the stub build: touch them so Cargo
 # rebuilds the workspace crates from the real sources.
 RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
  && cargo build --release --locked \
-      -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuildsctl \
+      -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuilds-notifier \
+      -p prebuildsctl \
  && mkdir /out \
  && cp target/release/prebuilds-worker target/release/prebuilds-scheduler \
-       target/release/prebuilds-provisioner target/release/prebuildsctl /out/
+       target/release/prebuilds-provisioner target/release/prebuilds-notifier \
+       target/release/prebuildsctl /out/
 
 FROM debian:bookworm-slim AS terraform
 ARG TERRAFORM_VERSION=1.9.8
@@ -56,7 +61,8 @@ FROM scratch AS compiled
 COPY --from=build /out/ /out/
 COPY --from=terraform /usr/local/bin/terraform /out/terraform
 
-# .docker-bin/ holds prebuilds-worker, prebuilds-scheduler, prebuilds-provisioner, prebuildsctl
+# .docker-bin/ holds prebuilds-worker, prebuilds-scheduler, prebuilds-provisioner,
+# prebuilds-notifier, prebuildsctl
 # and terraform, built or installed on the host (the same Debian release as the runtime stage).
 FROM scratch AS prebuilt
 COPY .docker-bin/ /out/

@@ -87,6 +87,9 @@ enum Command {
     /// Inspect and cancel provisioner jobs.
     #[command(subcommand)]
     Jobs(commands::jobs::Command),
+    /// Show notification deliveries: sent, pending, failed, interrupted (prebuilds-notifier).
+    #[command(subcommand)]
+    Notifications(commands::notifications::Command),
     /// Inspect and replay dead-lettered messages (queue `<prefix>.dead`).
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(commands::dead_letters::Command),
@@ -135,6 +138,7 @@ async fn main() -> ExitCode {
         Command::Claim(args) => commands::claim::run(connection, args).await,
         Command::Prebuilds(command) => commands::prebuilds::run(connection, command).await,
         Command::Jobs(command) => commands::jobs::run(connection, command).await,
+        Command::Notifications(command) => commands::notifications::run(connection, command).await,
         Command::DeadLetters(command) => commands::dead_letters::run(connection, command).await,
         Command::Audit(args) => commands::audit::run(connection, args).await,
     };

@@ -10,16 +10,18 @@
 --
 --   psql -v ON_ERROR_STOP=1 -d prebuilds -f deploy/postgres/roles.sql \
 --        [-v role_prefix=prebuilds_] [-v worker_password=…] [-v scheduler_password=…] \
---        [-v provisioner_password=…] [-v claims_password=…] [-v operator_password=…] \
---        [-v terraform_state_password=…] [-v terraform_state_schema=prebuilds_terraform_state]
+--        [-v provisioner_password=…] [-v claims_password=…] [-v notifier_password=…] \
+--        [-v operator_password=…] [-v terraform_state_password=…] \
+--        [-v terraform_state_schema=prebuilds_terraform_state]
 --
 -- Roles are <role_prefix><role>: prebuilds_operator (migrate and every other prebuildsctl
--- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner and prebuilds_claims (what
--- sends claim requests, e.g. `prebuildsctl claim`), and prebuilds_terraform_state: the terraform
--- backend's state store (PREBUILDS_TERRAFORM_STATE_DATABASE_URL), which terraform and every template
--- it runs can read, so it owns the state schema (terraform_state_schema, default
--- prebuilds_terraform_state, the provisioner's default for AMQP prefix `prebuilds`) and nothing
--- else: no table of the system of record. A role without a password variable gets none
+-- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner, prebuilds_notifier and
+-- prebuilds_claims (what sends claim requests, e.g. `prebuildsctl claim`), and
+-- prebuilds_terraform_state: the terraform backend's state store
+-- (PREBUILDS_TERRAFORM_STATE_DATABASE_URL), which terraform and every template it runs can read,
+-- so it owns the state schema (terraform_state_schema, default prebuilds_terraform_state, the
+-- provisioner's default for AMQP prefix `prebuilds`) and nothing else: no table of the system of
+-- record. A role without a password variable gets none
 -- (for certificate, peer or trust authentication); given one, it is set on every run. Roles are
 -- cluster-wide: several databases on one server need a role_prefix each.
 
@@ -33,6 +35,7 @@
 \set scheduler :role_prefix scheduler
 \set provisioner :role_prefix provisioner
 \set claims :role_prefix claims
+\set notifier :role_prefix notifier
 \set terraform_state :role_prefix terraform_state
 \if :{?terraform_state_schema}
 \else
@@ -41,7 +44,7 @@
 
 -- 1. The roles: LOGIN and nothing else (no superuser, CREATEDB, CREATEROLE or replication).
 SELECT format('CREATE ROLE %I LOGIN', name)
-FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims',
+FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims', :'notifier',
                   :'terraform_state']) AS name
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \gexec
@@ -61,6 +64,9 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \if :{?claims_password}
     ALTER ROLE :"claims" PASSWORD :'claims_password';
 \endif
+\if :{?notifier_password}
+    ALTER ROLE :"notifier" PASSWORD :'notifier_password';
+\endif
 \if :{?terraform_state_password}
     ALTER ROLE :"terraform_state" PASSWORD :'terraform_state_password';
 \endif
@@ -71,11 +77,11 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 SELECT current_database() AS database \gset
 ALTER DATABASE :"database" OWNER TO :"operator";
 REVOKE ALL ON DATABASE :"database" FROM PUBLIC;
-GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims";
+GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
 -- Before PostgreSQL 15 schema public belongs to the bootstrap superuser and PUBLIC may create in it.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE, CREATE ON SCHEMA public TO :"operator";
-GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims";
+GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
 -- The terraform state role: CONNECT, and the state schema as its own (the provisioner creates the
 -- state table in it at start-up); no USAGE on public, so it reaches no table of the system of record.
 GRANT CONNECT ON DATABASE :"database" TO :"terraform_state";
@@ -93,8 +99,8 @@ SELECT to_regclass('public.outbox') IS NOT NULL AS migrated,
 \endif
 BEGIN;
 -- Start from nothing, so the grants below are all there is (also after the matrix changed).
-REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims";
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims";
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
 
 -- Worker: reconcile (snapshot, creates, deletes, preset status and hard limits, watermarks,
 -- capacity waits), provisioner events (job status, agents, logs, notifications, processed ids),
@@ -139,6 +145,11 @@ GRANT SELECT (workspace_id, transition, build_number, parameters) ON workspace_b
 -- audit_log: only the operator, its owner, writes and reads it (every prebuildsctl change writes
 -- its row in the change's transaction); no service role has any grant on it.
 GRANT SELECT ON users, templates, organizations TO :"claims";
+
+-- Notifier: the notification a message names, its template and recipient; its own delivery
+-- records (INSERT … ON CONFLICT DO UPDATE … RETURNING needs SELECT, INSERT and UPDATE).
+GRANT SELECT ON notification_messages, notification_templates, users TO :"notifier";
+GRANT SELECT, INSERT, UPDATE ON notification_deliveries TO :"notifier";
 COMMIT;
 \else
 \echo 'roles.sql: the roles exist; the schema is not migrated yet, so no table is granted: run `prebuildsctl migrate` as' :"operator" 'and then this script again.'

@@ -5,10 +5,11 @@
 #
 #   PREBUILDS_AMQP_PREFIX=prebuilds RABBITMQ_VHOST=/ \
 #   WORKER_PASSWORD=… SCHEDULER_PASSWORD=… PROVISIONER_PASSWORD=… CLAIMS_PASSWORD=… \
-#   OPERATOR_PASSWORD=… deploy/rabbitmq/users.sh
+#   NOTIFIER_PASSWORD=… OPERATOR_PASSWORD=… deploy/rabbitmq/users.sh
 #
 # Users are named <USER_PREFIX><role>: prebuilds-worker, prebuilds-scheduler,
-# prebuilds-provisioner, prebuilds-claims (whatever sends claim requests) and prebuilds-operator
+# prebuilds-provisioner, prebuilds-claims (whatever sends claim requests), prebuilds-notifier and
+# prebuilds-operator
 # (`prebuildsctl`, including `migrate`, which declares the topology). Every service then runs with
 # PREBUILDS_DECLARE_TOPOLOGY=false: it only checks with passive declares, which need no permission,
 # that what it uses exists. RABBITMQCTL overrides the command (for example
@@ -56,6 +57,12 @@ claims_configure=$nothing
 claims_write="^$p\$"
 claims_read=$nothing
 
+# The notifier consumes notifications and publishes only the ones it dead-letters, with their
+# reason, to the dead-letter exchange.
+notifier_configure=$nothing
+notifier_write="^$p\\.dlx\$"
+notifier_read="^$p\\.notifications\$"
+
 # migrate declares every exchange and queue (configure), binds each queue (write on the queue, read
 # on the exchange) and gives the work queues their dead-letter exchange, which RabbitMQ allows only
 # with read on the queue and write on that exchange; the other commands publish to the topic
@@ -65,7 +72,7 @@ operator_configure=$operator_all
 operator_write=$operator_all
 operator_read=$operator_all
 
-for role in worker scheduler provisioner claims operator; do
+for role in worker scheduler provisioner claims notifier operator; do
     upper=$(printf '%s' "$role" | tr '[:lower:]' '[:upper:]')
     eval "password=\${${upper}_PASSWORD:-}"
     if [ -z "$password" ]; then

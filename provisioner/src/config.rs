@@ -8,7 +8,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
 use prebuilds_runtime::config::{
-    parse_duration, resolve_secret, ConnectionArgs, JobTimeoutArgs, Secret, ServiceArgs,
+    parse_duration, secret_value, ConnectionArgs, JobTimeoutArgs, Secret, ServiceArgs,
 };
 use prebuilds_schemas::Lane;
 use uuid::Uuid;
@@ -230,7 +230,7 @@ pub struct TerraformArgs {
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {
-    Ok(Secret::new(s))
+    Ok(Secret::from(s.to_owned()))
 }
 
 impl Cli {
@@ -298,7 +298,7 @@ impl Cli {
     /// the provisioner's DATABASE_URL, which templates must never see) and a valid schema name.
     pub fn terraform_state(&self) -> Result<StateConfig, String> {
         let args = &self.terraform;
-        let url = resolve_secret(
+        let url = secret_value(
             (
                 "PREBUILDS_TERRAFORM_STATE_DATABASE_URL",
                 "--terraform-state-database-url",
@@ -312,7 +312,8 @@ impl Cli {
                 args.terraform_state_database_url_file.as_deref(),
             ),
         )
-        .map_err(|e| e.0)?;
+        .map_err(|e| e.0)?
+        .map(Secret::from);
         if args.terraform_state == StateKind::Local {
             return Ok(StateConfig::Local);
         }

@@ -224,19 +224,9 @@ impl ConnectionArgs {
     }
 }
 
-/// A credential that may come directly or from a file (a `_FILE` twin), as a [`Secret`]: for
-/// settings beyond the two connection URLs (the terraform state database, say). `direct` and
-/// `file` are `(variable, flag, value)`; both set is an error naming both, neither is `None`.
-pub fn resolve_secret(
-    direct: (&str, &str, Option<&str>),
-    file: (&str, &str, Option<&Path>),
-) -> Result<Option<Secret>, ConfigError> {
-    Ok(secret_value(direct, file)?.map(Secret))
-}
-
 /// The value of a setting that may come directly or from a file; both at once is an error naming
 /// both. `(variable, flag, value)` each.
-fn secret_value(
+pub fn secret_value(
     direct: (&str, &str, Option<&str>),
     file: (&str, &str, Option<&Path>),
 ) -> Result<Option<String>, ConfigError> {
@@ -269,12 +259,13 @@ fn secret_value(
 #[derive(Clone)]
 pub struct Secret(String);
 
-impl Secret {
-    /// Wraps a credential so it prints redacted from now on.
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
     }
+}
 
+impl Secret {
     /// The value itself, for the one place that needs it (opening a connection).
     pub fn expose(&self) -> &str {
         &self.0

@@ -6,6 +6,7 @@
 //!   queues are deleted on drop.
 //! - [`private_rabbit::PrivateRabbit`]: a RabbitMQ node of the test's own (TLS listener, faults),
 //!   with [`certs::TestCa`] for certificates made in the test.
+//! - [`notify`]: a webhook receiver and an SMTP sink for the notifier's tests.
 //! - [`Service`]: a real binary of this workspace started as a child process, killed on drop.
 //!
 //! Admin connections come from `PREBUILDS_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`)
@@ -16,6 +17,7 @@ pub mod bulk;
 pub mod certs;
 pub mod db;
 pub mod fixtures;
+pub mod notify;
 pub mod private_postgres;
 pub mod private_rabbit;
 pub mod process;

@@ -9,10 +9,11 @@ use std::{collections::BTreeSet, path::PathBuf, process::Command};
 use prebuilds_tests::process::binary;
 use serde_yaml::Value;
 
-const BINARIES: [&str; 4] = [
+const BINARIES: [&str; 5] = [
     "prebuilds-scheduler",
     "prebuilds-worker",
     "prebuilds-provisioner",
+    "prebuilds-notifier",
     "prebuildsctl",
 ];
 
@@ -282,6 +283,7 @@ fn the_dashboard_only_queries_metrics_the_code_registers() {
         "scheduler/src",
         "runtime/src",
         "provisioner/src",
+        "notifier/src",
     ] {
         collect_rust(&repo().join(dir), &mut sources);
     }

@@ -1,10 +1,11 @@
 //! README "Least privilege" holds on the real services. RabbitMQ users come from
 //! `deploy/rabbitmq/users.sh` and PostgreSQL roles from `deploy/postgres/roles.sql`, run the way an
 //! operator runs them, for a prefix, a database and user/role names of this test's own. The
-//! operator runs `prebuildsctl migrate` (schema and topology); then a worker, a scheduler and the
-//! sim provisioner, each with its own broker user and database role and
-//! `PREBUILDS_DECLARE_TOPOLOGY=false`, fill a pool, and the claim client claims from it with
-//! `prebuildsctl claim`. Users and roles are deleted afterwards (roles are cluster-wide).
+//! operator runs `prebuildsctl migrate` (schema and topology); then a worker, a scheduler, the
+//! sim provisioner and the notifier, each with its own broker user and database role and
+//! `PREBUILDS_DECLARE_TOPOLOGY=false`, fill a pool, the claim client claims from it with
+//! `prebuildsctl claim`, and the claim's drift notification reaches the template admin by webhook
+//! and e-mail. Users and roles are deleted afterwards (roles are cluster-wide).
 //!
 //! Also: a service that only checks the topology, started against a prefix nobody migrated, names
 //! the missing queue or exchange and says to run `prebuildsctl migrate`, and carries on once it has.
@@ -22,6 +23,7 @@ use prebuilds_tests::{
     broker::amqp_url,
     db::server_url,
     fixtures,
+    notify::{SmtpSink, WebhookReceiver},
     process::binary,
     stack::{self, pool_counts, wait_for},
     TestBroker, TestDb,
@@ -31,7 +33,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
 /// The roles of the matrix, as `users.sh` and `roles.sql` name them (after their prefix).
-const ROLES: [&str; 5] = ["operator", "worker", "scheduler", "provisioner", "claims"];
+const ROLES: [&str; 6] = [
+    "operator",
+    "worker",
+    "scheduler",
+    "provisioner",
+    "claims",
+    "notifier",
+];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -358,6 +367,8 @@ async fn the_documented_permissions_run_the_whole_system() {
             "create",
             "--username",
             "admin",
+            "--email",
+            "admin@example.com",
             "--role",
             "template-admin",
             "--json",
@@ -427,6 +438,18 @@ async fn the_documented_permissions_run_the_whole_system() {
         ],
     );
 
+    let receiver = WebhookReceiver::start(vec![]).await;
+    let sink = SmtpSink::start().await;
+    let (_notifier, _) = start(
+        "prebuilds-notifier",
+        "notifier",
+        &[
+            ("PREBUILDS_NOTIFY_WEBHOOK_URL", &receiver.url),
+            ("PREBUILDS_SMTP_URL", &sink.url),
+            ("PREBUILDS_NOTIFY_FROM", "prebuilds@example.com"),
+        ],
+    );
+
     wait_for(Duration::from_secs(60), "a pool of 2 eligible", || async {
         pool_counts(roles.db(), preset_id).await.eligible == 2
     })
@@ -469,7 +492,7 @@ async fn the_documented_permissions_run_the_whole_system() {
     );
     assert_eq!(claimed[0]["outcome"], "claimed", "{claimed}");
 
-    // 5. The pool is replenished, the claim build's notification published, the outbox empty.
+    // 5. The pool is replenished, the claim build's notification delivered, the outbox empty.
     wait_for(Duration::from_secs(60), "the pool replenished", || async {
         let counts = pool_counts(roles.db(), preset_id).await;
         counts.eligible == 2 && counts.created == 3
@@ -477,11 +500,12 @@ async fn the_documented_permissions_run_the_whole_system() {
     .await;
     wait_for(
         Duration::from_secs(30),
-        "the notification and the outbox",
+        "the notification delivered and the outbox empty",
         || async {
             let c = roles.db().pool.get().await.unwrap();
             fixtures::unpublished_outbox(&c).await.unwrap() == 0
-                && messages_in(&broker, &broker.queue(QueueKind::Notifications)).await >= 1
+                && receiver.delivered().len() == 1
+                && sink.mails().len() == 1
         },
     )
     .await;

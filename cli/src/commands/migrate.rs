@@ -74,6 +74,9 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
             declared.queues.join(", "),
             declared.bindings.len()
         );
+        for warning in &declared.warnings {
+            eprintln!("warning: {warning}");
+        }
     }
     Ok(())
 }

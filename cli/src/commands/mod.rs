@@ -5,6 +5,7 @@ pub mod claim;
 pub mod dead_letters;
 pub mod jobs;
 pub mod migrate;
+pub mod notifications;
 pub mod org;
 pub mod pause;
 pub mod prebuilds;

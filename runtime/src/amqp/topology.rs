@@ -23,6 +23,14 @@ use serde::Serialize;
 /// explicitly: RabbitMQ 3.x has no default and 4.x defaults to 20.
 pub const DELIVERY_LIMIT: i64 = 5;
 
+/// Most messages `<prefix>.notifications` holds (`x-max-length`). Past it the broker drops the
+/// oldest (`x-overflow: drop-head`) and, because every work queue has the dead-letter exchange,
+/// dead-letters it to `<prefix>.dead` with `x-death` reason `maxlen`, where `prebuildsctl
+/// dead-letters list` shows it and `replay` brings it back. Notifications are the one queue
+/// whose producer (a drift on every claim) does not wait for its consumer, so without a limit a
+/// stopped notifier would let it grow until the broker's memory alarm blocks every publisher.
+pub const NOTIFICATIONS_MAX_LENGTH: i64 = 100_000;
+
 /// The work queues of SPEC.md §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QueueKind {
@@ -147,6 +155,9 @@ pub struct Declared {
     pub exchanges: Vec<String>,
     pub queues: Vec<String>,
     pub bindings: Vec<Binding>,
+    /// Queues that exist with the arguments of an older version and were left as they are (see
+    /// [`Topology::declare`]), each with what to do.
+    pub warnings: Vec<String>,
 }
 
 /// Why a process cannot rely on the topology.
@@ -197,6 +208,7 @@ impl TopologyError {
 pub struct Topology {
     prefix: String,
     mode: TopologyMode,
+    notifications_max_length: i64,
 }
 
 impl Topology {
@@ -205,6 +217,17 @@ impl Topology {
         Topology {
             prefix: prefix.into(),
             mode: TopologyMode::Declare,
+            notifications_max_length: NOTIFICATIONS_MAX_LENGTH,
+        }
+    }
+
+    /// The same names with another length limit of the notifications queue. Only for tests that
+    /// overflow it on a prefix of their own: every process of one prefix must declare the same
+    /// arguments ([`NOTIFICATIONS_MAX_LENGTH`]) or the second one gets 406 PRECONDITION_FAILED.
+    pub fn with_notifications_max_length(self, max_length: i64) -> Self {
+        Topology {
+            notifications_max_length: max_length,
+            ..self
         }
     }
 
@@ -262,6 +285,21 @@ impl Topology {
         args
     }
 
+    /// The notifications queue: a work queue with a length limit whose overflow dead-letters the
+    /// oldest message ([`NOTIFICATIONS_MAX_LENGTH`]).
+    pub fn notifications_queue_arguments(&self) -> FieldTable {
+        let mut args = self.work_queue_arguments();
+        args.insert(
+            ShortString::from("x-max-length"),
+            AMQPValue::LongLongInt(self.notifications_max_length),
+        );
+        args.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        args
+    }
+
     fn dead_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert(
@@ -308,6 +346,7 @@ impl Topology {
     fn queue_arguments(&self, entity: Entity) -> FieldTable {
         match entity {
             Entity::DeadQueue => self.dead_queue_arguments(),
+            Entity::Queue(QueueKind::Notifications) => self.notifications_queue_arguments(),
             _ => self.work_queue_arguments(),
         }
     }
@@ -321,6 +360,7 @@ impl Topology {
             exchanges: Vec::new(),
             queues: Vec::new(),
             bindings: Vec::new(),
+            warnings: Vec::new(),
         };
         for entity in Entity::ALL {
             let name = self.name(entity);
@@ -344,9 +384,30 @@ impl Topology {
                 durable: true,
                 ..Default::default()
             };
-            channel
+            let outcome = channel
                 .queue_declare(name.as_str().into(), durable, self.queue_arguments(entity))
-                .await?;
+                .await;
+            if let Err(e) = outcome {
+                // A broker of a version before the notifications queue had its length limit has
+                // the queue without it; RabbitMQ refuses a re-declare with other arguments (406,
+                // closing the channel). It is the last entity, so nothing else is left undeclared:
+                // keep the queue (and its messages) and say how to bound it with a policy.
+                if entity == Entity::Queue(QueueKind::Notifications) && is_precondition_failed(&e) {
+                    let warning = format!(
+                        "queue '{name}' exists without its length limit (declared by an older \
+                         version); it is kept as it is: bound it with `rabbitmqctl set_policy \
+                         --apply-to queues {name}-limit '^{}$' \
+                         '{{\"max-length\":{},\"overflow\":\"drop-head\"}}'` (README \
+                         \"Notifications\")",
+                        name.replace('.', "\\."),
+                        self.notifications_max_length
+                    );
+                    tracing::warn!("{warning}");
+                    declared.warnings.push(warning);
+                    continue;
+                }
+                return Err(e);
+            }
             for binding in self.bindings(entity) {
                 channel
                     .queue_bind(
@@ -478,6 +539,10 @@ fn is_not_found(e: &lapin::Error) -> bool {
     matches!(soft_error(e), Some(AMQPSoftError::NOTFOUND))
 }
 
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(soft_error(e), Some(AMQPSoftError::PRECONDITIONFAILED))
+}
+
 fn is_access_refused(e: &lapin::Error) -> bool {
     matches!(soft_error(e), Some(AMQPSoftError::ACCESSREFUSED))
 }
@@ -509,6 +574,30 @@ mod tests {
                 "{kind:?} is declared"
             );
         }
+        // `declare` keeps an older notifications queue after its 406, which closes the channel:
+        // only safe while nothing is declared after it.
+        assert_eq!(
+            Entity::ALL.last(),
+            Some(&Entity::Queue(QueueKind::Notifications))
+        );
+    }
+
+    #[test]
+    fn only_the_notifications_queue_has_a_length_limit_that_dead_letters() {
+        let topology = Topology::new("p");
+        let args = topology.queue_arguments(Entity::Queue(QueueKind::Notifications));
+        let inner = args.inner();
+        assert_eq!(
+            inner.get("x-max-length"),
+            Some(&AMQPValue::LongLongInt(NOTIFICATIONS_MAX_LENGTH))
+        );
+        assert_eq!(
+            inner.get("x-overflow"),
+            Some(&AMQPValue::LongString("drop-head".into()))
+        );
+        assert!(inner.contains_key("x-dead-letter-exchange"));
+        let reconcile = topology.queue_arguments(Entity::Queue(QueueKind::Reconcile));
+        assert!(!reconcile.inner().contains_key("x-max-length"));
     }
 
     /// A job's routing key reaches exactly the queue of its lane (topic `*` is one word).

@@ -1,0 +1,147 @@
+//! Wiring of one notifier process: the PostgreSQL pool, a publisher for dead letters, the
+//! supervised consumer of `<prefix>.notifications` (the runtime's: reconnects, prefetch, settling,
+//! dead-lettering with the reason), the metrics/health server, and graceful shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use prebuilds_runtime::{
+    amqp::{
+        consumer::{self, ConsumerContext},
+        ConsumerSpec, Entity, PublishError, Publisher, QueueKind,
+    },
+    db,
+    metrics::ServiceMetrics,
+    Health,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Delivery, NotifierArgs},
+    deliver::{DeliverContext, NotificationHandler},
+    metrics::NotifierMetrics,
+};
+
+/// How long one delivery rides out a database outage before it is requeued. Waits between
+/// attempts happen inside the handler and do not count: they are bounded by the attempts.
+const TRANSIENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Runs the notifier until `shutdown` is cancelled, then drains within the configured bound.
+pub async fn run(
+    args: NotifierArgs,
+    delivery: Delivery,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let service_metrics = ServiceMetrics::register(&registry)?;
+    let metrics = NotifierMetrics::register(&registry)?;
+    let health = Health::default();
+    let source = format!("prebuilds-notifier/{}", std::process::id());
+
+    let connection = args.connection.resolve()?;
+    let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)?;
+    prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
+        .await
+        .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
+    health.set_database(true);
+
+    let topology = connection.topology();
+    // Only dead letters are published: to the dead-letter exchange, which routes to the dead queue.
+    let publisher = Arc::new(
+        Publisher::new(
+            &connection.broker,
+            format!("{source}/publisher"),
+            topology.clone(),
+        )
+        .uses(&[Entity::DeadLetterExchange, Entity::DeadQueue]),
+    );
+    prebuilds_runtime::retry::with_retries(|| publisher.ensure_connected())
+        .await
+        .map_err(broker_unusable)?;
+
+    let (metrics_addr, http) = prebuilds_runtime::http::serve(
+        args.service.metrics_addr,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {}", args.service.metrics_addr))?;
+    tracing::info!(
+        %metrics_addr,
+        prefix = %topology.prefix(),
+        webhook = ?delivery.webhook,
+        smtp = ?delivery.smtp,
+        "notifier starting"
+    );
+
+    let consumers_stop = shutdown.child_token();
+    let watcher = tokio::spawn(watch_database(
+        pool.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let handler = Arc::new(NotificationHandler::new(DeliverContext {
+        pool: pool.clone(),
+        delivery,
+        metrics,
+        shutdown: consumers_stop.clone(),
+    }));
+    let consumer = tokio::spawn(consumer::run(
+        ConsumerSpec {
+            queue: QueueKind::Notifications,
+            prefetch: args.concurrency,
+            connection_name: format!("{source}/notifications"),
+            drain_timeout: args.service.shutdown_timeout,
+            transient_window: TRANSIENT_WINDOW,
+        },
+        ConsumerContext {
+            broker: connection.broker.clone(),
+            topology,
+            publisher: publisher.clone(),
+            metrics: service_metrics,
+            health: health.clone(),
+        },
+        handler,
+        consumers_stop,
+    ));
+
+    shutdown.cancelled().await;
+    health.set_draining();
+    tracing::info!("draining");
+    // The consumer bounds its own drain by the shutdown timeout.
+    let _ = consumer.await;
+    let _ = watcher.await;
+    publisher.close().await;
+    let _ = http.await;
+    tracing::info!("notifier stopped");
+    Ok(())
+}
+
+/// The start-up error for a broker the notifier cannot use.
+fn broker_unusable(e: PublishError) -> anyhow::Error {
+    match e {
+        PublishError::Topology(_) => anyhow::Error::new(e),
+        _ => anyhow::Error::new(e)
+            .context("RabbitMQ is unreachable (check AMQP_URL and that the broker is running)"),
+    }
+}
+
+/// Keeps `/readyz` honest about the database.
+async fn watch_database(
+    pool: deadpool_postgres::Pool,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let up = tokio::time::timeout(Duration::from_secs(3), db::ping(&pool))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        health.set_database(up);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

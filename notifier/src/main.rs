@@ -1,0 +1,25 @@
+//! `prebuilds-notifier`: parse configuration, initialise logging, deliver until SIGTERM.
+
+use clap::Parser;
+use prebuilds_notifier::{app, config::NotifierArgs};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = NotifierArgs::parse();
+    prebuilds_runtime::telemetry::init(args.service.log_format);
+    let delivery = match args.resolve() {
+        Ok(delivery) => delivery,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match app::run(args, delivery, prebuilds_runtime::shutdown::on_signals()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "notifier failed");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
