@@ -192,7 +192,19 @@ async fn drift_world(db: &TestDb, broker: &TestBroker) -> (Uuid, Uuid) {
             ],
         );
     }
-    ctl(db, broker, &["user", "create", "--username", "alice"]);
+    // A claimant must belong to the template's organization.
+    ctl(
+        db,
+        broker,
+        &[
+            "user",
+            "create",
+            "--username",
+            "alice",
+            "--organization",
+            "acme",
+        ],
+    );
     ctl(
         db,
         broker,
@@ -236,7 +248,10 @@ async fn a_drift_on_claim_reaches_every_template_admin_once_by_webhook_and_once_
         ],
     );
     let (_notifier, notifier_port) = notifier(&db, &broker, Some(&receiver), Some(&sink));
-    ctl(&db, &broker, &["template", "invalidate", "drift"]);
+    // A reconcile now (no scheduler here). Not `template invalidate`: landing after the push's
+    // reconcile had made the prebuild, it left that prebuild counted ready yet unclaimable.
+    let publisher = Publisher::new(&broker.url, "notify-reconcile", broker.topology.clone());
+    stack::request_reconcile(&publisher, preset).await;
     wait_for(WAIT, "a ready prebuild", || async {
         pool_counts(&db, preset).await.eligible == 1
     })
