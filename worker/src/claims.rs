@@ -310,7 +310,7 @@ async fn claim_once(
     let mut results = tx.begin_with(&first).await?.into_iter();
     let begun = single_row(results.next().unwrap_or_default())?;
     let attempted = results.next().map(single_row).transpose()?;
-    let decision = match earlier_answer(&begun, EarlierColumns::BEGIN, request_id, request) {
+    let decision = match earlier_answer(&begun, EarlierColumns::BEGIN, request_id, request)? {
         Some(decision) => decision,
         None => decide(client, ctx, &attempt, attempted).await?,
     };
@@ -397,23 +397,25 @@ fn request_text(request: &ClaimRequest) -> String {
 /// The decision an earlier answer of this request id makes (None: not answered before): its
 /// reply again when it answered the same user and request data, otherwise `request_conflict` —
 /// a reused id never hands one user's reply (a claimed workspace's id) to another. Requests
-/// recorded before the request data was kept compare by user only.
+/// recorded before the request data was kept compare by user only. A stored reply that does not
+/// decode is an error, never "not answered": that would claim a second prebuild for the request.
 fn earlier_answer(
     row: &Row,
     columns: EarlierColumns,
     request_id: Uuid,
     request: &ClaimRequest,
-) -> Option<Decision> {
-    let reply: ClaimReply = row
-        .get::<_, Option<serde_json::Value>>(columns.reply)
-        .and_then(|v| serde_json::from_value(v).ok())?;
+) -> Result<Option<Decision>, DbError> {
+    let Some(stored) = row.get::<_, Option<serde_json::Value>>(columns.reply) else {
+        return Ok(None);
+    };
+    let reply = stored_reply(stored, request_id)?;
     let same_user = row.get::<_, Option<Uuid>>(columns.user_id) == Some(request.user_id);
     let same_body = match row.get::<_, Option<String>>(columns.request) {
         Some(stored) => stored == request_text(request),
         None => true,
     };
     if same_user && same_body {
-        return Some(Decision::Replayed(reply));
+        return Ok(Some(Decision::Replayed(reply)));
     }
     let message = format!(
         "request id {request_id} was already used for {}; a retry must repeat the same request, \
@@ -424,11 +426,34 @@ fn earlier_answer(
             "another user's claim"
         }
     );
-    Some(Decision::Replayed(rejected(
+    Ok(Some(Decision::Replayed(rejected(
         ClaimErrorCode::RequestConflict,
         message,
         None,
-    )))
+    ))))
+}
+
+/// The reply stored for an answered request. Surfaced as an error when it does not decode (a
+/// reply stored by a newer version, say): the delivery is retried and, failing that,
+/// dead-lettered with the reason, and the request is never claimed a second time.
+fn stored_reply(stored: serde_json::Value, request_id: Uuid) -> Result<ClaimReply, DbError> {
+    serde_json::from_value(stored).map_err(|e| {
+        DbError::Unexpected(format!(
+            "the stored reply of claim request {request_id} does not decode ({e}); refusing to \
+             answer it again or to claim anew"
+        ))
+    })
+}
+
+/// The preset's parameters as the claim statement returns them (a JSON list of `{name, value}`).
+/// An error when they do not decode: a claim build without its preset's parameters would build
+/// the wrong workspace.
+fn decode_preset_parameters(value: serde_json::Value) -> Result<Vec<Parameter>, DbError> {
+    serde_json::from_value(value).map_err(|e| {
+        DbError::Unexpected(format!(
+            "the claim statement's preset_parameters are not a list of {{name, value}}: {e}"
+        ))
+    })
 }
 
 /// `sql/claim_attempt.sql` for one request.
@@ -611,7 +636,7 @@ async fn decide(
         None => attempt.run(client, preset_id, attempt.start, None).await?,
     };
     if let Some(decision) =
-        earlier_answer(&row, EarlierColumns::ATTEMPT, attempt.request_id, request)
+        earlier_answer(&row, EarlierColumns::ATTEMPT, attempt.request_id, request)?
     {
         return Ok(decision);
     }
@@ -681,8 +706,7 @@ async fn decide(
         return Ok(answer(pool_empty(preset_id), labels));
     };
     let now: DateTime<Utc> = row.get("now");
-    let preset_parameters: Vec<Parameter> =
-        serde_json::from_value(row.get("preset_parameters")).unwrap_or_default();
+    let preset_parameters = decode_preset_parameters(row.get("preset_parameters"))?;
     let job = ProvisionerJob {
         job_id: Uuid::new_v4(),
         build_id: Uuid::new_v4(),
@@ -817,4 +841,39 @@ fn claim_parameters(preset: &[Parameter], extra: &[Parameter]) -> Vec<Parameter>
             value: value.to_owned(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_parameters_that_do_not_decode_are_an_error_not_an_empty_list() {
+        let good = serde_json::json!([{"name": "image", "value": "ubuntu"}]);
+        assert_eq!(decode_preset_parameters(good).unwrap().len(), 1);
+        assert!(decode_preset_parameters(serde_json::json!([]))
+            .unwrap()
+            .is_empty());
+        for bad in [
+            serde_json::json!(null),
+            serde_json::json!({"image": "ubuntu"}),
+            serde_json::json!([{"name": "image"}]),
+        ] {
+            let err = decode_preset_parameters(bad.clone()).unwrap_err();
+            assert!(
+                err.to_string().contains("preset_parameters"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_reply_that_does_not_decode_is_an_error_not_unanswered() {
+        let id = Uuid::new_v4();
+        let reply = rejected(ClaimErrorCode::InvalidName, "x", None);
+        let stored = serde_json::to_value(&reply).unwrap();
+        assert_eq!(stored_reply(stored, id).unwrap(), reply);
+        let err = stored_reply(serde_json::json!({"outcome": "teleported"}), id).unwrap_err();
+        assert!(err.to_string().contains(&id.to_string()), "{err}");
+    }
 }
