@@ -10,13 +10,15 @@
 //! count over time and schedule validation), [`failures`] (backoff and hard limit), [`actions`](mod@actions)
 //! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps,
 //! their fair share, and the per-transaction create budget), [`names`] (workspace names),
-//! [`claim`] (preset matching for claims).
+//! [`claim`] (preset matching for claims), [`job_events`] (which provisioner event a job accepts in
+//! each of its states).
 
 pub mod actions;
 pub mod capacity;
 pub mod claim;
 pub mod cron;
 pub mod failures;
+pub mod job_events;
 pub mod names;
 pub mod parameters;
 pub mod recovery;
@@ -31,6 +33,7 @@ pub use capacity::{creates_allowed, Capacity, CreateBudget};
 pub use claim::{match_preset, PresetCandidate};
 pub use cron::{matches_cron, CronField, CronSpec, OverlapWitness};
 pub use failures::{backoff, backoff_until, failed_to_delete, is_hard_limited, Backoff};
+pub use job_events::{admit, Admission, JobEventKind, JobStatus};
 pub use names::{prebuild_name, validate_workspace_name, NameError, MAX_WORKSPACE_NAME_LEN};
 pub use parameters::{build_parameters, ParameterProblem, TemplateParameter};
 pub use recovery::{hard_limit, HardLimitChange, HardLimitDecision};

@@ -351,7 +351,7 @@ pub async fn events_applied(stack: &Stack) -> anyhow::Result<Check> {
     }
     for (key, (_, want)) in &last_state {
         // A job that ended without a build (canceled while the provisioner ran it anyway, or
-        // failed) gets no agents: its late agent events are refused as stale (agent_upsert.sql).
+        // failed) gets no agents: its late agent events are refused as stale (prebuilds_core::admit).
         let ended_without_build = jobs
             .get(&key.0)
             .is_some_and(|(status, _)| status == "canceled" || status == "failed");

@@ -26,7 +26,7 @@ use prebuilds_tests::{
 };
 use prebuilds_worker::{
     claims::{claim, ClaimsContext},
-    events::{apply_from, Applied, EventsContext},
+    events::{apply_from, Applied, EventError, EventsContext},
     metrics::WorkerMetrics,
 };
 use serde_json::Value;
@@ -258,28 +258,19 @@ impl Drop for BrokerUser {
     }
 }
 
-/// The next dead letter: (reason header, publisher header, body).
+/// The next dead letter: (reason header, publisher header, body). A deferred event is dead-lettered
+/// only after its last delivery, hence the generous wait (it returns as soon as one arrives).
 async fn dead_letter(broker: &TestBroker) -> (String, Option<String>, Vec<u8>) {
     let message = broker
-        .get(&broker.topology.dead_queue(), Duration::from_secs(15))
+        .get(&broker.topology.dead_queue(), Duration::from_secs(60))
         .await
         .expect("a dead letter");
-    let headers = message
-        .delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
-    let text = |key: &str| {
-        headers.inner().get(key).map(|v| match v {
-            lapin::types::AMQPValue::LongString(s) => s.to_string(),
-            other => format!("{other:?}"),
-        })
-    };
+    let delivery = &message.delivery;
+    let publisher = Some(header_text(delivery, DEAD_PUBLISHER_HEADER)).filter(|p| !p.is_empty());
     (
-        text(DEAD_REASON_HEADER).unwrap_or_default(),
-        text(DEAD_PUBLISHER_HEADER),
-        message.delivery.data.clone(),
+        header_text(delivery, DEAD_REASON_HEADER),
+        publisher,
+        delivery.data.clone(),
     )
 }
 
@@ -821,19 +812,145 @@ async fn a_job_belongs_to_the_broker_user_that_started_it_and_forged_events_chan
     );
     assert_eq!(job_status(&db, job).await, "succeeded");
 
-    // A job nobody has started yet is bound to no one: a completion a relay delivered before its
-    // start still applies (reordered delivery stays harmless), and the late start changes nothing.
+    // A completion that comes before the job's start is not applied, nor recorded: the job stays
+    // pending and the same event applies once the start has (reordered delivery stays harmless).
     let reordered = pending_job(&db, &fx).await;
-    assert_eq!(
-        send(completed(reordered, JobOutcome::Succeeded), Some("prov-a")).await,
-        Applied::Applied
-    );
-    let late_start = ProvisionerEvent::JobStarted(JobStarted {
+    let early = Uuid::new_v4();
+    let completion = completed(reordered, JobOutcome::Succeeded);
+    let refused = apply_from(&ctx, early, &completion, Some("prov-a"))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, EventError::NotYet { .. }), "{refused:?}");
+    assert!(refused.to_string().contains("never started"), "{refused}");
+    assert_eq!(job_status(&db, reordered).await, "pending");
+    let start = ProvisionerEvent::JobStarted(JobStarted {
         job_id: reordered,
         started_at: Utc::now(),
     });
-    assert_eq!(send(late_start, Some("prov-b")).await, Applied::Stale);
+    assert_eq!(send(start, Some("prov-a")).await, Applied::Applied);
+    assert_eq!(
+        apply_from(&ctx, early, &completion, Some("prov-a"))
+            .await
+            .unwrap(),
+        Applied::Applied
+    );
     assert_eq!(job_status(&db, reordered).await, "succeeded");
+}
+
+/// Events that come before their step of the job, through the running worker: a completion that
+/// overtook its start waits for it and then applies; a forged completion for a job that never
+/// started, and a forged agent `ready` for a build still running, change nothing and are
+/// dead-lettered with the reason once their deliveries run out.
+#[tokio::test]
+async fn events_before_their_step_wait_for_it_and_forged_ones_are_dead_lettered_with_the_reason() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let fx = pool(&db, 0).await;
+    let (_worker, port) = stack::start("prebuilds-worker", &db, &broker, &[]);
+    let provisioner = Publisher::new(&broker.url, "trust-test", broker.topology.clone());
+    let publish = |event| publish_as_provisioner(&provisioner, event);
+    let deferred = || async {
+        let metrics = http_get(port, "/metrics").await.unwrap().1;
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("prebuilds_provisioner_events_total") && l.contains("deferred")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let start = |job| {
+        ProvisionerEvent::JobStarted(JobStarted {
+            job_id: job,
+            started_at: Utc::now(),
+        })
+    };
+
+    // 1. Reordered: the completion is seen (and deferred) before its start is even published.
+    let job = pending_job(&db, &fx).await;
+    publish(completed(job, JobOutcome::Succeeded)).await;
+    wait_for(
+        Duration::from_secs(15),
+        "the early completion deferred",
+        || async { deferred().await > 0.0 },
+    )
+    .await;
+    assert_eq!(job_status(&db, job).await, "pending");
+    publish(start(job)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the completion applied after its start",
+        || async { job_status(&db, job).await == "succeeded" },
+    )
+    .await;
+
+    // 2. A completion for a job that never starts: dead-lettered with the reason, job untouched.
+    let never_started = pending_job(&db, &fx).await;
+    publish(completed(never_started, JobOutcome::Succeeded)).await;
+    let (reason, _, _) = dead_letter(&broker).await;
+    assert!(reason.contains("never started"), "{reason}");
+    assert!(reason.contains("out of order"), "{reason}");
+    assert_eq!(job_status(&db, never_started).await, "pending");
+
+    // 3. An agent `ready` for a build that is running and never completes: dead-lettered, no agent.
+    let running = pending_job(&db, &fx).await;
+    publish(start(running)).await;
+    wait_for(Duration::from_secs(15), "the job running", || async {
+        job_status(&db, running).await == "running"
+    })
+    .await;
+    publish(ready(running)).await;
+    let (reason, _, _) = dead_letter(&broker).await;
+    assert!(reason.contains("has not completed"), "{reason}");
+    assert!(agents(&db, running).await.is_empty());
+    assert_eq!(job_status(&db, running).await, "running");
+    assert_eq!(agents(&db, job).await, vec!["created".to_owned()]);
+
+    let metrics = http_get(port, "/metrics").await.unwrap().1;
+    let out_of_order: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("prebuilds_dead_lettered_total") && l.contains("out_of_order"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(out_of_order, 2.0, "{metrics}");
+}
+
+/// Publishes a state event as a provisioner does, typed by its kind.
+async fn publish_as_provisioner(provisioner: &Publisher, event: ProvisionerEvent) {
+    let now = Utc::now();
+    match event {
+        ProvisionerEvent::JobStarted(e) => {
+            provisioner
+                .publish_event(&CloudEvent::new("test", now, e))
+                .await
+        }
+        ProvisionerEvent::JobCompleted(e) => {
+            provisioner
+                .publish_event(&CloudEvent::new("test", now, e))
+                .await
+        }
+        ProvisionerEvent::AgentLifecycle(e) => {
+            provisioner
+                .publish_event(&CloudEvent::new("test", now, e))
+                .await
+        }
+        other => panic!("not published by this test: {other:?}"),
+    }
+    .unwrap();
+}
+
+/// A header of a delivery as text (empty when absent).
+fn header_text(delivery: &lapin::message::Delivery, key: &str) -> String {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key).cloned())
+        .map(|v| match v {
+            lapin::types::AMQPValue::LongString(s) => s.to_string(),
+            other => format!("{other:?}"),
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -237,27 +237,41 @@ async fn redelivered_events_are_acknowledged_without_effect() {
 }
 
 #[tokio::test]
-async fn reordered_events_never_move_a_job_or_agent_backwards() {
+async fn reordered_events_wait_for_their_step_and_never_move_a_job_or_agent_backwards() {
     let db = TestDb::new().await;
     let ctx = ctx(&db);
     let (fx, job) = one_create_job(&db).await;
-    // Ready overtakes everything, then completion, then a stale start and a stale `starting`.
+    let not_yet = |result: Result<Applied, EventError>, what: &str| match result {
+        Err(EventError::NotYet { .. }) => {}
+        other => panic!("{what}: expected NotYet, got {other:?}"),
+    };
+    // The agent's ready and the completion overtake the start: neither applies yet.
+    let ready = agent(job, AgentLifecycleState::Ready);
+    let completion = completed(job, JobOutcome::Succeeded);
+    not_yet(apply(&ctx, Uuid::new_v4(), &ready).await, "ready first");
+    not_yet(
+        apply(&ctx, Uuid::new_v4(), &completion).await,
+        "completion first",
+    );
+    assert_eq!(job_status(&db, job).await, "pending");
     assert_eq!(
-        apply(
-            &ctx,
-            Uuid::new_v4(),
-            &agent(job, AgentLifecycleState::Ready)
-        )
-        .await
-        .unwrap(),
+        apply(&ctx, Uuid::new_v4(), &started(job)).await.unwrap(),
+        Applied::Applied
+    );
+    // Ready still overtakes the completion: it waits for it.
+    not_yet(
+        apply(&ctx, Uuid::new_v4(), &ready).await,
+        "ready before completion",
+    );
+    assert_eq!(
+        apply(&ctx, Uuid::new_v4(), &completion).await.unwrap(),
         Applied::Applied
     );
     assert_eq!(
-        apply(&ctx, Uuid::new_v4(), &completed(job, JobOutcome::Succeeded))
-            .await
-            .unwrap(),
+        apply(&ctx, Uuid::new_v4(), &ready).await.unwrap(),
         Applied::Applied
     );
+    // Late copies change nothing.
     assert_eq!(
         apply(&ctx, Uuid::new_v4(), &started(job)).await.unwrap(),
         Applied::Stale
@@ -308,9 +322,9 @@ async fn a_successful_delete_build_deletes_the_workspace() {
         .await
         .unwrap()
         .get(0);
-    apply(&ctx, Uuid::new_v4(), &completed(job, JobOutcome::Succeeded))
-        .await
-        .unwrap();
+    for event in [started(job), completed(job, JobOutcome::Succeeded)] {
+        apply(&ctx, Uuid::new_v4(), &event).await.unwrap();
+    }
     let deleted: bool = c
         .query_one("SELECT deleted FROM workspaces WHERE id = $1", &[&ws])
         .await
@@ -353,6 +367,7 @@ async fn plan_results_of_non_claim_builds_are_recorded_but_notify_no_one() {
     let (_fx, job) = one_create_job(&db).await;
     let c = db.pool.get().await.unwrap();
     fixtures::user(&c, "admin", true).await;
+    apply(&ctx, Uuid::new_v4(), &started(job)).await.unwrap();
     let e = ProvisionerEvent::PlanResult(PlanResult {
         job_id: job,
         resource_replacements: vec![ResourceReplacement {

@@ -1,9 +1,12 @@
 //! Provisioner events (`<prefix>.provisioner-events`) → database. Each event is applied in one
 //! transaction together with the record of its id (`processed_messages`), so a redelivered event is
 //! acknowledged without effect. Events that change state are serialized per job by locking the job
-//! row (and, within a worker, before any connection is taken: [`EventsHandler`]); state only
-//! moves forward (a completed job never goes back to running, an agent never back from ready), so
-//! reordered events are harmless. Log lines, the bulk of all events, change no state: each
+//! row (and, within a worker, before any connection is taken: [`EventsHandler`]). Which event a
+//! job accepts in which state is `prebuilds_core::admit`: an event after its step is recorded and
+//! changes nothing (`stale`: a completed job never goes back to running); one before its step (a
+//! completion that overtook its start) is deferred — not recorded, retried by the consumer, and
+//! dead-lettered as `out_of_order` if its predecessor never comes. An agent never goes back from
+//! ready (`agent_lifecycle_rank`). Log lines, the bulk of all events, change no state: each
 //! `job_log` event is one statement, with no job lock (`sql/job_log_event.sql`).
 //!
 //! Trust: with `PREBUILDS_PROVISIONER_PUBLISHERS` set, only events whose validated AMQP `user_id`
@@ -20,6 +23,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use deadpool_postgres::{Pool, Transaction};
+use prebuilds_core::{admit, Admission, JobEventKind, JobStatus};
 use prebuilds_runtime::db::cached;
 use prebuilds_runtime::keyed_locks::KeyedLocks;
 use prebuilds_runtime::{
@@ -44,6 +48,9 @@ pub const WAKE_PER_COMPLETION: i64 = 2;
 
 /// Consumer name under which event ids are recorded.
 const CONSUMER: &str = "provisioner-events";
+
+/// Dead-letter class of an event whose predecessor never arrived (`prebuilds_core::admit`).
+pub const OUT_OF_ORDER: &str = "out_of_order";
 
 #[derive(Debug, Clone)]
 pub struct EventsContext {
@@ -100,12 +107,25 @@ pub enum Applied {
     /// Sent by another broker user than the one whose `job_started` took the job
     /// (`provisioner_jobs.started_by`): recorded, no effect.
     NotOwner,
+    /// Came before its step of the job (see [`EventError::NotYet`]): not recorded, retried.
+    Deferred,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
     #[error("unknown provisioner job {0}")]
     UnknownJob(Uuid),
+    /// The event comes before its step of the job (`prebuilds_core::admit`): nothing was applied
+    /// or recorded; it may apply once its predecessor has.
+    #[error("{reason} (job {job_id} is {status})")]
+    NotYet {
+        job_id: Uuid,
+        status: JobStatus,
+        reason: &'static str,
+    },
+    /// The job row holds a status this code does not know (a newer schema).
+    #[error("provisioner job {job_id} has status {status:?}, which this version does not know")]
+    UnknownStatus { job_id: Uuid, status: String },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -144,8 +164,26 @@ impl Handler for EventsHandler {
                 "unknown_id",
                 format!("unknown provisioner job {job}"),
             )),
+            Err(e @ EventError::NotYet { .. }) => {
+                record(&self.context, &event, Applied::Deferred);
+                Err(HandlerError::defer(OUT_OF_ORDER, e.to_string()))
+            }
+            // Transient: an older worker meeting a newer schema's status should wait for the
+            // rollout, not dead-letter a valid event.
+            Err(e @ EventError::UnknownStatus { .. }) => Err(HandlerError::Transient(e.into())),
             Err(EventError::Db(e)) => Err(HandlerError::Transient(e.into())),
         }
+    }
+}
+
+/// The kind under which [`admit`] judges a state event (log lines never reach it).
+fn state_event_kind(event: &ProvisionerEvent) -> JobEventKind {
+    match event {
+        ProvisionerEvent::JobStarted(_) => JobEventKind::Started,
+        ProvisionerEvent::PlanResult(_) => JobEventKind::PlanResult,
+        ProvisionerEvent::JobCompleted(_) => JobEventKind::Completed,
+        ProvisionerEvent::AgentLifecycle(_) => JobEventKind::AgentLifecycle,
+        ProvisionerEvent::JobLog(_) => unreachable!("log events are applied by append_log"),
     }
 }
 
@@ -236,6 +274,28 @@ pub async fn apply_from(
             return Ok(Applied::NotOwner);
         }
     }
+    let status_text: String = row.get("job_status");
+    let status = JobStatus::parse(&status_text).ok_or(EventError::UnknownStatus {
+        job_id,
+        status: status_text,
+    })?;
+    match admit(state_event_kind(event), status) {
+        Admission::Apply => {}
+        Admission::NotYet(reason) => {
+            // Rolled back: the id stays unrecorded, so the retried delivery is judged afresh.
+            return Err(EventError::NotYet {
+                job_id,
+                status,
+                reason,
+            });
+        }
+        Admission::Stale(reason) => {
+            tx.commit().await?;
+            tracing::debug!(%job_id, kind = kind(event), %status, reason, "provisioner event ignored");
+            record(ctx, event, Applied::Stale);
+            return Ok(Applied::Stale);
+        }
+    }
     let job = JobContext {
         workspace_id: row.get("workspace_id"),
         transition: row.get("transition"),
@@ -300,6 +360,7 @@ fn record(ctx: &EventsContext, event: &ProvisionerEvent, applied: Applied) {
         Applied::Duplicate => "duplicate",
         Applied::Stale => "stale",
         Applied::NotOwner => "not_owner",
+        Applied::Deferred => "deferred",
     };
     ctx.metrics
         .provisioner_events
@@ -322,7 +383,12 @@ async fn job_completed(
     if n == 0 {
         return Ok(Applied::Stale);
     }
-    for agent in &e.agents {
+    // A failed or canceled build made no workspace: its agents are not recorded.
+    let agents = match e.status {
+        JobOutcome::Succeeded => e.agents.as_slice(),
+        JobOutcome::Failed | JobOutcome::Canceled => &[],
+    };
+    for agent in agents {
         cached::execute(
             tx,
             include_str!("sql/agent_upsert.sql"),

@@ -9,6 +9,10 @@
 //! 3. [`HandlerError::Transient`] → retried in place with jittered backoff for up to
 //!    [`ConsumerSpec::transient_window`]; if it still fails, rejected *with* requeue, so the
 //!    queue's delivery limit bounds the total attempts (5 windows).
+//! 4. [`HandlerError::Defer`] → the message is valid but overtook one it follows (a provisioner
+//!    event before its job's earlier event). Retried in place for [`DEFER_WINDOW`], then
+//!    requeued so the delivery slot serves other messages meanwhile; on the queue's last allowed
+//!    delivery it is dead-lettered with its reason, like a permanent failure.
 //!
 //! The loop survives broker restarts (reconnect with backoff) and a broker-side consumer cancel
 //! (the stream ends: consume again). On shutdown it cancels the consumer, lets in-flight handlers
@@ -29,7 +33,10 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    amqp::{publisher::Outgoing, Broker, Entity, Publisher, QueueKind, Topology, TopologyError},
+    amqp::{
+        publisher::Outgoing, topology::DELIVERY_LIMIT, Broker, Entity, Publisher, QueueKind,
+        Topology, TopologyError,
+    },
     metrics::ServiceMetrics,
     Health,
 };
@@ -56,6 +63,9 @@ pub struct Incoming {
     /// connection's user, so when present it names the broker user who published
     /// ([`super::trust::Publishers`]).
     pub user_id: Option<String>,
+    /// Earlier deliveries of this message that were returned to the queue (the broker's
+    /// `x-delivery-count`; 0 on the first delivery).
+    pub delivery_count: i64,
 }
 
 impl Incoming {
@@ -70,7 +80,27 @@ impl Incoming {
             correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
             content_type: props.content_type().as_ref().map(|s| s.to_string()),
             user_id: props.user_id().as_ref().map(|s| s.to_string()),
+            delivery_count: props
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(DELIVERY_COUNT_HEADER).cloned())
+                .and_then(|v| integer(&v))
+                .unwrap_or(0),
         }
+    }
+}
+
+fn integer(value: &lapin::types::AMQPValue) -> Option<i64> {
+    use lapin::types::AMQPValue as V;
+    match *value {
+        V::ShortShortInt(v) => Some(v.into()),
+        V::ShortShortUInt(v) => Some(v.into()),
+        V::ShortInt(v) => Some(v.into()),
+        V::ShortUInt(v) => Some(v.into()),
+        V::LongInt(v) => Some(v.into()),
+        V::LongUInt(v) => Some(v.into()),
+        V::LongLongInt(v) => Some(v),
+        _ => None,
     }
 }
 
@@ -84,6 +114,10 @@ pub enum HandlerError {
     /// The world is temporarily broken (database or broker down, serialization failure): retry.
     #[error("{0:#}")]
     Transient(anyhow::Error),
+    /// Valid, but it must wait for another message to be applied first: retry a few times, then
+    /// dead-letter with `class` and `reason` (see the module doc).
+    #[error("{reason}")]
+    Defer { class: &'static str, reason: String },
 }
 
 impl HandlerError {
@@ -93,7 +127,21 @@ impl HandlerError {
             reason: reason.into(),
         }
     }
+
+    pub fn defer(class: &'static str, reason: impl Into<String>) -> Self {
+        HandlerError::Defer {
+            class,
+            reason: reason.into(),
+        }
+    }
 }
+
+/// How long one delivery of a deferred message is retried in place before it is requeued. Over
+/// the delivery limit's deliveries this gives what it waits for about ten seconds to arrive.
+pub const DEFER_WINDOW: Duration = Duration::from_secs(2);
+
+/// The broker's header counting earlier failed deliveries of a quorum-queue message.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 /// Application logic for one queue.
 pub trait Handler: Send + Sync + 'static {
@@ -272,6 +320,13 @@ async fn settle<H: Handler>(
         .with_total_delay(Some(spec.transient_window))
         .with_jitter()
         .build();
+    let mut defer_delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_millis(500))
+        .without_max_times()
+        .with_total_delay(Some(DEFER_WINDOW))
+        .with_jitter()
+        .build();
     // Counted in `prebuilds_messages_in_retry` from its first transient failure until it settles.
     let mut in_retry: Option<InRetry> = None;
     let outcome = loop {
@@ -292,6 +347,26 @@ async fn settle<H: Handler>(
                     }
                 }
                 _ => break Err(HandlerError::Transient(e)),
+            },
+            Err(HandlerError::Defer { class, reason }) => match defer_delays.next() {
+                Some(delay) if !shutdown.is_cancelled() => {
+                    tracing::debug!(queue = queue_label, class, %reason, retry_in = ?delay, "message deferred");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+                // This was the last delivery the queue allows: what it waits for is not coming.
+                _ if incoming.delivery_count + 1 >= DELIVERY_LIMIT => {
+                    break Err(HandlerError::Permanent {
+                        class,
+                        reason: format!(
+                            "{reason}; still out of order after {} deliveries",
+                            incoming.delivery_count + 1
+                        ),
+                    })
+                }
+                _ => break Err(HandlerError::Defer { class, reason }),
             },
             other => break other,
         }
@@ -324,6 +399,15 @@ async fn settle<H: Handler>(
                     delivery.reject(BasicRejectOptions { requeue: false }).await
                 }
             }
+        }
+        Err(HandlerError::Defer { class, reason }) => {
+            tracing::info!(queue = queue_label, class, %reason, deliveries = incoming.delivery_count + 1, "message still out of order; requeueing it");
+            context
+                .metrics
+                .messages
+                .with_label_values(&[queue_label, "deferred"])
+                .inc();
+            delivery.reject(BasicRejectOptions { requeue: true }).await
         }
         Err(HandlerError::Transient(e)) => {
             // Requeued either way; only why it stopped retrying (and so the log level) differs:

@@ -89,6 +89,7 @@ mod tests {
             correlation_id: None,
             content_type: None,
             user_id: user.map(str::to_owned),
+            delivery_count: 0,
         }
     }
 
