@@ -121,7 +121,7 @@ GRANT USAGE ON SEQUENCE outbox_id_seq, provisioner_job_logs_id_seq TO :"worker";
 
 -- Scheduler: presets needing attention, the pause setting, and the pool-state metrics (the same
 -- snapshot the worker reads, plus the created/failed/claimed counters); it publishes reconcile
--- jobs directly. One write: the leader's job reaper fails silent jobs (status, error and times of
+-- jobs directly. Writes: the leader's job reaper fails silent jobs (status, error and times of
 -- provisioner_jobs only; FOR UPDATE needs UPDATE) and requests reconciles through the outbox.
 GRANT SELECT ON organizations, templates, template_versions, template_version_presets,
                 template_version_preset_prebuild_schedules, prebuilds_settings, workspaces,
@@ -130,6 +130,10 @@ GRANT SELECT ON organizations, templates, template_versions, template_version_pr
 GRANT UPDATE (job_status, error, completed_at, updated_at) ON provisioner_jobs TO :"scheduler";
 GRANT INSERT ON outbox TO :"scheduler";
 GRANT USAGE ON SEQUENCE outbox_id_seq TO :"scheduler";
+-- The leader's retention deletes rows past their windows (scheduler/src/retention.rs).
+GRANT SELECT, DELETE ON processed_messages, claim_requests, provisioner_job_logs,
+                        notification_messages, notification_deliveries
+    TO :"scheduler";
 
 -- Provisioner: a job's state before it runs and while it runs (admission, cancels of running jobs)
 -- and, for the terraform backend, a version's source The sim backend connects only when given a

@@ -29,6 +29,7 @@ use crate::{
     pass::Passes,
     pool_metrics::{PoolCollector, PoolState, Refresher},
     reaper::{Reaper, ReaperConfig},
+    retention::Retention,
     settings_watch, ticker,
 };
 
@@ -103,12 +104,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics.clone(),
         source: event_source(),
     };
+    let retention = Retention {
+        pool: pool.clone(),
+        config: config.retention.retention_config(),
+        metrics: metrics.clone(),
+    };
     let leadership = Leadership {
         config: &config,
         database_url: connection.database_url.clone(),
         passes,
         refresher,
         reaper,
+        retention,
         metrics,
         pool_state,
     };
@@ -130,6 +137,7 @@ struct Leadership<'a> {
     passes: Passes,
     refresher: Refresher,
     reaper: Reaper,
+    retention: Retention,
     metrics: SchedulerMetrics,
     pool_state: PoolState,
 }
@@ -177,6 +185,7 @@ impl Leadership<'_> {
         ));
         tasks.spawn(self.refresher.clone().run(term.clone()));
         tasks.spawn(self.reaper.clone().run(term.clone()));
+        tasks.spawn(self.retention.clone().run(term.clone()));
         tasks.spawn(db::refresh_plans_as_tables_grow(
             self.passes.pool.clone(),
             prebuilds_store::GROWING_TABLES,

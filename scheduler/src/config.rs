@@ -24,7 +24,9 @@ use prebuilds_runtime::config::{
                   preset when it sees the global pause lifted, and exports the pool-state gauges \
                   (coderd_prebuilt_workspaces_*) from a snapshot refreshed every metrics interval. \
                   The leader also reaps provisioner jobs: a running job silent for the hung \
-                  timeout, or a pending one not started within the pending timeout, is failed.",
+                  timeout, or a pending one not started within the pending timeout, is failed. \
+                  And it trims processed message ids, claim requests, job logs of ended jobs and \
+                  settled notifications to their retention windows, in bounded batches.",
     after_help = "Durations are written like 500ms, 2s, 1m. Scrape /metrics of the leader for the \
                   pool-state series (a standby exports only prebuilds_scheduler_is_leader and its own \
                   counters); /readyz is true while PostgreSQL and RabbitMQ are reachable.\n\n\
@@ -59,6 +61,9 @@ pub struct Config {
     /// Reconcile jobs in flight (published, awaiting their broker confirm) during a pass.
     #[arg(long, env = "PREBUILDS_PUBLISH_CONCURRENCY", default_value_t = 256)]
     pub publish_concurrency: usize,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 
     /// Key of the session-level advisory lock that elects the leader. Only replicas sharing a
     /// database and this key compete.
@@ -123,5 +128,62 @@ mod tests {
         assert!(parse(&["--reconcile-interval", "500ms"])
             .validate()
             .is_err());
+    }
+}
+
+/// How long the tables that grow with traffic keep their rows (`off`: forever); see
+/// [`crate::retention`] for what each window guards and what slips past it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetentionArgs {
+    /// Ids of applied messages: the idempotency window of every consumer.
+    #[arg(long, env = "PREBUILDS_RETENTION_PROCESSED_MESSAGES", default_value = "7d", value_parser = parse_window)]
+    pub retention_processed_messages: Window,
+
+    /// Claim requests: a claim retried with the same request id within this gets its first answer.
+    #[arg(long, env = "PREBUILDS_RETENTION_CLAIM_REQUESTS", default_value = "30d", value_parser = parse_window)]
+    pub retention_claim_requests: Window,
+
+    /// Log lines of provisioner jobs that have ended (an open job keeps all of its lines).
+    #[arg(long, env = "PREBUILDS_RETENTION_JOB_LOGS", default_value = "30d", value_parser = parse_window)]
+    pub retention_job_logs: Window,
+
+    /// Notifications whose deliveries have all settled, with their delivery records.
+    #[arg(long, env = "PREBUILDS_RETENTION_NOTIFICATIONS", default_value = "30d", value_parser = parse_window)]
+    pub retention_notifications: Window,
+
+    /// Time between retention passes.
+    #[arg(long, env = "PREBUILDS_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+}
+
+/// A retention window: a duration, or `off` (kept forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window(pub Option<Duration>);
+
+fn parse_window(s: &str) -> Result<Window, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(Window(None));
+    }
+    let window = parse_duration(s)?;
+    // A window shorter than an hour would forget message ids while their redeliveries may still
+    // be on their way (and claim replies while clients still retry).
+    if window < Duration::from_secs(3600) {
+        return Err(format!(
+            "{} is shorter than 1h: use a longer window, or off",
+            humantime::format_duration(window)
+        ));
+    }
+    Ok(Window(Some(window)))
+}
+
+impl RetentionArgs {
+    pub fn retention_config(&self) -> crate::retention::RetentionConfig {
+        crate::retention::RetentionConfig {
+            processed_messages: self.retention_processed_messages.0,
+            claim_requests: self.retention_claim_requests.0,
+            job_logs: self.retention_job_logs.0,
+            notifications: self.retention_notifications.0,
+            interval: self.retention_interval,
+        }
     }
 }

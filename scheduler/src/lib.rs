@@ -7,7 +7,8 @@
 //! - publishes `settings_changed` jobs for every such preset when it sees the global pause lifted
 //!   ([`settings_watch`]);
 //! - exports the pool-state metrics from a cached database snapshot ([`pool_metrics`]);
-//! - reaps provisioner jobs a provisioner went silent on ([`reaper`]).
+//! - reaps provisioner jobs a provisioner went silent on ([`reaper`]);
+//! - trims the tables that grow with traffic to their retention windows ([`retention`]).
 //!
 //! [`app`] wires it together with the shared runtime; [`config`] is the command line;
 //! [`metrics`] holds the scheduler's own counters.
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod pass;
 pub mod pool_metrics;
 pub mod reaper;
+pub mod retention;
 pub mod settings_watch;
 pub mod ticker;
 

@@ -14,6 +14,7 @@
 //! | `prebuilds_scheduler_metrics_refresh_duration_seconds` | gauge | — | latest pool-state refresh |
 //! | `prebuilds_scheduler_metrics_refresh_failures_total` | counter | — | failed pool-state refreshes |
 //! | `prebuilds_scheduler_jobs_reaped_total` | counter | `kind` (`hung`, `pending`) | provisioner jobs the reaper failed |
+//! | `prebuilds_scheduler_retention_deleted_total` | counter | `table` | rows deleted past their retention window |
 
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -31,6 +32,7 @@ pub struct SchedulerMetrics {
     pub refresh_duration: Gauge,
     pub refresh_failures: IntCounter,
     pub jobs_reaped: IntCounterVec,
+    pub retention_deleted: IntCounterVec,
 }
 
 impl SchedulerMetrics {
@@ -89,7 +91,15 @@ impl SchedulerMetrics {
                 ),
                 &["kind"],
             )?,
+            retention_deleted: IntCounterVec::new(
+                Opts::new(
+                    "prebuilds_scheduler_retention_deleted_total",
+                    "Rows deleted because they were past their table's retention window, by table.",
+                ),
+                &["table"],
+            )?,
         };
+        registry.register(Box::new(m.retention_deleted.clone()))?;
         registry.register(Box::new(m.jobs_reaped.clone()))?;
         registry.register(Box::new(m.is_leader.clone()))?;
         registry.register(Box::new(m.leader_terms.clone()))?;

@@ -554,6 +554,31 @@ async fn the_documented_permissions_run_the_whole_system() {
         Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
         "{denied}"
     );
+
+    // 7. …except what retention needs: the leader's pass, a year ahead (every row is past its
+    // window), runs under the scheduler's role and empties the growing tables of this run.
+    let retention = prebuilds_scheduler::retention::Retention {
+        pool: prebuilds_runtime::db::pool(&roles.url("scheduler"), 2).unwrap(),
+        config: prebuilds_scheduler::retention::RetentionConfig {
+            processed_messages: Some(std::time::Duration::from_secs(3600)),
+            claim_requests: Some(std::time::Duration::from_secs(3600)),
+            job_logs: Some(std::time::Duration::from_secs(3600)),
+            notifications: Some(std::time::Duration::from_secs(3600)),
+            interval: std::time::Duration::from_secs(600),
+        },
+        metrics: prebuilds_scheduler::metrics::SchedulerMetrics::register(
+            &prometheus::Registry::new(),
+        )
+        .unwrap(),
+    };
+    let deleted = retention
+        .pass(chrono::Utc::now() + chrono::TimeDelta::days(365))
+        .await
+        .expect("the scheduler's role may run retention");
+    assert!(
+        deleted.iter().any(|(_, n)| *n > 0),
+        "this run's rows are gone: {deleted:?}"
+    );
 }
 
 /// A child process whose standard error the test reads; killed on drop.
