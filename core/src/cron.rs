@@ -14,10 +14,15 @@
 //!
 //! The dialect follows robfig/cron's standard parser: numbers, `a-b` ranges, `,` lists, `*`,
 //! `*/n`, `a-b/n` and `a/n` (= `a-max/n`) steps; month names `jan`–`dec` and weekday names
-//! `sun`–`sat` (case-insensitive); `?` = `*` in day-of-month and day-of-week. Beyond robfig, a
-//! day-of-week of `7` means Sunday, as in crontab(5). Day-of-month and day-of-week combine as in
-//! POSIX cron and robfig: when either is a plain `*` (or `?`, or `*/1`) both must match, otherwise
-//! either may match. A differential property test checks the matcher against croner.
+//! `sun`–`sat` (case-insensitive); `?` = `*` in day-of-month and day-of-week. Day-of-week runs
+//! 0–6 (Sunday = 0): `7` is refused, as Coder refuses it. Day-of-month and day-of-week combine as
+//! in POSIX cron and robfig: when either is a plain `*` (or `?`, or `*/1`) both must match,
+//! otherwise either may match. A differential property test checks the matcher against croner.
+//!
+//! Two overlap notions live here. [`CronSpec::overlap`] is exact: a real local hour both cover.
+//! [`CronSpec::overlaps_as_coder`] is the rule Coder's template provider uses to accept or refuse
+//! a preset's schedule set, field by field; schedule sets are validated with it, so a template
+//! Coder accepts is accepted here and one it refuses is refused (see `schedule` for the rest).
 
 use std::fmt;
 
@@ -56,8 +61,7 @@ impl CronField {
             Self::Hour => (0, 23),
             Self::DayOfMonth => (1, 31),
             Self::Month => (1, 12),
-            // 7 is accepted as a second spelling of Sunday and folded onto 0 after parsing.
-            Self::DayOfWeek => (0, 7),
+            Self::DayOfWeek => (0, 6),
         }
     }
 
@@ -169,8 +173,6 @@ impl CronSpec {
         let (days, dom_star) = field(CronField::DayOfMonth, dom)?;
         let (months, _) = field(CronField::Month, month)?;
         let (weekdays, dow_star) = field(CronField::DayOfWeek, dow)?;
-        // Fold the crontab(5) spelling of Sunday (7) onto 0.
-        let weekdays = (weekdays | (weekdays >> 7)) & 0x7f;
         // Truncations are lossless: the bounds above keep every bit inside the target width.
         Ok(Self {
             hours: hours as u32,
@@ -240,6 +242,31 @@ impl CronSpec {
             }
         }
         None
+    }
+
+    /// Whether Coder's template provider counts the two as overlapping, which decides whether a
+    /// schedule set is accepted. Field by field, not on a calendar: they overlap when their hours
+    /// intersect, their months intersect, and their days do — where, if either day-of-month is
+    /// `*`, days means the day-of-week sets; else, if either day-of-week is `*`, the day-of-month
+    /// sets; else (both days restricted on both sides) either set intersecting.
+    ///
+    /// It differs from [`Self::overlap`] both ways: `* * 31 * *` and `* * * 4 *` overlap for
+    /// Coder (day 31 against every day) though April has no 31st; `* 9 1 * 1` (the 1st or any
+    /// Monday) and `* 9 15 * 3` (the 15th or any Wednesday) do not, though a Wednesday the 1st is
+    /// in both — such a set is accepted, and the first matching schedule wins at run time.
+    pub fn overlaps_as_coder(&self, other: &Self) -> bool {
+        let hours = self.hours & other.hours != 0;
+        let months = self.months & other.months != 0;
+        let dom = self.days & other.days != 0;
+        let dow = self.weekdays & other.weekdays != 0;
+        let days = if self.dom_star || other.dom_star {
+            dow
+        } else if self.dow_star || other.dow_star {
+            dom
+        } else {
+            dom || dow
+        };
+        hours && months && days
     }
 
     /// The days of the month (bit i = day i) this spec admits on a given weekday: the same rule
@@ -392,11 +419,52 @@ mod tests {
     }
 
     #[test]
-    fn seven_is_sunday() {
-        let s = spec("* * * * 5-7");
+    fn sunday_is_0_and_7_is_refused_as_coder_refuses_it() {
+        let s = spec("* * * * 0,5-6");
         assert!(s.covers(0, 1, 1, 0));
         assert!(s.covers(0, 1, 1, 6));
         assert!(!s.covers(0, 1, 1, 1));
+        for cron in ["* * * * 7", "* * * * 5-7"] {
+            let err = CronSpec::parse(cron).unwrap_err().to_string();
+            assert!(err.contains("out of range 0-6"), "{cron}: {err}");
+        }
+    }
+
+    /// Coder's acceptance rule, case by case (each pair: does Coder's provider refuse it?).
+    #[test]
+    fn overlap_as_coder_decides_field_by_field() {
+        let cases = [
+            // Split by hour or by month: never.
+            ("* 8-18 * * 1-5", "* 19-23 * * 1-5", false),
+            ("* * * 1-6 *", "* * * 7-12 *", false),
+            // Weekdays against weekend, same hours: no.
+            ("* 9-18 * * 1-5", "* 9-13 * * 6,0", false),
+            ("* 8-18 * * 1-5", "* 18-20 * * 5", true),
+            // A `*` day-of-month compares the weekdays only…
+            ("* 9 1 * 1", "* 9 * * 1", true),
+            ("* 9 * * 2", "* 9 1 * 1", false),
+            // …a `*` day-of-week (with both days of month restricted) the days of month only,
+            // on the field sets, not on a calendar: day 31 meets every day of April here.
+            ("* * 31 * *", "* * * 4 *", true),
+            ("* * 1-10 * *", "* * 11-20 * *", false),
+            // Both restricted on both sides: either set meeting is an overlap…
+            ("* 9 1 * 1", "* 9 15 * 1", true),
+            ("* 9 1 * 1", "* 9 1 * 3", true),
+            // …and neither meeting is none, though a Wednesday the 1st is in both.
+            ("* 9 1 * 1", "* 9 15 * 3", false),
+        ];
+        for (a, b, coder) in cases {
+            assert_eq!(spec(a).overlaps_as_coder(&spec(b)), coder, "{a} / {b}");
+            assert_eq!(spec(b).overlaps_as_coder(&spec(a)), coder, "{b} / {a}");
+        }
+        // The last pair really shares hours (a Monday the 15th, a Wednesday the 1st): what Coder
+        // accepts is a set where the first schedule that matches wins.
+        let (a, b) = (spec("* 9 1 * 1"), spec("* 9 15 * 3"));
+        let w = a.overlap(&b).expect("a shared hour");
+        let weekday = w.weekday.num_days_from_sunday();
+        assert!(
+            a.covers(w.hour, w.day, w.month, weekday) && b.covers(w.hour, w.day, w.month, weekday)
+        );
     }
 
     #[test]
@@ -428,7 +496,7 @@ mod tests {
             ("* * * foo *", "'foo' is not a number or a month name"),
             (
                 "* * * * 8",
-                "day-of-week field '8' is invalid: 8 is out of range 0-7",
+                "day-of-week field '8' is invalid: 8 is out of range 0-6",
             ),
             ("* 1,,2 * * *", "empty list item"),
             ("* ? * * *", "'?' is only allowed"),

@@ -41,13 +41,16 @@ pub enum ScheduleError {
     #[error("schedule '{cron}' has negative desired instances {instances}; use 0 or more")]
     NegativeInstances { cron: String, instances: i32 },
     #[error(
-        "schedules '{first}' and '{second}' overlap: both cover {witness}; \
-         schedules of one preset must not overlap"
+        "schedules '{first}' and '{second}' overlap: {}; schedules of one preset must not \
+         overlap (their hours, months and days are compared field by field, as Coder does)",
+        overlap_detail(witness)
     )]
     Overlap {
         first: String,
         second: String,
-        witness: OverlapWitness,
+        /// A real local hour both cover, when there is one (Coder's rule can refuse a pair that
+        /// shares none, such as day 31 against April).
+        witness: Option<OverlapWitness>,
     },
 }
 
@@ -135,7 +138,10 @@ pub fn desired_instances(
 ///    schedules.
 /// 2. Every cron must parse (5 fields, minute `*`, valid hour/day/month/weekday fields).
 /// 3. No schedule may ask for a negative count.
-/// 4. No two schedules may overlap (share any local hour of any calendar day).
+/// 4. No two schedules may overlap by Coder's rule ([`CronSpec::overlaps_as_coder`]): hours,
+///    months and days compared field by field. A set that passes may still share real hours
+///    (`* 9 1 * 1` and `* 9 15 * 3` both cover a Wednesday the 1st); there the first schedule in
+///    stored order wins, as in Coder ([`desired_instances`], step 5).
 ///
 /// Stricter than [`desired_instances`] in one respect: an unknown timezone is reported even when
 /// there are no schedules (it would break the first schedule added later).
@@ -172,16 +178,26 @@ fn parse_schedules(
     }
     for (i, a) in specs.iter().enumerate() {
         for (j, b) in specs.iter().enumerate().skip(i + 1) {
-            if let Some(witness) = a.overlap(b) {
+            if a.overlaps_as_coder(b) {
                 return Err(ScheduleError::Overlap {
                     first: schedules[i].cron_expression.clone(),
                     second: schedules[j].cron_expression.clone(),
-                    witness,
+                    witness: a.overlap(b),
                 });
             }
         }
     }
     Ok((tz, specs))
+}
+
+/// The overlap error's middle part: the shared hour when there is one.
+fn overlap_detail(witness: &Option<OverlapWitness>) -> String {
+    match witness {
+        Some(witness) => format!("both cover {witness}"),
+        None => {
+            "their hours, months and days intersect (though no calendar date has both)".to_owned()
+        }
+    }
 }
 
 fn parse_timezone(timezone: &str) -> Result<Tz, ScheduleError> {
@@ -209,6 +225,46 @@ mod tests {
         assert_eq!(validate_schedules("UTC", &[]), Ok(()));
         let set = [sched("* 9-18 * * 1-5", 2), sched("* 9-13 * * 6,0", 3)];
         assert_eq!(validate_schedules("Europe/Berlin", &set), Ok(()));
+    }
+
+    /// A set Coder accepts although two schedules share real hours (each restricts both day
+    /// fields, and neither the days of month nor the weekdays meet): accepted, and where both
+    /// cover an hour the first in stored order wins, as in Coder.
+    #[test]
+    fn a_coder_valid_set_with_shared_hours_resolves_by_first_match() {
+        let set = [sched("* 9 1 * 1", 2), sched("* 9 15 * 3", 5)];
+        assert_eq!(validate_schedules("UTC", &set), Ok(()));
+        let preset = PresetInfo {
+            id: uuid::Uuid::nil(),
+            name: "p".into(),
+            version_is_active: true,
+            template_deleted: false,
+            template_deprecated: false,
+            desired_instances: Some(1),
+            invalidate_after_secs: None,
+            last_invalidated_at: None,
+            scheduling_timezone: "UTC".into(),
+            prebuild_status: Default::default(),
+            paused: false,
+        };
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        // Monday 15 June 2026: the first (a Monday) and the second (the 15th) both cover it.
+        let both = desired_instances(&preset, &set, at("2026-06-15T09:30:00Z"));
+        assert_eq!(
+            (both.count, both.source),
+            (2, DesiredSource::Schedule { index: 0 })
+        );
+        // Wednesday 17 June: only the second (a Wednesday).
+        let second = desired_instances(&preset, &set, at("2026-06-17T09:30:00Z"));
+        assert_eq!(
+            (second.count, second.source),
+            (5, DesiredSource::Schedule { index: 1 })
+        );
+        // 10:00 is outside both.
+        assert_eq!(
+            desired_instances(&preset, &set, at("2026-06-15T10:00:00Z")).source,
+            DesiredSource::Base
+        );
     }
 
     #[test]

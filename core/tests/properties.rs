@@ -377,6 +377,22 @@ proptest! {
         });
         prop_assert_eq!(sa.overlap(&sb).is_some(), brute, "{} vs {}", a, b);
     }
+
+    /// Coder's acceptance rule is symmetric, and it lets a real overlap through only where one
+    /// side restricts both day fields (its days are "day-of-month OR day-of-week", which a
+    /// field-by-field comparison cannot see): everywhere else, sharing a real hour is refused.
+    #[test]
+    fn coder_overlap_misses_real_overlaps_only_with_both_day_fields_restricted(a in cron(), b in cron()) {
+        let (sa, sb) = (CronSpec::parse(&a).expect("valid"), CronSpec::parse(&b).expect("valid"));
+        prop_assert_eq!(sa.overlaps_as_coder(&sb), sb.overlaps_as_coder(&sa), "{} vs {}", a, b);
+        let both_days_restricted = |cron: &str| {
+            let f: Vec<&str> = cron.split_whitespace().collect();
+            f[2] != "*" && f[4] != "*"
+        };
+        if sa.overlap(&sb).is_some() && !sa.overlaps_as_coder(&sb) {
+            prop_assert!(both_days_restricted(&a) || both_days_restricted(&b), "{} vs {}", a, b);
+        }
+    }
 }
 
 #[test]

@@ -426,6 +426,18 @@ async fn template_push_reports_every_bad_input_with_file_and_field_and_writes_no
             vec!["presets[0].prebuilds.scheduling.schedule[1].cron: schedules '* 8-18 * * 1-5' and '* 18-20 * * 5' overlap"],
         ),
         (
+            // Coder's rule compares day fields as sets: day 31 meets April's days, so Coder
+            // refuses the pair although no April 31st exists; so do we.
+            "overlap-as-coder",
+            with_preset("      instances: 1\n      scheduling:\n        timezone: UTC\n        schedule:\n          - {cron: \"* * 31 * *\", instances: 1}\n          - {cron: \"* * * 4 *\", instances: 2}\n"),
+            vec!["presets[0].prebuilds.scheduling.schedule[1].cron: schedules '* * 31 * *' and '* * * 4 *' overlap: their hours, months and days intersect"],
+        ),
+        (
+            "weekday-7",
+            with_preset("      instances: 1\n      scheduling:\n        timezone: UTC\n        schedule:\n          - {cron: \"* 9 * * 7\", instances: 1}\n"),
+            vec!["presets[0].prebuilds.scheduling.schedule[0].cron: cron expression '* 9 * * 7': day-of-week field '7' is invalid: 7 is out of range 0-6"],
+        ),
+        (
             "timezone",
             with_preset("      instances: 1\n      scheduling:\n        timezone: Mars/Olympus\n        schedule:\n          - {cron: \"* 8 * * *\", instances: 1}\n"),
             vec!["presets[0].prebuilds.scheduling.timezone: unknown scheduling timezone 'Mars/Olympus'"],
