@@ -21,8 +21,8 @@ use prebuilds_schemas::{
     ProvisionerJob, RawEvent,
 };
 use prebuilds_tests::{
-    stack::{self, http_get},
-    Service, TestBroker, TestDb,
+    probe::{http_get, metric_sum, wait_ready as ready},
+    stack, Service, TestBroker, TestDb,
 };
 use uuid::Uuid;
 
@@ -119,24 +119,6 @@ impl Sizes {
 
 fn quiet() -> Vec<(&'static str, &'static str)> {
     vec![("RUST_LOG", "warn"), ("PREBUILDS_DB_POOL_SIZE", "24")]
-}
-
-async fn ready(port: u16) {
-    for _ in 0..300 {
-        if matches!(http_get(port, "/readyz").await, Some((200, _))) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("service on port {port} never became ready");
-}
-
-/// Sum of a metric over all its label sets in one `/metrics` body.
-fn metric_sum(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
-        .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 /// Sum of a counter across processes' `/metrics` (all label sets of `name`).

@@ -159,17 +159,8 @@ mod tests {
     fn snapshot(status: PrebuildStatus, outcomes: &[BuildOutcome]) -> PresetSnapshot {
         PresetSnapshot {
             preset: PresetInfo {
-                id: uuid::Uuid::nil(),
-                name: "p".into(),
-                version_is_active: true,
-                template_deleted: false,
-                template_deprecated: false,
-                desired_instances: Some(1),
-                invalidate_after_secs: None,
-                last_invalidated_at: None,
-                scheduling_timezone: String::new(),
                 prebuild_status: status,
-                paused: false,
+                ..PresetInfo::for_test(1, "")
             },
             schedules: vec![],
             running: vec![],

@@ -234,19 +234,7 @@ mod tests {
     fn a_coder_valid_set_with_shared_hours_resolves_by_first_match() {
         let set = [sched("* 9 1 * 1", 2), sched("* 9 15 * 3", 5)];
         assert_eq!(validate_schedules("UTC", &set), Ok(()));
-        let preset = PresetInfo {
-            id: uuid::Uuid::nil(),
-            name: "p".into(),
-            version_is_active: true,
-            template_deleted: false,
-            template_deprecated: false,
-            desired_instances: Some(1),
-            invalidate_after_secs: None,
-            last_invalidated_at: None,
-            scheduling_timezone: "UTC".into(),
-            prebuild_status: Default::default(),
-            paused: false,
-        };
+        let preset = PresetInfo::for_test(1, "UTC");
         let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
         // Monday 15 June 2026: the first (a Monday) and the second (the 15th) both cover it.
         let both = desired_instances(&preset, &set, at("2026-06-15T09:30:00Z"));
@@ -312,19 +300,7 @@ mod tests {
 
     #[test]
     fn broken_set_falls_back_to_base_with_error() {
-        let preset = PresetInfo {
-            id: uuid::Uuid::nil(),
-            name: "p".into(),
-            version_is_active: true,
-            template_deleted: false,
-            template_deprecated: false,
-            desired_instances: Some(1),
-            invalidate_after_secs: None,
-            last_invalidated_at: None,
-            scheduling_timezone: "UTC".into(),
-            prebuild_status: Default::default(),
-            paused: false,
-        };
+        let preset = PresetInfo::for_test(1, "UTC");
         let at = "2025-06-02T10:00:00Z".parse().unwrap();
         let set = [sched("* 9-18 * * 1-5", 3), sched("* 10 * * *", 4)];
         let got = desired_instances(&preset, &set, at);

@@ -89,6 +89,24 @@ pub struct PresetInfo {
 }
 
 impl PresetInfo {
+    /// An active, healthy, unpaused preset with `desired` instances in `timezone`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(desired: i32, timezone: &str) -> PresetInfo {
+        PresetInfo {
+            id: uuid::Uuid::nil(),
+            name: "p".into(),
+            version_is_active: true,
+            template_deleted: false,
+            template_deprecated: false,
+            desired_instances: Some(desired),
+            invalidate_after_secs: None,
+            last_invalidated_at: None,
+            scheduling_timezone: timezone.into(),
+            prebuild_status: Default::default(),
+            paused: false,
+        }
+    }
+
     /// A preset is active when its version is the template's active version and the template is
     /// neither deleted nor deprecated. Inactive presets only get cleaned up.
     pub fn is_active(&self) -> bool {

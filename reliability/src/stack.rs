@@ -9,8 +9,7 @@ use prebuilds_runtime::amqp::{Broker, QueueKind};
 use prebuilds_tests::{
     private_postgres::PrivatePostgres,
     private_rabbit::{NodeOptions, PrivateRabbit},
-    stack::{self, http_get},
-    Service, TestBroker, TestDb,
+    probe, stack, Service, TestBroker, TestDb,
 };
 use rand::Rng;
 use uuid::Uuid;
@@ -62,25 +61,12 @@ impl Proc {
 
 /// Waits until `/readyz` answers 200 (bounded).
 pub async fn ready(port: u16, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if matches!(http_get(port, "/readyz").await, Some((200, _))) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    probe::ready_within(port, timeout).await
 }
 
 /// Sum of every series of metric `name` on `port` (None when /metrics does not answer).
 pub async fn metric_sum(port: u16, name: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics").await?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    probe::scrape_sum(port, name, &[]).await
 }
 
 /// How a stack is wired.

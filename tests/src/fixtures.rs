@@ -322,3 +322,15 @@ pub async fn unpublished_outbox<C: GenericClient>(c: &C) -> Result<i64, tokio_po
         .await?;
     Ok(row.get(0))
 }
+
+/// The provisioner job of `workspace`'s latest build.
+pub async fn latest_job<C: GenericClient>(c: &C, workspace: Uuid) -> Uuid {
+    c.query_one(
+        "SELECT job_id FROM workspace_builds WHERE workspace_id = $1
+         ORDER BY build_number DESC LIMIT 1",
+        &[&workspace],
+    )
+    .await
+    .expect("the workspace has a build")
+    .get(0)
+}

@@ -8,6 +8,7 @@
 //!   with [`certs::TestCa`] for certificates made in the test.
 //! - [`notify`]: a webhook receiver and an SMTP sink for the notifier's tests.
 //! - [`Service`]: a real binary of this workspace started as a child process, killed on drop.
+//! - [`probe`]: a running process's HTTP endpoints and Prometheus series.
 //!
 //! Admin connections come from `PREBUILDS_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`)
 //! and `PREBUILDS_TEST_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
@@ -20,6 +21,7 @@ pub mod fixtures;
 pub mod notify;
 pub mod private_postgres;
 pub mod private_rabbit;
+pub mod probe;
 pub mod process;
 pub mod stack;
 

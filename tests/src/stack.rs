@@ -54,20 +54,7 @@ pub fn start(
     (Service::start(binary, &[], &env), port)
 }
 
-/// `GET path` on 127.0.0.1:port, returning (status, body); None while nothing listens.
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
+pub use crate::probe::http_get;
 
 /// The outcome a fake provisioner gives a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1574,18 +1574,7 @@ async fn jobs_cancel_cancels_pending_jobs_and_requests_cancellation_of_running_o
         created_at: now,
         ready: false,
     };
-    let job_of = |workspace: Uuid| {
-        let c = &c;
-        async move {
-            c.query_one(
-                "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-                &[&workspace],
-            )
-            .await
-            .unwrap()
-            .get::<_, Uuid>(0)
-        }
-    };
+    let job_of = |workspace: Uuid| fixtures::latest_job(&c, workspace);
     let pending = job_of(fixtures::prebuild(&c, &fx, &spec("pending")).await).await;
     let running = job_of(fixtures::prebuild(&c, &fx, &spec("running")).await).await;
     let done = job_of(fixtures::prebuild(&c, &fx, &spec("succeeded")).await).await;

@@ -15,7 +15,7 @@ use prebuilds_runtime::amqp::{
 use prebuilds_schemas::{
     BuildStage, CloudEvent, Parameter, ProvisionerJob, RawEvent, Transition, PREBUILDS_USER_ID,
 };
-use prebuilds_tests::{fixtures, Service, TestBroker, TestDb};
+use prebuilds_tests::{fixtures, probe::http_get, Service, TestBroker, TestDb};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -278,20 +278,6 @@ fn provisioner(
     let mut environment = vec![("AMQP_URL", broker.url.as_str()), ("RUST_LOG", "info")];
     environment.extend_from_slice(env);
     Service::start("prebuilds-provisioner", &all, &environment)
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
 }
 
 /// The value of one sample line of `/metrics` (`name{labels}` as printed), 0 when absent.

@@ -39,16 +39,6 @@ fn hostile() -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn ready(port: u16) {
-    for _ in 0..300 {
-        if matches!(http_get(port, "/readyz").await, Some((200, _))) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("service on port {port} never became ready");
-}
-
 /// The core tables are intact (nothing was executed).
 async fn tables_intact(db: &TestDb) {
     let c = db.connect().await;
@@ -95,7 +85,7 @@ async fn claim_rpc_rejects_or_stores_hostile_names_and_parameters_literally() {
         fixtures::prebuild(&c, &fx, &PrebuildSpec::running(Utc::now())).await;
     }
     let (_worker, port) = stack::start("prebuilds-worker", &db, &broker, &[("RUST_LOG", "warn")]);
-    ready(port).await;
+    prebuilds_tests::probe::wait_ready(port).await;
     let client = RpcClient::connect(&broker.url, "input-test", broker.topology.clone())
         .await
         .unwrap();
@@ -223,7 +213,7 @@ async fn a_claim_only_ever_takes_a_workspace_owned_by_the_prebuilds_user() {
     .await
     .unwrap();
     let (_worker, port) = stack::start("prebuilds-worker", &db, &broker, &[("RUST_LOG", "warn")]);
-    ready(port).await;
+    prebuilds_tests::probe::wait_ready(port).await;
     let client = RpcClient::connect(&broker.url, "input-test", broker.topology.clone())
         .await
         .unwrap();
@@ -270,16 +260,9 @@ async fn provisioner_job_logs_store_hostile_output_literally_and_never_loop() {
         },
     )
     .await;
-    let job_id: Uuid = c
-        .query_one(
-            "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-            &[&workspace],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let job_id: Uuid = fixtures::latest_job(&c, workspace).await;
     let (_worker, port) = stack::start("prebuilds-worker", &db, &broker, &[("RUST_LOG", "warn")]);
-    ready(port).await;
+    prebuilds_tests::probe::wait_ready(port).await;
     let publisher = Publisher::new(&broker.url, "input-test", broker.topology.clone());
     let lines = hostile();
     for (_, output) in &lines {
@@ -397,7 +380,7 @@ async fn credentials_never_appear_in_logs_help_or_metrics() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    ready(port).await;
+    prebuilds_tests::probe::wait_ready(port).await;
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
     assert!(!metrics.contains(PG_SECRET), "password in /metrics");
     let _ = std::process::Command::new("kill")

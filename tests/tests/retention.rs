@@ -80,14 +80,7 @@ async fn job_with_log(db: &TestDb, status: &'static str, at: DateTime<Utc>) -> U
         },
     )
     .await;
-    let job: Uuid = c
-        .query_one(
-            "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-            &[&workspace],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let job: Uuid = fixtures::latest_job(&c, workspace).await;
     c.execute(
         "INSERT INTO provisioner_job_logs (job_id, created_at, level, output) VALUES ($1, $2, 'info', 'line')",
         &[&job, &at],

@@ -153,14 +153,7 @@ async fn an_agent_event_held_in_retry_through_a_database_restart_is_applied_once
             ..fixtures::PrebuildSpec::running(chrono::Utc::now())
         };
         let workspace = fixtures::prebuild(&client, &fx, &spec).await;
-        client
-            .query_one(
-                "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-                &[&workspace],
-            )
-            .await
-            .expect("the prebuild's build")
-            .get(0)
+        fixtures::latest_job(&client, workspace).await
     };
     let agent_state = |db: &TestDb| {
         let pool = db.pool.clone();

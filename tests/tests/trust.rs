@@ -20,8 +20,9 @@ use prebuilds_schemas::{
 use prebuilds_tests::{
     broker::amqp_url,
     fixtures::{self, PrebuildSpec, PresetFixture},
+    probe,
     process::binary,
-    stack::{self, http_get, wait_for},
+    stack::{self, wait_for},
     TestBroker, TestDb,
 };
 use prebuilds_worker::{
@@ -306,14 +307,7 @@ async fn with_allow_lists_only_listed_broker_users_may_claim_and_report_events()
         },
     )
     .await;
-    let job: Uuid = c
-        .query_one(
-            "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-            &[&pending],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let job: Uuid = fixtures::latest_job(&c, pending).await;
     let lists = format!("{},someone-else", listed.name);
     let (_worker, port) = stack::start(
         "prebuilds-worker",
@@ -408,15 +402,13 @@ async fn with_allow_lists_only_listed_broker_users_may_claim_and_report_events()
     assert_eq!(job_status(&db, job).await, "pending");
 
     // Refusals are counted.
-    let metrics = http_get(port, "/metrics").await.unwrap().1;
-    let refusals: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("prebuilds_dead_lettered_total") && l.contains("forbidden_publisher")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(refusals, 3.0, "{metrics}");
+    let refusals = probe::scrape_sum(
+        port,
+        "prebuilds_dead_lettered_total",
+        &["reason=\"forbidden_publisher\""],
+    )
+    .await;
+    assert_eq!(refusals, Some(3.0));
 
     // 4. The listed user's claim and event are accepted.
     let claimed = ask(listed.url(), "ws").await;
@@ -572,14 +564,7 @@ async fn the_audit_log_records_who_pushed_paused_and_canceled() {
         },
     )
     .await;
-    let job: Uuid = c
-        .query_one(
-            "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-            &[&workspace],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let job: Uuid = fixtures::latest_job(&c, workspace).await;
     let mut vars = as_os_user.to_vec();
     vars.push(("PREBUILDS_ACTOR", "carol"));
     // A cancel that changes nothing (an unknown id rolls the whole command back): no entry.
@@ -676,13 +661,7 @@ async fn pending_job(db: &TestDb, fx: &PresetFixture) -> Uuid {
         },
     )
     .await;
-    c.query_one(
-        "SELECT job_id FROM workspace_builds WHERE workspace_id = $1",
-        &[&workspace],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    fixtures::latest_job(&c, workspace).await
 }
 
 async fn agents(db: &TestDb, job: Uuid) -> Vec<String> {
@@ -847,17 +826,14 @@ async fn events_before_their_step_wait_for_it_and_forged_ones_are_dead_lettered_
     let broker = TestBroker::new().await;
     let fx = pool(&db, 0).await;
     let (_worker, port) = stack::start("prebuilds-worker", &db, &broker, &[]);
+    probe::wait_ready(port).await;
     let provisioner = Publisher::new(&broker.url, "trust-test", broker.topology.clone());
     let publish = |event| publish_as_provisioner(&provisioner, event);
-    let deferred = || async {
-        let metrics = http_get(port, "/metrics").await.unwrap().1;
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("prebuilds_provisioner_events_total") && l.contains("deferred")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+    let events = |result: &'static str| async move {
+        let label = format!("result=\"{result}\"");
+        probe::scrape_sum(port, "prebuilds_provisioner_events_total", &[&label])
+            .await
+            .expect("the worker's /metrics")
     };
     let start = |job| {
         ProvisionerEvent::JobStarted(JobStarted {
@@ -872,7 +848,7 @@ async fn events_before_their_step_wait_for_it_and_forged_ones_are_dead_lettered_
     wait_for(
         Duration::from_secs(15),
         "the early completion deferred",
-        || async { deferred().await > 0.0 },
+        || async { events("deferred").await > 0.0 },
     )
     .await;
     assert_eq!(job_status(&db, job).await, "pending");
@@ -906,13 +882,13 @@ async fn events_before_their_step_wait_for_it_and_forged_ones_are_dead_lettered_
     assert_eq!(job_status(&db, running).await, "running");
     assert_eq!(agents(&db, job).await, vec!["created".to_owned()]);
 
-    let metrics = http_get(port, "/metrics").await.unwrap().1;
-    let out_of_order: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("prebuilds_dead_lettered_total") && l.contains("out_of_order"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(out_of_order, 2.0, "{metrics}");
+    let out_of_order = probe::scrape_sum(
+        port,
+        "prebuilds_dead_lettered_total",
+        &["reason=\"out_of_order\""],
+    )
+    .await;
+    assert_eq!(out_of_order, Some(2.0));
 }
 
 /// Publishes a state event as a provisioner does, typed by its kind.
