@@ -373,29 +373,12 @@ pub struct ReconcileArgs {
     #[arg(long, env = "PREBUILDS_RECONCILE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
-    /// Backoff per failed prebuild build.
-    #[arg(long, env = "PREBUILDS_BACKOFF_INTERVAL", default_value = "1m", value_parser = parse_duration)]
-    pub backoff_interval: Duration,
-
-    /// Window in which failed builds count toward backoff.
-    #[arg(long, env = "PREBUILDS_BACKOFF_LOOKBACK", default_value = "1h", value_parser = parse_duration)]
-    pub backoff_lookback: Duration,
-
-    /// Consecutive failed builds that hard-limit a preset (0 disables).
-    #[arg(long, env = "PREBUILDS_FAILURE_HARD_LIMIT", default_value_t = 3)]
-    pub failure_hard_limit: u32,
+    #[command(flatten)]
+    pub rules: RuleArgs,
 
     /// Refresh period of the pool-state gauges.
     #[arg(long, env = "PREBUILDS_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub metrics_interval: Duration,
-
-    /// Wait before a hard-limited preset gets one probe create (half-open circuit breaker).
-    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN", default_value = "30m", value_parser = parse_duration)]
-    pub hard_limit_cooldown: Duration,
-
-    /// The cooldown doubles after each failed probe, up to this.
-    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
-    pub hard_limit_cooldown_max: Duration,
 
     /// Global cap on in-flight prebuild create jobs (0 = unlimited). Deletes, cancels and claim
     /// builds are never held back.
@@ -431,6 +414,39 @@ impl ReconcileArgs {
         if self.metrics_interval.is_zero() {
             return Err("PREBUILDS_METRICS_INTERVAL must be greater than 0".into());
         }
+        self.rules.validate()
+    }
+}
+
+/// The rules that decide a preset's state — backoff after failures and the hard limit — as one
+/// group: the workers act on them and `prebuildsctl status` reports what they decide, so both
+/// read the same variables with the same defaults from here.
+#[derive(Debug, Clone, Args)]
+pub struct RuleArgs {
+    /// Backoff per failed prebuild build.
+    #[arg(long, env = "PREBUILDS_BACKOFF_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub backoff_interval: Duration,
+
+    /// Window in which failed builds count toward backoff.
+    #[arg(long, env = "PREBUILDS_BACKOFF_LOOKBACK", default_value = "1h", value_parser = parse_duration)]
+    pub backoff_lookback: Duration,
+
+    /// Consecutive failed builds that hard-limit a preset (0 disables).
+    #[arg(long, env = "PREBUILDS_FAILURE_HARD_LIMIT", default_value_t = 3)]
+    pub failure_hard_limit: u32,
+
+    /// Wait before a hard-limited preset gets one probe create (half-open circuit breaker).
+    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN", default_value = "30m", value_parser = parse_duration)]
+    pub hard_limit_cooldown: Duration,
+
+    /// The cooldown doubles after each failed probe, up to this.
+    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
+    pub hard_limit_cooldown_max: Duration,
+}
+
+impl RuleArgs {
+    /// Relations clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
         if self.backoff_lookback < self.backoff_interval {
             return Err(format!(
                 "PREBUILDS_BACKOFF_LOOKBACK ({:?}) must be at least PREBUILDS_BACKOFF_INTERVAL ({:?})",
@@ -448,6 +464,26 @@ impl ReconcileArgs {
         }
         Ok(())
     }
+
+    /// `config` with these rules in it (durations too large for the core saturate).
+    pub fn apply(
+        &self,
+        config: prebuilds_core::ReconcileConfig,
+    ) -> prebuilds_core::ReconcileConfig {
+        prebuilds_core::ReconcileConfig {
+            backoff_interval: time_delta(self.backoff_interval),
+            backoff_lookback: time_delta(self.backoff_lookback),
+            failure_hard_limit: self.failure_hard_limit,
+            hard_limit_cooldown: time_delta(self.hard_limit_cooldown),
+            hard_limit_cooldown_max: time_delta(self.hard_limit_cooldown_max),
+            ..config
+        }
+    }
+}
+
+/// A configured duration as the core's time delta (saturating: no configuration is that long).
+pub fn time_delta(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 #[cfg(test)]

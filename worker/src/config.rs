@@ -3,7 +3,9 @@
 use clap::Parser;
 use std::time::Duration;
 
-use prebuilds_runtime::config::{parse_duration, ConnectionArgs, ReconcileArgs, ServiceArgs};
+use prebuilds_runtime::config::{
+    parse_duration, time_delta, ConnectionArgs, ReconcileArgs, ServiceArgs,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -93,21 +95,14 @@ impl WorkerArgs {
     }
 
     pub fn core_config(&self) -> prebuilds_core::ReconcileConfig {
-        let delta = |d: std::time::Duration| {
-            chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
-        };
         let r = &self.reconcile;
-        prebuilds_core::ReconcileConfig {
-            backoff_interval: delta(r.backoff_interval),
-            backoff_lookback: delta(r.backoff_lookback),
-            failure_hard_limit: r.failure_hard_limit,
-            hard_limit_cooldown: delta(r.hard_limit_cooldown),
-            hard_limit_cooldown_max: delta(r.hard_limit_cooldown_max),
+        r.rules.apply(prebuilds_core::ReconcileConfig {
             max_inflight_jobs: r.max_inflight_jobs,
             max_inflight_per_preset: r.max_inflight_per_preset,
             max_creates_per_pass: r.max_creates_per_pass,
-            failed_retention: r.failed_retention.map(delta),
+            failed_retention: r.failed_retention.map(time_delta),
             failed_keep: r.failed_keep,
-        }
+            ..prebuilds_core::ReconcileConfig::default()
+        })
     }
 }

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
-use prebuilds_runtime::config::{parse_duration, Connection};
+use prebuilds_runtime::config::{parse_duration, Connection, RuleArgs};
 use prebuilds_store::claims::ClaimHistory;
 use serde::Serialize;
 use uuid::Uuid;
@@ -44,47 +44,9 @@ pub struct Args {
     /// Print a JSON array (with --watch: one array per line and refresh).
     #[arg(long)]
     json: bool,
+    /// The reconciler's rules that change what status reports (the workers' own variables).
     #[command(flatten)]
     rules: RuleArgs,
-}
-
-/// The reconciler's tunables that change what status reports (same variables as the workers).
-#[derive(Debug, Clone, clap::Args)]
-pub struct RuleArgs {
-    /// Backoff per failed prebuild build.
-    #[arg(long, env = "PREBUILDS_BACKOFF_INTERVAL", default_value = "1m", value_parser = parse_duration)]
-    backoff_interval: Duration,
-    /// Window in which failed builds count toward backoff.
-    #[arg(long, env = "PREBUILDS_BACKOFF_LOOKBACK", default_value = "1h", value_parser = parse_duration)]
-    backoff_lookback: Duration,
-    /// Consecutive failed builds that hard-limit a preset (0 disables).
-    #[arg(long, env = "PREBUILDS_FAILURE_HARD_LIMIT", default_value_t = 3)]
-    failure_hard_limit: u32,
-    /// Wait before a hard-limited preset's first probe create.
-    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN", default_value = "30m", value_parser = parse_duration)]
-    hard_limit_cooldown: Duration,
-    /// Longest cooldown between probes.
-    #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
-    hard_limit_cooldown_max: Duration,
-}
-
-impl RuleArgs {
-    fn config(&self) -> anyhow::Result<ReconcileConfig> {
-        let delta = |d: Duration, name: &str| {
-            TimeDelta::from_std(d).map_err(|_| UsageError(format!("{name} is too large")))
-        };
-        Ok(ReconcileConfig {
-            backoff_interval: delta(self.backoff_interval, "PREBUILDS_BACKOFF_INTERVAL")?,
-            backoff_lookback: delta(self.backoff_lookback, "PREBUILDS_BACKOFF_LOOKBACK")?,
-            failure_hard_limit: self.failure_hard_limit,
-            hard_limit_cooldown: delta(self.hard_limit_cooldown, "PREBUILDS_HARD_LIMIT_COOLDOWN")?,
-            hard_limit_cooldown_max: delta(
-                self.hard_limit_cooldown_max,
-                "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX",
-            )?,
-            ..ReconcileConfig::default()
-        })
-    }
 }
 
 /// One preset's row (the `--json` object).
@@ -126,7 +88,8 @@ pub struct Row {
 }
 
 pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
-    let config = args.rules.config()?;
+    args.rules.validate().map_err(UsageError)?;
+    let config = args.rules.apply(ReconcileConfig::default());
     if args.watch && args.interval.is_zero() {
         return Err(UsageError("--interval must be greater than 0".into()).into());
     }
