@@ -527,6 +527,8 @@ mod tests {
                 hard_limit: None,
                 failures_reset_at: None,
                 failed: Vec::new(),
+                autoscaling: None,
+                demand: Default::default(),
             },
             preset_name: preset.into(),
             template_id: Uuid::new_v4(),

@@ -134,6 +134,8 @@ pub async fn load_snapshots<C: GenericClient>(
                 hard_limit,
                 failures_reset_at: r.get("failures_reset_at"),
                 failed: d.failed,
+                autoscaling: None,
+                demand: Default::default(),
             },
             preset_name: r.get("preset_name"),
             template_id: r.get("template_id"),

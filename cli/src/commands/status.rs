@@ -97,7 +97,8 @@ pub struct Row {
     preset: String,
     preset_id: Uuid,
     desired: u32,
-    /// `base`, `schedule`, `not_configured`, `inactive` or `invalid_schedules`.
+    /// `base`, `schedule`, `autoscaling`, `expression`, `expression_fallback`, `not_configured`,
+    /// `inactive` or `invalid_schedules`.
     desired_source: &'static str,
     /// Index of the schedule that set `desired`, when one did.
     schedule_index: Option<usize>,
@@ -300,14 +301,15 @@ async fn collect(
         .into_iter()
         .map(|view| {
             let p = plan(&view.snapshot, now, config);
-            let (desired_source, schedule_index, schedule_error) = match &p.desired.source {
-                DesiredSource::Base => ("base", None, None),
-                DesiredSource::Schedule { index } => ("schedule", Some(*index), None),
-                DesiredSource::NotConfigured => ("not_configured", None, None),
-                DesiredSource::Inactive => ("inactive", None, None),
-                DesiredSource::InvalidSchedules(e) => {
-                    ("invalid_schedules", None, Some(e.to_string()))
-                }
+            let source = &p.desired.source;
+            let desired_source = source.as_str();
+            let schedule_index = match source {
+                DesiredSource::Schedule { index } => Some(*index),
+                _ => None,
+            };
+            let schedule_error = match source {
+                DesiredSource::InvalidSchedules(e) => Some(e.to_string()),
+                _ => None,
             };
             let paused_by = if view.global_paused {
                 Some("global")
