@@ -420,6 +420,11 @@ pub struct ReconcileArgs {
     /// Newest failed prebuilds per preset always kept as evidence.
     #[arg(long, env = "PREBUILDS_FAILED_KEEP", default_value_t = 3)]
     pub failed_keep: u32,
+
+    /// Length of one "minute" of the autoscaling demand windows (`claims_5m` counts the last 5
+    /// of them). Leave it at 1m; tests shorten it to watch windows pass in seconds.
+    #[arg(long, env = "PREBUILDS_DEMAND_TIME_UNIT", default_value = "1m", value_parser = parse_duration)]
+    pub demand_time_unit: Duration,
 }
 
 impl ReconcileArgs {
@@ -427,6 +432,9 @@ impl ReconcileArgs {
     pub fn validate(&self) -> Result<(), String> {
         if self.reconcile_interval.is_zero() {
             return Err("PREBUILDS_RECONCILE_INTERVAL must be greater than 0".into());
+        }
+        if self.demand_time_unit < Duration::from_millis(1) {
+            return Err("PREBUILDS_DEMAND_TIME_UNIT must be at least 1ms".into());
         }
         if self.metrics_interval.is_zero() {
             return Err("PREBUILDS_METRICS_INTERVAL must be greater than 0".into());

@@ -396,6 +396,8 @@ pub struct Refresher {
     pub state: PoolState,
     pub metrics: SchedulerMetrics,
     pub interval: Duration,
+    /// One "minute" of the autoscaling demand windows (`PREBUILDS_DEMAND_TIME_UNIT`).
+    pub demand_time_unit: Duration,
 }
 
 impl Refresher {
@@ -456,7 +458,9 @@ impl Refresher {
             .into_iter()
             .map(|r| r.get(0))
             .collect();
-        let views = prebuilds_store::load_snapshots(&tx, &ids).await?;
+        let mut views = prebuilds_store::load_snapshots(&tx, &ids).await?;
+        prebuilds_store::demand::attach_demand(&tx, views.iter_mut(), now, self.demand_time_unit)
+            .await?;
         let counters: Vec<CounterRow> = tx
             .query(include_str!("sql/metrics_counters.sql"), &[])
             .await?

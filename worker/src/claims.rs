@@ -795,6 +795,7 @@ async fn matching_preset(
                 id,
                 name: r.get("preset_name"),
                 parameters: Vec::new(),
+                is_default: r.get("is_default"),
             })
             .parameters
             .extend(value);

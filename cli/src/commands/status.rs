@@ -66,6 +66,9 @@ pub struct RuleArgs {
     /// Longest cooldown between probes.
     #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
     hard_limit_cooldown_max: Duration,
+    /// One "minute" of the autoscaling demand windows (as the workers'; leave it at 1m).
+    #[arg(long, env = "PREBUILDS_DEMAND_TIME_UNIT", default_value = "1m", value_parser = parse_duration)]
+    demand_time_unit: Duration,
 }
 
 impl RuleArgs {
@@ -295,8 +298,10 @@ async fn collect(
         .into_iter()
         .map(|r| r.get(0))
         .collect();
-    let views = prebuilds_store::load_snapshots(&client, &ids).await?;
-    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now).await?;
+    let mut views = prebuilds_store::load_snapshots(&client, &ids).await?;
+    let unit = args.rules.demand_time_unit;
+    prebuilds_store::demand::attach_demand(&client, views.iter_mut(), now, unit).await?;
+    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now, unit).await?;
     let mut rows: Vec<Row> = views
         .into_iter()
         .map(|view| {
