@@ -167,6 +167,24 @@ async fn a_pool_at_zero_grows_after_misses_and_shrinks_back_when_the_windows_pas
     assert_eq!(miss["reason"], "pool_empty", "{miss}");
     assert_eq!(miss["preset_id"], preset.to_string(), "{miss}");
 
+    // `status --explain` shows the inputs that produced the count.
+    let explained: Value = serde_json::from_str(
+        &env.ok(&["status", "--explain", "on-demand", "--json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(
+        explained["expression"], "if(misses_5m > 0, 2, 0)",
+        "{explained}"
+    );
+    assert_eq!(explained["autoscaling_max"], 5, "{explained}");
+    assert_eq!(explained["scheduled_target"], 0, "{explained}");
+    assert!(
+        explained["variables"]["misses_5m"].as_f64().unwrap() >= 1.0,
+        "{explained}"
+    );
+    assert_eq!(explained["variables"]["claims_5m"], 0.0, "{explained}");
+
     // The miss grows the pool to the expression's 2.
     wait_for(
         Duration::from_secs(30),

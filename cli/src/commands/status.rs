@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
-use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
+use prebuilds_core::{
+    desired_instances, expression_inputs, forecast, plan, DesiredSource, PrebuildStatus,
+    ReconcileConfig, Var,
+};
 use prebuilds_runtime::config::{parse_duration, Connection};
 use prebuilds_store::claims::ClaimHistory;
 use serde::Serialize;
@@ -44,6 +47,10 @@ pub struct Args {
     /// Print a JSON array (with --watch: one array per line and refresh).
     #[arg(long)]
     json: bool,
+    /// Explain one preset's desired count (name or id): the scheduled target, the autoscaling
+    /// bounds and expression, every expression variable and the built-in forecast's inputs.
+    #[arg(long, value_name = "PRESET", conflicts_with = "watch")]
+    explain: Option<String>,
     #[command(flatten)]
     rules: RuleArgs,
 }
@@ -135,6 +142,9 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
         return Err(UsageError("--interval must be greater than 0".into()).into());
     }
     let pool = connect_db(connection).await?;
+    if let Some(preset) = &args.explain {
+        return explain(&pool, &args, &config, Utc::now(), preset).await;
+    }
     if !args.watch {
         let rows = collect(&pool, &args, &config, Utc::now()).await?;
         return print(&rows, args.json, false).await;
@@ -278,29 +288,9 @@ async fn collect(
         // A clear error for a template that does not exist (or is ambiguous).
         resolve_template(&client, template, args.organization.as_deref(), false).await?;
     }
-    let ids: Vec<Uuid> = client
-        .query(
-            "SELECT p.id
-             FROM template_version_presets p
-             JOIN template_versions v ON v.id = p.template_version_id
-             JOIN templates t ON t.id = v.template_id
-             JOIN organizations o ON o.id = t.organization_id
-             WHERE NOT t.deleted                                   -- live templates
-               AND ($1::text IS NULL OR t.name = $1)               -- --template
-               AND ($2::text IS NULL OR o.name = $2)               -- --organization
-               AND ((p.desired_instances IS NOT NULL               -- prebuilds configured...
-                     AND v.id = t.active_version_id)               -- ...on the active version
-                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
-                               WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
-            &[&args.template, &args.organization],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut views = prebuilds_store::load_snapshots(&client, &ids).await?;
+    let ids = listed_presets(&client, args).await?;
     let unit = args.rules.demand_time_unit;
-    prebuilds_store::demand::attach_demand(&client, views.iter_mut(), now, unit).await?;
+    let views = load_views(&client, &ids, now, unit).await?;
     let mut history = prebuilds_store::claims::claim_history(&client, &ids, now, unit).await?;
     let mut rows: Vec<Row> = views
         .into_iter()
@@ -381,4 +371,142 @@ async fn collect(
             ))
     });
     Ok(rows)
+}
+
+/// The presets `status` lists: live templates' presets with prebuilds configured on the active
+/// version, or with live prebuilds (narrowed by `--template` / `--organization`).
+async fn listed_presets(
+    client: &deadpool_postgres::Client,
+    args: &Args,
+) -> anyhow::Result<Vec<Uuid>> {
+    Ok(client
+        .query(
+            "SELECT p.id
+             FROM template_version_presets p
+             JOIN template_versions v ON v.id = p.template_version_id
+             JOIN templates t ON t.id = v.template_id
+             JOIN organizations o ON o.id = t.organization_id
+             WHERE NOT t.deleted                                   -- live templates
+               AND ($1::text IS NULL OR t.name = $1)               -- --template
+               AND ($2::text IS NULL OR o.name = $2)               -- --organization
+               AND ((p.desired_instances IS NOT NULL               -- prebuilds configured...
+                     AND v.id = t.active_version_id)               -- ...on the active version
+                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
+                               WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
+            &[&args.template, &args.organization],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Snapshots with the demand inputs of autoscaled presets, as the workers read them.
+async fn load_views(
+    client: &deadpool_postgres::Client,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+    unit: Duration,
+) -> anyhow::Result<Vec<prebuilds_store::PresetView>> {
+    let mut views = prebuilds_store::load_snapshots(client, ids).await?;
+    prebuilds_store::demand::attach_demand(client, views.iter_mut(), now, unit).await?;
+    Ok(views)
+}
+
+/// `status --explain PRESET`: how the preset's desired count came about.
+async fn explain(
+    pool: &Pool,
+    args: &Args,
+    config: &ReconcileConfig,
+    now: DateTime<Utc>,
+    wanted: &str,
+) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let ids = listed_presets(&client, args).await?;
+    let views = load_views(&client, &ids, now, args.rules.demand_time_unit).await?;
+    let matching: Vec<_> = views
+        .into_iter()
+        .filter(|v| v.preset_name == wanted || v.preset_id().to_string() == wanted)
+        .collect();
+    let view = match matching.len() {
+        1 => matching.into_iter().next().expect("one element"),
+        0 => {
+            return Err(UsageError(format!(
+                "no listed preset is named or has the id '{wanted}'; see `prebuildsctl status`"
+            ))
+            .into())
+        }
+        n => {
+            return Err(UsageError(format!(
+                "{n} presets are named '{wanted}'; pass --template (and --organization) or the \
+                 preset id"
+            ))
+            .into())
+        }
+    };
+    let snapshot = &view.snapshot;
+    let p = plan(snapshot, now, config);
+    let scheduled = desired_instances(&snapshot.preset, &snapshot.schedules, now);
+    let inputs = expression_inputs(snapshot, now, scheduled.count);
+    let f = forecast(&snapshot.demand);
+    let fallback_error = match &p.desired.source {
+        DesiredSource::ExpressionFallback(e) => Some(e.to_string()),
+        _ => None,
+    };
+    let mut variables = serde_json::Map::new();
+    for var in Var::all() {
+        variables.insert(var.name(), inputs.get(var).into());
+    }
+    let auto = snapshot.autoscaling.as_ref();
+    let explanation = serde_json::json!({
+        "preset": view.preset_name,
+        "preset_id": view.preset_id(),
+        "template": view.template_name,
+        "desired": p.state.desired,
+        "desired_source": p.desired.source.as_str(),
+        "scheduled_target": scheduled.count,
+        "scheduled_source": scheduled.source.as_str(),
+        "autoscaling_min": auto.map(|a| a.min),
+        "autoscaling_max": auto.map(|a| a.max),
+        "expression": auto.and_then(|a| a.expression.clone()),
+        "expression_error": fallback_error,
+        "variables": variables,
+        "forecast_rate_per_min": f.rate_per_sec * 60.0,
+        "forecast_rate_window_min": f.rate_window,
+        "forecast_lead_time_secs": f.lead_time.as_seconds_f64(),
+        "forecast_lead_time_measured": snapshot.demand.create_p90_ms.is_some(),
+        "forecast_expected_claims": f.expected,
+        "forecast_headroom": f.headroom,
+        "forecast_target": f.target,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+        return Ok(());
+    }
+    let Some(obj) = explanation.as_object() else {
+        return Ok(());
+    };
+    for (key, value) in obj {
+        if key == "variables" {
+            continue;
+        }
+        println!("{key:<28} {}", plain(value));
+    }
+    println!("variables:");
+    for (name, value) in &variables {
+        println!("  {name:<26} {}", plain(value));
+    }
+    Ok(())
+}
+
+fn plain(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.3}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
