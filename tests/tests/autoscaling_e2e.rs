@@ -139,13 +139,12 @@ async fn a_pool_at_zero_grows_after_misses_and_shrinks_back_when_the_windows_pas
         .unwrap()
         .get(0);
 
-    // The scheduler's tick (1 s, its least) re-reads the windows as they pass.
+    // The scheduler's tick: 1 s, its least.
     let timing = [
         ("PREBUILDS_DEMAND_TIME_UNIT", UNIT),
         ("PREBUILDS_RECONCILE_INTERVAL", "1s"),
     ];
     let (_worker, _) = stack::start("prebuilds-worker", &env.db, &env.broker, &timing);
-    let (_scheduler, _) = stack::start("prebuilds-scheduler", &env.db, &env.broker, &timing);
     let (_provisioner, _) = stack::start(
         "prebuilds-provisioner",
         &env.db,
@@ -196,7 +195,10 @@ async fn a_pool_at_zero_grows_after_misses_and_shrinks_back_when_the_windows_pas
     assert_eq!(claimed["outcome"], "claimed", "{claimed}");
     assert_eq!(claimed["preset_id"], preset.to_string(), "{claimed}");
 
-    // Once the miss has left the 5-unit window, the pool shrinks back to 0.
+    // Once the miss has left the 5-unit window, the pool shrinks back to 0. Until now no
+    // scheduler ran: the growth came from the reconcile the miss itself requested. Its tick is
+    // what re-reads the windows as they pass.
+    let (_scheduler, _) = stack::start("prebuilds-scheduler", &env.db, &env.broker, &timing);
     wait_for(Duration::from_secs(60), "the pool back at 0", || async {
         let counts = pool_counts(&env.db, preset).await;
         counts.running == 0 && counts.in_progress == 0
