@@ -299,3 +299,36 @@ presets:
         .await;
     assert!(second.is_err(), "the one-default index holds");
 }
+
+#[tokio::test]
+async fn a_run_time_failure_falls_back_to_the_scheduled_target_and_says_so() {
+    let env = Env::new().await;
+    env.ok(&["org", "create", "acme"]).await;
+    let file = env.file(
+        "fallback.yaml",
+        r#"
+organization: acme
+template: fb
+version: v1
+activate: true
+presets:
+  - name: p
+    prebuilds:
+      instances: 3
+      autoscaling: {min: 1, max: 10, expression: "claims_5m / misses_5m"}
+"#,
+    );
+    env.ok(&["template", "push", &file]).await;
+    let row = env.status_row("p").await;
+    assert_eq!(row["desired_source"], "expression_fallback", "{row}");
+    assert_eq!(row["desired"], 3, "{row}");
+    let explained: Value =
+        serde_json::from_str(&env.ok(&["status", "--explain", "p", "--json"]).await).unwrap();
+    assert_eq!(
+        explained["expression_error"],
+        "expression failed: division by zero in (claims_5m / misses_5m)",
+        "{explained}"
+    );
+    let text = env.ok(&["status"]).await;
+    assert!(text.contains("3 (expression failed)"), "{text}");
+}

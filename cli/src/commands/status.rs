@@ -29,6 +29,7 @@ use crate::{
     Examples:\n  \
     prebuildsctl status\n  \
     prebuildsctl status --template python-dev --watch\n  \
+    prebuildsctl status --explain large\n  \
     prebuildsctl status --json | jq '.[] | select(.eligible < .desired)'"
 )]
 pub struct Args {
@@ -223,6 +224,8 @@ async fn print(rows: &[Row], json: bool, compact: bool) -> anyhow::Result<()> {
             let desired = match r.desired_source {
                 "schedule" => format!("{} (schedule)", r.desired),
                 "invalid_schedules" => format!("{} (schedules invalid)", r.desired),
+                "autoscaling" | "expression" => format!("{} ({})", r.desired, r.desired_source),
+                "expression_fallback" => format!("{} (expression failed)", r.desired),
                 _ => r.desired.to_string(),
             };
             let status = match (r.backoff_until, r.next_probe_at) {
