@@ -191,6 +191,22 @@ async fn a_pool_at_zero_grows_after_misses_and_shrinks_back_when_the_windows_pas
         || async { pool_counts(&env.db, preset).await.eligible == 2 },
     )
     .await;
+    // The pool's own creates are now the lead time's evidence (the p90 of their durations).
+    let explained: Value = serde_json::from_str(
+        &env.ok(&["status", "--explain", "on-demand", "--json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(
+        explained["forecast_lead_time_measured"], true,
+        "{explained}"
+    );
+    let lead = explained["forecast_lead_time_secs"].as_f64().unwrap();
+    assert!(
+        lead > 0.0 && lead < 30.0,
+        "sim creates take 20-50 ms plus queueing: {explained}"
+    );
+
     let claimed = env.claim(&["--template", "auto", "--name", "w2"]).await;
     assert_eq!(claimed["outcome"], "claimed", "{claimed}");
     assert_eq!(claimed["preset_id"], preset.to_string(), "{claimed}");
