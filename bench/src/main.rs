@@ -6,6 +6,7 @@
 //!
 //! Run: `cargo build --release --bins && cargo run --release -p bench -- all`.
 
+mod demand;
 mod report;
 mod scenarios;
 mod stats;
@@ -24,6 +25,8 @@ enum Scenario {
     Memory,
     Lanes,
     TimeToReady,
+    /// A simulated day of bursty claims against fixed and autoscaled pools (no services).
+    Demand,
 }
 
 #[derive(Debug, Parser)]
@@ -52,6 +55,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.scenario == Scenario::Demand {
+        print!("{}", report::demand(&demand::run(30)));
+        return Ok(());
+    }
     let sizes = if args.smoke {
         scenarios::Sizes::smoke()
     } else {

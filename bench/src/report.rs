@@ -339,6 +339,66 @@ fn machine() -> String {
     )
 }
 
+/// The `demand` scenario's table (Markdown), with the comparison the goal asks for: the smallest
+/// fixed pool reaching 95 % hits against each demand policy.
+pub fn demand(outcomes: &[crate::demand::Outcome]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| policy | claims | hit rate | idle prebuild-hours | provisioning hours |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let smallest = outcomes
+        .iter()
+        .filter(|o| o.label.starts_with("fixed") && o.hit_rate() >= 0.95)
+        .min_by(|a, b| a.idle_hours.total_cmp(&b.idle_hours));
+    for o in outcomes {
+        let shown = !o.label.starts_with("fixed")
+            || smallest.is_some_and(|s| s.label == o.label)
+            || [1, 2, 4, 6, 8, 10, 12, 16, 20]
+                .iter()
+                .any(|n| o.label == format!("fixed pool of {n}"));
+        if shown {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} % | {:.1} | {:.1} |",
+                o.label,
+                o.claims,
+                o.hit_rate() * 100.0,
+                o.idle_hours,
+                o.provisioning_hours
+            );
+        }
+    }
+    match smallest {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "\nsmallest fixed pool with >= 95 % hits: {} ({:.1} idle prebuild-hours)",
+                s.label, s.idle_hours
+            );
+            for o in outcomes.iter().filter(|o| !o.label.starts_with("fixed")) {
+                let verdict = if o.hit_rate() >= 0.95 && o.idle_hours < s.idle_hours {
+                    "meets the goal"
+                } else {
+                    "misses the goal"
+                };
+                let _ = writeln!(
+                    out,
+                    "{}: {:.1} % hits, {:.1} idle prebuild-hours ({:.0} % of the fixed pool's): {verdict}",
+                    o.label,
+                    o.hit_rate() * 100.0,
+                    o.idle_hours,
+                    o.idle_hours / s.idle_hours * 100.0
+                );
+            }
+        }
+        None => out.push_str("\nno fixed pool up to the largest tried reaches 95 % hits\n"),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

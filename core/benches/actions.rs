@@ -97,6 +97,8 @@ fn fixture(now: DateTime<Utc>) -> Vec<PresetSnapshot> {
                 hard_limit: None,
                 failures_reset_at: None,
                 failed: Vec::new(),
+                autoscaling: None,
+                demand: Default::default(),
             }
         })
         .collect()

@@ -5,9 +5,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::autoscale::desired_count;
 use crate::failures::{backoff, failed_to_delete, Backoff};
 use crate::recovery::{hard_limit, HardLimitDecision};
-use crate::schedule::{desired_instances, DesiredCount};
+use crate::schedule::DesiredCount;
 use crate::snapshot::{PrebuildStatus, PresetSnapshot, ReconcileConfig, RunningPrebuild};
 use crate::state::{is_expired, state_with_desired, PresetState};
 
@@ -83,7 +84,7 @@ pub struct Plan {
 /// deletes are not subtracted from the extraneous count (the next cycle sees the truth).
 pub fn plan(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileConfig) -> Plan {
     let preset = &snapshot.preset;
-    let desired = desired_instances(preset, &snapshot.schedules, now);
+    let desired = desired_count(snapshot, now);
     let state = state_with_desired(snapshot, now, desired.count);
 
     let backoff = backoff(snapshot, now, config);
@@ -229,7 +230,7 @@ pub fn creates_to_execute(
     plan: &Plan,
     now: DateTime<Utc>,
 ) -> CreateDecision {
-    let desired = desired_instances(&snapshot.preset, &snapshot.schedules, now).count;
+    let desired = desired_count(snapshot, now).count;
     let (count, clamped_from) = if requested > desired {
         (desired, Some(requested))
     } else {

@@ -12,10 +12,16 @@ pub struct PresetCandidate {
     /// The preset's name (for telling a user what could have matched).
     pub name: String,
     pub parameters: Vec<(String, String)>,
+    /// Marked `default: true` in the template file (at most one per version).
+    #[serde(default)]
+    pub is_default: bool,
 }
 
 /// The preset a claim request without `preset_id` asks for.
 ///
+/// 0. A request with no parameters at all gets the version's default preset, when it has one
+///    (the template says which preset a plain "give me one" means). Otherwise, or with any
+///    parameter given, matching proceeds:
 /// 1. Read the request as a map over the template parameters' `defaults`: a parameter the request
 ///    leaves out takes its default; a name given twice takes its last value (as form values do).
 /// 2. A candidate matches when every one of its parameters is present in that map with an equal
@@ -29,6 +35,11 @@ pub fn match_preset(
     defaults: &[(String, String)],
     requested: &[(String, String)],
 ) -> Option<Uuid> {
+    if requested.is_empty() {
+        if let Some(default) = candidates.iter().find(|c| c.is_default) {
+            return Some(default.id);
+        }
+    }
     let values: HashMap<&str, &str> = defaults
         .iter()
         .chain(requested)
@@ -66,6 +77,7 @@ mod tests {
             id: Uuid::from_u128(id),
             name: format!("p{id}"),
             parameters: params(p),
+            is_default: false,
         }
     }
 
@@ -199,5 +211,32 @@ mod tests {
                 "{name} (reversed)"
             );
         }
+    }
+
+    #[test]
+    fn a_request_without_parameters_gets_the_default_preset() {
+        let mut fixed = cand(1, &[("cpus", "8")]);
+        let mut other = cand(2, &[("cpus", "2")]);
+        let defaults = params(&[("cpus", "2")]);
+        // No default: ordinary matching (the parameter's default picks preset 2).
+        assert_eq!(
+            match_preset(&[fixed.clone(), other.clone()], &defaults, &[]),
+            Some(Uuid::from_u128(2))
+        );
+        fixed.is_default = true;
+        let both = [fixed.clone(), other.clone()];
+        assert_eq!(
+            match_preset(&both, &defaults, &[]),
+            Some(Uuid::from_u128(1))
+        );
+        // Any parameter given: matching, not the default.
+        assert_eq!(
+            match_preset(&both, &defaults, &params(&[("cpus", "2")])),
+            Some(Uuid::from_u128(2))
+        );
+        // No default and nothing matches: still no match.
+        other.parameters = params(&[("cpus", "4")]);
+        fixed.is_default = false;
+        assert_eq!(match_preset(&[fixed, other], &[], &[]), None);
     }
 }

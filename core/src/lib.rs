@@ -11,12 +11,15 @@
 //! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps,
 //! their fair share, and the per-transaction create budget), [`names`] (workspace names),
 //! [`claim`] (preset matching for claims), [`job_events`] (which provisioner event a job accepts in
-//! each of its states).
+//! each of its states), [`expr`] (the sizing expression language) and [`autoscale`]
+//! (demand-driven desired counts).
 
 pub mod actions;
+pub mod autoscale;
 pub mod capacity;
 pub mod claim;
 pub mod cron;
+pub mod expr;
 pub mod failures;
 pub mod job_events;
 pub mod names;
@@ -29,9 +32,13 @@ pub mod state;
 pub use actions::{
     actions, can_skip, creates_to_execute, plan, Action, CreateDecision, Plan, SkipReason,
 };
+pub use autoscale::{
+    desired_count, expression_inputs, forecast, Autoscaling, Demand, ExpressionFailure, Forecast,
+};
 pub use capacity::{creates_allowed, Capacity, CreateBudget};
 pub use claim::{match_preset, PresetCandidate};
 pub use cron::{matches_cron, CronField, CronSpec, OverlapWitness};
+pub use expr::{EvalError, EvalErrorKind, Expression, Inputs, ParseError, Var, WINDOW_MINUTES};
 pub use failures::{backoff, backoff_until, failed_to_delete, is_hard_limited, Backoff};
 pub use job_events::{admit, Admission, JobEventKind, JobStatus};
 pub use names::{prebuild_name, validate_workspace_name, NameError, MAX_WORKSPACE_NAME_LEN};

@@ -178,6 +178,8 @@ mod tests {
             hard_limit: None,
             failures_reset_at: None,
             failed: vec![],
+            autoscaling: None,
+            demand: Default::default(),
         }
     }
 

@@ -67,6 +67,28 @@ pub enum DesiredSource {
     Schedule { index: usize },
     /// The schedule set is unusable (the shell logs the error); the base value applies.
     InvalidSchedules(ScheduleError),
+    /// The built-in demand policy of `autoscaling` ([`crate::autoscale::forecast`]).
+    Autoscaling,
+    /// The preset's `autoscaling.expression`.
+    Expression,
+    /// The expression failed at run time; the scheduled target (clamped) applies.
+    ExpressionFallback(crate::autoscale::ExpressionFailure),
+}
+
+impl DesiredSource {
+    /// The spelling of `status --json`'s `desired_source` and of the source gauge's label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Inactive => "inactive",
+            Self::NotConfigured => "not_configured",
+            Self::Base => "base",
+            Self::Schedule { .. } => "schedule",
+            Self::InvalidSchedules(_) => "invalid_schedules",
+            Self::Autoscaling => "autoscaling",
+            Self::Expression => "expression",
+            Self::ExpressionFallback(_) => "expression_fallback",
+        }
+    }
 }
 
 /// A desired count and its source.

@@ -9,6 +9,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::autoscale::{Autoscaling, Demand};
+
 /// The preset's stored `prebuild_status` (column `template_version_presets.prebuild_status`).
 ///
 /// Only the reconciler moves a preset away from `Healthy`. A `hard_limited` preset recovers through
@@ -211,6 +213,12 @@ pub struct PresetSnapshot {
     /// Failed prebuilds of the preset, in any order.
     #[serde(default)]
     pub failed: Vec<FailedPrebuild>,
+    /// The preset's `autoscaling` block, when it has one ([`crate::autoscale`]).
+    #[serde(default)]
+    pub autoscaling: Option<Autoscaling>,
+    /// Recent claims, misses and create durations (only read with `autoscaling`).
+    #[serde(default)]
+    pub demand: Demand,
 }
 
 /// The reconciler's tunables (`PREBUILDS_BACKOFF_INTERVAL`, `PREBUILDS_BACKOFF_LOOKBACK`,

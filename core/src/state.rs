@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::schedule::desired_instances;
+use crate::autoscale::desired_count;
 use crate::snapshot::{PresetInfo, PresetSnapshot, RunningPrebuild};
 
 /// Counts derived from a snapshot at an instant.
@@ -42,7 +42,7 @@ pub fn is_expired(preset: &PresetInfo, prebuild: &RunningPrebuild, now: DateTime
 
 /// The state of a preset at `now` (desired count evaluated at `now`).
 pub fn state(snapshot: &PresetSnapshot, now: DateTime<Utc>) -> PresetState {
-    let desired = desired_instances(&snapshot.preset, &snapshot.schedules, now).count;
+    let desired = desired_count(snapshot, now).count;
     state_with_desired(snapshot, now, desired)
 }
 

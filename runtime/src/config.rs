@@ -442,11 +442,19 @@ pub struct RuleArgs {
     /// The cooldown doubles after each failed probe, up to this.
     #[arg(long, env = "PREBUILDS_HARD_LIMIT_COOLDOWN_MAX", default_value = "4h", value_parser = parse_duration)]
     pub hard_limit_cooldown_max: Duration,
+
+    /// Length of one "minute" of the autoscaling demand windows (`claims_5m` counts the last 5
+    /// of them). Leave it at 1m; tests shorten it to watch windows pass in seconds.
+    #[arg(long, env = "PREBUILDS_DEMAND_TIME_UNIT", default_value = "1m", value_parser = parse_duration)]
+    pub demand_time_unit: Duration,
 }
 
 impl RuleArgs {
     /// Relations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.demand_time_unit < Duration::from_millis(1) {
+            return Err("PREBUILDS_DEMAND_TIME_UNIT must be at least 1ms".into());
+        }
         if self.backoff_lookback < self.backoff_interval {
             return Err(format!(
                 "PREBUILDS_BACKOFF_LOOKBACK ({:?}) must be at least PREBUILDS_BACKOFF_INTERVAL ({:?})",

@@ -94,6 +94,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         state: pool_state.clone(),
         metrics: metrics.clone(),
         interval: config.reconcile.metrics_interval,
+        demand_time_unit: config.reconcile.rules.demand_time_unit,
     };
     let reaper = Reaper {
         pool: pool.clone(),

@@ -20,6 +20,8 @@
 //! | `coderd_prebuilt_workspaces_preset_hard_limited` | gauge | 1 per hard-limited active preset; absent otherwise |
 //! | `coderd_prebuilt_workspaces_preset_validation_failed` | gauge | 1 per validation-failed active preset; absent otherwise |
 //! | `prebuilds_preset_next_probe_timestamp_seconds` | gauge | per hard-limited active preset: unix time of its next probe create (absent otherwise) |
+//! | `prebuilds_preset_desired_source` | gauge | 1 per active preset, with a fourth label `source` (what set its desired count) |
+//! | `prebuilds_autoscaling_demand_per_minute`, `_lead_time_seconds`, `_forecast` | gauge | per autoscaled active preset: the built-in forecast's inputs and target |
 //! | `coderd_prebuilt_workspaces_reconciliation_paused` | gauge | one, no labels |
 //! | `coderd_prebuilt_workspaces_metrics_last_updated` | gauge | one, no labels (unix seconds) |
 //!
@@ -90,6 +92,14 @@ pub struct PoolSnapshot {
     pub hard_limited: BTreeMap<SeriesKey, f64>,
     pub validation_failed: BTreeMap<SeriesKey, f64>,
     pub next_probe: BTreeMap<SeriesKey, f64>,
+    /// 1 per (label set, desired source); a label set whose presets disagree has several.
+    pub desired_source: BTreeMap<(SeriesKey, &'static str), f64>,
+    /// Autoscaled presets: the built-in forecast's demand rate (claims + misses per minute)...
+    pub demand_rate: BTreeMap<SeriesKey, f64>,
+    /// ...its lead time (the p90 create duration, or the default)...
+    pub lead_time: BTreeMap<SeriesKey, f64>,
+    /// ...and its target before the schedule floor and the clamp.
+    pub forecast: BTreeMap<SeriesKey, f64>,
 }
 
 impl PoolSnapshot {
@@ -117,6 +127,15 @@ impl PoolSnapshot {
                 organization_name: view.organization_name.clone(),
             };
             let state = prebuilds_core::state(&view.snapshot, now);
+            let source = prebuilds_core::desired_count(&view.snapshot, now).source;
+            s.desired_source.insert((key.clone(), source.as_str()), 1.0);
+            if view.snapshot.autoscaling.is_some() {
+                let f = prebuilds_core::forecast(&view.snapshot.demand);
+                *s.demand_rate.entry(key.clone()).or_default() += f.rate_per_sec * 60.0;
+                let lead = s.lead_time.entry(key.clone()).or_default();
+                *lead = lead.max(f.lead_time.as_seconds_f64());
+                *s.forecast.entry(key.clone()).or_default() += f64::from(f.target);
+            }
             *s.desired.entry(key.clone()).or_default() += f64::from(state.desired);
             *s.running.entry(key.clone()).or_default() += f64::from(state.actual);
             *s.eligible.entry(key.clone()).or_default() += f64::from(state.eligible);
@@ -205,12 +224,16 @@ enum Family {
     HardLimited,
     ValidationFailed,
     NextProbe,
+    DesiredSource,
+    DemandRate,
+    LeadTime,
+    Forecast,
     Paused,
     LastUpdated,
 }
 
 impl Family {
-    const ALL: [Family; 11] = [
+    const ALL: [Family; 15] = [
         Family::Created,
         Family::Failed,
         Family::Claimed,
@@ -220,6 +243,10 @@ impl Family {
         Family::HardLimited,
         Family::ValidationFailed,
         Family::NextProbe,
+        Family::DesiredSource,
+        Family::DemandRate,
+        Family::LeadTime,
+        Family::Forecast,
         Family::Paused,
         Family::LastUpdated,
     ];
@@ -235,6 +262,10 @@ impl Family {
             Family::HardLimited => "coderd_prebuilt_workspaces_preset_hard_limited",
             Family::ValidationFailed => "coderd_prebuilt_workspaces_preset_validation_failed",
             Family::NextProbe => "prebuilds_preset_next_probe_timestamp_seconds",
+            Family::DesiredSource => "prebuilds_preset_desired_source",
+            Family::DemandRate => "prebuilds_autoscaling_demand_per_minute",
+            Family::LeadTime => "prebuilds_autoscaling_lead_time_seconds",
+            Family::Forecast => "prebuilds_autoscaling_forecast",
             Family::Paused => "coderd_prebuilt_workspaces_reconciliation_paused",
             Family::LastUpdated => "coderd_prebuilt_workspaces_metrics_last_updated",
         }
@@ -251,6 +282,10 @@ impl Family {
             Family::Eligible => "Current number of prebuilt workspaces that are eligible to be claimed by users. These are workspaces that have completed their build process with their agent reporting 'ready' status.",
             Family::HardLimited => "Indicates whether a given preset has reached the hard failure limit (1 = hard-limited). Metric is omitted otherwise.",
             Family::ValidationFailed => "Indicates whether a given preset failed validation when creating prebuilt workspaces (1 = validation failed). Metric is omitted otherwise.",
+            Family::DesiredSource => "1 for the source of each preset's desired count (label source: base, schedule, autoscaling, expression, expression_fallback, inactive, not_configured, invalid_schedules).",
+            Family::DemandRate => "Autoscaled presets: recent demand (claims plus misses per minute, the highest rate over the 5 to 120 minute windows) the built-in policy forecasts from.",
+            Family::LeadTime => "Autoscaled presets: provisioning lead time the built-in policy uses (p90 of recent create durations, or the 2-minute default).",
+            Family::Forecast => "Autoscaled presets: the built-in policy's target (expected claims during one lead time plus headroom), before the schedule floor and the [min, max] clamp.",
             Family::NextProbe => "Unix time at which a hard-limited preset gets its next probe create (automatic recovery). Metric is omitted for presets that are not hard-limited.",
             Family::Paused => "Indicates whether prebuilds reconciliation is currently paused (1 = paused, 0 = not paused).",
             Family::LastUpdated => "The unix timestamp when the metrics related to prebuilt workspaces were last updated; these metrics are cached.",
@@ -276,8 +311,11 @@ impl Family {
             Family::HardLimited => &s.hard_limited,
             Family::ValidationFailed => &s.validation_failed,
             Family::NextProbe => &s.next_probe,
-            Family::Paused | Family::LastUpdated => {
-                unreachable!("unlabelled families have no series map")
+            Family::DemandRate => &s.demand_rate,
+            Family::LeadTime => &s.lead_time,
+            Family::Forecast => &s.forecast,
+            Family::Paused | Family::LastUpdated | Family::DesiredSource => {
+                unreachable!("unlabelled families and the source family have no plain series map")
             }
         }
     }
@@ -295,11 +333,14 @@ impl PoolCollector {
         let descs = Family::ALL
             .iter()
             .map(|f| {
-                let labels = if f.is_labelled() {
+                let mut labels: Vec<String> = if f.is_labelled() {
                     LABELS.iter().map(|l| (*l).to_owned()).collect()
                 } else {
                     Vec::new()
                 };
+                if matches!(f, Family::DesiredSource) {
+                    labels.push("source".to_owned());
+                }
                 Desc::new(f.name().into(), f.help().into(), labels, HashMap::new())
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -377,7 +418,24 @@ impl Collector for PoolCollector {
             Family::LastUpdated,
             vec![sample(Family::LastUpdated, Vec::new(), last)],
         ));
-        for f in Family::ALL.into_iter().filter(|f| f.is_labelled()) {
+        let f = Family::DesiredSource;
+        let metrics = snapshot
+            .desired_source
+            .iter()
+            .map(|((key, source), value)| {
+                let mut labels = label_pairs(key);
+                let mut lp = LabelPair::default();
+                lp.set_name("source".to_owned());
+                lp.set_value((*source).to_owned());
+                labels.push(lp);
+                sample(f, labels, *value)
+            })
+            .collect();
+        out.push(family(f, metrics));
+        for f in Family::ALL
+            .into_iter()
+            .filter(|f| f.is_labelled() && !matches!(f, Family::DesiredSource))
+        {
             let metrics = f
                 .series(snapshot)
                 .iter()
@@ -396,6 +454,8 @@ pub struct Refresher {
     pub state: PoolState,
     pub metrics: SchedulerMetrics,
     pub interval: Duration,
+    /// One "minute" of the autoscaling demand windows (`PREBUILDS_DEMAND_TIME_UNIT`).
+    pub demand_time_unit: Duration,
 }
 
 impl Refresher {
@@ -456,7 +516,9 @@ impl Refresher {
             .into_iter()
             .map(|r| r.get(0))
             .collect();
-        let views = prebuilds_store::load_snapshots(&tx, &ids).await?;
+        let mut views = prebuilds_store::load_snapshots(&tx, &ids).await?;
+        prebuilds_store::demand::attach_demand(&tx, views.iter_mut(), now, self.demand_time_unit)
+            .await?;
         let counters: Vec<CounterRow> = tx
             .query(include_str!("sql/metrics_counters.sql"), &[])
             .await?
@@ -527,6 +589,8 @@ mod tests {
                 hard_limit: None,
                 failures_reset_at: None,
                 failed: Vec::new(),
+                autoscaling: None,
+                demand: Default::default(),
             },
             preset_name: preset.into(),
             template_id: Uuid::new_v4(),
@@ -621,5 +685,40 @@ mod tests {
         // Stepping down forgets the cache at once.
         state.set_leader(false);
         assert_eq!(render(&state), "");
+    }
+
+    #[test]
+    fn the_desired_source_and_the_forecast_inputs_are_exported() {
+        let mut auto = view("t", "auto", true, 1, &[]);
+        auto.snapshot.autoscaling = Some(prebuilds_core::Autoscaling {
+            min: 0,
+            max: 10,
+            expression: None,
+        });
+        auto.snapshot.demand.claims = [10, 10, 10, 10, 10];
+        auto.snapshot.demand.create_p90_ms = Some(60_000);
+        let views = vec![view("t", "plain", true, 2, &[]), auto];
+        let s = PoolSnapshot::build(&views, &[], Utc::now());
+        assert_eq!(s.desired_source[&(key("t", "plain"), "base")], 1.0);
+        assert_eq!(s.desired_source[&(key("t", "auto"), "autoscaling")], 1.0);
+        // 10 claims in 5 minutes: 2 per minute; one minute of lead: λ = 2, ⌈2 + 2√2⌉ = 5.
+        assert_eq!(s.demand_rate[&key("t", "auto")], 2.0);
+        assert_eq!(s.lead_time[&key("t", "auto")], 60.0);
+        assert_eq!(s.forecast[&key("t", "auto")], 5.0);
+        assert!(
+            !s.forecast.contains_key(&key("t", "plain")),
+            "only autoscaled presets"
+        );
+
+        let state = PoolState::default();
+        state.set_leader(true);
+        state.set_snapshot(s, false);
+        let text = render(&state);
+        assert!(text.contains(
+            "prebuilds_preset_desired_source{template_name=\"t\",preset_name=\"auto\",organization_name=\"acme\",source=\"autoscaling\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "prebuilds_autoscaling_forecast{template_name=\"t\",preset_name=\"auto\",organization_name=\"acme\"} 5"
+        ), "{text}");
     }
 }

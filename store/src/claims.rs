@@ -2,6 +2,7 @@
 //! `prebuildsctl status`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -24,15 +25,49 @@ pub struct ClaimHistory {
     pub misses_120m: i64,
 }
 
-/// The history of `preset_ids` at `now` (presets without claims are absent: read them as zero).
+impl ClaimHistory {
+    /// Claims per window, in the order of `prebuilds_core::WINDOW_MINUTES`.
+    pub fn claims(&self) -> [u32; 5] {
+        [
+            self.claims_5m,
+            self.claims_10m,
+            self.claims_30m,
+            self.claims_60m,
+            self.claims_120m,
+        ]
+        .map(count)
+    }
+
+    /// Misses per window, in the same order.
+    pub fn misses(&self) -> [u32; 5] {
+        [
+            self.misses_5m,
+            self.misses_10m,
+            self.misses_30m,
+            self.misses_60m,
+            self.misses_120m,
+        ]
+        .map(count)
+    }
+}
+
+fn count(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The history of `preset_ids` at `now`, with windows of `unit` minutes (one minute in
+/// production; presets without claims are absent: read them as zero).
 pub async fn claim_history<C: GenericClient>(
     c: &C,
     preset_ids: &[Uuid],
     now: DateTime<Utc>,
+    unit: Duration,
 ) -> Result<HashMap<Uuid, ClaimHistory>, tokio_postgres::Error> {
     let ids = preset_ids.to_vec();
+    // As a PostgreSQL interval in microseconds; the statement multiplies it per window.
+    let unit = format!("{} microseconds", unit.as_micros());
     let rows = c
-        .query(include_str!("sql/claim_history.sql"), &[&ids, &now])
+        .query(include_str!("sql/claim_history.sql"), &[&ids, &now, &unit])
         .await?;
     Ok(rows
         .into_iter()

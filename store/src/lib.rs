@@ -1,11 +1,12 @@
 //! SQL shared by the prebuilds binaries, each query once: reading per-preset snapshots for the
 //! pure core ([`snapshot`]), the per-preset transaction lock ([`lock`]), and global settings
-//! ([`settings`]), claim history ([`claims`]) and in-flight capacity ([`capacity`]). The SQL lives in `src/sql/*.sql`, one file per query, with a comment on every
+//! ([`settings`]), claim history ([`claims`]), the demand inputs of autoscaled presets ([`demand`]) and in-flight capacity ([`capacity`]). The SQL lives in `src/sql/*.sql`, one file per query, with a comment on every
 //! predicate.
 
 pub mod attention;
 pub mod capacity;
 pub mod claims;
+pub mod demand;
 pub mod lock;
 pub mod settings;
 pub mod snapshot;

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use prebuilds_core::{
-    BuildOutcome, FailedPrebuild, HardLimitRecord, InProgress, PrebuildStatus, PresetInfo,
-    PresetSnapshot, RunningPrebuild, Schedule, StartBuild,
+    Autoscaling, BuildOutcome, FailedPrebuild, HardLimitRecord, InProgress, PrebuildStatus,
+    PresetInfo, PresetSnapshot, RunningPrebuild, Schedule, StartBuild,
 };
 use prebuilds_runtime::db::cached;
 use prebuilds_schemas::PREBUILDS_USER_ID;
@@ -134,6 +134,9 @@ pub async fn load_snapshots<C: GenericClient>(
                 hard_limit,
                 failures_reset_at: r.get("failures_reset_at"),
                 failed: d.failed,
+                autoscaling: autoscaling(&r),
+                // Filled in by `demand::attach_demand` for presets that autoscale.
+                demand: Default::default(),
             },
             preset_name: r.get("preset_name"),
             template_id: r.get("template_id"),
@@ -148,6 +151,19 @@ pub async fn load_snapshots<C: GenericClient>(
         });
     }
     Ok(views)
+}
+
+/// The preset row's autoscaling block; both bounds are set together (a CHECK constraint), a
+/// negative one is refused by the same constraint and reads as 0 here.
+fn autoscaling(r: &tokio_postgres::Row) -> Option<Autoscaling> {
+    let min: Option<i32> = r.get("autoscaling_min");
+    let max: Option<i32> = r.get("autoscaling_max");
+    let (min, max) = (min?, max?);
+    Some(Autoscaling {
+        min: u32::try_from(min).unwrap_or(0),
+        max: u32::try_from(max).unwrap_or(0),
+        expression: r.get("autoscaling_expression"),
+    })
 }
 
 struct PrebuildRow {

@@ -36,6 +36,7 @@ async fn contexts(db: &TestDb, broker: &TestBroker) -> (ClaimsContext, Reconcile
         metrics,
         outbox_waker: waker,
         source: "test".into(),
+        demand_time_unit: std::time::Duration::from_secs(60),
     };
     (claims, reconcile)
 }

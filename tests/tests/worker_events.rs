@@ -38,6 +38,7 @@ async fn one_create_job(db: &TestDb) -> (fixtures::PresetFixture, Uuid) {
         metrics: WorkerMetrics::register(&prometheus::Registry::new()).unwrap(),
         outbox_waker: Arc::new(tokio::sync::Notify::new()),
         source: "test".into(),
+        demand_time_unit: std::time::Duration::from_secs(60),
     };
     reconcile_preset(&rctx, fx.preset_id, Utc::now() + TimeDelta::hours(1))
         .await
@@ -310,6 +311,7 @@ async fn a_successful_delete_build_deletes_the_workspace() {
         metrics: WorkerMetrics::register(&prometheus::Registry::new()).unwrap(),
         outbox_waker: Arc::new(tokio::sync::Notify::new()),
         source: "test".into(),
+        demand_time_unit: std::time::Duration::from_secs(60),
     };
     reconcile_preset(&rctx, fx.preset_id, Utc::now() + TimeDelta::hours(1))
         .await

@@ -27,6 +27,7 @@ fn context(db: &TestDb) -> ReconcileContext {
         metrics: WorkerMetrics::register(&prometheus::Registry::new()).unwrap(),
         outbox_waker: Arc::new(tokio::sync::Notify::new()),
         source: "test".into(),
+        demand_time_unit: std::time::Duration::from_secs(60),
     }
 }
 

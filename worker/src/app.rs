@@ -130,6 +130,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             metrics: worker_metrics.clone(),
             outbox_waker: waker.clone(),
             source: source.clone(),
+            demand_time_unit: args.reconcile.rules.demand_time_unit,
         },
         args.worker_concurrency.into(),
         args.reconcile_batch_size.into(),

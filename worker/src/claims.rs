@@ -339,13 +339,37 @@ async fn claim_once(
         &request_json,
     ];
     let record = (&record, &record_params[..]);
-    match &writes {
-        Some(writes) => commit_claim(tx, &write_statements, writes, record).await?,
-        None => {
+    // A miss on an empty pool is demand the pool did not meet: reconcile the preset at once, so
+    // an autoscaled pool grows now rather than at the next tick (level-triggered: for a plain
+    // pool the reconcile finds nothing new to do).
+    let miss_reconcile = match (&writes, reply.reason, reply.preset_id) {
+        (None, Some(MissReason::PoolEmpty), Some(preset_id)) => {
+            let now = Utc::now();
+            Some(CloudEvent::new(
+                ctx.source.clone(),
+                now,
+                ReconcilePreset {
+                    preset_id,
+                    reason: ReconcileReason::Claim,
+                    requested_at: now,
+                },
+            ))
+        }
+        _ => None,
+    };
+    match (&writes, &miss_reconcile) {
+        (Some(writes), _) => commit_claim(tx, &write_statements, writes, record).await?,
+        (None, Some(event)) => {
+            let (key, body) = (event.routing_key(), event.to_json());
+            let message: [&(dyn ToSql + Sync); 3] = [&event.id, &key, &body];
+            tx.commit_with(&[(&write_statements.enqueue, &message), record])
+                .await?;
+        }
+        (None, None) => {
             tx.commit_with(&[record]).await?;
         }
     }
-    if writes.is_some() {
+    if writes.is_some() || miss_reconcile.is_some() {
         ctx.outbox_waker.notify_one();
     }
     Ok((reply, labels))
@@ -795,6 +819,7 @@ async fn matching_preset(
                 id,
                 name: r.get("preset_name"),
                 parameters: Vec::new(),
+                is_default: r.get("is_default"),
             })
             .parameters
             .extend(value);

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
+use prebuilds_core::{
+    desired_instances, expression_inputs, forecast, plan, DesiredSource, PrebuildStatus,
+    ReconcileConfig, Var,
+};
 use prebuilds_runtime::config::{parse_duration, Connection, RuleArgs};
 use prebuilds_store::claims::ClaimHistory;
 use serde::Serialize;
@@ -26,6 +29,7 @@ use crate::{
     Examples:\n  \
     prebuildsctl status\n  \
     prebuildsctl status --template python-dev --watch\n  \
+    prebuildsctl status --explain large\n  \
     prebuildsctl status --json | jq '.[] | select(.eligible < .desired)'"
 )]
 pub struct Args {
@@ -44,6 +48,10 @@ pub struct Args {
     /// Print a JSON array (with --watch: one array per line and refresh).
     #[arg(long)]
     json: bool,
+    /// Explain one preset's desired count (name or id): the scheduled target, the autoscaling
+    /// bounds and expression, every expression variable and the built-in forecast's inputs.
+    #[arg(long, value_name = "PRESET", conflicts_with = "watch")]
+    explain: Option<String>,
     /// The reconciler's rules that change what status reports (the workers' own variables).
     #[command(flatten)]
     rules: RuleArgs,
@@ -59,7 +67,8 @@ pub struct Row {
     preset: String,
     preset_id: Uuid,
     desired: u32,
-    /// `base`, `schedule`, `not_configured`, `inactive` or `invalid_schedules`.
+    /// `base`, `schedule`, `autoscaling`, `expression`, `expression_fallback`, `not_configured`,
+    /// `inactive` or `invalid_schedules`.
     desired_source: &'static str,
     /// Index of the schedule that set `desired`, when one did.
     schedule_index: Option<usize>,
@@ -94,6 +103,9 @@ pub async fn run(connection: &Connection, args: Args) -> anyhow::Result<()> {
         return Err(UsageError("--interval must be greater than 0".into()).into());
     }
     let pool = connect_db(connection).await?;
+    if let Some(preset) = &args.explain {
+        return explain(&pool, &args, &config, Utc::now(), preset).await;
+    }
     if !args.watch {
         let rows = collect(&pool, &args, &config, Utc::now()).await?;
         return print(&rows, args.json, false).await;
@@ -172,6 +184,8 @@ async fn print(rows: &[Row], json: bool, compact: bool) -> anyhow::Result<()> {
             let desired = match r.desired_source {
                 "schedule" => format!("{} (schedule)", r.desired),
                 "invalid_schedules" => format!("{} (schedules invalid)", r.desired),
+                "autoscaling" | "expression" => format!("{} ({})", r.desired, r.desired_source),
+                "expression_fallback" => format!("{} (expression failed)", r.desired),
                 _ => r.desired.to_string(),
             };
             let status = match (r.backoff_until, r.next_probe_at) {
@@ -237,40 +251,23 @@ async fn collect(
         // A clear error for a template that does not exist (or is ambiguous).
         resolve_template(&client, template, args.organization.as_deref(), false).await?;
     }
-    let ids: Vec<Uuid> = client
-        .query(
-            "SELECT p.id
-             FROM template_version_presets p
-             JOIN template_versions v ON v.id = p.template_version_id
-             JOIN templates t ON t.id = v.template_id
-             JOIN organizations o ON o.id = t.organization_id
-             WHERE NOT t.deleted                                   -- live templates
-               AND ($1::text IS NULL OR t.name = $1)               -- --template
-               AND ($2::text IS NULL OR o.name = $2)               -- --organization
-               AND ((p.desired_instances IS NOT NULL               -- prebuilds configured...
-                     AND v.id = t.active_version_id)               -- ...on the active version
-                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
-                               WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
-            &[&args.template, &args.organization],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let views = prebuilds_store::load_snapshots(&client, &ids).await?;
-    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now).await?;
+    let ids = listed_presets(&client, args).await?;
+    let unit = args.rules.demand_time_unit;
+    let views = load_views(&client, &ids, now, unit).await?;
+    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now, unit).await?;
     let mut rows: Vec<Row> = views
         .into_iter()
         .map(|view| {
             let p = plan(&view.snapshot, now, config);
-            let (desired_source, schedule_index, schedule_error) = match &p.desired.source {
-                DesiredSource::Base => ("base", None, None),
-                DesiredSource::Schedule { index } => ("schedule", Some(*index), None),
-                DesiredSource::NotConfigured => ("not_configured", None, None),
-                DesiredSource::Inactive => ("inactive", None, None),
-                DesiredSource::InvalidSchedules(e) => {
-                    ("invalid_schedules", None, Some(e.to_string()))
-                }
+            let source = &p.desired.source;
+            let desired_source = source.as_str();
+            let schedule_index = match source {
+                DesiredSource::Schedule { index } => Some(*index),
+                _ => None,
+            };
+            let schedule_error = match source {
+                DesiredSource::InvalidSchedules(e) => Some(e.to_string()),
+                _ => None,
             };
             let paused_by = if view.global_paused {
                 Some("global")
@@ -337,4 +334,142 @@ async fn collect(
             ))
     });
     Ok(rows)
+}
+
+/// The presets `status` lists: live templates' presets with prebuilds configured on the active
+/// version, or with live prebuilds (narrowed by `--template` / `--organization`).
+async fn listed_presets(
+    client: &deadpool_postgres::Client,
+    args: &Args,
+) -> anyhow::Result<Vec<Uuid>> {
+    Ok(client
+        .query(
+            "SELECT p.id
+             FROM template_version_presets p
+             JOIN template_versions v ON v.id = p.template_version_id
+             JOIN templates t ON t.id = v.template_id
+             JOIN organizations o ON o.id = t.organization_id
+             WHERE NOT t.deleted                                   -- live templates
+               AND ($1::text IS NULL OR t.name = $1)               -- --template
+               AND ($2::text IS NULL OR o.name = $2)               -- --organization
+               AND ((p.desired_instances IS NOT NULL               -- prebuilds configured...
+                     AND v.id = t.active_version_id)               -- ...on the active version
+                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
+                               WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
+            &[&args.template, &args.organization],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Snapshots with the demand inputs of autoscaled presets, as the workers read them.
+async fn load_views(
+    client: &deadpool_postgres::Client,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+    unit: Duration,
+) -> anyhow::Result<Vec<prebuilds_store::PresetView>> {
+    let mut views = prebuilds_store::load_snapshots(client, ids).await?;
+    prebuilds_store::demand::attach_demand(client, views.iter_mut(), now, unit).await?;
+    Ok(views)
+}
+
+/// `status --explain PRESET`: how the preset's desired count came about.
+async fn explain(
+    pool: &Pool,
+    args: &Args,
+    config: &ReconcileConfig,
+    now: DateTime<Utc>,
+    wanted: &str,
+) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let ids = listed_presets(&client, args).await?;
+    let views = load_views(&client, &ids, now, args.rules.demand_time_unit).await?;
+    let matching: Vec<_> = views
+        .into_iter()
+        .filter(|v| v.preset_name == wanted || v.preset_id().to_string() == wanted)
+        .collect();
+    let view = match matching.len() {
+        1 => matching.into_iter().next().expect("one element"),
+        0 => {
+            return Err(UsageError(format!(
+                "no listed preset is named or has the id '{wanted}'; see `prebuildsctl status`"
+            ))
+            .into())
+        }
+        n => {
+            return Err(UsageError(format!(
+                "{n} presets are named '{wanted}'; pass --template (and --organization) or the \
+                 preset id"
+            ))
+            .into())
+        }
+    };
+    let snapshot = &view.snapshot;
+    let p = plan(snapshot, now, config);
+    let scheduled = desired_instances(&snapshot.preset, &snapshot.schedules, now);
+    let inputs = expression_inputs(snapshot, now, scheduled.count);
+    let f = forecast(&snapshot.demand);
+    let fallback_error = match &p.desired.source {
+        DesiredSource::ExpressionFallback(e) => Some(e.to_string()),
+        _ => None,
+    };
+    let mut variables = serde_json::Map::new();
+    for var in Var::all() {
+        variables.insert(var.name(), inputs.get(var).into());
+    }
+    let auto = snapshot.autoscaling.as_ref();
+    let explanation = serde_json::json!({
+        "preset": view.preset_name,
+        "preset_id": view.preset_id(),
+        "template": view.template_name,
+        "desired": p.state.desired,
+        "desired_source": p.desired.source.as_str(),
+        "scheduled_target": scheduled.count,
+        "scheduled_source": scheduled.source.as_str(),
+        "autoscaling_min": auto.map(|a| a.min),
+        "autoscaling_max": auto.map(|a| a.max),
+        "expression": auto.and_then(|a| a.expression.clone()),
+        "expression_error": fallback_error,
+        "variables": variables,
+        "forecast_rate_per_min": f.rate_per_sec * 60.0,
+        "forecast_rate_window_min": f.rate_window,
+        "forecast_lead_time_secs": f.lead_time.as_seconds_f64(),
+        "forecast_lead_time_measured": snapshot.demand.create_p90_ms.is_some(),
+        "forecast_expected_claims": f.expected,
+        "forecast_headroom": f.headroom,
+        "forecast_target": f.target,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+        return Ok(());
+    }
+    let Some(obj) = explanation.as_object() else {
+        return Ok(());
+    };
+    for (key, value) in obj {
+        if key == "variables" {
+            continue;
+        }
+        println!("{key:<28} {}", plain(value));
+    }
+    println!("variables:");
+    for (name, value) in &variables {
+        println!("  {name:<26} {}", plain(value));
+    }
+    Ok(())
+}
+
+fn plain(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.3}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
 }

@@ -62,6 +62,8 @@ pub fn snapshot(preset: PresetInfo) -> PresetSnapshot {
         hard_limit: None,
         failures_reset_at: None,
         failed: Vec::new(),
+        autoscaling: None,
+        demand: Default::default(),
     }
 }
 

@@ -56,6 +56,8 @@ pub struct ReconcileContext {
     /// Wakes the outbox relay after a commit that wrote outbox rows.
     pub outbox_waker: Arc<Notify>,
     pub source: String,
+    /// One "minute" of the autoscaling demand windows (`PREBUILDS_DEMAND_TIME_UNIT`).
+    pub demand_time_unit: std::time::Duration,
 }
 
 /// How one reconcile job ended.
@@ -267,6 +269,11 @@ async fn reconcile_in_one_transaction(
         .into_iter()
         .map(|view| (view.preset_id(), view))
         .collect();
+    // One transaction, one database clock: every row's `now` is the same instant.
+    if let Some((_, now)) = to_plan.first() {
+        prebuilds_store::demand::attach_demand(&tx, views.values_mut(), *now, ctx.demand_time_unit)
+            .await?;
+    }
     let mut marked: Vec<Uuid> = Vec::with_capacity(to_plan.len());
     let mut marked_at: Vec<DateTime<Utc>> = Vec::with_capacity(to_plan.len());
     let mut outbox_rows = 0;

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use prebuilds_core::{validate_schedules, Schedule, ScheduleError};
+use prebuilds_core::{validate_schedules, Expression, Schedule, ScheduleError};
 use serde::{Deserialize, Deserializer};
 
 /// The whole file.
@@ -58,6 +58,9 @@ pub struct PresetSpec {
     /// Absent = no prebuilds for this preset (`desired_instances` NULL).
     #[serde(default)]
     pub prebuilds: Option<PrebuildsSpec>,
+    /// The preset a claim naming the template and no parameters gets (at most one per version).
+    #[serde(default)]
+    pub default: bool,
 }
 
 /// The preset's `prebuilds` block.
@@ -70,6 +73,20 @@ pub struct PrebuildsSpec {
     pub expiration_policy: Option<ExpirationPolicy>,
     #[serde(default)]
     pub scheduling: Option<Scheduling>,
+    /// Size the pool from demand within `[min, max]` (README "Pools that follow demand").
+    #[serde(default)]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// The `prebuilds.autoscaling` block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscalingSpec {
+    pub min: i64,
+    pub max: i64,
+    /// Sizing expression; absent = the built-in demand policy.
+    #[serde(default)]
+    pub expression: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,7 +266,10 @@ fn read_source(template_path: &Path, relative: &str) -> Result<String, String> {
 /// 4. Prebuilds: instances and TTL in 0..=i32::MAX; the timezone is a known IANA name (required when
 ///    there are schedules); every cron parses (5 fields, minute `*`); schedule instances ≥ 0; no two
 ///    schedules overlap.
-/// 5. Warnings: a preset with prebuilds that does not set a required parameter without default
+/// 5. Autoscaling: `0 <= min <= max`; the expression parses and type-checks (the message names
+///    the column of the fault).
+/// 6. At most one preset has `default: true`.
+/// 7. Warnings: a preset with prebuilds that does not set a required parameter without default
 ///    (its prebuilds would be rejected as `validation_failed`).
 pub fn validate(file: &TemplateFile) -> (Vec<Problem>, Vec<Problem>) {
     let mut errors = Vec::new();
@@ -284,8 +304,22 @@ pub fn validate(file: &TemplateFile) -> (Vec<Problem>, Vec<Problem>) {
     }
 
     let mut preset_index: HashMap<&str, usize> = HashMap::new();
+    let mut first_default: Option<usize> = None;
     for (i, preset) in file.presets.iter().enumerate() {
         let base = format!("presets[{i}]");
+        if preset.default {
+            match first_default {
+                Some(first) => errors.push(Problem::new(
+                    format!("{base}.default"),
+                    format!(
+                        "preset '{}' is marked default, but presets[{first}] ('{}') already is; \
+                         a template version has at most one default preset",
+                        preset.name, file.presets[first].name
+                    ),
+                )),
+                None => first_default = Some(i),
+            }
+        }
         if preset.name.trim().is_empty() {
             errors.push(Problem::new(format!("{base}.name"), "must not be empty"));
         } else if let Some(&first) = preset_index.get(preset.name.as_str()) {
@@ -341,7 +375,7 @@ pub fn validate(file: &TemplateFile) -> (Vec<Problem>, Vec<Problem>) {
 /// The file's requests over `limits`, each naming the template or preset, the limit and the
 /// variable that raises it:
 /// 1. more presets than `max_presets_per_template`;
-/// 2. a preset whose `instances`, or any schedule's `instances`, is above
+/// 2. a preset whose `instances`, any schedule's `instances` or `autoscaling.max` is above
 ///    `max_instances_per_preset` (values [`validate`] already refuses as out of range are left to
 ///    it).
 pub fn check_limits(file: &TemplateFile, limits: &Limits) -> Vec<Problem> {
@@ -379,6 +413,14 @@ pub fn check_limits(file: &TemplateFile, limits: &Limits) -> Vec<Problem> {
                 too_many(String::new(), prebuilds.instances),
             ));
         }
+        if let Some(auto) = &prebuilds.autoscaling {
+            if over(auto.max) {
+                problems.push(Problem::new(
+                    format!("{base}.autoscaling.max"),
+                    too_many(" at most (autoscaling.max)".into(), auto.max),
+                ));
+            }
+        }
         let schedules = prebuilds
             .scheduling
             .as_ref()
@@ -412,6 +454,9 @@ fn check_name(value: &str) -> Result<(), String> {
 fn validate_prebuilds(base: &str, prebuilds: &PrebuildsSpec, errors: &mut Vec<Problem>) {
     if let Err(message) = count(prebuilds.instances, "instances") {
         errors.push(Problem::new(format!("{base}.instances"), message));
+    }
+    if let Some(auto) = &prebuilds.autoscaling {
+        validate_autoscaling(&format!("{base}.autoscaling"), auto, errors);
     }
     if let Some(policy) = &prebuilds.expiration_policy {
         if policy.ttl < 0 {
@@ -482,6 +527,30 @@ fn validate_prebuilds(base: &str, prebuilds: &PrebuildsSpec, errors: &mut Vec<Pr
                 _ => format!("{base}.schedule"),
             };
             errors.push(Problem::new(path, e.to_string()));
+        }
+    }
+}
+
+fn validate_autoscaling(base: &str, auto: &AutoscalingSpec, errors: &mut Vec<Problem>) {
+    let min_ok =
+        count(auto.min, "min").map_err(|m| errors.push(Problem::new(format!("{base}.min"), m)));
+    let max_ok =
+        count(auto.max, "max").map_err(|m| errors.push(Problem::new(format!("{base}.max"), m)));
+    if min_ok.is_ok() && max_ok.is_ok() && auto.min > auto.max {
+        errors.push(Problem::new(
+            format!("{base}.min"),
+            format!(
+                "min {} is above max {}; the pool is kept within [min, max]",
+                auto.min, auto.max
+            ),
+        ));
+    }
+    if let Some(expression) = &auto.expression {
+        if let Err(e) = Expression::parse(expression) {
+            errors.push(Problem::new(
+                format!("{base}.expression"),
+                format!("'{expression}' is not a valid sizing expression: {e}"),
+            ));
         }
     }
 }
@@ -725,6 +794,67 @@ presets:
             check_limits(&sized(101, 101, 0), &Limits::default()).len(),
             2
         );
+    }
+
+    #[test]
+    fn autoscaling_and_default_presets_are_validated() {
+        let yaml = r#"
+organization: acme
+template: t
+version: v1
+presets:
+  - name: a
+    default: true
+    prebuilds:
+      instances: 1
+      autoscaling: {min: 0, max: 20, expression: "max(scheduled_target, claims_30m / 3 + misses_30m)"}
+  - name: b
+    default: true
+    prebuilds:
+      instances: 1
+      autoscaling: {min: 5, max: 2}
+  - name: c
+    prebuilds:
+      instances: 1
+      autoscaling: {min: -1, max: 3, expression: "misses_5m * "}
+  - name: d
+    prebuilds:
+      instances: 1
+      autoscaling: {min: 0, max: 3, expression: "if(misses_5m, 1, 0)"}
+"#;
+        let errors = errors_of(yaml);
+        let want = [
+            "presets[1].default: preset 'b' is marked default, but presets[0] ('a') already is; \
+             a template version has at most one default preset",
+            "presets[1].prebuilds.autoscaling.min: min 5 is above max 2",
+            "presets[2].prebuilds.autoscaling.min: min must be 0 or more, not -1",
+            "presets[2].prebuilds.autoscaling.expression: 'misses_5m * ' is not a valid sizing \
+             expression: at column 13: expected a number, a variable, a function or '(', found \
+             the end of the expression",
+            "presets[3].prebuilds.autoscaling.expression: 'if(misses_5m, 1, 0)' is not a valid \
+             sizing expression: at column 4: the condition of if(…) must be a truth value",
+        ];
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), want.len(), "{errors:#?}");
+
+        // autoscaling.max counts against the per-preset limit.
+        let file = parse(
+            "organization: a\ntemplate: t\nversion: v\npresets:\n  - name: p\n    prebuilds: \
+             {instances: 1, autoscaling: {min: 0, max: 500}}\n",
+        );
+        let got: Vec<String> = check_limits(&file, &Limits::default())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(got[0].starts_with(
+            "presets[0].prebuilds.autoscaling.max: preset 'p' asks for 500 prebuilds at most"
+        ));
     }
 
     #[test]

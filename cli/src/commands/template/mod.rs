@@ -282,12 +282,32 @@ async fn push(
             let timezone = scheduling
                 .map(|s| s.timezone.trim().to_owned())
                 .unwrap_or_default();
+            let autoscaling = preset
+                .prebuilds
+                .as_ref()
+                .and_then(|p| p.autoscaling.as_ref());
+            // Validation guarantees 0 <= min <= max <= i32::MAX.
+            let auto_min = autoscaling.map(|a| a.min as i32);
+            let auto_max = autoscaling.map(|a| a.max as i32);
+            let auto_expression = autoscaling.and_then(|a| a.expression.clone());
             tx.execute(
                 "INSERT INTO template_version_presets
                  (id, template_version_id, name, desired_instances, invalidate_after_secs,
-                  scheduling_timezone)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&id, &version_id, &preset.name, &desired, &ttl, &timezone],
+                  scheduling_timezone, autoscaling_min, autoscaling_max, autoscaling_expression,
+                  is_default)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                &[
+                    &id,
+                    &version_id,
+                    &preset.name,
+                    &desired,
+                    &ttl,
+                    &timezone,
+                    &auto_min,
+                    &auto_max,
+                    &auto_expression,
+                    &preset.default,
+                ],
             )
             .await
             .context("creating the presets")?;
