@@ -22,10 +22,6 @@ use crate::{
     metrics::NotifierMetrics,
 };
 
-/// How long one delivery rides out a database outage before it is requeued. Waits between
-/// attempts happen inside the handler and do not count: they are bounded by the attempts.
-const TRANSIENT_WINDOW: Duration = Duration::from_secs(60);
-
 /// Runs the notifier until `shutdown` is cancelled, then drains within the configured bound.
 pub async fn run(
     args: NotifierArgs,
@@ -93,7 +89,7 @@ pub async fn run(
             prefetch: args.concurrency,
             connection_name: format!("{source}/notifications"),
             drain_timeout: args.service.shutdown_timeout,
-            transient_window: TRANSIENT_WINDOW,
+            transient_window: args.service.retry_window,
         },
         ConsumerContext {
             broker: connection.broker.clone(),
@@ -101,6 +97,7 @@ pub async fn run(
             publisher: publisher.clone(),
             metrics: service_metrics,
             health: health.clone(),
+            database: Some(pool.clone()),
         },
         handler,
         consumers_stop,

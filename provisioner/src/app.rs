@@ -160,7 +160,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         cli.remembered_jobs,
         stop.clone(),
         metrics,
-        pool.map(JobStates::new),
+        pool.clone().map(JobStates::new),
         cli.job_timeouts.heartbeat_interval(),
         cli.job_max_duration,
     ));
@@ -170,6 +170,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         publisher: publisher.clone(),
         metrics: service_metrics,
         health,
+        database: pool.clone(),
     };
     // One consumer (own connection, own prefetch) per lane: a user's build waits for a user-lane
     // slot only, however long the prebuild backlog is.
@@ -182,7 +183,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
             },
             connection_name: format!("prebuilds-provisioner/{}", lane.as_str()),
             drain_timeout: cli.service.shutdown_timeout,
-            transient_window: std::time::Duration::from_secs(60),
+            transient_window: cli.service.retry_window,
         };
         consumer::run(spec, context.clone(), handler.clone(), shutdown.clone())
     });

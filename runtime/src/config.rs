@@ -328,6 +328,12 @@ pub struct ServiceArgs {
     /// How long SIGTERM waits for in-flight work before exiting anyway.
     #[arg(long, env = "PREBUILDS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// How long a consumed message is retried in place after a transient failure before it is
+    /// requeued (a requeue spends one of the queue's 5 deliveries). While the database does not
+    /// answer, a message whose window ran out is held instead, however long the outage lasts.
+    #[arg(long, env = "PREBUILDS_RETRY_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub retry_window: Duration,
 }
 
 /// How long a provisioner job may stay silent (SPEC.md §9 "Job reaper"). The scheduler's leader

@@ -251,3 +251,170 @@ async fn an_agent_event_held_in_retry_through_a_database_restart_is_applied_once
         .get(0);
     assert_eq!(recorded, 1, "the ready event recorded once");
 }
+
+/// The sum of a counter's series on a process's `/metrics` (0 when absent).
+async fn counter(port: u16, name: &str) -> f64 {
+    let (_, body) = prebuilds_tests::stack::http_get(port, "/metrics")
+        .await
+        .expect("GET /metrics");
+    let prefix = format!("{name}{{");
+    body.lines()
+        .filter(|l| l.starts_with(&prefix) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A database outage three times longer than every in-place retry a delivery can get (retry
+/// window × delivery limit) dead-letters nothing valid. With the window shortened to 1 s, a fill
+/// in progress (provisioner jobs and their events in flight), reconcile jobs and a claim that
+/// arrive during the outage are all held by the worker and the provisioner — not requeued — and
+/// applied once the database is back; the pools converge and the claim is served. A poison
+/// message sent meanwhile is still dead-lettered, with its reason.
+#[tokio::test]
+async fn a_database_outage_longer_than_every_retry_dead_letters_nothing_valid() {
+    use prebuilds_runtime::amqp::{
+        consumer::DEAD_REASON_HEADER, publisher::Outgoing, rpc::RpcClient,
+    };
+    use prebuilds_schemas::{ClaimReply, ClaimRequest};
+    use prebuilds_tests::{fixtures, private_postgres::PrivatePostgres, stack};
+
+    const WINDOW: Duration = Duration::from_secs(1);
+    const DELIVERY_LIMIT: u32 = 5;
+    let outage = 3 * WINDOW * DELIVERY_LIMIT;
+
+    let server = PrivatePostgres::start();
+    let db = TestDb::on(&server.server_url()).await;
+    let broker = TestBroker::new().await;
+    let (claimable, filling, user) = {
+        let c = db.pool.get().await.expect("db");
+        let org = fixtures::organization(&c, "outage").await;
+        let claimable = fixtures::template_with_preset(&c, org, "claimable", Some(1)).await;
+        fixtures::prebuild(
+            &c,
+            &claimable,
+            &fixtures::PrebuildSpec::running(chrono::Utc::now()),
+        )
+        .await;
+        let filling = fixtures::template_with_preset(&c, org, "filling", Some(4)).await;
+        let user = fixtures::user(&c, "patient", false).await;
+        (claimable, filling, user)
+    };
+    let env = [
+        ("PREBUILDS_RETRY_WINDOW", "1s"),
+        ("PREBUILDS_SIM_DURATION_MIN", "1s"),
+        ("PREBUILDS_SIM_DURATION_MAX", "3s"),
+        ("PREBUILDS_SIM_AGENT_READY_DELAY", "200ms"),
+        // One prebuild build at a time: the rest wait in the queue and reach the provisioner
+        // during the outage, where its admission read fails and the delivery is held.
+        ("PREBUILDS_PROVISIONER_CONCURRENCY", "1"),
+    ];
+    let (_worker, worker_port) = stack::start("prebuilds-worker", &db, &broker, &env);
+    let (_provisioner, provisioner_port) =
+        stack::start("prebuilds-provisioner", &db, &broker, &env);
+    for port in [worker_port, provisioner_port] {
+        prebuilds_tests::eventually(Duration::from_secs(30), "services ready", || async {
+            matches!(stack::http_get(port, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await;
+    }
+    let publisher = Publisher::new(&broker.url, "test", broker.topology.clone());
+    stack::request_reconcile(&publisher, filling.preset_id).await;
+    // The fill is under way: its builds are with the provisioner when the database goes.
+    stack::wait_for(Duration::from_secs(30), "fill started", || async {
+        stack::pool_counts(&db, filling.preset_id).await.in_progress > 0
+    })
+    .await;
+
+    server.stop();
+    let down_since = std::time::Instant::now();
+    // Meanwhile: a reconcile job, a claim and a poison message.
+    stack::request_reconcile(&publisher, claimable.preset_id).await;
+    let rpc = RpcClient::connect(&broker.url, "patient-client", broker.topology.clone())
+        .await
+        .expect("rpc client");
+    let claim = tokio::spawn(async move {
+        let request = CloudEvent::new(
+            "patient-client",
+            chrono::Utc::now(),
+            ClaimRequest {
+                user_id: user,
+                workspace_name: "after-the-outage".into(),
+                preset_id: Some(claimable.preset_id),
+                template_id: None,
+                parameters: vec![],
+            },
+        );
+        rpc.call::<_, ClaimReply>(&request, Duration::from_secs(120))
+            .await
+            .map(|reply| reply.data)
+    });
+    let exchange = broker.topology.exchange();
+    let poison = serde_json::json!({
+        "specversion": "1.0", "id": uuid::Uuid::new_v4(), "source": "test",
+        "type": "prebuilds.reconcile.preset.v1", "time": chrono::Utc::now(),
+        "datacontenttype": "application/json", "data": {"reason": "manual"}
+    });
+    let poison_body = serde_json::to_vec(&poison).unwrap();
+    publisher
+        .publish(Outgoing::new(&exchange, "reconcile.preset", &poison_body))
+        .await
+        .expect("publish poison");
+
+    // The hold is what keeps them: wait until both services held deliveries, then out-wait every
+    // retry a delivery could get three times over.
+    prebuilds_tests::eventually(
+        Duration::from_secs(60),
+        "worker and provisioner holding deliveries",
+        || async {
+            (counter(worker_port, "prebuilds_messages_held_total").await > 0.0
+                && counter(provisioner_port, "prebuilds_messages_held_total").await > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let remaining = outage.saturating_sub(down_since.elapsed());
+    tokio::time::sleep(remaining).await;
+    assert!(down_since.elapsed() >= outage);
+    server.boot();
+
+    let reply = claim.await.unwrap().expect("the claim is answered");
+    assert_eq!(reply.outcome.as_str(), "claimed", "{reply:?}");
+    stack::wait_for(Duration::from_secs(90), "both pools converged", || async {
+        let filled = stack::pool_counts(&db, filling.preset_id).await;
+        let refilled = stack::pool_counts(&db, claimable.preset_id).await;
+        filled.eligible == 4 && filled.in_progress == 0 && refilled.eligible == 1
+    })
+    .await;
+
+    // Only the poison message was dead-lettered, with its reason.
+    let reader = TestBroker::reconnect(&broker).await;
+    let dead = reader
+        .drain(&broker.topology.dead_queue(), Duration::from_secs(2))
+        .await;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| {
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            match headers.inner().get(DEAD_REASON_HEADER) {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                _ => format!(
+                    "dead-lettered by the broker: {}",
+                    String::from_utf8_lossy(&d.data)
+                ),
+            }
+        })
+        .collect();
+    assert_eq!(reasons.len(), 1, "only the poison message: {reasons:?}");
+    assert!(reasons[0].contains("preset_id"), "{reasons:?}");
+    assert_eq!(dead[0].data, poison_body);
+    assert_eq!(
+        counter(worker_port, "prebuilds_dead_lettered_total").await,
+        1.0
+    );
+    assert_eq!(
+        counter(provisioner_port, "prebuilds_dead_lettered_total").await,
+        0.0
+    );
+}

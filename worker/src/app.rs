@@ -28,10 +28,6 @@ use crate::{
 /// How often the sizes behind cached plans are checked (one cheap query).
 const PLAN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long one delivery rides out a database or broker outage before it is requeued (the
-/// delivery limit allows five such windows: minutes of outage lose nothing).
-const TRANSIENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Runs the worker until `shutdown` is cancelled, then drains within the configured bound.
 pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
@@ -110,6 +106,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         publisher: publisher.clone(),
         metrics: service_metrics.clone(),
         health: health.clone(),
+        database: Some(pool.clone()),
     };
     let spec = |queue: QueueKind| ConsumerSpec {
         queue,
@@ -121,7 +118,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         },
         connection_name: format!("{source}/{}", queue.suffix()),
         drain_timeout: args.service.shutdown_timeout,
-        transient_window: TRANSIENT_WINDOW,
+        transient_window: args.service.retry_window,
     };
     let reconcile = Arc::new(ReconcileHandler::new(
         ReconcileContext {
