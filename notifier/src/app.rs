@@ -39,6 +39,7 @@ pub async fn run(
     prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
         .await
         .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
+    db::require_schema(&pool).await?;
     health.set_database(true);
 
     let topology = connection.topology();

@@ -86,6 +86,11 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     .context("DATABASE_URL")?;
     match &pool {
         Some(pool) => {
+            // Like the scheduler, it may start before its database; when the database answers
+            // now, a schema older than this build needs is refused at once.
+            if let Ok(Ok(())) = tokio::time::timeout(DB_PROBE_INTERVAL, db::ping(pool)).await {
+                db::require_schema(pool).await?;
+            }
             tokio::spawn(probe_database(
                 pool.clone(),
                 health.clone(),

@@ -44,6 +44,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
         .await
         .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
+    db::require_schema(&pool).await?;
     health.set_database(true);
 
     let topology = connection.topology();
