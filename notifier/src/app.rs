@@ -56,11 +56,13 @@ pub async fn run(
         .await
         .map_err(broker_unusable)?;
 
+    // Serves until the very end, so `/readyz` answers 503 while the notifier drains.
+    let http_stop = CancellationToken::new();
     let (metrics_addr, http) = prebuilds_runtime::http::serve(
         args.service.metrics_addr,
         registry.clone(),
         health.clone(),
-        shutdown.clone(),
+        http_stop.clone(),
     )
     .await
     .with_context(|| format!("cannot listen on {}", args.service.metrics_addr))?;
@@ -89,7 +91,7 @@ pub async fn run(
             queue: QueueKind::Notifications,
             prefetch: args.concurrency,
             connection_name: format!("{source}/notifications"),
-            drain_timeout: args.service.shutdown_timeout,
+            drain_timeout: prebuilds_runtime::shutdown::drain_share(args.service.shutdown_timeout),
             transient_window: args.service.retry_window,
         },
         ConsumerContext {
@@ -108,9 +110,11 @@ pub async fn run(
     health.set_draining();
     tracing::info!("draining");
     // The consumer bounds its own drain by the shutdown timeout.
+    let budget = prebuilds_runtime::shutdown::Budget::start(args.service.shutdown_timeout);
     let _ = consumer.await;
     let _ = watcher.await;
-    publisher.close().await;
+    let _ = prebuilds_runtime::shutdown::within(budget.remaining(), publisher.close()).await;
+    http_stop.cancel();
     let _ = http.await;
     tracing::info!("notifier stopped");
     Ok(())

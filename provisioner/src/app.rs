@@ -120,11 +120,13 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
+    // Serves until the very end, so `/readyz` answers 503 while builds drain.
+    let http_stop = CancellationToken::new();
     let (addr, http_task) = http::serve(
         cli.service.metrics_addr,
         registry,
         health.clone(),
-        shutdown.clone(),
+        http_stop.clone(),
     )
     .await
     .with_context(|| format!("binding --metrics-addr {}", cli.service.metrics_addr))?;
@@ -144,10 +146,18 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     // Leave an interrupted terraform its grace period (and the job its settlement) within the bound.
     let bound = cli.service.shutdown_timeout;
     let patience = (bound / 2).max(bound.saturating_sub(Duration::from_secs(6)));
+    // Consumers drain within the whole bound (an interrupted build must still be settled); what
+    // follows them gets what is left of it.
+    let budget = Arc::new(std::sync::Mutex::new(
+        None::<prebuilds_runtime::shutdown::Budget>,
+    ));
     {
+        let budget_started = budget.clone();
         let (shutdown, stop, health) = (shutdown.clone(), stop.clone(), health.clone());
         tokio::spawn(async move {
             shutdown.cancelled().await;
+            *budget_started.lock().expect("not poisoned") =
+                Some(prebuilds_runtime::shutdown::Budget::start(bound));
             health.set_draining();
             tokio::time::sleep(patience).await;
             if !stop.is_cancelled() {
@@ -195,8 +205,13 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     futures::future::join_all(consumers).await;
 
     stop.cancel();
-    publisher.close().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    let left = budget
+        .lock()
+        .expect("not poisoned")
+        .map_or(Duration::from_secs(1), |b| b.remaining());
+    let _ = prebuilds_runtime::shutdown::within(left, publisher.close()).await;
+    http_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     tracing::info!("prebuilds-provisioner stopped");
     Ok(())
 }

@@ -325,8 +325,10 @@ pub struct ServiceArgs {
     #[arg(long, env = "PREBUILDS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// How long SIGTERM waits for in-flight work before exiting anyway.
-    #[arg(long, env = "PREBUILDS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// The whole shutdown budget: from SIGTERM to exit, however many steps the drain has (in-flight
+    /// work gets most of it; `/readyz` answers 503 meanwhile). Below Kubernetes' default 30 s
+    /// grace period.
+    #[arg(long, env = "PREBUILDS_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// How long a consumed message is retried in place after a transient failure before it is

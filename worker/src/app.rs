@@ -70,11 +70,13 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         .await
         .map_err(broker_unusable)?;
 
+    // Serves until the very end, so `/readyz` answers 503 while the worker drains.
+    let http_stop = CancellationToken::new();
     let (metrics_addr, http) = prebuilds_runtime::http::serve(
         args.service.metrics_addr,
         registry.clone(),
         health.clone(),
-        shutdown.clone(),
+        http_stop.clone(),
     )
     .await
     .with_context(|| format!("cannot listen on {}", args.service.metrics_addr))?;
@@ -118,7 +120,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             _ => args.worker_concurrency,
         },
         connection_name: format!("{source}/{}", queue.suffix()),
-        drain_timeout: args.service.shutdown_timeout,
+        drain_timeout: prebuilds_runtime::shutdown::drain_share(args.service.shutdown_timeout),
         transient_window: args.service.retry_window,
     };
     let reconcile = Arc::new(ReconcileHandler::new(
@@ -193,16 +195,22 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     consumers.close();
 
     shutdown.cancelled().await;
+    let budget = prebuilds_runtime::shutdown::Budget::start(args.service.shutdown_timeout);
     health.set_draining();
-    tracing::info!("draining");
-    // Each consumer bounds its own drain by the shutdown timeout.
+    tracing::info!(budget = ?args.service.shutdown_timeout, "draining");
+    // Each consumer bounds its own drain by its share of the budget.
     consumers.wait().await;
     relay_stop.cancel();
     tasks.close();
-    let _ =
-        prebuilds_runtime::shutdown::within(std::time::Duration::from_secs(10), tasks.wait()).await;
-    publisher.close().await;
-    replies.close().await;
+    if !prebuilds_runtime::shutdown::within(budget.remaining(), tasks.wait()).await {
+        tracing::warn!("the shutdown budget ran out before the outbox relay stopped; unpublished rows are published by the next worker");
+    }
+    let _ = prebuilds_runtime::shutdown::within(budget.remaining(), async {
+        publisher.close().await;
+        replies.close().await;
+    })
+    .await;
+    http_stop.cancel();
     let _ = http.await;
     tracing::info!("worker stopped");
     Ok(())
