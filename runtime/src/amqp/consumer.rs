@@ -15,8 +15,10 @@
 //!    something else), the delivery is rejected *with* requeue, so the queue's delivery limit
 //!    bounds the total attempts (5 windows).
 //!
-//! The loop survives broker restarts (reconnect with backoff) and a broker-side consumer cancel
-//! (the stream ends: consume again). On shutdown it cancels the consumer, lets in-flight handlers
+//! The loop survives broker restarts and lost nodes (reconnect at once, then with backoff, to the
+//! next node of the list: in-flight handlers are not waited for, since their deliveries return to
+//! the queue with the connection) and a broker-side consumer cancel (the stream ends: consume
+//! again). On shutdown it cancels the consumer, lets in-flight handlers
 //! finish within the drain bound, settles them, then closes the connection.
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -256,6 +258,15 @@ async fn session<H: Handler>(
         }
     };
     in_flight.close();
+    if end.is_err() {
+        // The connection is lost (a node died, say): in-flight deliveries can no longer be settled
+        // on it and return to the queue, so waiting for their handlers would only delay the
+        // reconnect (up to the drain bound) while the queue waits for a consumer. Reconnect at
+        // once — to another node when the list has one — and let the handlers finish in the
+        // background; their effects are idempotent, and the redelivery finds them done.
+        tracing::warn!(%queue, in_flight = in_flight.len(), "connection lost; reconnecting without waiting for in-flight handlers (their deliveries are redelivered)");
+        return end;
+    }
     if !crate::shutdown::within(spec.drain_timeout, in_flight.wait()).await {
         tracing::warn!(%queue, "in-flight handlers did not finish within the drain bound; their deliveries will be redelivered");
     }
