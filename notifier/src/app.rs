@@ -22,10 +22,6 @@ use crate::{
     metrics::NotifierMetrics,
 };
 
-/// How long one delivery rides out a database outage before it is requeued. Waits between
-/// attempts happen inside the handler and do not count: they are bounded by the attempts.
-const TRANSIENT_WINDOW: Duration = Duration::from_secs(60);
-
 /// Runs the notifier until `shutdown` is cancelled, then drains within the configured bound.
 pub async fn run(
     args: NotifierArgs,
@@ -43,6 +39,7 @@ pub async fn run(
     prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
         .await
         .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
+    db::require_schema(&pool).await?;
     health.set_database(true);
 
     let topology = connection.topology();
@@ -59,11 +56,13 @@ pub async fn run(
         .await
         .map_err(broker_unusable)?;
 
+    // Serves until the very end, so `/readyz` answers 503 while the notifier drains.
+    let http_stop = CancellationToken::new();
     let (metrics_addr, http) = prebuilds_runtime::http::serve(
         args.service.metrics_addr,
         registry.clone(),
         health.clone(),
-        shutdown.clone(),
+        http_stop.clone(),
     )
     .await
     .with_context(|| format!("cannot listen on {}", args.service.metrics_addr))?;
@@ -92,8 +91,8 @@ pub async fn run(
             queue: QueueKind::Notifications,
             prefetch: args.concurrency,
             connection_name: format!("{source}/notifications"),
-            drain_timeout: args.service.shutdown_timeout,
-            transient_window: TRANSIENT_WINDOW,
+            drain_timeout: prebuilds_runtime::shutdown::drain_share(args.service.shutdown_timeout),
+            transient_window: args.service.retry_window,
         },
         ConsumerContext {
             broker: connection.broker.clone(),
@@ -101,6 +100,7 @@ pub async fn run(
             publisher: publisher.clone(),
             metrics: service_metrics,
             health: health.clone(),
+            database: Some(pool.clone()),
         },
         handler,
         consumers_stop,
@@ -110,9 +110,11 @@ pub async fn run(
     health.set_draining();
     tracing::info!("draining");
     // The consumer bounds its own drain by the shutdown timeout.
+    let budget = prebuilds_runtime::shutdown::Budget::start(args.service.shutdown_timeout);
     let _ = consumer.await;
     let _ = watcher.await;
-    publisher.close().await;
+    let _ = prebuilds_runtime::shutdown::within(budget.remaining(), publisher.close()).await;
+    http_stop.cancel();
     let _ = http.await;
     tracing::info!("notifier stopped");
     Ok(())

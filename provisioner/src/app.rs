@@ -86,6 +86,11 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     .context("DATABASE_URL")?;
     match &pool {
         Some(pool) => {
+            // Like the scheduler, it may start before its database; when the database answers
+            // now, a schema older than this build needs is refused at once.
+            if let Ok(Ok(())) = tokio::time::timeout(DB_PROBE_INTERVAL, db::ping(pool)).await {
+                db::require_schema(pool).await?;
+            }
             tokio::spawn(probe_database(
                 pool.clone(),
                 health.clone(),
@@ -115,11 +120,13 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
+    // Serves until the very end, so `/readyz` answers 503 while builds drain.
+    let http_stop = CancellationToken::new();
     let (addr, http_task) = http::serve(
         cli.service.metrics_addr,
         registry,
         health.clone(),
-        shutdown.clone(),
+        http_stop.clone(),
     )
     .await
     .with_context(|| format!("binding --metrics-addr {}", cli.service.metrics_addr))?;
@@ -139,10 +146,18 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     // Leave an interrupted terraform its grace period (and the job its settlement) within the bound.
     let bound = cli.service.shutdown_timeout;
     let patience = (bound / 2).max(bound.saturating_sub(Duration::from_secs(6)));
+    // Consumers drain within the whole bound (an interrupted build must still be settled); what
+    // follows them gets what is left of it.
+    let budget = Arc::new(std::sync::Mutex::new(
+        None::<prebuilds_runtime::shutdown::Budget>,
+    ));
     {
+        let budget_started = budget.clone();
         let (shutdown, stop, health) = (shutdown.clone(), stop.clone(), health.clone());
         tokio::spawn(async move {
             shutdown.cancelled().await;
+            *budget_started.lock().expect("not poisoned") =
+                Some(prebuilds_runtime::shutdown::Budget::start(bound));
             health.set_draining();
             tokio::time::sleep(patience).await;
             if !stop.is_cancelled() {
@@ -160,7 +175,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         cli.remembered_jobs,
         stop.clone(),
         metrics,
-        pool.map(JobStates::new),
+        pool.clone().map(JobStates::new),
         cli.job_timeouts.heartbeat_interval(),
         cli.job_max_duration,
     ));
@@ -170,6 +185,7 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
         publisher: publisher.clone(),
         metrics: service_metrics,
         health,
+        database: pool.clone(),
     };
     // One consumer (own connection, own prefetch) per lane: a user's build waits for a user-lane
     // slot only, however long the prebuild backlog is.
@@ -182,15 +198,20 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
             },
             connection_name: format!("prebuilds-provisioner/{}", lane.as_str()),
             drain_timeout: cli.service.shutdown_timeout,
-            transient_window: std::time::Duration::from_secs(60),
+            transient_window: cli.service.retry_window,
         };
         consumer::run(spec, context.clone(), handler.clone(), shutdown.clone())
     });
     futures::future::join_all(consumers).await;
 
     stop.cancel();
-    publisher.close().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    let left = budget
+        .lock()
+        .expect("not poisoned")
+        .map_or(Duration::from_secs(1), |b| b.remaining());
+    let _ = prebuilds_runtime::shutdown::within(left, publisher.close()).await;
+    http_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     tracing::info!("prebuilds-provisioner stopped");
     Ok(())
 }

@@ -122,6 +122,12 @@ pub struct ConnectionArgs {
     )]
     pub declare_topology: bool,
 
+    /// Replicas of each quorum queue when it is created (`x-quorum-initial-group-size`): the
+    /// cluster size (3 for a three-node cluster), so a queue survives the loss of any one node.
+    /// Unset: the broker's default. Give every process and `prebuildsctl migrate` the same value.
+    #[arg(long, global = true, env = "PREBUILDS_QUORUM_INITIAL_GROUP_SIZE", value_parser = clap::value_parser!(u16).range(1..))]
+    pub quorum_initial_group_size: Option<u16>,
+
     /// Maximum PostgreSQL connections of this process.
     #[arg(
         long,
@@ -171,6 +177,7 @@ impl ConnectionArgs {
             amqp_client_key_file: None,
             amqp_prefix: amqp_prefix.into(),
             declare_topology: true,
+            quorum_initial_group_size: None,
             db_pool_size: 24,
         }
     }
@@ -219,6 +226,7 @@ impl ConnectionArgs {
             broker,
             amqp_prefix: self.amqp_prefix.clone(),
             declare_topology: self.declare_topology,
+            quorum_initial_group_size: self.quorum_initial_group_size,
             db_pool_size: self.db_pool_size,
         })
     }
@@ -294,17 +302,21 @@ pub struct Connection {
     pub amqp_prefix: String,
     /// Declare the topology on connect (`true`) or only check what is used (`false`).
     pub declare_topology: bool,
+    /// Replicas of each quorum queue at creation, when set.
+    pub quorum_initial_group_size: Option<u16>,
     pub db_pool_size: usize,
 }
 
 impl Connection {
     /// The topology under the configured prefix, in the configured mode.
     pub fn topology(&self) -> Topology {
-        Topology::new(self.amqp_prefix.clone()).with_mode(if self.declare_topology {
-            TopologyMode::Declare
-        } else {
-            TopologyMode::Check
-        })
+        Topology::new(self.amqp_prefix.clone())
+            .with_mode(if self.declare_topology {
+                TopologyMode::Declare
+            } else {
+                TopologyMode::Check
+            })
+            .with_quorum_initial_group_size(self.quorum_initial_group_size)
     }
 }
 
@@ -325,9 +337,17 @@ pub struct ServiceArgs {
     #[arg(long, env = "PREBUILDS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// How long SIGTERM waits for in-flight work before exiting anyway.
-    #[arg(long, env = "PREBUILDS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// The whole shutdown budget: from SIGTERM to exit, however many steps the drain has (in-flight
+    /// work gets most of it; `/readyz` answers 503 meanwhile). Below Kubernetes' default 30 s
+    /// grace period.
+    #[arg(long, env = "PREBUILDS_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// How long a consumed message is retried in place after a transient failure before it is
+    /// requeued (a requeue spends one of the queue's 5 deliveries). While the database does not
+    /// answer, a message whose window ran out is held instead, however long the outage lasts.
+    #[arg(long, env = "PREBUILDS_RETRY_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub retry_window: Duration,
 }
 
 /// How long a provisioner job may stay silent (SPEC.md §9 "Job reaper"). The scheduler's leader

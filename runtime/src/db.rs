@@ -162,6 +162,20 @@ pub async fn ping(pool: &Pool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The start-up check every service with a database makes after its first ping: a schema older
+/// than this build needs is refused, with a message that says to run `prebuildsctl migrate`
+/// ([`prebuilds_schemas::migrations::check_schema`]). Returns the schema version found.
+pub async fn require_schema(pool: &Pool) -> anyhow::Result<i32> {
+    let client = pool.get().await?;
+    let version = prebuilds_schemas::migrations::check_schema(&**client).await?;
+    tracing::info!(
+        schema_version = version,
+        required = prebuilds_schemas::migrations::required_version(),
+        "database schema is recent enough"
+    );
+    Ok(version)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("{0}")]

@@ -15,6 +15,10 @@ pub struct ServiceMetrics {
     /// retries after a transient failure (the database is down, say). The broker counts them as
     /// neither ready nor settled: "nothing queued" is not "nothing in flight" while this is > 0.
     pub in_retry: IntGaugeVec,
+    /// `prebuilds_messages_held_total{queue}`: deliveries whose in-place retries ran out while the
+    /// database did not answer, held (not requeued, so the delivery limit is not spent) until it
+    /// answered again.
+    pub held: IntCounterVec,
     /// `prebuilds_outbox_published_total`.
     pub outbox_published: prometheus::IntCounter,
     /// `prebuilds_outbox_pending`: rows not yet published at the last relay pass.
@@ -46,6 +50,13 @@ impl ServiceMetrics {
             ),
             &["queue"],
         )?;
+        let held = IntCounterVec::new(
+            Opts::new(
+                "prebuilds_messages_held_total",
+                "Deliveries held through a database outage instead of being requeued.",
+            ),
+            &["queue"],
+        )?;
         let outbox_published = prometheus::IntCounter::new(
             "prebuilds_outbox_published_total",
             "Outbox rows published to RabbitMQ with a confirm.",
@@ -61,6 +72,7 @@ impl ServiceMetrics {
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
         registry.register(Box::new(in_retry.clone()))?;
+        registry.register(Box::new(held.clone()))?;
         registry.register(Box::new(outbox_published.clone()))?;
         registry.register(Box::new(outbox_pending.clone()))?;
         registry.register(Box::new(outbox_lag_seconds.clone()))?;
@@ -68,6 +80,7 @@ impl ServiceMetrics {
             messages,
             dead_lettered,
             in_retry,
+            held,
             outbox_published,
             outbox_pending,
             outbox_lag_seconds,

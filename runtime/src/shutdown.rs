@@ -42,3 +42,33 @@ async fn wait_for_signal() {
 pub async fn within<F: Future>(bound: Duration, work: F) -> bool {
     tokio::time::timeout(bound, work).await.is_ok()
 }
+
+/// The one time budget of a shutdown (`PREBUILDS_SHUTDOWN_TIMEOUT`), counted from the signal: every
+/// step of a drain takes what is left of it, so the process exits within the budget in total —
+/// under Kubernetes' default 30 s grace period with the default 25 s — instead of adding one bound
+/// per step.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    deadline: tokio::time::Instant,
+}
+
+impl Budget {
+    /// Starts counting `total` now.
+    pub fn start(total: Duration) -> Budget {
+        Budget {
+            deadline: tokio::time::Instant::now() + total,
+        }
+    }
+
+    /// What is left (zero once spent).
+    pub fn remaining(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+}
+
+/// The share of a shutdown budget that consumers may spend letting in-flight handlers finish; the
+/// rest is kept for settling them, flushing the outbox and closing connections.
+pub fn drain_share(total: Duration) -> Duration {
+    total.mul_f64(0.8)
+}

@@ -62,6 +62,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let connection = config.connection.resolve()?;
     let pool = db::pool(connection.database_url.expose(), connection.db_pool_size)?;
+    // The scheduler starts without its database (it waits as a standby); when the database
+    // answers now, a schema older than this build needs is refused at once.
+    if let Ok(Ok(())) = tokio::time::timeout(PROBE_TIMEOUT, db::ping(&pool)).await {
+        db::require_schema(&pool).await?;
+    }
     // The scheduler publishes reconcile jobs only.
     let publisher = Arc::new(
         Publisher::new(
@@ -225,6 +230,9 @@ impl Leadership<'_> {
     }
 }
 
+/// How long one probe of a dependency may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Keeps `/readyz` current: PostgreSQL answers and the publisher has a live channel.
 async fn probe_dependencies(
     pool: deadpool_postgres::Pool,
@@ -232,7 +240,6 @@ async fn probe_dependencies(
     health: Health,
     shutdown: CancellationToken,
 ) {
-    const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
     loop {
         let database = tokio::time::timeout(PROBE_TIMEOUT, db::ping(&pool)).await;
         health.set_database(matches!(database, Ok(Ok(()))));

@@ -1,5 +1,9 @@
-//! The CloudEvents 1.0 structured-mode envelope every message body uses, and the strict decoding
-//! consumers apply before they touch a payload (a failure here is permanent: dead-letter it).
+//! The CloudEvents 1.0 structured-mode envelope every message body uses, and the decoding consumers
+//! apply before they touch a payload (a failure here is permanent: dead-letter it).
+//!
+//! The reader is tolerant: CloudEvents extension attributes (`subject`, `dataschema`,
+//! `traceparent`, anything a newer producer or a tracing proxy adds) are accepted and ignored;
+//! only a missing or invalid required attribute refuses the body.
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -11,9 +15,9 @@ use crate::messages::Payload;
 pub const SPEC_VERSION: &str = "1.0";
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// A CloudEvents 1.0 envelope (structured mode) around a typed payload.
+/// A CloudEvents 1.0 envelope (structured mode) around a typed payload. Attributes not named here
+/// are accepted on input and not kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CloudEvent<T> {
     /// Always `1.0`.
     pub specversion: String,

@@ -1,6 +1,8 @@
 //! Payload types of every message in SPEC.md §4, with the CloudEvents `type` and routing key of each.
-//! Payloads are decoded strictly (`deny_unknown_fields`): a body that does not match is a schema
-//! violation, dead-lettered with the decoder's message as the reason.
+//! Payloads are read tolerantly: a field this version does not know is ignored, so a newer producer
+//! may add fields before every consumer knows them (UPGRADING.md). A known field that is missing
+//! (unless optional) or has the wrong type or an unknown enum value is a schema violation,
+//! dead-lettered with the decoder's message as the reason.
 
 use std::collections::BTreeMap;
 
@@ -47,7 +49,6 @@ impl ReconcileReason {
 
 /// "Look at preset X now" — level-triggered: the worker reads the truth from the database.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ReconcilePreset {
     pub preset_id: Uuid,
     pub reason: ReconcileReason,
@@ -131,7 +132,6 @@ impl std::str::FromStr for BuildStage {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Parameter {
     pub name: String,
     pub value: String,
@@ -139,7 +139,6 @@ pub struct Parameter {
 
 /// A build for a provisioner to execute.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ProvisionerJob {
     pub job_id: Uuid,
     pub build_id: Uuid,
@@ -237,7 +236,6 @@ impl Payload for ProvisionerJob {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct JobStarted {
     pub job_id: Uuid,
     pub started_at: DateTime<Utc>,
@@ -258,7 +256,6 @@ impl Payload for JobStarted {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ResourceReplacement {
     /// Resource address, e.g. `docker_container.workspace[0]`.
     pub resource: String,
@@ -267,7 +264,6 @@ pub struct ResourceReplacement {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct PlanResult {
     pub job_id: Uuid,
     pub resource_replacements: Vec<ResourceReplacement>,
@@ -309,13 +305,11 @@ impl JobOutcome {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct AgentSpec {
     pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct JobCompleted {
     pub job_id: Uuid,
     pub status: JobOutcome,
@@ -367,7 +361,6 @@ impl AgentLifecycleState {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct AgentLifecycle {
     pub job_id: Uuid,
     pub agent_name: String,
@@ -412,7 +405,6 @@ impl LogLevel {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct LogLine {
     pub created_at: DateTime<Utc>,
     pub level: LogLevel,
@@ -421,7 +413,6 @@ pub struct LogLine {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct JobLog {
     pub job_id: Uuid,
     pub logs: Vec<LogLine>,
@@ -447,7 +438,6 @@ impl Payload for JobLog {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     pub user_id: Uuid,
     pub workspace_name: String,
@@ -514,7 +504,6 @@ pub enum ClaimErrorCode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ClaimError {
     pub code: ClaimErrorCode,
     pub message: String,
@@ -541,7 +530,6 @@ impl MissReason {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ClaimReply {
     pub outcome: ClaimOutcome,
     pub workspace_id: Option<Uuid>,
@@ -562,7 +550,6 @@ pub struct ClaimReply {
 /// A preset and the parameter values it fixes (a claim matches it when it gives, or defaults to,
 /// every one of them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct PresetParameters {
     pub preset_id: Uuid,
     pub name: String,
@@ -592,7 +579,6 @@ impl Payload for ClaimReply {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Notification {
     pub notification_id: Uuid,
     pub notification_template_id: Uuid,

@@ -33,6 +33,8 @@ fn dead_lettering_conventions_are_documented() {
         "x-delivery-limit: 5",
         "{prefix}.dlx",
         "x-prebuilds-dead-reason",
+        "Tolerant reader",
+        "traceparent",
     ] {
         assert!(doc.contains(key), "{key} missing");
     }

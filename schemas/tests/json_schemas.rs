@@ -61,8 +61,10 @@ fn every_example_validates_against_its_schema() {
     }
 }
 
+/// The schemas refuse what the decoder refuses (a wrong type, a missing known field) and accept
+/// what it accepts: fields a newer producer added and CloudEvents extension attributes.
 #[test]
-fn schemas_reject_wrong_type_and_unknown_fields() {
+fn schemas_reject_wrong_type_and_missing_fields_and_accept_additions() {
     for entry in json_schema::all() {
         let validator = jsonschema::validator_for(&entry.schema).unwrap();
         let mut wrong_type = entry.example.clone();
@@ -73,19 +75,26 @@ fn schemas_reject_wrong_type_and_unknown_fields() {
             entry.file_name
         );
 
-        let mut extra = entry.example.clone();
-        extra["data"]["unexpected"] = 1.into();
-        assert!(
-            !validator.is_valid(&extra),
-            "{} accepted an unknown data field",
-            entry.file_name
-        );
-
         let mut missing = entry.example.clone();
         missing.as_object_mut().unwrap().remove("id");
         assert!(
             !validator.is_valid(&missing),
             "{} accepted a missing id",
+            entry.file_name
+        );
+
+        let mut newer = entry.example.clone();
+        newer["data"]["added_in_a_later_version"] = serde_json::json!({"any": ["shape"]});
+        newer["subject"] = "workspace/42".into();
+        newer["dataschema"] = "https://prebuilds.dev/schemas/x.schema.json".into();
+        newer["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into();
+        let errors: Vec<String> = validator
+            .iter_errors(&newer)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} refused an added field or extension attribute: {errors:?}",
             entry.file_name
         );
     }
@@ -126,4 +135,33 @@ fn claim_replies_carry_a_miss_reason_and_old_replies_still_decode() {
     // A reply without a reason leaves the fields out rather than writing nulls.
     let written = serde_json::to_value(&reply).unwrap();
     assert!(written.get("reason").is_none() && written.get("presets").is_none());
+}
+
+/// No object anywhere in a message (nested ones included: parameters, agents, replacements) is
+/// closed to additions, so the tolerant reader holds at every depth.
+#[test]
+fn no_schema_closes_an_object_to_additions() {
+    fn closed(value: &serde_json::Value, path: &str, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("additionalProperties") == Some(&serde_json::Value::Bool(false)) {
+                    found.push(path.to_owned());
+                }
+                for (key, child) in map {
+                    closed(child, &format!("{path}/{key}"), found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    closed(child, &format!("{path}/{i}"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    for entry in json_schema::all() {
+        let mut found = Vec::new();
+        closed(&entry.schema, "", &mut found);
+        assert!(found.is_empty(), "{} closes {found:?}", entry.file_name);
+    }
 }

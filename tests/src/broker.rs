@@ -38,8 +38,18 @@ impl TestBroker {
     /// A unique prefix on another broker (a private node), reached through `broker`; `url` is what
     /// services started by the test get as `AMQP_URL`.
     pub async fn on(broker: Broker, url: String) -> TestBroker {
+        TestBroker::on_with(broker, url, |topology| topology).await
+    }
+
+    /// [`TestBroker::on`] with the topology's arguments adjusted (e.g. the quorum group size of a
+    /// cluster) before it is declared.
+    pub async fn on_with(
+        broker: Broker,
+        url: String,
+        adjust: impl FnOnce(Topology) -> Topology,
+    ) -> TestBroker {
         let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let topology = Topology::new(prefix);
+        let topology = adjust(Topology::new(prefix));
         let connection = amqp::connect(&broker, "test-harness")
             .await
             .expect("connect to RabbitMQ (is it running? see .ci/run)");

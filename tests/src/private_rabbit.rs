@@ -245,6 +245,49 @@ impl PrivateRabbit {
     }
 }
 
+impl PrivateRabbit {
+    /// Starts `size` plaintext nodes and joins the others to the first. Every node runs as
+    /// `rabbitmq` with that user's Erlang cookie, so they share it.
+    pub async fn cluster(size: usize) -> Vec<PrivateRabbit> {
+        let mut nodes = Vec::new();
+        for _ in 0..size {
+            nodes.push(
+                PrivateRabbit::start(NodeOptions {
+                    plain: true,
+                    tls: None,
+                })
+                .await,
+            );
+        }
+        let first = nodes[0].node.clone();
+        for node in &nodes[1..] {
+            for args in [
+                vec!["stop_app"],
+                vec!["join_cluster", first.as_str()],
+                vec!["start_app"],
+                vec!["await_startup", "--timeout", "60"],
+            ] {
+                let out = node.ctl(&args);
+                assert!(
+                    out.status.success(),
+                    "{} {args:?}: {}{}",
+                    node.node,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        nodes
+    }
+
+    /// SIGKILLs the node's server at once (a crashed machine, not a clean stop).
+    pub fn kill(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+    }
+}
+
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
         self.stop();

@@ -38,6 +38,7 @@ fn context(broker: &TestBroker) -> (ConsumerContext, prometheus::Registry) {
             publisher,
             metrics,
             health: Health::default(),
+            database: None,
         },
         registry,
     )

@@ -1,5 +1,6 @@
 //! `prebuildsctl migrate` is idempotent and safe when two run at once, and declares the broker
-//! topology after the schema unless told `--skip-broker`.
+//! topology after the schema unless told `--skip-broker`; services refuse a schema older than
+//! they need.
 
 use prebuilds_runtime::amqp::{self, Entity, TopologyError};
 use prebuilds_tests::{db::server_url, process::binary, TestBroker, TestDb};
@@ -182,4 +183,108 @@ async fn migrate_declares_the_broker_topology_and_skip_broker_leaves_it_alone() 
             && stdout.contains(&format!("declared RabbitMQ topology '{}'", broker.prefix())),
         "{stdout}"
     );
+}
+
+/// Runs `binary` with `env` until it exits (killed after `timeout`); returns (exited, stderr).
+fn run_until_exit(
+    binary_name: &str,
+    env: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(binary(binary_name))
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the service");
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (status, stderr)
+}
+
+/// A database left by the previous release (the newest migration not applied yet): every service
+/// with a database refuses to start and says what to run; after `prebuildsctl migrate` the same
+/// worker starts.
+#[tokio::test]
+async fn services_refuse_a_schema_older_than_they_need_and_say_to_migrate() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let newest = prebuilds_schemas::migrations::required_version();
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "DROP FUNCTION prebuilds_schema_version();
+             DELETE FROM refinery_schema_history WHERE version >= {newest}"
+        ))
+        .await
+        .expect("roll the schema back one release");
+    let port = prebuilds_tests::stack::free_port().to_string();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("AMQP_URL", broker.url.as_str()),
+        ("PREBUILDS_AMQP_PREFIX", broker.prefix()),
+        ("PREBUILDS_METRICS_ADDR", metrics_addr.as_str()),
+        ("PREBUILDS_DB_POOL_SIZE", "2"),
+    ];
+    for service in [
+        "prebuilds-worker",
+        "prebuilds-scheduler",
+        "prebuilds-provisioner",
+    ] {
+        let (status, stderr) = tokio::task::spawn_blocking({
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            move || {
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                run_until_exit(service, &env, std::time::Duration::from_secs(30))
+            }
+        })
+        .await
+        .unwrap();
+        let status = status.unwrap_or_else(|| panic!("{service} started anyway:\n{stderr}"));
+        assert!(!status.success(), "{service} exited 0:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("older than version {newest}"))
+                && stderr.contains("run `prebuildsctl migrate`"),
+            "{service} does not say to migrate:\n{stderr}"
+        );
+    }
+
+    let migrated = migrate(&db.url);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let mut worker = prebuilds_tests::Service::start("prebuilds-worker", &[], &env);
+    prebuilds_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "the worker ready after migrate",
+        || async {
+            matches!(
+                prebuilds_tests::stack::http_get(port.parse().unwrap(), "/readyz").await,
+                Some((200, _))
+            )
+            .then_some(())
+        },
+    )
+    .await;
+    worker.kill().await;
 }

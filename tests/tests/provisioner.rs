@@ -1897,3 +1897,64 @@ async fn a_build_interrupted_by_a_dying_replica_is_finished_by_another_without_d
         .join("terraform.tfstate")
         .exists());
 }
+
+/// Shutdown fits one budget (`PREBUILDS_SHUTDOWN_TIMEOUT`, 4 s here): SIGTERM during a build that
+/// would take a minute, `/readyz` answers 503 (`draining=true`) while the provisioner drains —
+/// it does not disappear — the build is interrupted, its job returns to the queue, and the process
+/// exits within the budget.
+#[tokio::test]
+async fn shutdown_answers_503_while_draining_and_exits_within_its_budget() {
+    const BUDGET: Duration = Duration::from_secs(4);
+    let broker = TestBroker::new().await;
+    let port = free_port();
+    let mut service = provisioner(
+        &broker,
+        port,
+        &["--sim-duration-min", "60s", "--sim-duration-max", "60s"],
+        &[("PREBUILDS_SHUTDOWN_TIMEOUT", "4s")],
+    );
+    wait_ready(port).await;
+    let publisher = test_publisher(&broker);
+    let mut reader = EventReader::new(&broker);
+    let long = job(Transition::Start, BuildStage::Create, &[]);
+    publish(&publisher, &long).await;
+    reader
+        .until(long.job_id, WAIT, "long build started", |e| {
+            has(e, "job_started")
+        })
+        .await;
+
+    let pid = service.pid().expect("running").to_string();
+    let signalled = std::time::Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(sent.success());
+    let (status, body) =
+        prebuilds_tests::eventually(BUDGET, "/readyz answering 503 while draining", || async {
+            let (status, body) = http_get(port, "/readyz").await?;
+            (status == 503).then_some((status, body))
+        })
+        .await;
+    assert_eq!(status, 503);
+    assert!(body.contains("draining=true"), "{body}");
+
+    let exit = service
+        .terminate(BUDGET * 2)
+        .await
+        .expect("exits after SIGTERM");
+    let took = signalled.elapsed();
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert!(
+        took <= BUDGET + Duration::from_millis(500),
+        "exited {took:?} after SIGTERM, over its {BUDGET:?} budget"
+    );
+    // The interrupted build is not lost: its job is back on the queue for another replica.
+    let back = broker
+        .get(&broker.queue(QueueKind::ProvisionerJobs), WAIT)
+        .await
+        .expect("the interrupted job requeued");
+    let requeued: CloudEvent<ProvisionerJob> = serde_json::from_slice(&back.data).unwrap();
+    assert_eq!(requeued.data.job_id, long.job_id);
+}

@@ -244,3 +244,334 @@ async fn an_agent_event_held_in_retry_through_a_database_restart_is_applied_once
         .get(0);
     assert_eq!(recorded, 1, "the ready event recorded once");
 }
+
+/// The sum of a counter's series on a process's `/metrics` (0 when absent).
+async fn counter(port: u16, name: &str) -> f64 {
+    let (_, body) = prebuilds_tests::stack::http_get(port, "/metrics")
+        .await
+        .expect("GET /metrics");
+    let prefix = format!("{name}{{");
+    body.lines()
+        .filter(|l| l.starts_with(&prefix) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A database outage three times longer than every in-place retry a delivery can get (retry
+/// window × delivery limit) dead-letters nothing valid. With the window shortened to 1 s, a fill
+/// in progress (provisioner jobs and their events in flight), reconcile jobs and a claim that
+/// arrive during the outage are all held by the worker and the provisioner — not requeued — and
+/// applied once the database is back; the pools converge and the claim is served. A poison
+/// message sent meanwhile is still dead-lettered, with its reason.
+#[tokio::test]
+async fn a_database_outage_longer_than_every_retry_dead_letters_nothing_valid() {
+    use prebuilds_runtime::amqp::{
+        consumer::DEAD_REASON_HEADER, publisher::Outgoing, rpc::RpcClient,
+    };
+    use prebuilds_schemas::{ClaimReply, ClaimRequest};
+    use prebuilds_tests::{fixtures, private_postgres::PrivatePostgres, stack};
+
+    const WINDOW: Duration = Duration::from_secs(1);
+    const DELIVERY_LIMIT: u32 = 5;
+    let outage = 3 * WINDOW * DELIVERY_LIMIT;
+
+    let server = PrivatePostgres::start();
+    let db = TestDb::on(&server.server_url()).await;
+    let broker = TestBroker::new().await;
+    let (claimable, filling, user) = {
+        let c = db.pool.get().await.expect("db");
+        let org = fixtures::organization(&c, "outage").await;
+        let claimable = fixtures::template_with_preset(&c, org, "claimable", Some(1)).await;
+        fixtures::prebuild(
+            &c,
+            &claimable,
+            &fixtures::PrebuildSpec::running(chrono::Utc::now()),
+        )
+        .await;
+        let filling = fixtures::template_with_preset(&c, org, "filling", Some(4)).await;
+        let user = fixtures::user(&c, "patient", false).await;
+        (claimable, filling, user)
+    };
+    let env = [
+        ("PREBUILDS_RETRY_WINDOW", "1s"),
+        ("PREBUILDS_SIM_DURATION_MIN", "1s"),
+        ("PREBUILDS_SIM_DURATION_MAX", "3s"),
+        ("PREBUILDS_SIM_AGENT_READY_DELAY", "200ms"),
+        // One prebuild build at a time: the rest wait in the queue and reach the provisioner
+        // during the outage, where its admission read fails and the delivery is held.
+        ("PREBUILDS_PROVISIONER_CONCURRENCY", "1"),
+    ];
+    let (_worker, worker_port) = stack::start("prebuilds-worker", &db, &broker, &env);
+    let (_provisioner, provisioner_port) =
+        stack::start("prebuilds-provisioner", &db, &broker, &env);
+    for port in [worker_port, provisioner_port] {
+        prebuilds_tests::eventually(Duration::from_secs(30), "services ready", || async {
+            matches!(stack::http_get(port, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await;
+    }
+    let publisher = Publisher::new(&broker.url, "test", broker.topology.clone());
+    stack::request_reconcile(&publisher, filling.preset_id).await;
+    // The fill is under way: its builds are with the provisioner when the database goes.
+    stack::wait_for(Duration::from_secs(30), "fill started", || async {
+        stack::pool_counts(&db, filling.preset_id).await.in_progress > 0
+    })
+    .await;
+
+    server.stop();
+    let down_since = std::time::Instant::now();
+    // Meanwhile: a reconcile job, a claim and a poison message.
+    stack::request_reconcile(&publisher, claimable.preset_id).await;
+    let rpc = RpcClient::connect(&broker.url, "patient-client", broker.topology.clone())
+        .await
+        .expect("rpc client");
+    let claim = tokio::spawn(async move {
+        let request = CloudEvent::new(
+            "patient-client",
+            chrono::Utc::now(),
+            ClaimRequest {
+                user_id: user,
+                workspace_name: "after-the-outage".into(),
+                preset_id: Some(claimable.preset_id),
+                template_id: None,
+                parameters: vec![],
+            },
+        );
+        rpc.call::<_, ClaimReply>(&request, Duration::from_secs(120))
+            .await
+            .map(|reply| reply.data)
+    });
+    let exchange = broker.topology.exchange();
+    let poison = serde_json::json!({
+        "specversion": "1.0", "id": uuid::Uuid::new_v4(), "source": "test",
+        "type": "prebuilds.reconcile.preset.v1", "time": chrono::Utc::now(),
+        "datacontenttype": "application/json", "data": {"reason": "manual"}
+    });
+    let poison_body = serde_json::to_vec(&poison).unwrap();
+    publisher
+        .publish(Outgoing::new(&exchange, "reconcile.preset", &poison_body))
+        .await
+        .expect("publish poison");
+
+    // The hold is what keeps them: wait until both services held deliveries, then out-wait every
+    // retry a delivery could get three times over.
+    prebuilds_tests::eventually(
+        Duration::from_secs(60),
+        "worker and provisioner holding deliveries",
+        || async {
+            (counter(worker_port, "prebuilds_messages_held_total").await > 0.0
+                && counter(provisioner_port, "prebuilds_messages_held_total").await > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let remaining = outage.saturating_sub(down_since.elapsed());
+    tokio::time::sleep(remaining).await;
+    assert!(down_since.elapsed() >= outage);
+    server.boot();
+
+    let reply = claim.await.unwrap().expect("the claim is answered");
+    assert_eq!(reply.outcome.as_str(), "claimed", "{reply:?}");
+    stack::wait_for(Duration::from_secs(90), "both pools converged", || async {
+        let filled = stack::pool_counts(&db, filling.preset_id).await;
+        let refilled = stack::pool_counts(&db, claimable.preset_id).await;
+        filled.eligible == 4 && filled.in_progress == 0 && refilled.eligible == 1
+    })
+    .await;
+
+    // Only the poison message was dead-lettered, with its reason.
+    let reader = TestBroker::reconnect(&broker).await;
+    let dead = reader
+        .drain(&broker.topology.dead_queue(), Duration::from_secs(2))
+        .await;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| {
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            match headers.inner().get(DEAD_REASON_HEADER) {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                _ => format!(
+                    "dead-lettered by the broker: {}",
+                    String::from_utf8_lossy(&d.data)
+                ),
+            }
+        })
+        .collect();
+    assert_eq!(reasons.len(), 1, "only the poison message: {reasons:?}");
+    assert!(reasons[0].contains("preset_id"), "{reasons:?}");
+    assert_eq!(dead[0].data, poison_body);
+    assert_eq!(
+        counter(worker_port, "prebuilds_dead_lettered_total").await,
+        1.0
+    );
+    assert_eq!(
+        counter(provisioner_port, "prebuilds_dead_lettered_total").await,
+        0.0
+    );
+}
+
+/// A three-node RabbitMQ cluster of the test's own; the worker and the provisioner get all three
+/// nodes in `AMQP_URL`. After a fill of 20 presets, claims run while the node the worker consumes
+/// reconcile jobs from is SIGKILLed: every claim is answered once with its own workspace, no
+/// prebuild is made twice, nothing is dead-lettered, and every pool converges.
+#[tokio::test]
+#[ignore = "not converging yet: after the kill, the provisioner's event publishes keep being \
+            nacked by the surviving nodes (the claims all succeed; the pools never refill)"]
+async fn killing_the_node_a_worker_uses_in_a_three_node_cluster_loses_and_duplicates_nothing() {
+    use prebuilds_runtime::amqp::rpc::RpcClient;
+    use prebuilds_schemas::{ClaimReply, ClaimRequest};
+    use prebuilds_tests::{fixtures, stack};
+
+    const PRESETS: usize = 20;
+    const DESIRED: i64 = 3;
+    const CLAIMS: usize = 20;
+    let nodes = PrivateRabbit::cluster(3).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.plain_url()).collect();
+    let all = urls.join(",");
+    let db = TestDb::new().await;
+    // Every queue on all three nodes, declared so by the harness and the services alike.
+    let broker = TestBroker::on_with(Broker::from(all.as_str()), all.clone(), |t| {
+        t.with_quorum_initial_group_size(Some(3))
+    })
+    .await;
+    let (presets, users) = {
+        let c = db.pool.get().await.expect("db");
+        let org = fixtures::organization(&c, "cluster").await;
+        let mut presets = Vec::new();
+        for i in 0..PRESETS {
+            presets.push(
+                fixtures::template_with_preset(&c, org, &format!("t{i}"), Some(DESIRED as i32))
+                    .await
+                    .preset_id,
+            );
+        }
+        let mut users = Vec::new();
+        for i in 0..CLAIMS {
+            users.push(fixtures::user(&c, &format!("claimant{i}"), false).await);
+        }
+        (presets, users)
+    };
+    let env = [
+        ("PREBUILDS_SIM_DURATION_MIN", "0"),
+        ("PREBUILDS_SIM_DURATION_MAX", "300ms"),
+        ("PREBUILDS_SIM_AGENT_READY_DELAY", "0"),
+        ("PREBUILDS_QUORUM_INITIAL_GROUP_SIZE", "3"),
+    ];
+    let (_worker, worker_port) = stack::start("prebuilds-worker", &db, &broker, &env);
+    let (_provisioner, _) = stack::start("prebuilds-provisioner", &db, &broker, &env);
+    prebuilds_tests::eventually(Duration::from_secs(60), "worker ready", || async {
+        matches!(
+            stack::http_get(worker_port, "/readyz").await,
+            Some((200, _))
+        )
+        .then_some(())
+    })
+    .await;
+    let publisher = Publisher::new(all.as_str(), "test", broker.topology.clone());
+    for preset in &presets {
+        stack::request_reconcile(&publisher, *preset).await;
+    }
+    let full = || async {
+        for preset in &presets {
+            let counts = stack::pool_counts(&db, *preset).await;
+            if counts.eligible != DESIRED || counts.in_progress != 0 {
+                return false;
+            }
+        }
+        true
+    };
+    stack::wait_for(Duration::from_secs(180), "the fill", full).await;
+
+    // The victim: the node serving the worker's reconcile consumer (found by the connection name
+    // in its client properties; the server-side port of the connection is that node's AMQP port).
+    let listed = nodes[0].ctl(&[
+        "list_connections",
+        "client_properties",
+        "port",
+        "--no-table-headers",
+        "-q",
+    ]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let port: u16 = listed
+        .lines()
+        .find(|l| l.contains("prebuilds-worker") && l.contains("/reconcile\""))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("the worker's reconcile connection in {listed}"));
+    let victim = nodes
+        .iter()
+        .position(|n| n.amqp_port == Some(port))
+        .expect("a node of ours");
+    // The claim client talks to a node that survives.
+    let client_url = urls[(victim + 1) % urls.len()].clone();
+    let rpc = RpcClient::connect(client_url.as_str(), "claims", broker.topology.clone())
+        .await
+        .expect("rpc client");
+
+    let mut claimed = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        if i == CLAIMS / 4 {
+            nodes[victim].kill();
+        }
+        let request = CloudEvent::new(
+            "cluster-client",
+            chrono::Utc::now(),
+            ClaimRequest {
+                user_id: *user,
+                workspace_name: format!("ws{i}"),
+                preset_id: Some(presets[i % PRESETS]),
+                template_id: None,
+                parameters: vec![],
+            },
+        );
+        // A reply lost with a node is asked for again with the same request id: the worker
+        // answers its first outcome.
+        let mut reply = None;
+        for _ in 0..12 {
+            match rpc
+                .call::<_, ClaimReply>(&request, Duration::from_secs(10))
+                .await
+            {
+                Ok(r) => {
+                    reply = Some(r.data);
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "claim not answered; asking again"),
+            }
+        }
+        let reply = reply.unwrap_or_else(|| panic!("claim {i} never answered"));
+        assert_eq!(reply.outcome.as_str(), "claimed", "claim {i}: {reply:?}");
+        claimed.push(reply.workspace_id.expect("claimed workspace"));
+    }
+    let distinct: HashSet<_> = claimed.iter().collect();
+    assert_eq!(distinct.len(), CLAIMS, "every claim got its own workspace");
+
+    // Converged, and nothing made twice: each preset created its pool once plus one replacement
+    // per claim.
+    stack::wait_for(Duration::from_secs(180), "converged after the kill", full).await;
+    for (i, preset) in presets.iter().enumerate() {
+        let claims_here = (0..CLAIMS).filter(|c| c % PRESETS == i).count() as i64;
+        let counts = stack::pool_counts(&db, *preset).await;
+        assert_eq!(
+            counts.created,
+            DESIRED + claims_here,
+            "preset {i}: {counts:?}"
+        );
+    }
+    let c = db.pool.get().await.expect("db");
+    let owned: i64 = c
+        .query_one(
+            "SELECT count(*) FROM workspaces WHERE owner_id = ANY($1)",
+            &[&users],
+        )
+        .await
+        .expect("owned")
+        .get(0);
+    assert_eq!(owned, CLAIMS as i64, "one workspace per claimant");
+    let reader = TestBroker::on(Broker::from(client_url.as_str()), client_url.clone()).await;
+    let dead = reader
+        .drain(&broker.topology.dead_queue(), Duration::from_secs(2))
+        .await;
+    assert!(dead.is_empty(), "{} dead-lettered", dead.len());
+}

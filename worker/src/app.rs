@@ -28,10 +28,6 @@ use crate::{
 /// How often the sizes behind cached plans are checked (one cheap query).
 const PLAN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long one delivery rides out a database or broker outage before it is requeued (the
-/// delivery limit allows five such windows: minutes of outage lose nothing).
-const TRANSIENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Runs the worker until `shutdown` is cancelled, then drains within the configured bound.
 pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
@@ -48,6 +44,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     prebuilds_runtime::retry::with_retries(|| db::ping(&pool))
         .await
         .context("PostgreSQL is unreachable (check DATABASE_URL and that the server is running)")?;
+    db::require_schema(&pool).await?;
     health.set_database(true);
 
     let topology = connection.topology();
@@ -73,11 +70,13 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         .await
         .map_err(broker_unusable)?;
 
+    // Serves until the very end, so `/readyz` answers 503 while the worker drains.
+    let http_stop = CancellationToken::new();
     let (metrics_addr, http) = prebuilds_runtime::http::serve(
         args.service.metrics_addr,
         registry.clone(),
         health.clone(),
-        shutdown.clone(),
+        http_stop.clone(),
     )
     .await
     .with_context(|| format!("cannot listen on {}", args.service.metrics_addr))?;
@@ -110,6 +109,7 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
         publisher: publisher.clone(),
         metrics: service_metrics.clone(),
         health: health.clone(),
+        database: Some(pool.clone()),
     };
     let spec = |queue: QueueKind| ConsumerSpec {
         queue,
@@ -120,8 +120,8 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
             _ => args.worker_concurrency,
         },
         connection_name: format!("{source}/{}", queue.suffix()),
-        drain_timeout: args.service.shutdown_timeout,
-        transient_window: TRANSIENT_WINDOW,
+        drain_timeout: prebuilds_runtime::shutdown::drain_share(args.service.shutdown_timeout),
+        transient_window: args.service.retry_window,
     };
     let reconcile = Arc::new(ReconcileHandler::new(
         ReconcileContext {
@@ -196,16 +196,22 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     consumers.close();
 
     shutdown.cancelled().await;
+    let budget = prebuilds_runtime::shutdown::Budget::start(args.service.shutdown_timeout);
     health.set_draining();
-    tracing::info!("draining");
-    // Each consumer bounds its own drain by the shutdown timeout.
+    tracing::info!(budget = ?args.service.shutdown_timeout, "draining");
+    // Each consumer bounds its own drain by its share of the budget.
     consumers.wait().await;
     relay_stop.cancel();
     tasks.close();
-    let _ =
-        prebuilds_runtime::shutdown::within(std::time::Duration::from_secs(10), tasks.wait()).await;
-    publisher.close().await;
-    replies.close().await;
+    if !prebuilds_runtime::shutdown::within(budget.remaining(), tasks.wait()).await {
+        tracing::warn!("the shutdown budget ran out before the outbox relay stopped; unpublished rows are published by the next worker");
+    }
+    let _ = prebuilds_runtime::shutdown::within(budget.remaining(), async {
+        publisher.close().await;
+        replies.close().await;
+    })
+    .await;
+    http_stop.cancel();
     let _ = http.await;
     tracing::info!("worker stopped");
     Ok(())

@@ -7,15 +7,22 @@
 //!    `x-prebuilds-dead-reason` header, then ack; never requeued. If that republish fails the
 //!    delivery is rejected without requeue, so the broker dead-letters it (without our header).
 //! 3. [`HandlerError::Transient`] → retried in place with jittered backoff for up to
-//!    [`ConsumerSpec::transient_window`]; if it still fails, rejected *with* requeue, so the
-//!    queue's delivery limit bounds the total attempts (5 windows).
+//!    [`ConsumerSpec::transient_window`]. When the window runs out the database is probed
+//!    ([`ConsumerContext::database`]): if it does not answer, the delivery is *held* — kept
+//!    unacknowledged, probing until the database answers, then retried with a fresh window — so
+//!    an outage of any length spends none of the delivery limit, and with every prefetch slot
+//!    held the broker sends this consumer nothing more. If the database answers (the failure is
+//!    something else), the delivery is rejected *with* requeue, so the queue's delivery limit
+//!    bounds the total attempts (5 windows).
 //! 4. [`HandlerError::Defer`] → the message is valid but overtook one it follows (a provisioner
 //!    event before its job's earlier event). Retried in place for [`DEFER_WINDOW`], then
 //!    requeued so the delivery slot serves other messages meanwhile; on the queue's last allowed
 //!    delivery it is dead-lettered with its reason, like a permanent failure.
 //!
-//! The loop survives broker restarts (reconnect with backoff) and a broker-side consumer cancel
-//! (the stream ends: consume again). On shutdown it cancels the consumer, lets in-flight handlers
+//! The loop survives broker restarts and lost nodes (reconnect at once, then with backoff, to the
+//! next node of the list: in-flight handlers are not waited for, since their deliveries return to
+//! the queue with the connection) and a broker-side consumer cancel (the stream ends: consume
+//! again). On shutdown it cancels the consumer, lets in-flight handlers
 //! finish within the drain bound, settles them, then closes the connection.
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -174,6 +181,9 @@ pub struct ConsumerContext {
     pub publisher: Arc<Publisher>,
     pub metrics: ServiceMetrics,
     pub health: Health,
+    /// The database the handlers depend on, if any. While it does not answer, a delivery whose
+    /// in-place retries ran out is held instead of requeued (see the module doc).
+    pub database: Option<deadpool_postgres::Pool>,
 }
 
 enum SessionEnd {
@@ -296,6 +306,15 @@ async fn session<H: Handler>(
         }
     };
     in_flight.close();
+    if end.is_err() {
+        // The connection is lost (a node died, say): in-flight deliveries can no longer be settled
+        // on it and return to the queue, so waiting for their handlers would only delay the
+        // reconnect (up to the drain bound) while the queue waits for a consumer. Reconnect at
+        // once — to another node when the list has one — and let the handlers finish in the
+        // background; their effects are idempotent, and the redelivery finds them done.
+        tracing::warn!(%queue, in_flight = in_flight.len(), "connection lost; reconnecting without waiting for in-flight handlers (their deliveries are redelivered)");
+        return end;
+    }
     if !crate::shutdown::within(spec.drain_timeout, in_flight.wait()).await {
         tracing::warn!(%queue, "in-flight handlers did not finish within the drain bound; their deliveries will be redelivered");
     }
@@ -313,13 +332,16 @@ async fn settle<H: Handler>(
     let queue_label = spec.queue.suffix();
     let incoming = Incoming::from_delivery(&delivery);
     // Jittered exponential backoff capped at 5 s, bounded by the window in total time.
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .without_max_times()
-        .with_total_delay(Some(spec.transient_window))
-        .with_jitter()
-        .build();
+    let window = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .with_total_delay(Some(spec.transient_window))
+            .with_jitter()
+            .build()
+    };
+    let mut delays = window();
     let mut defer_delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_millis(500))
@@ -345,6 +367,12 @@ async fn settle<H: Handler>(
                         // Shutting down: stop retrying; the delivery is requeued below.
                         _ = shutdown.cancelled() => {}
                     }
+                }
+                _ if !shutdown.is_cancelled()
+                    && held_while_database_down(&context, queue_label, &shutdown).await =>
+                {
+                    // The database is back: a fresh window, as if the delivery had just arrived.
+                    delays = window();
                 }
                 _ => break Err(HandlerError::Transient(e)),
             },
@@ -429,6 +457,53 @@ async fn settle<H: Handler>(
     if let Err(e) = settled {
         // The channel is gone; the broker redelivers the message, and handlers are idempotent.
         tracing::warn!(queue = queue_label, error = %e, "could not settle delivery; it will be redelivered");
+    }
+}
+
+/// How long one probe of the database may take before it counts as unreachable.
+const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Called when a delivery's in-place retries ran out. Returns false at once when there is no
+/// database to wait for or it answers (the failure is something else: requeue, so the delivery
+/// limit bounds it). Otherwise holds the delivery — probing with backoff up to 5 s — until the
+/// database answers (true) or shutdown begins (false: requeue). A hold never spends a delivery
+/// attempt; only the broker's consumer timeout (30 min by default) bounds it.
+async fn held_while_database_down(
+    context: &ConsumerContext,
+    queue_label: &str,
+    shutdown: &CancellationToken,
+) -> bool {
+    let Some(pool) = &context.database else {
+        return false;
+    };
+    let answers = || async {
+        matches!(
+            tokio::time::timeout(DATABASE_PROBE_TIMEOUT, crate::db::ping(pool)).await,
+            Ok(Ok(()))
+        )
+    };
+    if answers().await {
+        return false;
+    }
+    context.metrics.held.with_label_values(&[queue_label]).inc();
+    tracing::warn!(
+        queue = queue_label,
+        "the database does not answer; holding this delivery until it does (not requeued, so its delivery limit is not spent)"
+    );
+    let mut probes = reconnect_backoff();
+    loop {
+        let delay = probes.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+        if answers().await {
+            tracing::info!(
+                queue = queue_label,
+                "the database answers again; retrying the held delivery"
+            );
+            return true;
+        }
     }
 }
 

@@ -209,6 +209,7 @@ pub struct Topology {
     prefix: String,
     mode: TopologyMode,
     notifications_max_length: i64,
+    quorum_initial_group_size: Option<u16>,
 }
 
 impl Topology {
@@ -218,7 +219,33 @@ impl Topology {
             prefix: prefix.into(),
             mode: TopologyMode::Declare,
             notifications_max_length: NOTIFICATIONS_MAX_LENGTH,
+            quorum_initial_group_size: None,
         }
+    }
+
+    /// The same names with quorum queues created on `size` nodes (`x-quorum-initial-group-size`;
+    /// `PREBUILDS_QUORUM_INITIAL_GROUP_SIZE`), or the broker's default with `None`.
+    pub fn with_quorum_initial_group_size(self, size: Option<u16>) -> Self {
+        Topology {
+            quorum_initial_group_size: size,
+            ..self
+        }
+    }
+
+    /// The queue type, and the replica count when one is configured, of every queue.
+    fn quorum_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("quorum".into()),
+        );
+        if let Some(size) = self.quorum_initial_group_size {
+            args.insert(
+                ShortString::from("x-quorum-initial-group-size"),
+                AMQPValue::LongLongInt(size.into()),
+            );
+        }
+        args
     }
 
     /// The same names with another length limit of the notifications queue. Only for tests that
@@ -269,11 +296,7 @@ impl Topology {
 
     /// The arguments of every work queue. Changing them is a breaking change for running brokers.
     pub fn work_queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString("quorum".into()),
-        );
+        let mut args = self.quorum_arguments();
         args.insert(
             ShortString::from("x-delivery-limit"),
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
@@ -301,12 +324,7 @@ impl Topology {
     }
 
     fn dead_queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args
+        self.quorum_arguments()
     }
 
     /// The name of `entity` under this prefix.
