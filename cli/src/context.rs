@@ -41,6 +41,17 @@ impl Deref for Ctx {
     }
 }
 
+/// Something the command names does not exist (a template, a preset): the API answers 404.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// A change that the current state does not allow (e.g. invalidating a template without an active
+/// version): the API answers 409.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Conflict(pub String);
+
 /// A bad argument value found after parsing (exit code 2, like clap's own usage errors).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -271,19 +282,22 @@ pub async fn resolve_template<C: GenericClient>(
                     .await?
                     .is_some();
                 if !exists {
-                    bail!(
+                    return Err(NotFound(format!(
                         "organization '{org}' does not exist (create it with `prebuildsctl org create {org}`)"
-                    );
+                    ))
+                    .into());
                 }
-                bail!(
+                return Err(NotFound(format!(
                     "template '{name}' not found in organization '{org}' \
                      (push one with `prebuildsctl template push FILE`)"
-                );
+                ))
+                .into());
             }
-            bail!(
+            Err(NotFound(format!(
                 "template '{name}' not found (push one with `prebuildsctl template push FILE`; \
                  `prebuildsctl status` lists the templates with prebuilds)"
-            )
+            ))
+            .into())
         }
         1 => {
             let r = &rows[0];
@@ -375,6 +389,7 @@ pub async fn request_reconciles<C: GenericClient>(
 
 /// What a change made through [`apply_change`] returns: the presets whose pools it affects, and
 /// whatever the command reports about it.
+#[derive(Debug)]
 pub struct Change<T> {
     pub outcome: T,
     /// May be empty: then no reconcile job is written.
@@ -384,6 +399,7 @@ pub struct Change<T> {
 
 /// A committed change: its outcome, how many reconcile jobs it wrote and how many of them were
 /// published before the command returned.
+#[derive(Debug)]
 pub struct Applied<T> {
     pub outcome: T,
     pub requested: usize,
@@ -398,8 +414,17 @@ pub async fn apply_change<T>(
     ctx: &Ctx,
     change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
 ) -> anyhow::Result<Applied<T>> {
+    let pool = connect_db(&ctx.connection).await?;
+    apply_change_on(&pool, ctx, change).await
+}
+
+/// [`apply_change`] on a pool the caller keeps (the API's, shared by its requests).
+pub async fn apply_change_on<T>(
+    pool: &Pool,
+    ctx: &Ctx,
+    change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
+) -> anyhow::Result<Applied<T>> {
     let connection = &ctx.connection;
-    let pool = connect_db(connection).await?;
     let mut client = pool.get().await?;
     let written: anyhow::Result<(T, usize)> = async {
         let tx = begin_write(&mut client, ctx).await?;
@@ -414,9 +439,9 @@ pub async fn apply_change<T>(
     }
     .await;
     let (outcome, requested) = written.map_err(|e| explain_lock_timeout(e, ctx.lock_timeout))?;
-    // Back to the (two-connection) pool before relaying: the relay takes its connections from it.
+    // Back to the pool before relaying: the relay takes its connections from it.
     drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
+    let published = relay_outbox(pool, connection, requested).await;
     Ok(Applied {
         outcome,
         requested,

@@ -10,8 +10,9 @@
 //! count over time and schedule validation), [`failures`] (backoff and hard limit), [`actions`](mod@actions)
 //! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps,
 //! their fair share, and the per-transaction create budget), [`names`] (workspace names),
-//! [`claim`] (preset matching for claims).
+//! [`claim`] (preset matching for claims), [`access`] (API token roles and what each may do).
 
+pub mod access;
 pub mod actions;
 pub mod capacity;
 pub mod claim;
@@ -24,6 +25,7 @@ pub mod schedule;
 pub mod snapshot;
 pub mod state;
 
+pub use access::{request_id_for_key, ApiAction, ApiRole};
 pub use actions::{
     actions, can_skip, creates_to_execute, plan, Action, CreateDecision, Plan, SkipReason,
 };

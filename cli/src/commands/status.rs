@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use prebuilds_core::{plan, DesiredSource, PrebuildStatus, ReconcileConfig};
 use prebuilds_runtime::config::{parse_duration, Connection};
 use prebuilds_store::claims::ClaimHistory;
@@ -69,7 +69,8 @@ pub struct RuleArgs {
 }
 
 impl RuleArgs {
-    fn config(&self) -> anyhow::Result<ReconcileConfig> {
+    /// The reconciler's configuration these tunables give (the API uses the same variables).
+    pub fn config(&self) -> anyhow::Result<ReconcileConfig> {
         let delta = |d: Duration, name: &str| {
             TimeDelta::from_std(d).map_err(|_| UsageError(format!("{name} is too large")))
         };
@@ -87,8 +88,8 @@ impl RuleArgs {
     }
 }
 
-/// One preset's row (the `--json` object).
-#[derive(Debug, Clone, Serialize)]
+/// One preset's row (the `--json` object, and `GET /api/v1/presets`).
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Row {
     organization: String,
     template: String,
@@ -108,6 +109,7 @@ pub struct Row {
     deleting: u32,
     expired: u32,
     extraneous: u32,
+    #[schemars(with = "PrebuildStatusSchema")]
     status: PrebuildStatus,
     backoff_until: Option<DateTime<Utc>>,
     /// When the preset became hard-limited (null when it is not).
@@ -270,9 +272,29 @@ async fn collect(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Row>> {
     let client = pool.get().await?;
-    if let Some(template) = &args.template {
+    rows(
+        &client,
+        args.template.as_deref(),
+        args.organization.as_deref(),
+        config,
+        now,
+    )
+    .await
+}
+
+/// The status rows at `now`, optionally of one template (by name, with its organization when the
+/// name is not unique) or one organization. Errors: the template does not exist
+/// ([`crate::context::NotFound`]) or is ambiguous ([`crate::context::UsageError`]).
+pub async fn rows<C: GenericClient>(
+    client: &C,
+    template: Option<&str>,
+    organization: Option<&str>,
+    config: &ReconcileConfig,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<Row>> {
+    if let Some(template) = template {
         // A clear error for a template that does not exist (or is ambiguous).
-        resolve_template(&client, template, args.organization.as_deref(), false).await?;
+        resolve_template(client, template, organization, false).await?;
     }
     let ids: Vec<Uuid> = client
         .query(
@@ -288,14 +310,14 @@ async fn collect(
                      AND v.id = t.active_version_id)               -- ...on the active version
                     OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
                                WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
-            &[&args.template, &args.organization],
+            &[&template, &organization],
         )
         .await?
         .into_iter()
         .map(|r| r.get(0))
         .collect();
-    let views = prebuilds_store::load_snapshots(&client, &ids).await?;
-    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now).await?;
+    let views = prebuilds_store::load_snapshots(client, &ids).await?;
+    let mut history = prebuilds_store::claims::claim_history(client, &ids, now).await?;
     let mut rows: Vec<Row> = views
         .into_iter()
         .map(|view| {
@@ -374,4 +396,14 @@ async fn collect(
             ))
     });
     Ok(rows)
+}
+
+/// The JSON Schema of [`PrebuildStatus`] (the core has no schema dependency).
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum PrebuildStatusSchema {
+    Healthy,
+    HardLimited,
+    ValidationFailed,
 }
