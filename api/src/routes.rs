@@ -29,7 +29,7 @@ use prebuildsctl::{
         status::{self, Row},
         template::invalidate_change,
     },
-    context::{apply_change_on, Conflict, Ctx, NotFound, UsageError},
+    context::{apply_change_on, retry_conflicts, Conflict, Ctx, NotFound, UsageError},
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -611,8 +611,10 @@ async fn put_settings(
         action,
         json!({"reconciliation_paused": paused}),
     );
-    let applied = apply_change_on(&state.pool, &ctx, async |tx| {
-        pause::set_paused(tx, &Scope::Global, paused).await
+    let applied = retry_conflicts(|| {
+        apply_change_on(&state.pool, &ctx, async |tx| {
+            pause::set_paused(tx, &Scope::Global, paused).await
+        })
     })
     .await
     .map_err(command_problem)?;
@@ -639,8 +641,10 @@ async fn invalidate(
         "template invalidate",
         json!({"name": name, "organization": organization}),
     );
-    let applied = apply_change_on(&state.pool, &ctx, async |tx| {
-        invalidate_change(tx, &name, organization.as_deref()).await
+    let applied = retry_conflicts(|| {
+        apply_change_on(&state.pool, &ctx, async |tx| {
+            invalidate_change(tx, &name, organization.as_deref()).await
+        })
     })
     .await
     .map_err(command_problem)?;
@@ -663,8 +667,10 @@ async fn set_paused(
 ) -> Result<Response, Problem> {
     let action = if pause { "pause" } else { "resume" };
     let ctx = change_ctx(state, caller, action, arguments);
-    let applied = apply_change_on(&state.pool, &ctx, async |tx| {
-        pause::set_paused(tx, &scope, pause).await
+    let applied = retry_conflicts(|| {
+        apply_change_on(&state.pool, &ctx, async |tx| {
+            pause::set_paused(tx, &scope, pause).await
+        })
     })
     .await
     .map_err(command_problem)?;
