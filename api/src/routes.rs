@@ -113,7 +113,7 @@ fn organization_param() -> Param {
     query(
         "organization",
         "Organization of the template (needed when the name exists in several).",
-        json!({"type": "string"}),
+        text_schema(),
     )
 }
 
@@ -123,7 +123,7 @@ fn template_path_param() -> Param {
         at: In::Path,
         required: true,
         description: "Template name.",
-        schema: json!({"type": "string"}),
+        schema: text_schema(),
     }
 }
 
@@ -196,7 +196,7 @@ pub fn endpoints() -> Vec<Endpoint> {
                 in-progress builds, status, pause and claim history per preset. Any role.",
             action: Some(ApiAction::Read),
             params: vec![
-                query("template", "Only this template.", json!({"type": "string"})),
+                query("template", "Only this template.", text_schema()),
                 organization_param(),
             ],
             body: None,
@@ -214,7 +214,7 @@ pub fn endpoints() -> Vec<Endpoint> {
             params: vec![organization_param()],
             body: None,
             ok: (StatusCode::OK, schema_of::<Vec<TemplateRow>>),
-            errors: vec![],
+            errors: vec![StatusCode::BAD_REQUEST],
             handler: get(templates),
         },
         Endpoint {
@@ -233,7 +233,7 @@ pub fn endpoints() -> Vec<Endpoint> {
                 query(
                     "initiator",
                     "Only jobs started by this user (`prebuilds` = the reconciler).",
-                    json!({"type": "string"}),
+                    text_schema(),
                 ),
                 query(
                     "limit",
@@ -406,6 +406,7 @@ pub struct Invalidated {
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Template")]
 pub struct TemplateRow {
     pub id: Uuid,
     pub organization: String,
@@ -424,12 +425,33 @@ async fn openapi() -> Json<Value> {
     Json(crate::openapi::document())
 }
 
-/// The query string's parameters (the last value of a repeated one wins).
-fn query_params(raw: &RawQuery) -> HashMap<String, String> {
-    raw.0
+/// The query string's parameters (the last value of a repeated one wins). Text PostgreSQL cannot
+/// store (a NUL character) is refused here, once for every parameter, as a 400.
+fn query_params(raw: &RawQuery) -> Result<HashMap<String, String>, Problem> {
+    let params: HashMap<String, String> = raw
+        .0
         .as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    for (name, value) in &params {
+        storable(value, name)?;
+    }
+    Ok(params)
+}
+
+/// Refuses text with a NUL character (PostgreSQL's text cannot hold one).
+fn storable(value: &str, what: &str) -> Result<(), Problem> {
+    if value.contains('\0') {
+        return Err(Problem::bad_request(format!(
+            "{what} contains a NUL character, which no name can contain"
+        )));
+    }
+    Ok(())
+}
+
+/// The schema of a text parameter: any string without NUL ([`storable`]).
+fn text_schema() -> Value {
+    json!({"type": "string", "pattern": "^[^\\u0000]*$"})
 }
 
 /// A command error as an answer: the typed errors callers can act on keep their status; anything
@@ -488,7 +510,7 @@ fn change_ctx(state: &AppState, caller: &Caller, action: &str, arguments: Value)
 
 async fn presets(State(state): Shared, caller: Caller, raw: RawQuery) -> Result<Response, Problem> {
     caller.require(ApiAction::Read)?;
-    let q = query_params(&raw);
+    let q = query_params(&raw)?;
     let client = state.client().await?;
     let rows = status::rows(
         &client,
@@ -508,7 +530,7 @@ async fn templates(
     raw: RawQuery,
 ) -> Result<Response, Problem> {
     caller.require(ApiAction::Read)?;
-    let q = query_params(&raw);
+    let q = query_params(&raw)?;
     let organization = q.get("organization");
     let client = state.client().await?;
     let rows = client
@@ -550,7 +572,7 @@ async fn list_jobs(
     raw: RawQuery,
 ) -> Result<Response, Problem> {
     caller.require(ApiAction::Read)?;
-    let q = query_params(&raw);
+    let q = query_params(&raw)?;
     let status = q.get("status").map(String::as_str);
     if let Some(s) = status {
         if !jobs::STATUSES.contains(&s) {
@@ -633,7 +655,8 @@ async fn invalidate(
     raw: RawQuery,
 ) -> Result<Response, Problem> {
     caller.require(ApiAction::Administer)?;
-    let q = query_params(&raw);
+    storable(&name, "the template name")?;
+    let q = query_params(&raw)?;
     let organization = q.get("organization").cloned();
     let ctx = change_ctx(
         &state,
@@ -692,7 +715,8 @@ async fn pause_template(
     pause: bool,
 ) -> Result<Response, Problem> {
     caller.require(ApiAction::Administer)?;
-    let organization = query_params(&raw).get("organization").cloned();
+    storable(&name, "the template name")?;
+    let organization = query_params(&raw)?.get("organization").cloned();
     let arguments = json!({"template": name, "organization": organization});
     let scope = Scope::Template { name, organization };
     set_paused(&state, &caller, scope, arguments, pause).await
@@ -824,7 +848,8 @@ async fn record_claim(
         json!({
             "request_id": request_id,
             "user_id": request.user_id,
-            "workspace_name": request.workspace_name,
+            // jsonb cannot hold a NUL; a hostile name (which the worker refuses) is kept readable.
+            "workspace_name": request.workspace_name.replace('\0', "\u{fffd}"),
             "preset_id": request.preset_id,
             "template_id": request.template_id,
             "outcome": reply.outcome.as_str(),

@@ -63,6 +63,7 @@ pub enum Command {
 
 /// One provisioner job as listed (`jobs list --json`, `GET /api/v1/jobs`).
 #[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Job")]
 pub struct JobRow {
     id: Uuid,
     workspace: Option<String>,

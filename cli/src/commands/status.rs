@@ -90,6 +90,7 @@ impl RuleArgs {
 
 /// One preset's row (the `--json` object, and `GET /api/v1/presets`).
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "PresetStatus")]
 pub struct Row {
     organization: String,
     template: String,
@@ -401,6 +402,7 @@ pub async fn rows<C: GenericClient>(
 /// The JSON Schema of [`PrebuildStatus`] (the core has no schema dependency).
 #[derive(schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(rename = "PrebuildStatus")]
 #[allow(dead_code)]
 enum PrebuildStatusSchema {
     Healthy,
