@@ -430,7 +430,7 @@ pub async fn apply_change_on<T>(
 }
 
 /// How often [`retry_conflicts`] runs a change.
-const CHANGE_ATTEMPTS: usize = 3;
+const CHANGE_ATTEMPTS: usize = 5;
 
 /// Runs `attempt` (a whole change, e.g. one [`apply_change_on`]) again when PostgreSQL aborted it
 /// as a deadlock victim or a serialization failure (40P01, 40001: e.g. a resume meeting a
@@ -446,6 +446,8 @@ where
         match attempt().await {
             Err(e) if n < CHANGE_ATTEMPTS && lost_a_conflict(&e) => {
                 tracing::info!(error = %format!("{e:#}"), attempt = n, "change lost a conflict; running it again");
+                // A short, growing pause lets the winner of the conflict finish first.
+                tokio::time::sleep(std::time::Duration::from_millis(20 * n as u64)).await;
                 n += 1;
             }
             result => return result,

@@ -600,25 +600,39 @@ async fn the_openapi_document_holds_against_the_live_api() {
     let bin = tokio::task::spawn_blocking(schemathesis).await.unwrap();
     let url = format!("http://127.0.0.1:{}/openapi.json", w.port);
     let auth = format!("Authorization: Bearer {}", w.admin);
-    let out = tokio::process::Command::new(&bin)
-        .args(["run", &url, "-H", &auth, "--checks", "all"])
-        .args(["--exclude-checks", "positive_data_acceptance"])
-        .args([
-            "--max-examples",
-            "15",
-            "--workers",
-            "2",
-            "--request-timeout",
-            "20",
-        ])
-        // No colours, no progress bars, no telemetry: plain text for the test's output.
-        .env("NO_COLOR", "1")
-        .env("SCHEMATHESIS_TELEMETRY", "false")
-        .current_dir(bin.parent().unwrap())
-        .output()
-        .await
-        .expect("run schemathesis");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // schemathesis itself sometimes fails inside Hypothesis (Python's `ast` module under threads:
+    // "AST constructor recursion depth mismatch"), reported under Errors, never under Failures:
+    // such a run says nothing about the API and is run again, at most twice.
+    let mut attempts = 0;
+    let (out, stdout) = loop {
+        attempts += 1;
+        let out = tokio::process::Command::new(&bin)
+            .args(["run", &url, "-H", &auth, "--checks", "all"])
+            .args(["--exclude-checks", "positive_data_acceptance"])
+            .args([
+                "--max-examples",
+                "15",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "20",
+            ])
+            // No colours, no telemetry: plain text for the test's output.
+            .env("NO_COLOR", "1")
+            .env("SCHEMATHESIS_TELEMETRY", "false")
+            .current_dir(bin.parent().unwrap())
+            .output()
+            .await
+            .expect("run schemathesis");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let tool_error_only = !out.status.success()
+            && !stdout.contains("Failures:")
+            && stdout.contains("Runtime Error");
+        if !tool_error_only || attempts == 3 {
+            break (out, stdout);
+        }
+        eprintln!("schemathesis failed internally (not the API); running it again");
+    };
     assert!(
         out.status.success(),
         "schemathesis found failures:\n{stdout}\n{}",
