@@ -51,8 +51,12 @@ impl AppState {
         })
     }
 
-    /// A database error as an answer: logged in full, answered as a 503 without internals.
+    /// A database error as an answer: logged in full, answered without internals — a 503 (try
+    /// again) unless the API's role lacks a grant, which no retry fixes ([`missing_grant`]).
     pub fn database_problem(&self, e: tokio_postgres::Error) -> Problem {
+        if let Some(problem) = missing_grant(&e) {
+            return problem;
+        }
         tracing::warn!(error = %db::describe_postgres(&e), "database error");
         Problem::unavailable("the database failed to answer; try again shortly")
     }
@@ -83,6 +87,21 @@ impl AppState {
             self.health.set_broker(false);
         }
     }
+}
+
+/// A 500 naming the fix when `e` is PostgreSQL refusing a statement for want of a privilege
+/// (42501): the deployment's grants are behind the schema; logged with the statement's error.
+pub fn missing_grant(e: &tokio_postgres::Error) -> Option<Problem> {
+    if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return None;
+    }
+    tracing::error!(error = %db::describe_postgres(e), "the API's database role lacks a privilege");
+    Some(Problem::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "missing_grant",
+        "the API's database role lacks a privilege this request needs; run \
+         deploy/postgres/roles.sql again after `prebuildsctl migrate` (the API's log names the table)",
+    ))
 }
 
 /// Connects the RPC client, after making sure (declaring, or with

@@ -44,6 +44,7 @@ fn describe(status: StatusCode) -> &'static str {
         StatusCode::PAYLOAD_TOO_LARGE => "The body is larger than PREBUILDS_API_MAX_BODY_BYTES.",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "The body is not `application/json`.",
         StatusCode::UNPROCESSABLE_ENTITY => "The body does not fit the schema, or the claim was refused as invalid.",
+        StatusCode::INTERNAL_SERVER_ERROR => "A deployment error (e.g. `missing_grant`: the API's database role lacks a privilege) or a bug; the API's log has the details.",
         StatusCode::SERVICE_UNAVAILABLE => "The database or broker is unreachable, a lock was not free, or the request took too long.",
         StatusCode::GATEWAY_TIMEOUT => "No claim reply in time: retry with the same Idempotency-Key.",
         _ => "Error.",
@@ -84,6 +85,7 @@ pub fn document() -> Value {
             errors.extend([
                 StatusCode::UNAUTHORIZED,
                 StatusCode::FORBIDDEN,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 StatusCode::SERVICE_UNAVAILABLE,
             ]);
         }

@@ -471,6 +471,13 @@ fn command_problem(e: anyhow::Error) -> Problem {
         // explain_lock_timeout's message: another writer holds the lock; nothing was written.
         return Problem::unavailable(text);
     }
+    if let Some(problem) = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .find_map(crate::app::missing_grant)
+    {
+        return problem;
+    }
     if e.chain()
         .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some())
         || e.chain()
