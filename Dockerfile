@@ -27,6 +27,7 @@ COPY scheduler/Cargo.toml scheduler/
 COPY provisioner/Cargo.toml provisioner/
 COPY notifier/Cargo.toml notifier/
 COPY cli/Cargo.toml cli/
+COPY api/Cargo.toml api/
 COPY tests/Cargo.toml tests/
 COPY bench/Cargo.toml bench/
 COPY reliability/Cargo.toml reliability/
@@ -34,18 +35,18 @@ COPY scripts/docker-stub-sources scripts/
 RUN scripts/docker-stub-sources . \
  && cargo build --release --locked \
       -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuilds-notifier \
-      -p prebuildsctl
+      -p prebuildsctl -p prebuilds-api
 COPY . .
 # COPY keeps the files' own times, which can be older than the stub build: touch them so Cargo
 # rebuilds the workspace crates from the real sources.
 RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
  && cargo build --release --locked \
       -p prebuilds-worker -p prebuilds-scheduler -p prebuilds-provisioner -p prebuilds-notifier \
-      -p prebuildsctl \
+      -p prebuildsctl -p prebuilds-api \
  && mkdir /out \
  && cp target/release/prebuilds-worker target/release/prebuilds-scheduler \
        target/release/prebuilds-provisioner target/release/prebuilds-notifier \
-       target/release/prebuildsctl /out/
+       target/release/prebuildsctl target/release/prebuilds-api /out/
 
 FROM debian:bookworm-slim AS terraform
 ARG TERRAFORM_VERSION=1.9.8
@@ -62,7 +63,7 @@ COPY --from=build /out/ /out/
 COPY --from=terraform /usr/local/bin/terraform /out/terraform
 
 # .docker-bin/ holds prebuilds-worker, prebuilds-scheduler, prebuilds-provisioner,
-# prebuilds-notifier, prebuildsctl
+# prebuilds-notifier, prebuildsctl, prebuilds-api
 # and terraform, built or installed on the host (the same Debian release as the runtime stage).
 FROM scratch AS prebuilt
 COPY .docker-bin/ /out/

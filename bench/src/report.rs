@@ -116,6 +116,34 @@ impl Report {
                 ),
             );
         }
+        for (concurrency, latency, misses) in &c.http {
+            let rpc = c
+                .levels
+                .iter()
+                .find(|l| l.concurrency == *concurrency)
+                .map(|l| {
+                    format!(
+                        "; the RPC claim at {concurrency} clients: p50 {}",
+                        ms(l.latency.p50)
+                    )
+                })
+                .unwrap_or_default();
+            self.row(
+                format!("HTTP claim latency, {concurrency} clients"),
+                format!(
+                    "p50 {} / p95 {} / p99 {}",
+                    ms(latency.p50),
+                    ms(latency.p95),
+                    ms(latency.p99)
+                ),
+                "—",
+                format!(
+                    "POST /api/v1/claims through prebuilds-api, a new connection per request{rpc}; \
+                     {} claims, {misses} misses",
+                    latency.count
+                ),
+            );
+        }
         self.row(
             "replenish: claim request → replacement job delivered",
             format!("p50 {} / p99 {}", ms(c.replenish.p50), ms(c.replenish.p99)),

@@ -478,6 +478,9 @@ const MIN_CLAIMS_PER_CLIENT: usize = 4;
 #[derive(Debug, Clone)]
 pub struct Claims {
     pub levels: Vec<ClaimLevel>,
+    /// The same claims through `prebuilds-api` (`POST /api/v1/claims`, a new connection per
+    /// request, as a script with curl would): (concurrency, latency, misses).
+    pub http: Vec<(usize, Latency, usize)>,
     pub replenish: Latency,
 }
 
@@ -499,7 +502,10 @@ pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
     let db = TestDb::new().await;
     let broker = TestBroker::new().await;
     let pg = db.connect().await;
-    let presets = fixtures::world(&pg, 1, sizes.eligible, sizes.eligible).await?;
+    // The HTTP levels claim on top of the RPC levels: room for both.
+    let http_levels = &sizes.claims_per_level[..2];
+    let eligible = sizes.eligible + http_levels.iter().map(|(_, n)| n).sum::<usize>();
+    let presets = fixtures::world(&pg, 1, eligible, eligible).await?;
     let preset_id = presets[0];
     let users = fixtures::users(&pg, 64).await?;
     let (_w1, p1) = stack::start("prebuilds-worker", &db, &broker, &quiet());
@@ -586,6 +592,64 @@ pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
         });
     }
 
+    // The HTTP API in front of the same RPC: what a token-holding script sees.
+    let token = prebuilds_tests::api::token(&db, &broker, "bench", "claimer");
+    let (_api, api_port) = prebuilds_tests::api::start(
+        &db.url,
+        &db,
+        &broker,
+        &[("RUST_LOG", "warn"), ("PREBUILDS_DECLARE_TOPOLOGY", "true")],
+    )
+    .await;
+    let http_claim = |user: Uuid, name: String| {
+        let token = token.clone();
+        async move {
+            let body = serde_json::json!({"user_id": user, "workspace_name": name, "preset_id": preset_id})
+                .to_string();
+            let t = Instant::now();
+            let answer = prebuilds_tests::api::call(
+                api_port,
+                "POST",
+                "/api/v1/claims",
+                Some(&token),
+                Some(&body),
+            )
+            .await;
+            let elapsed = t.elapsed();
+            assert_eq!(answer.status, 200, "HTTP claim: {}", answer.body);
+            (elapsed, answer.json()["outcome"] == "claimed")
+        }
+    };
+    for i in 0..5 {
+        http_claim(users[0], format!("http-warm-{i}")).await;
+    }
+    let mut http = Vec::new();
+    for (concurrency, total) in http_levels.iter().copied() {
+        let per_client = (total / concurrency).max(1);
+        let tasks = (0..concurrency).map(|c| {
+            let user = users[c];
+            let http_claim = &http_claim;
+            async move {
+                let mut out = Vec::new();
+                for n in 0..per_client {
+                    out.push(http_claim(user, format!("http-c{concurrency}-{c}-{n}")).await);
+                }
+                out
+            }
+        });
+        let results: Vec<(Duration, bool)> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let misses = results.iter().filter(|(_, claimed)| !claimed).count();
+        http.push((
+            concurrency,
+            Latency::of(results.into_iter().map(|(d, _)| d).collect()),
+            misses,
+        ));
+    }
+
     // Replenish: claim → the replacement's provisioner job delivered to a provisioner.
     broker
         .channel
@@ -633,6 +697,7 @@ pub async fn claims(sizes: &Sizes, rig: &FloorRig) -> anyhow::Result<Claims> {
     }
     Ok(Claims {
         levels,
+        http,
         replenish: Latency::of(samples),
     })
 }

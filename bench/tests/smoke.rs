@@ -29,6 +29,7 @@ fn every_scenario_runs_and_is_reported() {
         "floor: claim-shaped transaction, 8 connections",
         "claim latency, 1 clients",
         "claim latency, 8 clients",
+        "HTTP claim latency, 1 clients",
         "the floor at 8 clients",
         "floors measured before each of the level's 5 rounds",
         "floors measured just before the level",

@@ -31,8 +31,9 @@ pub struct Entry {
 /// Commands with no audit row: those that change nothing; `migrate`, which changes the schema
 /// (the table may not exist yet; migrations are recorded by refinery's own history table); and
 /// `claim`, whose change is the worker's and is recorded in `claim_requests` (who, for whom, when).
-const UNAUDITED: [&str; 8] = [
+const UNAUDITED: [&str; 9] = [
     "status",
+    "token list",
     "prebuilds list",
     "jobs list",
     "dead-letters list",
@@ -102,7 +103,7 @@ impl Entry {
 }
 
 /// The OS user running the command, as the environment names it.
-fn os_user() -> String {
+pub fn os_user() -> String {
     ["USER", "LOGNAME", "USERNAME"]
         .iter()
         .filter_map(|v| std::env::var(v).ok())

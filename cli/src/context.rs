@@ -41,6 +41,17 @@ impl Deref for Ctx {
     }
 }
 
+/// Something the command names does not exist (a template, a preset): the API answers 404.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// A change that the current state does not allow (e.g. invalidating a template without an active
+/// version): the API answers 409.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Conflict(pub String);
+
 /// A bad argument value found after parsing (exit code 2, like clap's own usage errors).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -271,19 +282,22 @@ pub async fn resolve_template<C: GenericClient>(
                     .await?
                     .is_some();
                 if !exists {
-                    bail!(
+                    return Err(NotFound(format!(
                         "organization '{org}' does not exist (create it with `prebuildsctl org create {org}`)"
-                    );
+                    ))
+                    .into());
                 }
-                bail!(
+                return Err(NotFound(format!(
                     "template '{name}' not found in organization '{org}' \
                      (push one with `prebuildsctl template push FILE`)"
-                );
+                ))
+                .into());
             }
-            bail!(
+            Err(NotFound(format!(
                 "template '{name}' not found (push one with `prebuildsctl template push FILE`; \
                  `prebuildsctl status` lists the templates with prebuilds)"
-            )
+            ))
+            .into())
         }
         1 => {
             let r = &rows[0];
@@ -375,6 +389,7 @@ pub async fn request_reconciles<C: GenericClient>(
 
 /// What a change made through [`apply_change`] returns: the presets whose pools it affects, and
 /// whatever the command reports about it.
+#[derive(Debug)]
 pub struct Change<T> {
     pub outcome: T,
     /// May be empty: then no reconcile job is written.
@@ -384,6 +399,7 @@ pub struct Change<T> {
 
 /// A committed change: its outcome, how many reconcile jobs it wrote and how many of them were
 /// published before the command returned.
+#[derive(Debug)]
 pub struct Applied<T> {
     pub outcome: T,
     pub requested: usize,
@@ -398,25 +414,88 @@ pub async fn apply_change<T>(
     ctx: &Ctx,
     change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
 ) -> anyhow::Result<Applied<T>> {
-    let connection = &ctx.connection;
-    let pool = connect_db(connection).await?;
-    let mut client = pool.get().await?;
-    let written: anyhow::Result<(T, usize)> = async {
-        let tx = begin_write(&mut client, ctx).await?;
-        let Change {
-            outcome,
-            reconcile,
-            reason,
-        } = change(&tx).await?;
-        let requested = request_reconciles(&tx, &reconcile, reason).await?;
-        tx.commit().await?;
-        Ok((outcome, requested))
+    let pool = connect_db(&ctx.connection).await?;
+    let written = write_change(&pool, ctx, change).await;
+    relay_written(&pool, ctx, written).await
+}
+
+/// [`apply_change`] on a pool the caller keeps (the API's, shared by its requests).
+pub async fn apply_change_on<T>(
+    pool: &Pool,
+    ctx: &Ctx,
+    change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
+) -> anyhow::Result<Applied<T>> {
+    let written = write_change(pool, ctx, change).await;
+    relay_written(pool, ctx, written).await
+}
+
+/// How often [`retry_conflicts`] runs a change.
+const CHANGE_ATTEMPTS: usize = 5;
+
+/// Runs `attempt` (a whole change, e.g. one [`apply_change_on`]) again when PostgreSQL aborted it
+/// as a deadlock victim or a serialization failure (40P01, 40001: e.g. a resume meeting a
+/// worker's reconcile of the same preset), up to [`CHANGE_ATTEMPTS`] times. The change rolled
+/// back whole, audit row included, so running it again is safe.
+pub async fn retry_conflicts<T, F, Fut>(mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if n < CHANGE_ATTEMPTS && lost_a_conflict(&e) => {
+                tracing::info!(error = %format!("{e:#}"), attempt = n, "change lost a conflict; running it again");
+                // A short, growing pause lets the winner of the conflict finish first.
+                tokio::time::sleep(std::time::Duration::from_millis(20 * n as u64)).await;
+                n += 1;
+            }
+            result => return result,
+        }
     }
-    .await;
+}
+
+/// Whether `e` is PostgreSQL aborting the transaction to resolve a conflict (deadlock victim or
+/// serialization failure): running it again can succeed.
+fn lost_a_conflict(e: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|e| {
+            matches!(
+                e.code(),
+                Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+            )
+        })
+}
+
+/// One write transaction of `change` with its audit row and reconcile jobs, committed.
+async fn write_change<T>(
+    pool: &Pool,
+    ctx: &Ctx,
+    change: impl AsyncFnOnce(&Transaction<'_>) -> anyhow::Result<Change<T>>,
+) -> anyhow::Result<(T, usize)> {
+    let mut client = pool.get().await?;
+    let tx = begin_write(&mut client, ctx).await?;
+    let Change {
+        outcome,
+        reconcile,
+        reason,
+    } = change(&tx).await?;
+    let requested = request_reconciles(&tx, &reconcile, reason).await?;
+    tx.commit().await?;
+    Ok((outcome, requested))
+}
+
+/// After [`write_change`]: explains a lock timeout, or relays the committed reconcile jobs.
+async fn relay_written<T>(
+    pool: &Pool,
+    ctx: &Ctx,
+    written: anyhow::Result<(T, usize)>,
+) -> anyhow::Result<Applied<T>> {
     let (outcome, requested) = written.map_err(|e| explain_lock_timeout(e, ctx.lock_timeout))?;
-    // Back to the (two-connection) pool before relaying: the relay takes its connections from it.
-    drop(client);
-    let published = relay_outbox(&pool, connection, requested).await;
+    // The write's connection is back in the pool: the relay takes its connections from it.
+    let published = relay_outbox(pool, &ctx.connection, requested).await;
     Ok(Applied {
         outcome,
         requested,

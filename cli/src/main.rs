@@ -10,10 +10,7 @@
 //! for. Every change is recorded in the audit log (`audit_log`, listed by `prebuildsctl audit`)
 //! with who made it ([`audit`]).
 
-mod audit;
-mod commands;
-mod context;
-mod output;
+use prebuildsctl::{audit, commands, context};
 
 use std::{process::ExitCode, time::Duration};
 
@@ -95,6 +92,9 @@ enum Command {
     DeadLetters(commands::dead_letters::Command),
     /// List the audit log: who changed what with prebuildsctl, and when.
     Audit(commands::audit::Args),
+    /// Create, list and revoke the bearer tokens of the HTTP API (prebuilds-api).
+    #[command(subcommand)]
+    Token(commands::token::Command),
 }
 
 #[tokio::main]
@@ -141,6 +141,7 @@ async fn main() -> ExitCode {
         Command::Notifications(command) => commands::notifications::run(connection, command).await,
         Command::DeadLetters(command) => commands::dead_letters::run(connection, command).await,
         Command::Audit(args) => commands::audit::run(connection, args).await,
+        Command::Token(command) => commands::token::run(connection, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,9 +11,10 @@
 //! (the plan), [`recovery`] (the hard-limit circuit breaker), [`capacity`] (in-flight caps,
 //! their fair share, and the per-transaction create budget), [`names`] (workspace names),
 //! [`claim`] (preset matching for claims), [`job_events`] (which provisioner event a job accepts in
-//! each of its states), [`expr`] (the sizing expression language) and [`autoscale`]
-//! (demand-driven desired counts).
+//! each of its states), [`expr`] (the sizing expression language), [`autoscale`] (demand-driven
+//! desired counts) and [`access`] (API token roles and what each may do).
 
+pub mod access;
 pub mod actions;
 pub mod autoscale;
 pub mod capacity;
@@ -29,6 +30,7 @@ pub mod schedule;
 pub mod snapshot;
 pub mod state;
 
+pub use access::{request_id_for_key, ApiAction, ApiRole};
 pub use actions::{
     actions, can_skip, creates_to_execute, plan, Action, CreateDecision, Plan, SkipReason,
 };

@@ -12,4 +12,5 @@ psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
     -v provisioner_password="$PREBUILDS_PROVISIONER_DB_PASSWORD" \
     -v claims_password="$PREBUILDS_CLAIMS_DB_PASSWORD" \
     -v notifier_password="$PREBUILDS_NOTIFIER_DB_PASSWORD" \
+    -v api_password="$PREBUILDS_API_DB_PASSWORD" \
     -f /opt/prebuilds/roles.sql

@@ -11,12 +11,13 @@
 --   psql -v ON_ERROR_STOP=1 -d prebuilds -f deploy/postgres/roles.sql \
 --        [-v role_prefix=prebuilds_] [-v worker_password=…] [-v scheduler_password=…] \
 --        [-v provisioner_password=…] [-v claims_password=…] [-v notifier_password=…] \
---        [-v operator_password=…] [-v terraform_state_password=…] \
+--        [-v api_password=…] [-v operator_password=…] [-v terraform_state_password=…] \
 --        [-v terraform_state_schema=prebuilds_terraform_state]
 --
 -- Roles are <role_prefix><role>: prebuilds_operator (migrate and every other prebuildsctl
 -- command), prebuilds_worker, prebuilds_scheduler, prebuilds_provisioner, prebuilds_notifier and
--- prebuilds_claims (what sends claim requests, e.g. `prebuildsctl claim`), and
+-- prebuilds_claims (what sends claim requests, e.g. `prebuildsctl claim`), prebuilds_api (the HTTP
+-- API, `prebuilds-api`), and
 -- prebuilds_terraform_state: the terraform backend's state store
 -- (PREBUILDS_TERRAFORM_STATE_DATABASE_URL), which terraform and every template it runs can read,
 -- so it owns the state schema (terraform_state_schema, default prebuilds_terraform_state, the
@@ -35,6 +36,7 @@
 \set scheduler :role_prefix scheduler
 \set provisioner :role_prefix provisioner
 \set claims :role_prefix claims
+\set api :role_prefix api
 \set notifier :role_prefix notifier
 \set terraform_state :role_prefix terraform_state
 \if :{?terraform_state_schema}
@@ -44,7 +46,7 @@
 
 -- 1. The roles: LOGIN and nothing else (no superuser, CREATEDB, CREATEROLE or replication).
 SELECT format('CREATE ROLE %I LOGIN', name)
-FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims', :'notifier',
+FROM unnest(ARRAY[:'operator', :'worker', :'scheduler', :'provisioner', :'claims', :'notifier', :'api',
                   :'terraform_state']) AS name
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \gexec
@@ -64,6 +66,9 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 \if :{?claims_password}
     ALTER ROLE :"claims" PASSWORD :'claims_password';
 \endif
+\if :{?api_password}
+    ALTER ROLE :"api" PASSWORD :'api_password';
+\endif
 \if :{?notifier_password}
     ALTER ROLE :"notifier" PASSWORD :'notifier_password';
 \endif
@@ -77,11 +82,11 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name)
 SELECT current_database() AS database \gset
 ALTER DATABASE :"database" OWNER TO :"operator";
 REVOKE ALL ON DATABASE :"database" FROM PUBLIC;
-GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
+GRANT CONNECT ON DATABASE :"database" TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier", :"api";
 -- Before PostgreSQL 15 schema public belongs to the bootstrap superuser and PUBLIC may create in it.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE, CREATE ON SCHEMA public TO :"operator";
-GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
+GRANT USAGE ON SCHEMA public TO :"worker", :"scheduler", :"provisioner", :"claims", :"notifier", :"api";
 -- The terraform state role: CONNECT, and the state schema as its own (the provisioner creates the
 -- state table in it at start-up); no USAGE on public, so it reaches no table of the system of record.
 GRANT CONNECT ON DATABASE :"database" TO :"terraform_state";
@@ -99,8 +104,8 @@ SELECT to_regclass('public.outbox') IS NOT NULL AS migrated,
 \endif
 BEGIN;
 -- Start from nothing, so the grants below are all there is (also after the matrix changed).
-REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier";
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier", :"api";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"provisioner", :"claims", :"notifier", :"api";
 
 -- Worker: reconcile (snapshot, creates, deletes, preset status and hard limits, watermarks,
 -- capacity waits), provisioner events (job status, agents, logs, notifications, processed ids),
@@ -146,14 +151,31 @@ GRANT SELECT (workspace_id, transition, build_number, parameters) ON workspace_b
 -- worker's transaction (which also checks organization membership, hence the worker's SELECT on
 -- organization_members).
 --
--- audit_log: only the operator, its owner, writes and reads it (every prebuildsctl change writes
--- its row in the change's transaction); no service role has any grant on it.
+-- audit_log: only the operator, its owner, reads it (every prebuildsctl change writes its row in
+-- the change's transaction); the API may only append to it.
 GRANT SELECT ON users, templates, organizations TO :"claims";
 
 -- Notifier: the notification a message names, its template and recipient; its own delivery
 -- records (INSERT … ON CONFLICT DO UPDATE … RETURNING needs SELECT, INSERT and UPDATE).
 GRANT SELECT ON notification_messages, notification_templates, users TO :"notifier";
 GRANT SELECT, INSERT, UPDATE ON notification_deliveries TO :"notifier";
+
+-- API (`prebuilds-api`): its tokens (read only: prebuildsctl, the operator, makes and revokes
+-- them); the preset rows of `status` (the reconciler's snapshot and the claim history), templates
+-- and jobs; the changes it offers — pause and resume (templates.paused, presets.paused, the
+-- global setting), invalidate (presets.last_invalidated_at) — with their reconcile requests in
+-- the outbox, which it relays itself after the commit (lease, mark published, clean up); and the
+-- audit row of each change and claim (INSERT only: it cannot read or alter the log). FOR UPDATE on
+-- templates and presets needs UPDATE; the claim itself is the worker's transaction, sent over the
+-- claim RPC.
+GRANT SELECT ON api_tokens, organizations, users, template_versions,
+                template_version_preset_prebuild_schedules, workspaces, workspace_builds,
+                provisioner_jobs, workspace_agents, claim_requests, workspace_prebuilds
+    TO :"api";
+GRANT SELECT, UPDATE ON templates, template_version_presets, prebuilds_settings TO :"api";
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO :"api";
+GRANT INSERT ON audit_log TO :"api";
+GRANT USAGE ON SEQUENCE outbox_id_seq, audit_log_id_seq TO :"api";
 COMMIT;
 \else
 \echo 'roles.sql: the roles exist; the schema is not migrated yet, so no table is granted: run `prebuildsctl migrate` as' :"operator" 'and then this script again.'

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 /// Claims (a prebuild was handed over) and misses (`no_eligible_prebuild`) in the last 5, 10, 30,
 /// 60 and 120 minutes. Serialized flat, as `claims_5m`, `misses_5m`, … (the `status --json` keys).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct ClaimHistory {
     pub claims_5m: i64,
     pub misses_5m: i64,

@@ -1,8 +1,11 @@
 //! SQL shared by the prebuilds binaries, each query once: reading per-preset snapshots for the
 //! pure core ([`snapshot`]), the per-preset transaction lock ([`lock`]), and global settings
-//! ([`settings`]), claim history ([`claims`]), the demand inputs of autoscaled presets ([`demand`]) and in-flight capacity ([`capacity`]). The SQL lives in `src/sql/*.sql`, one file per query, with a comment on every
-//! predicate.
+//! ([`settings`]), claim history ([`claims`]), the demand inputs of autoscaled presets ([`demand`])
+//! and in-flight capacity ([`capacity`]). The SQL lives in `src/sql/*.sql`, one file per query, with
+//! a comment on every predicate. API tokens ([`api_tokens`]) live here too: the CLI makes them, the
+//! API checks them.
 
+pub mod api_tokens;
 pub mod attention;
 pub mod capacity;
 pub mod claims;

@@ -13,6 +13,7 @@
 //! Admin connections come from `PREBUILDS_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`)
 //! and `PREBUILDS_TEST_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
+pub mod api;
 pub mod broker;
 pub mod bulk;
 pub mod certs;

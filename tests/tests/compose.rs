@@ -9,11 +9,12 @@ use std::{collections::BTreeSet, path::PathBuf, process::Command};
 use prebuilds_tests::process::binary;
 use serde_yaml::Value;
 
-const BINARIES: [&str; 5] = [
+const BINARIES: [&str; 6] = [
     "prebuilds-scheduler",
     "prebuilds-worker",
     "prebuilds-provisioner",
     "prebuilds-notifier",
+    "prebuilds-api",
     "prebuildsctl",
 ];
 

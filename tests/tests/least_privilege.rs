@@ -181,7 +181,7 @@ impl Drop for DbRoles {
         let admin = format!("{}/postgres", server_url());
         drop(db);
         // The database-only role of roles.sql (no broker user) goes too.
-        for role in ROLES.iter().chain(&["terraform_state"]) {
+        for role in ROLES.iter().chain(&["terraform_state", "api"]) {
             let _ = std::process::Command::new("psql")
                 .args(["-X", "-q", "-d", &admin, "-c"])
                 .arg(format!("DROP ROLE IF EXISTS \"{}\"", self.name(role)))

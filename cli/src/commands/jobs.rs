@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::bail;
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 
 use prebuilds_schemas::ReconcileReason;
 use serde::Serialize;
@@ -14,7 +15,8 @@ use crate::{
     output,
 };
 
-const STATUSES: [&str; 6] = [
+/// Every status a provisioner job can have.
+pub const STATUSES: [&str; 6] = [
     "pending",
     "running",
     "succeeded",
@@ -59,8 +61,10 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Serialize)]
-struct JobRow {
+/// One provisioner job as listed (`jobs list --json`, `GET /api/v1/jobs`).
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Job")]
+pub struct JobRow {
     id: Uuid,
     workspace: Option<String>,
     workspace_id: Option<Uuid>,
@@ -104,38 +108,7 @@ async fn list(
 ) -> anyhow::Result<()> {
     let pool = connect_db(connection).await?;
     let client = pool.get().await?;
-    let rows: Vec<JobRow> = client
-        .query(
-            "SELECT j.id, w.name AS workspace, b.workspace_id, b.build_number, b.transition,
-                    j.job_status, u.username AS initiator, j.created_at, j.started_at,
-                    j.completed_at, j.canceled_at, j.error
-             FROM provisioner_jobs j
-             JOIN users u ON u.id = j.initiator_id
-             LEFT JOIN workspace_builds b ON b.job_id = j.id        -- the build the job runs
-             LEFT JOIN workspaces w ON w.id = b.workspace_id
-             WHERE ($1::text IS NULL OR j.job_status = $1)          -- --status
-               AND ($2::text IS NULL OR u.username = $2)            -- --initiator
-             ORDER BY j.created_at DESC, j.id
-             LIMIT $3",
-            &[&status, &initiator, &limit.max(0)],
-        )
-        .await?
-        .into_iter()
-        .map(|r| JobRow {
-            id: r.get("id"),
-            workspace: r.get("workspace"),
-            workspace_id: r.get("workspace_id"),
-            build_number: r.get("build_number"),
-            transition: r.get("transition"),
-            status: r.get("job_status"),
-            initiator: r.get("initiator"),
-            created_at: r.get("created_at"),
-            started_at: r.get("started_at"),
-            completed_at: r.get("completed_at"),
-            canceled_at: r.get("canceled_at"),
-            error: r.get("error"),
-        })
-        .collect();
+    let rows = list_jobs(&client, status.as_deref(), initiator.as_deref(), limit).await?;
     output::print_rows(
         &rows,
         json,
@@ -168,6 +141,48 @@ async fn list(
             ]
         },
     )
+}
+
+/// Provisioner jobs, newest first: at most `limit`, optionally only in `status` or started by the
+/// user `initiator`.
+pub async fn list_jobs<C: GenericClient>(
+    client: &C,
+    status: Option<&str>,
+    initiator: Option<&str>,
+    limit: i64,
+) -> Result<Vec<JobRow>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT j.id, w.name AS workspace, b.workspace_id, b.build_number, b.transition,
+                    j.job_status, u.username AS initiator, j.created_at, j.started_at,
+                    j.completed_at, j.canceled_at, j.error
+             FROM provisioner_jobs j
+             JOIN users u ON u.id = j.initiator_id
+             LEFT JOIN workspace_builds b ON b.job_id = j.id        -- the build the job runs
+             LEFT JOIN workspaces w ON w.id = b.workspace_id
+             WHERE ($1::text IS NULL OR j.job_status = $1)          -- --status
+               AND ($2::text IS NULL OR u.username = $2)            -- --initiator
+             ORDER BY j.created_at DESC, j.id
+             LIMIT $3",
+            &[&status, &initiator, &limit.max(0)],
+        )
+        .await?
+        .into_iter()
+        .map(|r| JobRow {
+            id: r.get("id"),
+            workspace: r.get("workspace"),
+            workspace_id: r.get("workspace_id"),
+            build_number: r.get("build_number"),
+            transition: r.get("transition"),
+            status: r.get("job_status"),
+            initiator: r.get("initiator"),
+            created_at: r.get("created_at"),
+            started_at: r.get("started_at"),
+            completed_at: r.get("completed_at"),
+            canceled_at: r.get("canceled_at"),
+            error: r.get("error"),
+        })
+        .collect())
 }
 
 async fn cancel(connection: &Ctx, mut ids: Vec<Uuid>, json: bool) -> anyhow::Result<()> {

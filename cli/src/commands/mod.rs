@@ -12,4 +12,5 @@ pub mod prebuilds;
 pub mod preset;
 pub mod status;
 pub mod template;
+pub mod token;
 pub mod user;

@@ -4,12 +4,14 @@
 //! continue. `resume` writes `settings_changed` reconcile jobs for the affected presets in the same
 //! transaction, so pools catch up at once instead of at the next tick.
 
-use anyhow::bail;
-
 use prebuilds_schemas::ReconcileReason;
 use uuid::Uuid;
 
-use crate::context::{apply_change, resolve_template, template_presets, Applied, Change, Ctx};
+use deadpool_postgres::Transaction;
+
+use crate::context::{
+    apply_change, resolve_template, template_presets, Applied, Change, Ctx, NotFound,
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -28,15 +30,44 @@ pub struct Args {
     preset: Option<Uuid>,
 }
 
-pub async fn run(connection: &Ctx, args: Args, pause: bool) -> anyhow::Result<()> {
-    let verb = if pause { "paused" } else { "resumed" };
-    let Applied {
-        outcome: (scope, changed),
-        requested,
-        published,
-    } = apply_change(connection, async |tx| {
-        let (scope, changed, affected) = if let Some(name) = &args.template {
-            let template = resolve_template(tx, name, args.organization.as_deref(), true).await?;
+/// What a pause or resume applies to.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// Every preset (`prebuilds_settings.reconciliation_paused`).
+    Global,
+    /// One template, by name (and organization when the name is not unique).
+    Template {
+        name: String,
+        organization: Option<String>,
+    },
+    /// One preset, by id.
+    Preset(Uuid),
+}
+
+impl Args {
+    fn scope(&self) -> Scope {
+        match (&self.template, self.preset) {
+            (Some(name), _) => Scope::Template {
+                name: name.clone(),
+                organization: self.organization.clone(),
+            },
+            (None, Some(preset)) => Scope::Preset(preset),
+            (None, None) => Scope::Global,
+        }
+    }
+}
+
+/// Pauses (or resumes) `scope` in `tx`: the outcome is the scope as people read it and whether
+/// anything changed; a resume that changed something asks for a reconcile of the affected presets.
+/// Errors: the template or preset does not exist ([`crate::context::NotFound`]).
+pub async fn set_paused(
+    tx: &Transaction<'_>,
+    scope: &Scope,
+    pause: bool,
+) -> anyhow::Result<Change<(String, bool)>> {
+    let (scope, changed, affected) = match scope {
+        Scope::Template { name, organization } => {
+            let template = resolve_template(tx, name, organization.as_deref(), true).await?;
             let changed = tx
                 .execute(
                     "UPDATE templates SET paused = $2, updated_at = now()
@@ -51,7 +82,9 @@ pub async fn run(connection: &Ctx, args: Args, pause: bool) -> anyhow::Result<()
                 changed,
                 affected,
             )
-        } else if let Some(preset) = args.preset {
+        }
+        Scope::Preset(preset) => {
+            let preset = *preset;
             let Some(row) = tx
                 .query_opt(
                     "SELECT p.paused, p.name FROM template_version_presets p WHERE p.id = $1 FOR UPDATE",
@@ -59,7 +92,10 @@ pub async fn run(connection: &Ctx, args: Args, pause: bool) -> anyhow::Result<()
                 )
                 .await?
             else {
-                bail!("preset {preset} not found (`prebuildsctl status` lists preset ids)");
+                return Err(NotFound(format!(
+                    "preset {preset} not found (`prebuildsctl status` lists preset ids)"
+                ))
+                .into());
             };
             let was: bool = row.get(0);
             let name: String = row.get(1);
@@ -75,24 +111,34 @@ pub async fn run(connection: &Ctx, args: Args, pause: bool) -> anyhow::Result<()
                 was != pause,
                 vec![preset],
             )
-        } else {
+        }
+        Scope::Global => {
             let changed = prebuilds_store::settings::set_reconciliation_paused(tx, pause).await?;
             let affected = prebuilds_store::attention::presets_needing_attention(tx).await?;
             ("reconciliation (global)".to_owned(), changed, affected)
-        };
-        // A pause needs no reconcile (a paused preset does nothing); a resume catches up at once.
-        let reconcile = if pause || !changed {
-            Vec::new()
-        } else {
-            affected
-        };
-        Ok(Change {
-            outcome: (scope, changed),
-            reconcile,
-            reason: ReconcileReason::SettingsChanged,
-        })
+        }
+    };
+    // A pause needs no reconcile (a paused preset does nothing); a resume catches up at once.
+    let reconcile = if pause || !changed {
+        Vec::new()
+    } else {
+        affected
+    };
+    Ok(Change {
+        outcome: (scope, changed),
+        reconcile,
+        reason: ReconcileReason::SettingsChanged,
     })
-    .await?;
+}
+
+pub async fn run(connection: &Ctx, args: Args, pause: bool) -> anyhow::Result<()> {
+    let verb = if pause { "paused" } else { "resumed" };
+    let scope = args.scope();
+    let Applied {
+        outcome: (scope, changed),
+        requested,
+        published,
+    } = apply_change(connection, async |tx| set_paused(tx, &scope, pause).await).await?;
     if !changed {
         println!("{scope} was already {verb}; nothing changed");
         return Ok(());

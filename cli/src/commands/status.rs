@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use prebuilds_core::{
     desired_instances, expression_inputs, forecast, plan, DesiredSource, PrebuildStatus,
     ReconcileConfig, Var,
@@ -57,8 +57,9 @@ pub struct Args {
     rules: RuleArgs,
 }
 
-/// One preset's row (the `--json` object).
-#[derive(Debug, Clone, Serialize)]
+/// One preset's row (the `--json` object, and `GET /api/v1/presets`).
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "PresetStatus")]
 pub struct Row {
     organization: String,
     template: String,
@@ -79,6 +80,7 @@ pub struct Row {
     deleting: u32,
     expired: u32,
     extraneous: u32,
+    #[schemars(with = "PrebuildStatusSchema")]
     status: PrebuildStatus,
     backoff_until: Option<DateTime<Utc>>,
     /// When the preset became hard-limited (null when it is not).
@@ -247,14 +249,36 @@ async fn collect(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Row>> {
     let client = pool.get().await?;
-    if let Some(template) = &args.template {
+    rows(
+        &client,
+        args.template.as_deref(),
+        args.organization.as_deref(),
+        config,
+        args.rules.demand_time_unit,
+        now,
+    )
+    .await
+}
+
+/// The status rows at `now`, optionally of one template (by name, with its organization when the
+/// name is not unique) or one organization; `unit` is the demand windows' minute
+/// (`PREBUILDS_DEMAND_TIME_UNIT`). Errors: the template does not exist
+/// ([`crate::context::NotFound`]) or is ambiguous ([`crate::context::UsageError`]).
+pub async fn rows<C: GenericClient>(
+    client: &C,
+    template: Option<&str>,
+    organization: Option<&str>,
+    config: &ReconcileConfig,
+    unit: Duration,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<Row>> {
+    if let Some(template) = template {
         // A clear error for a template that does not exist (or is ambiguous).
-        resolve_template(&client, template, args.organization.as_deref(), false).await?;
+        resolve_template(client, template, organization, false).await?;
     }
-    let ids = listed_presets(&client, args).await?;
-    let unit = args.rules.demand_time_unit;
-    let views = load_views(&client, &ids, now, unit).await?;
-    let mut history = prebuilds_store::claims::claim_history(&client, &ids, now, unit).await?;
+    let ids = listed_presets(client, template, organization).await?;
+    let views = load_views(client, &ids, now, unit).await?;
+    let mut history = prebuilds_store::claims::claim_history(client, &ids, now, unit).await?;
     let mut rows: Vec<Row> = views
         .into_iter()
         .map(|view| {
@@ -338,9 +362,10 @@ async fn collect(
 
 /// The presets `status` lists: live templates' presets with prebuilds configured on the active
 /// version, or with live prebuilds (narrowed by `--template` / `--organization`).
-async fn listed_presets(
-    client: &deadpool_postgres::Client,
-    args: &Args,
+async fn listed_presets<C: GenericClient>(
+    client: &C,
+    template: Option<&str>,
+    organization: Option<&str>,
 ) -> anyhow::Result<Vec<Uuid>> {
     Ok(client
         .query(
@@ -356,7 +381,7 @@ async fn listed_presets(
                      AND v.id = t.active_version_id)               -- ...on the active version
                     OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
                                WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
-            &[&args.template, &args.organization],
+            &[&template, &organization],
         )
         .await?
         .into_iter()
@@ -365,8 +390,8 @@ async fn listed_presets(
 }
 
 /// Snapshots with the demand inputs of autoscaled presets, as the workers read them.
-async fn load_views(
-    client: &deadpool_postgres::Client,
+async fn load_views<C: GenericClient>(
+    client: &C,
     ids: &[Uuid],
     now: DateTime<Utc>,
     unit: Duration,
@@ -385,7 +410,12 @@ async fn explain(
     wanted: &str,
 ) -> anyhow::Result<()> {
     let client = pool.get().await?;
-    let ids = listed_presets(&client, args).await?;
+    let ids = listed_presets(
+        &client,
+        args.template.as_deref(),
+        args.organization.as_deref(),
+    )
+    .await?;
     let views = load_views(&client, &ids, now, args.rules.demand_time_unit).await?;
     let matching: Vec<_> = views
         .into_iter()
@@ -472,4 +502,15 @@ fn plain(value: &serde_json::Value) -> String {
         },
         other => other.to_string(),
     }
+}
+
+/// The JSON Schema of [`PrebuildStatus`] (the core has no schema dependency).
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[schemars(rename = "PrebuildStatus")]
+#[allow(dead_code)]
+enum PrebuildStatusSchema {
+    Healthy,
+    HardLimited,
+    ValidationFailed,
 }

@@ -15,7 +15,7 @@ use crate::{
     context::{
         apply_change, begin_write, connect_db, explain_lock_timeout, relay_outbox,
         request_reconciles, resolve_template, template_presets, version_presets, waited_for,
-        Applied, Change, Ctx,
+        Applied, Change, Conflict, Ctx, TemplateRef,
     },
     output,
 };
@@ -504,6 +504,42 @@ async fn activate(
     Ok(())
 }
 
+/// Invalidates the prebuilds of template `name` in `tx`: every preset of its active version gets
+/// `last_invalidated_at = now()`, so its prebuilds count as expired and are replaced. The outcome is
+/// the template and how many presets were invalidated. Errors: no such template
+/// ([`crate::context::NotFound`]); no active version ([`Conflict`]).
+pub async fn invalidate_change(
+    tx: &deadpool_postgres::Transaction<'_>,
+    name: &str,
+    organization: Option<&str>,
+) -> anyhow::Result<Change<(TemplateRef, usize)>> {
+    let template = resolve_template(tx, name, organization, true).await?;
+    let Some(active) = template.active_version_id else {
+        return Err(Conflict(format!(
+            "template '{name}' has no active version, so there is nothing to invalidate \
+             (activate one with `prebuildsctl template activate {name} VERSION`)"
+        ))
+        .into());
+    };
+    // Prebuilds created before this instant are expired from now on (the snapshot's rule).
+    let presets: Vec<Uuid> = tx
+        .query(
+            "UPDATE template_version_presets SET last_invalidated_at = now()
+             WHERE template_version_id = $1
+             RETURNING id",
+            &[&active],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Change {
+        outcome: (template, presets.len()),
+        reconcile: presets,
+        reason: ReconcileReason::Manual,
+    })
+}
+
 async fn invalidate(
     connection: &Ctx,
     name: &str,
@@ -514,30 +550,7 @@ async fn invalidate(
         requested,
         published,
     } = apply_change(connection, async |tx| {
-        let template = resolve_template(tx, name, organization, true).await?;
-        let Some(active) = template.active_version_id else {
-            bail!(
-                "template '{name}' has no active version, so there is nothing to invalidate \
-                 (activate one with `prebuildsctl template activate {name} VERSION`)"
-            );
-        };
-        // Prebuilds created before this instant are expired from now on (SPEC.md §2 snapshot).
-        let presets: Vec<Uuid> = tx
-            .query(
-                "UPDATE template_version_presets SET last_invalidated_at = now()
-                 WHERE template_version_id = $1
-                 RETURNING id",
-                &[&active],
-            )
-            .await?
-            .into_iter()
-            .map(|r| r.get(0))
-            .collect();
-        Ok(Change {
-            outcome: (template, presets.len()),
-            reconcile: presets,
-            reason: ReconcileReason::Manual,
-        })
+        invalidate_change(tx, name, organization).await
     })
     .await?;
     println!(
