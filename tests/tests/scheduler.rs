@@ -560,9 +560,10 @@ async fn deleted_templates_series_disappear_and_shared_names_do_not_break_the_sc
         get("coderd_prebuilt_workspaces_failed_total", "shared"),
         Some(0.0)
     );
+    // Coder's six pool series, plus our desired-source gauge.
     assert_eq!(
         m.matching("template_name=\"shared\"").len(),
-        6,
+        7,
         "{:#?}",
         m.matching("shared")
     );

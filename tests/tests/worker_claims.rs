@@ -546,7 +546,13 @@ async fn replacements_on_a_claim_build_warn_count_and_notify_each_admin_exactly_
             },
         ],
     });
-    // Delivered three times, twice under new ids (a provisioner retry): one effect.
+    // The build started (a plan result waits for that), then the plan result is delivered three
+    // times, twice under new ids (a provisioner retry): one effect.
+    let started = ProvisionerEvent::JobStarted(prebuilds_schemas::JobStarted {
+        job_id: job,
+        started_at: chrono::Utc::now(),
+    });
+    apply(&events, Uuid::new_v4(), &started).await.unwrap();
     let id = Uuid::new_v4();
     for event_id in [id, id, Uuid::new_v4()] {
         apply(&events, event_id, &plan).await.unwrap();
