@@ -1,4 +1,4 @@
-//! The audit trail (SPEC.md §9 "Trust", table `audit_log`): every state-changing command writes
+//! The audit trail (docs/database.md, table `audit_log`): every state-changing command writes
 //! who acted, what it did, when, and with which arguments, in the same transaction as the change
 //! itself ([`crate::context::begin_write`]) — a change that commits has its row, a change that
 //! rolls back leaves none. A dead-letter replay, which publishes rather than writes, records its

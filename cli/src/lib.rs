@@ -5,6 +5,7 @@
 //! ([`commands::pause::set_paused`]), template invalidation
 //! ([`commands::template::invalidate_change`]) and job listing ([`commands::jobs::list_jobs`]).
 
+pub mod args;
 pub mod audit;
 pub mod commands;
 pub mod context;

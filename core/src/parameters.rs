@@ -1,4 +1,4 @@
-//! Build-parameter validation for prebuild creates (SPEC.md §2 "Validation failure"): a preset can
+//! Build-parameter validation for prebuild creates (docs/reconciliation.md "Backoff and hard limit"): a preset can
 //! only produce a valid build when every required template parameter without a default gets a
 //! value from the preset, and the preset sets no parameter the template does not declare. Either
 //! problem is permanent for the preset (it becomes `validation_failed`); retrying cannot help.

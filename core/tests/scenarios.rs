@@ -1,4 +1,4 @@
-//! Every row of SCENARIOS.md as a named table case (names kept so behaviour can be looked up).
+//! The reconciler's behaviour tables (given → expected) as named table cases (names kept so behaviour can be looked up).
 
 mod common;
 

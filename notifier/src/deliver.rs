@@ -69,7 +69,7 @@ impl NotificationHandler {
     }
 }
 
-/// The JSON body of a webhook request (README "Notifications", SPEC.md §9).
+/// The JSON body of a webhook request (README "Notifications").
 #[derive(Debug, Clone, Serialize)]
 pub struct WebhookBody {
     pub notification_id: Uuid,

@@ -1,4 +1,4 @@
-//! Command line and environment of `prebuilds-provisioner` (SPEC.md §6): the shared connection and
+//! Command line and environment of `prebuilds-provisioner` (docs/configuration.md): the shared connection and
 //! service groups, the pool size, the backend choice and each backend's knobs. Every flag has an
 //! environment variable; relations clap cannot express (rates within 0..=1, min ≤ max, the names
 //! of `--terraform-pass-env`) are checked by [`Cli::validate`] before anything starts, with

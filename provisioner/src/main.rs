@@ -1,22 +1,8 @@
 //! `prebuilds-provisioner`: consumes provisioner jobs from RabbitMQ, executes them with the `sim`
-//! or `terraform` backend, and publishes provisioner events (SPEC.md §1, §4). See `--help`.
-//!
-//! Modules: [`config`] (flags and validation), [`app`] (wiring and shutdown), [`handler`] (one job
-//! delivery, start to ack), [`events`] (deterministic event ids, recording and publishing),
-//! [`backend`], [`sim`] and [`terraform`] (the executors), [`records`] (in-process idempotence,
-//! with `prebuilds_runtime::keyed_locks`), [`metrics`].
+//! or `terraform` backend, and publishes provisioner events. See `--help`; the code is in the
+//! library (`lib.rs`).
 
-mod admission;
-mod app;
-mod backend;
-mod config;
-mod events;
-mod handler;
-mod metrics;
-mod records;
-mod sim;
-mod terraform;
-mod terraform_state;
+use prebuilds_provisioner::{app, config};
 
 use std::process::ExitCode;
 

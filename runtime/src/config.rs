@@ -1,4 +1,4 @@
-//! Command-line and environment configuration shared by the binaries (SPEC.md §6). Each binary
+//! Command-line and environment configuration shared by the binaries (docs/configuration.md). Each binary
 //! flattens the groups it needs into its own `clap` parser; values are validated at start-up and
 //! URLs carrying passwords are never printed (not by `--help`, not by `Debug`, not in logs).
 
@@ -350,7 +350,7 @@ pub struct ServiceArgs {
     pub retry_window: Duration,
 }
 
-/// How long a provisioner job may stay silent (SPEC.md §9 "Job reaper"). The scheduler's leader
+/// How long a provisioner job may stay silent (docs/reconciliation.md "Provisioner jobs that never finish"). The scheduler's leader
 /// reaps by them; a provisioner sends progress at least every quarter of the hung timeout while a
 /// job runs, so a live build is never mistaken for a hung one. Give every process the same values.
 #[derive(Debug, Clone, Args)]
@@ -386,7 +386,7 @@ impl JobTimeoutArgs {
     }
 }
 
-/// The reconciler's rules (SPEC.md §2, §6).
+/// The reconciler's rules (docs/reconciliation.md, docs/configuration.md).
 #[derive(Debug, Clone, Args)]
 pub struct ReconcileArgs {
     /// Period of the scheduler's reconcile pass over every preset.

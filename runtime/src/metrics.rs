@@ -1,4 +1,4 @@
-//! Counters every service process exports about its own plumbing (SPEC.md §5 "the service's own
+//! Counters every service process exports about its own plumbing (docs/metrics.md "Every consuming process": the service's own
 //! counters"): messages handled by queue and outcome, dead letters by queue and reason class, and the
 //! outbox backlog. Registered on the process's one `Registry`, passed in explicitly so tests stay
 //! isolated.

@@ -1,4 +1,4 @@
-//! Command line and environment of `prebuilds-scheduler` (SPEC.md §6): the shared connection,
+//! Command line and environment of `prebuilds-scheduler` (docs/configuration.md): the shared connection,
 //! service and reconciler groups plus the scheduler's own knobs. Everything is validated once at
 //! start-up ([`Config::validate`]); nothing is patched at run time.
 

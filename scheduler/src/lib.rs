@@ -1,4 +1,4 @@
-//! `prebuilds-scheduler`: the leader-elected scheduler of the prebuilds service (SPEC.md §1, §5).
+//! `prebuilds-scheduler`: the leader-elected scheduler of the prebuilds service (docs/architecture.md, docs/metrics.md).
 //!
 //! Any number of replicas run; the one holding a PostgreSQL advisory lock leads ([`leader`]).
 //! The leader

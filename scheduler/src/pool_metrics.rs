@@ -1,4 +1,4 @@
-//! Pool-state metrics (SPEC.md §5, Coder's names, types and labels), rendered by a custom
+//! Pool-state metrics (docs/metrics.md, Coder's names, types and labels), rendered by a custom
 //! [`Collector`] from a cached snapshot: scrapes never touch the database.
 //!
 //! [`Refresher`] rebuilds the cache every `metrics_interval` while this replica leads (the first

@@ -1,6 +1,6 @@
 //! The job reaper, run by the leader only (one per deployment): fails provisioner jobs that a
 //! provisioner went silent on, so their prebuilds stop counting as "starting" forever and the pool
-//! is refilled (SPEC.md §9 "Job reaper"; Coder's `jobreaper`).
+//! is refilled (docs/reconciliation.md; Coder's `jobreaper`).
 //!
 //! - a `running` job with no provisioner event for `PREBUILDS_JOB_HUNG_TIMEOUT` is failed with an
 //!   error starting `hung:` (the provisioner died mid-build, or lost the broker for good);

@@ -57,7 +57,7 @@ fn entry<T: Payload + JsonSchema>() -> MessageSchema {
     }
 }
 
-/// Every message of SPEC.md §4.
+/// Every message of docs/messages.md.
 pub fn all() -> Vec<MessageSchema> {
     vec![
         entry::<ReconcilePreset>(),

@@ -1,5 +1,5 @@
 //! Contracts of the prebuilds service: the database migrations (`schemas/migrations`) and the
-//! messages that travel over RabbitMQ (SPEC.md §4), each a CloudEvents 1.0 envelope around a typed
+//! messages that travel over RabbitMQ (docs/messages.md), each a CloudEvents 1.0 envelope around a typed
 //! payload. The JSON Schema files in `schemas/json` and the AsyncAPI document are generated from, or
 //! checked against, the types here.
 

@@ -1,4 +1,4 @@
-//! Payload types of every message in SPEC.md §4, with the CloudEvents `type` and routing key of each.
+//! Payload types of every message of docs/messages.md, with the CloudEvents `type` and routing key of each.
 //! Payloads are read tolerantly: a field this version does not know is ignored, so a newer producer
 //! may add fields before every consumer knows them (UPGRADING.md). A known field that is missing
 //! (unless optional) or has the wrong type or an unknown enum value is a schema violation,
@@ -157,7 +157,7 @@ pub struct ProvisionerJob {
     pub parameters: Vec<Parameter>,
 }
 
-/// Which provisioner queue a job goes to (SPEC.md §9 "Provisioner lanes"): builds a user waits for
+/// Which provisioner queue a job goes to (docs/messages.md "Topology": the two lanes): builds a user waits for
 /// are served before, and apart from, the prebuild fill and drain behind them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
@@ -496,7 +496,7 @@ pub enum ClaimErrorCode {
     NameConflict,
     /// The user may not claim here: the prebuilds system user, a deleted user, a user who is not
     /// a member of the template's organization, or a publisher not in `PREBUILDS_CLAIM_PUBLISHERS`
-    /// (SPEC.md §9 "Trust").
+    /// (docs/messages.md "Trust").
     Forbidden,
     /// The request id was used before for another user or another body; the first reply is not
     /// repeated to someone else. Send a new request id for a new claim.
@@ -509,7 +509,7 @@ pub struct ClaimError {
     pub message: String,
 }
 
-/// Why a claim got `no_eligible_prebuild` (SPEC.md §9 "Misses say why").
+/// Why a claim got `no_eligible_prebuild` (docs/reconciliation.md "Claim").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MissReason {

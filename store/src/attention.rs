@@ -6,7 +6,7 @@ use prebuilds_schemas::{CloudEvent, ReconcilePreset, ReconcileReason};
 use uuid::Uuid;
 
 /// Presets with prebuilds configured on active versions, plus presets that still have live
-/// prebuilds (SPEC.md §1).
+/// prebuilds (docs/architecture.md).
 pub async fn presets_needing_attention<C: GenericClient>(
     c: &C,
 ) -> Result<Vec<Uuid>, tokio_postgres::Error> {

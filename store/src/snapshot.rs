@@ -188,7 +188,7 @@ struct Derived {
 }
 
 impl Derived {
-    /// Classifies one live prebuild by its latest build (SPEC.md §2 "snapshot").
+    /// Classifies one live prebuild by its latest build (docs/reconciliation.md "Snapshot").
     fn add(&mut self, row: &PrebuildRow) {
         let open = matches!(row.job_status.as_str(), "pending" | "running");
         // 1. Running: the latest build is a successful start.

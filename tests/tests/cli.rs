@@ -1,5 +1,5 @@
 //! `prebuildsctl` end to end: the real binary against a database and an AMQP prefix of the test's
-//! own (SPEC.md §7, §8). Every write command is checked in the database and, where it requests
+//! own (docs/template-file.md, docs/cli.md). Every write command is checked in the database and, where it requests
 //! reconciles, in `<prefix>.reconcile`; every bad input exits with the documented code and leaves
 //! the database unchanged.
 

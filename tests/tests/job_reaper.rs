@@ -1,4 +1,4 @@
-//! The job reaper (SPEC.md §9 "Job reaper"; `scheduler/src/reaper.rs`) on the real PostgreSQL and,
+//! The job reaper (docs/reconciliation.md; `scheduler/src/reaper.rs`) on the real PostgreSQL and,
 //! end to end, with the real worker and scheduler binaries and a provisioner that goes silent:
 //!
 //! - the rule at its clock: a running job is failed `hung:` once silent for the hung timeout, a

@@ -1,4 +1,4 @@
-//! Trust boundaries (SPEC.md §9 "Trust", issue 23) on the real services: who may claim for whom,
+//! Trust boundaries (docs/messages.md "Trust", README "Trust model") on the real services: who may claim for whom,
 //! request ids that cannot be reused for someone else, publisher allow-lists on RabbitMQ's
 //! validated `user_id` (with broker users the test creates), job ownership of provisioner events,
 //! and the audit log of `prebuildsctl`.

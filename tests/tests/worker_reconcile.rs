@@ -1,5 +1,5 @@
 //! The worker's reconcile executor against the real database (in-process, so each case controls
-//! the clock-free inputs precisely): idempotence, concurrency, the SPEC.md §2 decision matrix,
+//! the clock-free inputs precisely): idempotence, concurrency, the decision matrix of docs/reconciliation.md,
 //! version changes, validation failures, TTL expiry and a crash mid-transaction.
 
 use std::{sync::Arc, time::Duration};
@@ -101,7 +101,7 @@ async fn an_unknown_preset_is_reported_not_retried() {
     );
 }
 
-/// What the reconciler must do with one existing prebuild of a preset desiring 1 (SPEC.md §2).
+/// What the reconciler must do with one existing prebuild of a preset desiring 1 (docs/reconciliation.md "Actions").
 #[derive(Debug, PartialEq, Eq)]
 enum Expect {
     Nothing,
@@ -148,7 +148,7 @@ enum Reconciled {
 }
 
 /// One preset per (transition × status × active/old version/deleted template) with one prebuild
-/// in that state, each checked against SPEC.md §2.
+/// in that state, each checked against docs/reconciliation.md.
 async fn decision_matrix(how: Reconciled) {
     let db = TestDb::new().await;
     let ctx = context(&db);

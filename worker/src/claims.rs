@@ -16,7 +16,7 @@
 //!    its provisioner job and an immediate reconcile of the preset (reason `claim`) go to the
 //!    outbox in the same transaction — the replacement prebuild is queued right after commit.
 //!
-//! Trust (SPEC.md §9): with `PREBUILDS_CLAIM_PUBLISHERS` set, a request whose validated AMQP
+//! Trust (docs/messages.md "Trust"): with `PREBUILDS_CLAIM_PUBLISHERS` set, a request whose validated AMQP
 //! `user_id` is missing or not listed gets a `forbidden` reply and is dead-lettered
 //! (`forbidden_publisher`). The claim attempt refuses (`forbidden`) the prebuilds system user (and
 //! any system user), deleted users and users who are not members of the template's organization;

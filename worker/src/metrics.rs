@@ -1,4 +1,4 @@
-//! The worker's own metrics (SPEC.md §5 "per process"), registered on the process registry.
+//! The worker's own metrics (docs/metrics.md "Worker"), registered on the process registry.
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 

@@ -1,4 +1,4 @@
-//! The one definition of every exchange, queue and binding (SPEC.md §4), and the two ways a process
+//! The one definition of every exchange, queue and binding (docs/messages.md), and the two ways a process
 //! relies on it:
 //!
 //! - **declare** (the default, `PREBUILDS_DECLARE_TOPOLOGY=true`): every process declares the whole
@@ -31,14 +31,14 @@ pub const DELIVERY_LIMIT: i64 = 5;
 /// stopped notifier would let it grow until the broker's memory alarm blocks every publisher.
 pub const NOTIFICATIONS_MAX_LENGTH: i64 = 100_000;
 
-/// The work queues of SPEC.md §4.
+/// The work queues (docs/messages.md "Topology").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QueueKind {
     Reconcile,
     Claims,
     /// Prebuild fill and drain builds (the prebuild lane).
     ProvisionerJobs,
-    /// Builds a user waits for (the user lane, SPEC.md §9).
+    /// Builds a user waits for (the user lane, docs/messages.md).
     ProvisionerJobsUser,
     ProvisionerEvents,
     Notifications,

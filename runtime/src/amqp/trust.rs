@@ -1,4 +1,4 @@
-//! Publisher allow-lists (SPEC.md §9 "Trust"): which broker users may publish a kind of message.
+//! Publisher allow-lists (docs/messages.md "Trust"): which broker users may publish a kind of message.
 //!
 //! RabbitMQ validates the AMQP `user_id` property: a publish whose `user_id` differs from the
 //! connection's authenticated user is refused by the broker (`PRECONDITION_FAILED`). A consumer can

@@ -1,4 +1,4 @@
--- Presets whose pool state the scheduler exports (SPEC.md §5, Coder's metrics collector): every
+-- Presets whose pool state the scheduler exports (docs/metrics.md, Coder's metrics collector): every
 -- preset with prebuilds configured on a template that is not deleted. Whether a preset is on its
 -- template's active version is decided afterwards from its snapshot (the gauges only show active
 -- presets); presets of deleted templates are left out entirely, so their series disappear.

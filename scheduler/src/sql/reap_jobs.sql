@@ -1,4 +1,4 @@
--- The job reaper's one rule (SPEC.md §9 "Job reaper"), for one bounded batch: fail the open jobs a
+-- The job reaper's one rule (docs/reconciliation.md "Provisioner jobs that never finish"), for one bounded batch: fail the open jobs a
 -- provisioner has gone silent on.
 --   * running (or canceling): no provisioner event for the hung timeout. `updated_at` is moved by
 --     every state event and, at most once a second, by log lines (worker/src/sql/job_log_event.sql),

@@ -1,4 +1,4 @@
--- Presets a reconcile pass must look at (SPEC.md §1 scheduler): presets with prebuilds configured
+-- Presets a reconcile pass must look at (docs/architecture.md, the scheduler): presets with prebuilds configured
 -- on active versions, plus any preset that still has live prebuilds (running, pending, failed —
 -- the worker decides what to do; inactive presets with nothing live are skipped).
 SELECT p.id AS preset_id

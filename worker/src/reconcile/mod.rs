@@ -12,7 +12,7 @@
 //!
 //! One transaction makes at most `PREBUILDS_MAX_CREATES_PER_PASS` creates over all its presets
 //! (`prebuilds_core::CreateBudget`); a preset left with creates to make writes a `reconcile.preset`
-//! job for itself to the outbox in the same transaction (reason `tick`: SPEC.md §4 pins the
+//! job for itself to the outbox in the same transaction (reason `tick`: docs/messages.md pins the
 //! reasons, and to a worker a follow-up is a tick that came early), so the pool keeps filling
 //! through short passes, each after the previous one committed.
 //!

@@ -1,4 +1,4 @@
-//! The template file of `prebuildsctl template push` (SPEC.md §7), mirroring Coder's
+//! The template file of `prebuildsctl template push` (docs/template-file.md), mirroring Coder's
 //! `coder_parameter` and `coder_workspace_preset` (with its `prebuilds` block): typed structs that
 //! refuse unknown fields, and a validation pass that reports every problem with its field path
 //! before anything touches the database. Bounded input: [`check_limits`] refuses a file that asks
@@ -172,7 +172,7 @@ pub struct Checked {
     pub warnings: Vec<Problem>,
 }
 
-/// How much one template file may ask for (SPEC.md §9 "Bounded input"). Defaults: Coder's clamp of
+/// How much one template file may ask for (docs/template-file.md "Validation"). Defaults: Coder's clamp of
 /// 100 prebuilds per preset, and 100 presets per template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct Limits {

@@ -24,7 +24,7 @@ use crate::{
 pub enum Command {
     /// Create or update a template from a YAML file: a new version with its parameters and
     /// presets (and their prebuilds), activated when the file says `activate: true`.
-    #[command(after_help = "The file (SPEC.md §7):\n\n\
+    #[command(after_help = "The file (docs/template-file.md):\n\n\
         organization: acme\n\
         template: python-dev\n\
         version: v2\n\
