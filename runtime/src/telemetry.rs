@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use tracing_subscriber::{
-    fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer, Registry,
+    filter::LevelFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer,
+    Registry,
 };
 
 use crate::{
@@ -50,17 +51,24 @@ pub fn init(format: LogFormat) {
         }
     };
     tracing_context::set_sampler(sampler);
+    // `RUST_LOG` filters the log lines only: spans at `info` are exported even when the logs are
+    // turned down to `warn`. Without an exporter this is the filter of everything, as before. The
+    // context layer has no filter of its own: it sees every span some other layer wants.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
-        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Json => fmt::layer()
             .fmt_fields(fmt::format::JsonFields::new())
             .event_format(WithTraceIds(fmt::format().json().flatten_event(true)))
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
     };
+    let exporter = exporter.map(|layer| layer.with_filter(LevelFilter::INFO));
     let installed = Registry::default()
-        .with(filter)
         .with(ContextLayer::new(sampler))
         .with(logs)
         .with(exporter)

@@ -149,7 +149,9 @@ async fn a_claim_over_http_is_one_trace_from_the_api_to_the_provisioner_and_back
     drop(c);
     let claimer = api::token(&db, &broker, "portal", "claimer");
 
-    let worker_env = otel_env(&endpoint, "prebuilds-worker");
+    let mut worker_env = otel_env(&endpoint, "prebuilds-worker");
+    // Logs turned down do not turn the spans off.
+    worker_env.push(("RUST_LOG", "warn".to_owned()));
     let (_worker, worker_metrics) =
         stack::start("prebuilds-worker", &db, &broker, &borrowed(&worker_env));
     let mut provisioner_env = otel_env(&endpoint, "prebuilds-provisioner");
