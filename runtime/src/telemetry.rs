@@ -62,7 +62,14 @@ pub fn init(format: LogFormat) {
             .boxed(),
         LogFormat::Json => fmt::layer()
             .fmt_fields(fmt::format::JsonFields::new())
-            .event_format(WithTraceIds(fmt::format().json().flatten_event(true)))
+            // The current span's fields stay (a job id, say); the list of every enclosing span
+            // would repeat them on each line, and the ids already lead to the whole trace.
+            .event_format(WithTraceIds(
+                fmt::format()
+                    .json()
+                    .flatten_event(true)
+                    .with_span_list(false),
+            ))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),

@@ -159,6 +159,7 @@ async fn a_claim_over_http_is_one_trace_from_the_api_to_the_provisioner_and_back
         ("PREBUILDS_SIM_DURATION_MIN", "0s".to_owned()),
         ("PREBUILDS_SIM_DURATION_MAX", "50ms".to_owned()),
         ("PREBUILDS_SIM_AGENT_READY_DELAY", "0s".to_owned()),
+        ("PREBUILDS_LOG_FORMAT", "json".to_owned()),
     ]);
     let (_provisioner, _) = stack::start(
         "prebuilds-provisioner",
