@@ -4,7 +4,7 @@
 //! trace holding the API's request span, the worker's claim, the replacement reconcile, the
 //! provisioner jobs it caused and the worker's handling of their events, every span's parent
 //! present in the trace and every span descending from the API's. A `traceparent` that does not
-//! parse starts a new trace and is never poison.
+//! parse starts a new trace and is never poison; spans still queued at SIGTERM are sent before exit.
 
 use std::{
     collections::HashMap,
@@ -361,4 +361,60 @@ async fn a_traceparent_that_does_not_parse_starts_a_new_trace_and_is_not_poison(
         .get(&broker.topology.dead_queue(), Duration::from_millis(200))
         .await;
     assert!(dead_queue.is_none(), "the dead-letter queue is empty");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_queued_at_sigterm_are_exported_before_exit() {
+    let (otlp_port, received) = receiver().await;
+    let endpoint = format!("http://127.0.0.1:{otlp_port}");
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "acme").await;
+    let fx = fixtures::template_with_preset(&c, org, "tpl", Some(0)).await;
+    drop(c);
+    let mut env = otel_env(&endpoint, "prebuilds-worker");
+    // A batch would wait a minute: only the shutdown flush can send these spans in time.
+    env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "60000".to_owned()));
+    let (mut worker, metrics) = stack::start("prebuilds-worker", &db, &broker, &borrowed(&env));
+    stack::wait_for(
+        Duration::from_secs(30),
+        "the worker to be ready",
+        || async { matches!(http_get(metrics, "/readyz").await, Some((200, _))) },
+    )
+    .await;
+    let publisher = prebuilds_runtime::amqp::Publisher::new(
+        &broker.url,
+        "tracing-test",
+        broker.topology.clone(),
+    );
+    stack::request_reconcile(&publisher, fx.preset_id).await;
+    stack::wait_for(Duration::from_secs(30), "the job acknowledged", || async {
+        scrape_sum(
+            metrics,
+            "prebuilds_messages_total",
+            &["queue=\"reconcile\"", "outcome=\"ack\""],
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert!(
+        received.all().is_empty(),
+        "nothing sent before the batch delay"
+    );
+    let status = worker
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("the worker exits on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let names: Vec<String> = received.all().into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "reconcile process")
+            && names.iter().any(|n| n == "reconcile.job"),
+        "the delivery's spans were flushed at exit: {names:?}"
+    );
+    publisher.close().await;
 }
