@@ -168,7 +168,24 @@ async fn observe(
 ) -> Response {
     let method = request.method().as_str().to_owned();
     let started = std::time::Instant::now();
-    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+    // One server span per request, continuing the caller's trace when it sent a valid
+    // `traceparent`; a claim's RPC and everything after it joins this trace.
+    let span = tracing::info_span!(
+        parent: None,
+        "http.request",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.path = %request.uri().path(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if let Some(remote) = prebuilds_runtime::tracing_context::extract_http(request.headers()) {
+        prebuilds_runtime::tracing_context::set_parent(&span, &remote);
+    }
+    let run = tracing::Instrument::instrument(next.run(request), span.clone());
+    let response = match tokio::time::timeout(timeout, run).await {
         Ok(response) => response,
         Err(_) => Problem::unavailable(format!(
             "the request took longer than {timeout:?} (PREBUILDS_API_REQUEST_TIMEOUT) and was abandoned"
@@ -179,6 +196,12 @@ async fn observe(
         .extensions()
         .get::<routes::RouteLabel>()
         .map_or("unmatched", |r| r.0);
+    span.record("otel.name", format!("{method} {route}"));
+    span.record("http.route", route);
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     state
         .metrics
         .seconds

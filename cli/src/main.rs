@@ -65,6 +65,8 @@ async fn main() -> ExitCode {
         Command::Audit(args) => commands::audit::run(connection, args).await,
         Command::Token(command) => commands::token::run(connection, command).await,
     };
+    // With an OTLP endpoint set, the spans of this run (an outbox drain, say) go out before exit.
+    prebuilds_runtime::telemetry::flush(std::time::Duration::from_secs(2)).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

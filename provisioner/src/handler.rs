@@ -302,6 +302,24 @@ impl JobHandler {
 impl Handler for JobHandler {
     async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
         let job = decode(&message.body)?;
+        // The job's span: its events are published under it, so the worker that applies them
+        // continues this trace.
+        let span = tracing::info_span!(
+            "provisioner.job",
+            job_id = %job.job_id,
+            transition = ?job.transition,
+            workspace_id = %job.workspace_id,
+        );
+        tracing::Instrument::instrument(self.handle_job(message, job), span).await
+    }
+}
+
+impl JobHandler {
+    async fn handle_job(
+        &self,
+        message: &Incoming,
+        job: ProvisionerJob,
+    ) -> Result<(), HandlerError> {
         let _running = self.running.lock(job.job_id).await;
         if let Some(record) = self.completed.get(job.job_id) {
             tracing::info!(job_id = %job.job_id, status = record.status.as_str(), events = record.events.len(), "job already executed here; republishing its recorded events");

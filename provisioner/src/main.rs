@@ -17,7 +17,11 @@ async fn main() -> ExitCode {
             .exit();
     }
     prebuilds_runtime::telemetry::init(cli.service.log_format);
-    match app::run(cli).await {
+    let budget = cli.service.shutdown_timeout;
+    let outcome = app::run(cli).await;
+    // Spans still queued go out within what is left of the shutdown budget.
+    prebuilds_runtime::telemetry::flush(prebuilds_runtime::shutdown::remaining(budget)).await;
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "prebuilds-provisioner failed");

@@ -333,7 +333,11 @@ pub struct ServiceArgs {
     #[arg(long, env = "PREBUILDS_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
 
-    /// Log format.
+    /// Log format (`json` lines carry the `trace_id` and `span_id` of their span). Spans are
+    /// exported over OTLP/HTTP (JSON) only when OTEL_EXPORTER_OTLP_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set and not empty; OTEL_SERVICE_NAME (default: the
+    /// binary's name), OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG and OTEL_BSP_SCHEDULE_DELAY are
+    /// read too (README "Tracing").
     #[arg(long, env = "PREBUILDS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 

@@ -1,5 +1,6 @@
 //! The shared runtime of every prebuilds binary — each piece exists once, here:
-//! configuration and secrets ([`config`], [`redact`]), TLS ([`tls`]), logging ([`telemetry`]), the PostgreSQL pool and transaction retry
+//! configuration and secrets ([`config`], [`redact`]), TLS ([`tls`]), logging ([`telemetry`]), trace
+//! context, its propagation and OTLP export ([`tracing_context`]), the PostgreSQL pool and transaction retry
 //! ([`db`]), the AMQP connector, topology, publisher and consumer supervisor ([`amqp`]), the transactional
 //! outbox and its relay ([`outbox`]), the `/metrics` `/healthz` `/readyz` server ([`http`]),
 //! process-level counters ([`metrics`]), readiness ([`health`]) and graceful shutdown
@@ -18,5 +19,6 @@ pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod tracing_context;
 
 pub use health::Health;

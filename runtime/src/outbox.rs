@@ -24,22 +24,32 @@ use crate::{
     metrics::ServiceMetrics,
 };
 
-/// The outbox insert: $1 message id, $2 routing key, $3 the whole envelope. Exposed for callers
-/// that pipeline it with their own statements.
+/// The outbox insert: $1 message id, $2 routing key, $3 the whole envelope, $4 and $5 the writer's
+/// `traceparent` and `tracestate` ([`crate::tracing_context::columns`]; NULL outside a span).
+/// Exposed for callers that pipeline it with their own statements.
 pub const ENQUEUE_SQL: &str =
-    "INSERT INTO outbox (message_id, routing_key, body) VALUES ($1, $2, $3)
+    "INSERT INTO outbox (message_id, routing_key, body, traceparent, tracestate)
+     VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (message_id) DO NOTHING";
 
-/// Writes `event` to the outbox inside the caller's transaction (or statement).
+/// Writes `event` to the outbox inside the caller's transaction (or statement), with the current
+/// span's trace context.
 pub async fn enqueue<C: GenericClient, T: Payload>(
     client: &C,
     event: &CloudEvent<T>,
 ) -> Result<(), tokio_postgres::Error> {
     let statement = client.prepare_cached(ENQUEUE_SQL).await?;
+    let (traceparent, tracestate) = crate::tracing_context::columns();
     client
         .execute(
             &statement,
-            &[&event.id, &event.routing_key(), &event.to_json()],
+            &[
+                &event.id,
+                &event.routing_key(),
+                &event.to_json(),
+                &traceparent,
+                &tracestate,
+            ],
         )
         .await?;
     Ok(())
@@ -84,6 +94,8 @@ struct LeasedRow {
     message_id: Uuid,
     routing_key: String,
     body: serde_json::Value,
+    /// The trace of the transaction that wrote the row.
+    trace: Option<crate::tracing_context::Remote>,
 }
 
 /// What one pass did.
@@ -170,20 +182,39 @@ impl Relay {
         let rows = self.lease().await?;
         let mut report = PassReport::default();
         if !rows.is_empty() {
+            // A span only for passes that publish: an idle relay polls four times a second.
+            let pass_span = tracing::info_span!("outbox.relay", rows = rows.len());
             let exchange = self.publisher.topology().exchange();
             let publishes = rows.iter().map(|row| {
                 let exchange = exchange.clone();
-                async move {
-                    let body = serde_json::to_vec(&row.body).expect("JSON values serialise");
-                    let mut message = Outgoing::new(&exchange, &row.routing_key, &body);
-                    message.message_id = Some(row.message_id.to_string());
-                    message.event_type = row
-                        .body
-                        .get("type")
-                        .and_then(|t| t.as_str())
-                        .map(str::to_owned);
-                    (row.id, self.publisher.publish(message).await)
+                // Each message is published in the trace of the transaction that wrote it (a
+                // producer span, child of the writer's span); a row without one in the pass's.
+                let span = tracing::info_span!(
+                    parent: &pass_span,
+                    "outbox.publish",
+                    otel.name = %format_args!("{} publish", row.routing_key),
+                    otel.kind = "producer",
+                    messaging.system = "rabbitmq",
+                    messaging.destination.name = %row.routing_key,
+                    messaging.message.id = %row.message_id,
+                );
+                if let Some(trace) = &row.trace {
+                    crate::tracing_context::set_parent(&span, trace);
                 }
+                tracing::Instrument::instrument(
+                    async move {
+                        let body = serde_json::to_vec(&row.body).expect("JSON values serialise");
+                        let mut message = Outgoing::new(&exchange, &row.routing_key, &body);
+                        message.message_id = Some(row.message_id.to_string());
+                        message.event_type = row
+                            .body
+                            .get("type")
+                            .and_then(|t| t.as_str())
+                            .map(str::to_owned);
+                        (row.id, self.publisher.publish(message).await)
+                    },
+                    span,
+                )
             });
             let results = futures::future::join_all(publishes).await;
             let mut published = Vec::new();
@@ -237,6 +268,10 @@ impl Relay {
                 message_id: r.get("message_id"),
                 routing_key: r.get("routing_key"),
                 body: r.get("body"),
+                trace: crate::tracing_context::from_columns(
+                    r.get::<_, Option<&str>>("traceparent"),
+                    r.get::<_, Option<&str>>("tracestate"),
+                ),
             })
             .collect();
         // `UPDATE … RETURNING` returns rows in the order the update met them, not the order of the

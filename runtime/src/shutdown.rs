@@ -11,10 +11,23 @@ pub fn on_signals() -> CancellationToken {
     let trigger = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
+        let _ = SIGNALLED.set(std::time::Instant::now());
         tracing::info!("shutdown signal received, draining");
         trigger.cancel();
     });
     token
+}
+
+/// When the first shutdown signal arrived.
+static SIGNALLED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// What is left of a shutdown budget of `total` counted from the signal (all of it when no
+/// signal arrived: the process is stopping for another reason). Used for the last step, the span
+/// export flush.
+pub fn remaining(total: Duration) -> Duration {
+    SIGNALLED
+        .get()
+        .map_or(total, |at| total.saturating_sub(at.elapsed()))
 }
 
 #[cfg(unix)]

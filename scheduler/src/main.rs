@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
         signals.cancelled().await;
         tokio::time::sleep(bound).await;
     };
-    tokio::select! {
+    let code = tokio::select! {
         result = &mut run => match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -37,5 +37,8 @@ async fn main() -> ExitCode {
             tracing::error!(?bound, "did not stop within the shutdown timeout; exiting anyway");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still queued go out within what is left of the shutdown budget.
+    telemetry::flush(shutdown::remaining(bound)).await;
+    code
 }

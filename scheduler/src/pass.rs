@@ -57,6 +57,7 @@ struct Work {
 
 impl Passes {
     /// Runs one pass with `reason`; `epoch` goes into the job ids (the tick index for `tick`).
+    #[tracing::instrument(name = "scheduler.pass", skip_all, fields(reason = reason.as_str(), epoch))]
     pub async fn run(
         &self,
         reason: ReconcileReason,

@@ -109,6 +109,7 @@ pub struct Reaper {
 
 impl Reaper {
     /// Reaps one batch at `now` (`None`: the database's clock) and returns what it failed.
+    #[tracing::instrument(name = "scheduler.reaper", skip_all)]
     pub async fn pass(&self, now: Option<DateTime<Utc>>) -> Result<Vec<Reaped>, DbError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;

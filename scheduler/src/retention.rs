@@ -116,6 +116,7 @@ impl Retention {
 
     /// One pass over every table at `now`: batches until one comes back short, bounded per
     /// table. Returns the rows deleted per table.
+    #[tracing::instrument(name = "scheduler.retention", skip_all)]
     pub async fn pass(&self, now: DateTime<Utc>) -> Result<Vec<(Table, u64)>, DbError> {
         let mut deleted = Vec::new();
         for table in Table::ALL {

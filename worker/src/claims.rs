@@ -110,9 +110,19 @@ impl Handler for ClaimsHandler {
                 .inc();
             return Err(HandlerError::permanent(trust::FORBIDDEN_PUBLISHER, reason));
         }
-        let (reply, labels) = claim(ctx, request.id, &request.data)
-            .await
-            .map_err(|e| HandlerError::Transient(e.into()))?;
+        // The claim's own span (its outbox rows continue this trace: the claim build and the
+        // replacement reconcile).
+        let span = tracing::info_span!(
+            "claim",
+            request_id = %request.id,
+            preset_id = ?request.data.preset_id,
+            outcome = tracing::field::Empty,
+        );
+        let (reply, labels) =
+            tracing::Instrument::instrument(claim(ctx, request.id, &request.data), span.clone())
+                .await
+                .map_err(|e| HandlerError::Transient(e.into()))?;
+        span.record("outcome", reply.outcome.as_str());
         let committed = received.elapsed();
         match send_reply(ctx, message, &reply).await {
             Ok(()) => {}
@@ -361,7 +371,9 @@ async fn claim_once(
         (Some(writes), _) => commit_claim(tx, &write_statements, writes, record).await?,
         (None, Some(event)) => {
             let (key, body) = (event.routing_key(), event.to_json());
-            let message: [&(dyn ToSql + Sync); 3] = [&event.id, &key, &body];
+            let (traceparent, tracestate) = prebuilds_runtime::tracing_context::columns();
+            let message: [&(dyn ToSql + Sync); 5] =
+                [&event.id, &key, &body, &traceparent, &tracestate];
             tx.commit_with(&[(&write_statements.enqueue, &message), record])
                 .await?;
         }
@@ -599,9 +611,17 @@ async fn commit_claim(
         &parameters,
         &w.now,
     ];
-    let job_message: [&(dyn ToSql + Sync); 3] = [&w.job.id, &job_key, &job_body];
-    let reconcile_message: [&(dyn ToSql + Sync); 3] =
-        [&w.reconcile.id, &reconcile_key, &reconcile_body];
+    // Both messages continue the claim's trace (the claim build and the replacement reconcile).
+    let (traceparent, tracestate) = prebuilds_runtime::tracing_context::columns();
+    let job_message: [&(dyn ToSql + Sync); 5] =
+        [&w.job.id, &job_key, &job_body, &traceparent, &tracestate];
+    let reconcile_message: [&(dyn ToSql + Sync); 5] = [
+        &w.reconcile.id,
+        &reconcile_key,
+        &reconcile_body,
+        &traceparent,
+        &tracestate,
+    ];
     tx.commit_with(&[
         (insert_job, &job_params),
         (insert_build, &build_params),

@@ -11,7 +11,11 @@ async fn main() -> std::process::ExitCode {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
-    match app::run(args, prebuilds_runtime::shutdown::on_signals()).await {
+    let budget = args.service.shutdown_timeout;
+    let outcome = app::run(args, prebuilds_runtime::shutdown::on_signals()).await;
+    // Spans still queued go out within what is left of the shutdown budget.
+    prebuilds_runtime::telemetry::flush(prebuilds_runtime::shutdown::remaining(budget)).await;
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "worker failed");

@@ -299,8 +299,15 @@ async fn session<H: Handler>(
                 None => break Ok(SessionEnd::ConsumerCancelled),
                 Some(Err(e)) => break Err(e.into()),
                 Some(Ok(delivery)) => {
+                    // One span per delivery, continuing the publisher's trace when the message
+                    // carries one (a `traceparent` that does not parse starts a new trace).
+                    let span = crate::tracing_context::delivery_span(
+                        spec.queue.suffix(),
+                        delivery.properties.message_id().as_ref().map(|m| m.as_str()),
+                        crate::tracing_context::extract(delivery.properties.headers().as_ref()).as_ref(),
+                    );
                     let task = settle(delivery, spec.clone(), context.clone(), handler.clone(), shutdown.clone());
-                    in_flight.spawn(task);
+                    in_flight.spawn(tracing::Instrument::instrument(task, span));
                 }
             }
         }

@@ -212,10 +212,14 @@ impl Publisher {
     /// Publishes one persistent message and waits for its confirm.
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
         let channel = self.channel().await?;
+        // The trace the message continues: the one its caller put in the headers (the outbox
+        // relay: the row's), else the current span's.
+        let mut headers = message.headers.clone();
+        crate::tracing_context::inject(&mut headers);
         let mut properties = BasicProperties::default()
             .with_delivery_mode(if message.persistent { 2 } else { 1 })
             .with_content_type("application/json".into())
-            .with_headers(message.headers.clone());
+            .with_headers(headers);
         if let Some(id) = &message.message_id {
             properties = properties.with_message_id(id.as_str().into());
         }

@@ -136,6 +136,12 @@ impl RpcClient {
             .with_type(message_type.into())
             .with_correlation_id(correlation_id.into())
             .with_reply_to(DIRECT_REPLY_TO.into());
+        // The caller's trace continues in the worker that answers.
+        let mut headers = FieldTable::default();
+        crate::tracing_context::inject(&mut headers);
+        if !headers.inner().is_empty() {
+            properties = properties.with_headers(headers);
+        }
         if let Some(user) = &self.user_id {
             properties = properties.with_user_id(user.as_str().into());
         }

@@ -11,4 +11,4 @@ WHERE o.id IN (
     LIMIT $1
     FOR UPDATE SKIP LOCKED                                      -- concurrent relays take disjoint rows
 )
-RETURNING o.id, o.message_id, o.routing_key, o.body;
+RETURNING o.id, o.message_id, o.routing_key, o.body, o.traceparent, o.tracestate;

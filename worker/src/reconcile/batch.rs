@@ -14,17 +14,25 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use prebuilds_runtime::db::DbError;
+use prebuilds_runtime::{
+    db::DbError,
+    tracing_context::{self, Remote},
+};
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
+use tracing::Instrument;
 
 use uuid::Uuid;
 
-use super::{reconcile_batch, reconcile_preset, Attempt, Job, ReconcileContext, ReconcileOutcome};
+use super::{
+    reconcile_batch_traced, reconcile_preset, Attempt, Job, ReconcileContext, ReconcileOutcome,
+};
 
 /// A job waiting for a batch; `None` in the reply means "reconcile it on your own".
 #[derive(Debug)]
 struct Queued {
     job: Job,
+    /// The trace of the handler that queued it: the drainer runs it on another task.
+    trace: Option<Remote>,
     reply: oneshot::Sender<Option<Result<ReconcileOutcome, DbError>>>,
 }
 
@@ -86,7 +94,8 @@ impl Batcher {
     pub async fn reconcile(&self, job: Job) -> Result<ReconcileOutcome, DbError> {
         if !self.failing.contains(job.preset_id) {
             let (reply, outcome) = oneshot::channel();
-            if self.queue.send(Queued { job, reply }).is_ok() {
+            let trace = tracing_context::current();
+            if self.queue.send(Queued { job, reply, trace }).is_ok() {
                 if let Ok(Some(result)) = outcome.await {
                     return result;
                 }
@@ -135,14 +144,26 @@ async fn drain(
         if let [single] = batch.as_slice() {
             // Nothing to share the transaction with: wait for the lock as a lone job would.
             let job = single.job;
-            let result = reconcile_preset(&context, job.preset_id, job.requested_at).await;
+            let span = tracing::info_span!("reconcile.run", presets = 1);
+            if let Some(trace) = &single.trace {
+                tracing_context::set_parent(&span, trace);
+            }
+            let result = reconcile_preset(&context, job.preset_id, job.requested_at)
+                .instrument(span)
+                .await;
             failing.record(job.preset_id, &result);
             let [single] = <[Queued; 1]>::try_from(batch).expect("checked: one job");
             let _ = single.reply.send(Some(result));
             continue;
         }
         let jobs: Vec<Job> = batch.iter().map(|q| q.job).collect();
-        match reconcile_batch(&context, &jobs).await {
+        let traces: Vec<Option<Remote>> = batch.iter().map(|q| q.trace.clone()).collect();
+        // The batch's own span is a root: each preset's work continues its own job's trace.
+        let span = tracing::info_span!(parent: None, "reconcile.batch", presets = jobs.len());
+        match reconcile_batch_traced(&context, &jobs, &traces)
+            .instrument(span)
+            .await
+        {
             Ok(attempts) => {
                 for (queued, attempt) in batch.into_iter().zip(attempts) {
                     let outcome = match attempt {

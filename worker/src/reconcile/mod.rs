@@ -102,6 +102,21 @@ impl Handler for ReconcileHandler {
             .decode()
             .map_err(|e| HandlerError::permanent("schema", e.to_string()))?;
         let job = event.data;
+        let span = tracing::info_span!(
+            "reconcile.job",
+            preset_id = %job.preset_id,
+            reason = ?job.reason,
+            outcome = tracing::field::Empty,
+        );
+        tracing::Instrument::instrument(self.handle_job(job), span).await
+    }
+}
+
+impl ReconcileHandler {
+    /// One job, in its `reconcile.job` span. A job answered by another job's run (coalesced) ends
+    /// its trace here: the provisioner jobs that run creates are in the trace of the job that ran
+    /// it (the first of the coalesced ones to arrive).
+    async fn handle_job(&self, job: ReconcilePreset) -> Result<(), HandlerError> {
         let flight = self
             .in_flight
             .run(job.preset_id, || {
@@ -125,6 +140,7 @@ impl Handler for ReconcileHandler {
                 .map_err(|e| HandlerError::Transient(e.into()))?,
             // Answered by another job's run: its result is this job's too.
             Ok(single_flight::Flight::Coalesced(outcome)) => {
+                tracing::Span::current().record("outcome", "answered_by_another_run");
                 self.context
                     .metrics
                     .reconcile_jobs
@@ -151,7 +167,10 @@ impl Handler for ReconcileHandler {
                 }
                 Ok(())
             }
-            ReconcileOutcome::Coalesced => Ok(()),
+            ReconcileOutcome::Coalesced => {
+                tracing::Span::current().record("outcome", "coalesced");
+                Ok(())
+            }
         }
     }
 }
@@ -192,7 +211,7 @@ pub async fn reconcile_preset(
         preset_id,
         requested_at,
     };
-    let attempt = reconcile_in_one_transaction(ctx, &[job], Locking::Wait)
+    let attempt = reconcile_in_one_transaction(ctx, &[job], &[], Locking::Wait)
         .await?
         .pop();
     match attempt {
@@ -210,12 +229,24 @@ pub async fn reconcile_batch(
     ctx: &ReconcileContext,
     jobs: &[Job],
 ) -> Result<Vec<Attempt>, DbError> {
-    reconcile_in_one_transaction(ctx, jobs, Locking::Try).await
+    reconcile_in_one_transaction(ctx, jobs, &[], Locking::Try).await
+}
+
+/// [`reconcile_batch`] for jobs handed over from other tasks: each preset's work runs in a
+/// `reconcile.preset` span continuing its job's trace (`traces[i]` for `jobs[i]`), so the
+/// provisioner jobs it writes to the outbox carry that job's context.
+pub async fn reconcile_batch_traced(
+    ctx: &ReconcileContext,
+    jobs: &[Job],
+    traces: &[Option<prebuilds_runtime::tracing_context::Remote>],
+) -> Result<Vec<Attempt>, DbError> {
+    reconcile_in_one_transaction(ctx, jobs, traces, Locking::Try).await
 }
 
 async fn reconcile_in_one_transaction(
     ctx: &ReconcileContext,
     jobs: &[Job],
+    traces: &[Option<prebuilds_runtime::tracing_context::Remote>],
     locking: Locking,
 ) -> Result<Vec<Attempt>, DbError> {
     let started = Instant::now();
@@ -297,7 +328,21 @@ async fn reconcile_in_one_transaction(
             attempts[index] = Some(Attempt::Alone);
             continue;
         }
-        let report = execute::execute(&tx, ctx, &view, &plan, now, &mut budget).await?;
+        // Outside a batch the span is a child of the current one; in a batch it continues the
+        // trace of this preset's own job.
+        let span = tracing::info_span!(
+            "reconcile.preset",
+            preset_id = %preset_id,
+            actions = plan.actions.len(),
+        );
+        if let Some(Some(trace)) = traces.get(index) {
+            prebuilds_runtime::tracing_context::set_parent(&span, trace);
+        }
+        let report = tracing::Instrument::instrument(
+            execute::execute(&tx, ctx, &view, &plan, now, &mut budget),
+            span,
+        )
+        .await?;
         outbox_rows += report.outbox_rows;
         if report.deferred > 0 {
             follow_ups.push(preset_id);
