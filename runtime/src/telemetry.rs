@@ -33,7 +33,7 @@ pub fn init(format: LogFormat) {
         Ok(None) => None,
         Ok(Some(config)) => {
             notes.extend(config.warnings.iter().cloned());
-            let endpoint = config.endpoint.clone();
+            let endpoint = crate::redact::redact(&config.endpoint);
             match otlp::install(config) {
                 Ok(layer) => {
                     notes.push(format!("exporting spans to {endpoint} (OTLP/HTTP JSON)"));

@@ -418,3 +418,86 @@ async fn spans_still_queued_at_sigterm_are_exported_before_exit() {
     );
     publisher.close().await;
 }
+
+/// A managed collector: `https://` with a certificate of a CA the system does not trust
+/// (`OTEL_EXPORTER_OTLP_CERTIFICATE`), and an API key in `OTEL_EXPORTER_OTLP_HEADERS`. The spans
+/// arrive over TLS with the header; the key appears nowhere in the service's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_an_https_collector_with_its_headers_and_the_key_is_never_printed() {
+    let dir = std::env::temp_dir().join(format!("prebuilds-otlp-tls-{}", Uuid::new_v4()));
+    let ca = prebuilds_tests::certs::TestCa::new(&dir, "otlp-ca");
+    let server = ca.server("collector", &["localhost"]);
+    let collector = prebuilds_tests::notify::WebhookReceiver::start_tls(vec![], &server).await;
+    // The receiver answers on 127.0.0.1; the certificate names `localhost`, so the name check
+    // is exercised.
+    let endpoint = collector.url.replace("127.0.0.1", "localhost");
+    let key = format!("otlp-key-{}", Uuid::new_v4().simple());
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    let c = db.pool.get().await.unwrap();
+    let org = fixtures::organization(&c, "acme").await;
+    let fx = fixtures::template_with_preset(&c, org, "tpl", Some(0)).await;
+    drop(c);
+    let port = stack::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let ca_file = ca.cert.display().to_string();
+    let headers = format!("x-api-key={key},x-team=platform%20eng");
+    let log = dir.join("worker.log");
+    let env: Vec<(&str, &str)> = vec![
+        ("DATABASE_URL", &db.url),
+        ("AMQP_URL", &broker.url),
+        ("PREBUILDS_AMQP_PREFIX", broker.prefix()),
+        ("PREBUILDS_METRICS_ADDR", &addr),
+        ("PREBUILDS_DB_POOL_SIZE", "4"),
+        ("PREBUILDS_LOG_FORMAT", "json"),
+        ("RUST_LOG", "debug"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca_file),
+        ("OTEL_EXPORTER_OTLP_HEADERS", &headers),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let mut worker =
+        prebuilds_tests::process::Service::start_logged("prebuilds-worker", &[], &env, &log);
+    stack::wait_for(
+        Duration::from_secs(30),
+        "the worker to be ready",
+        || async { matches!(http_get(port, "/readyz").await, Some((200, _))) },
+    )
+    .await;
+    let publisher = prebuilds_runtime::amqp::Publisher::new(
+        &broker.url,
+        "tracing-test",
+        broker.topology.clone(),
+    );
+    stack::request_reconcile(&publisher, fx.preset_id).await;
+    stack::wait_for(
+        Duration::from_secs(30),
+        "spans at the https collector",
+        || async {
+            collector.delivered().iter().any(|r| {
+                r.json()["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                    .as_array()
+                    .is_some_and(|spans| spans.iter().any(|s| s["name"] == "reconcile.job"))
+            })
+        },
+    )
+    .await;
+    for request in collector.delivered() {
+        assert_eq!(request.header("x-api-key"), Some(key.as_str()));
+        assert_eq!(request.header("x-team"), Some("platform eng"));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+    }
+    let status = worker.terminate(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    publisher.close().await;
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        output.contains("exporting spans to"),
+        "the start-up says where spans go: {output}"
+    );
+    assert!(!output.contains(&key), "the collector key was printed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

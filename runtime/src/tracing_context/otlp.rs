@@ -39,8 +39,14 @@ use crate::config::ConfigError;
 /// Where and how spans are exported (the standard OTel variables).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtlpConfig {
-    /// The traces URL (`…/v1/traces`); plain `http://` only.
+    /// The traces URL (`…/v1/traces`), `http://` or `https://`.
     pub endpoint: String,
+    /// `OTEL_EXPORTER_OTLP_HEADERS` / `OTEL_EXPORTER_OTLP_TRACES_HEADERS`: sent with every
+    /// request (typically a collector's API key, so never printed).
+    pub headers: Headers,
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` / `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`: CA
+    /// certificates (PEM) trusted for an `https://` endpoint on top of the system roots.
+    pub certificate: Option<std::path::PathBuf>,
     pub service_name: String,
     /// `OTEL_BSP_SCHEDULE_DELAY`: most time a finished span waits before it is sent.
     pub schedule_delay: Duration,
@@ -76,6 +82,15 @@ impl OtlpConfig {
             (None, None) => return Ok(None),
         };
         Target::parse(&endpoint)?;
+        let headers = match var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_HEADERS"))
+        {
+            Some(list) => Headers::parse(&list)?,
+            None => Headers::default(),
+        };
+        let certificate = var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+            .map(std::path::PathBuf::from);
         let mut warnings = Vec::new();
         match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
             .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
@@ -112,6 +127,8 @@ impl OtlpConfig {
         let max_queue = count("OTEL_BSP_MAX_QUEUE_SIZE", 2048)?;
         Ok(Some(OtlpConfig {
             endpoint,
+            headers,
+            certificate,
             service_name: var("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service.to_owned()),
             schedule_delay: millis("OTEL_BSP_SCHEDULE_DELAY", 5000)?,
             max_batch: count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?.min(max_queue),
@@ -122,41 +139,123 @@ impl OtlpConfig {
     }
 }
 
-/// The parts of an `http://host:port/path` URL a request needs.
+/// Extra request headers, from the OTel list form `key1=value1,key2=value2` (values
+/// percent-decoded). The values are credentials more often than not: `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(axum::http::HeaderName, axum::http::HeaderValue)>);
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| format!("{name}: <redacted>")))
+            .finish()
+    }
+}
+
+impl Headers {
+    fn parse(list: &str) -> Result<Headers, ConfigError> {
+        let mut headers = Vec::new();
+        for (n, item) in list.split(',').enumerate() {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            // Errors name the position and the header, never the value.
+            let (name, value) = item.split_once('=').ok_or_else(|| {
+                ConfigError(format!(
+                    "OTEL_EXPORTER_OTLP_HEADERS: entry {} is not key=value",
+                    n + 1
+                ))
+            })?;
+            let name = name.trim();
+            let header = axum::http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError(format!(
+                    "OTEL_EXPORTER_OTLP_HEADERS: {name:?} is not a header name"
+                ))
+            })?;
+            let decoded = percent_decode(value.trim()).ok_or_else(|| {
+                ConfigError(format!(
+                    "OTEL_EXPORTER_OTLP_HEADERS: the value of {name:?} has a bad %-escape"
+                ))
+            })?;
+            let mut value = axum::http::HeaderValue::from_bytes(&decoded).map_err(|_| {
+                ConfigError(format!(
+                    "OTEL_EXPORTER_OTLP_HEADERS: the value of {name:?} is not a valid header value"
+                ))
+            })?;
+            value.set_sensitive(true);
+            headers.push((header, value));
+        }
+        Ok(Headers(headers))
+    }
+}
+
+/// `%XX` escapes decoded (the OTel header list is URL-encoded, W3C Baggage style).
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The parts of an `http(s)://host:port/path` URL a request needs.
 #[derive(Debug, Clone)]
 struct Target {
+    /// `host:port`, for the TCP connection and the `Host` header.
     authority: String,
+    /// The host alone: the name an `https://` endpoint's certificate must carry.
+    host: String,
     path: String,
+    tls: bool,
 }
 
 impl Target {
     fn parse(url: &str) -> Result<Target, ConfigError> {
+        let shown = crate::redact::redact(url);
         let uri: axum::http::Uri = url
             .parse()
-            .map_err(|e| ConfigError(format!("the OTLP endpoint {url:?} is not a URL: {e}")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(ConfigError(format!(
-                "the OTLP endpoint {url:?} uses https, which this build does not send to: point it at a collector's plain http:// OTLP port (4318) on a trusted network"
-            ))),
+            .map_err(|e| ConfigError(format!("the OTLP endpoint {shown:?} is not a URL: {e}")))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => {
                 return Err(ConfigError(format!(
-                    "the OTLP endpoint {url:?} must be an http:// URL"
+                    "the OTLP endpoint {shown:?} must be an http:// or https:// URL"
                 )))
             }
-        }
+        };
         let authority = uri
             .authority()
-            .ok_or_else(|| ConfigError(format!("the OTLP endpoint {url:?} has no host")))?;
+            .ok_or_else(|| ConfigError(format!("the OTLP endpoint {shown:?} has no host")))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let authority = if authority.port().is_some() {
             authority.to_string()
         } else {
-            format!("{}:80", authority.host())
+            format!("{}:{}", authority.host(), if tls { 443 } else { 80 })
         };
         let path = uri
             .path_and_query()
             .map_or("/".to_owned(), |p| p.as_str().to_owned());
-        Ok(Target { authority, path })
+        Ok(Target {
+            authority,
+            host,
+            path,
+            tls,
+        })
     }
 }
 
@@ -437,6 +536,13 @@ pub fn installed() -> bool {
 /// [`crate::telemetry::init`].
 pub fn install(config: OtlpConfig) -> std::io::Result<OtlpLayer> {
     let target = Target::parse(&config.endpoint).map_err(std::io::Error::other)?;
+    // Built here, so a bad CA file is reported once at start-up, with its reason, instead of
+    // failing every export later.
+    let tls = if target.tls {
+        Some(tls_connector(config.certificate.as_deref()).map_err(std::io::Error::other)?)
+    } else {
+        None
+    };
     let (sender, receiver) = mpsc::channel();
     let queue = Queue {
         sender,
@@ -447,7 +553,7 @@ pub fn install(config: OtlpConfig) -> std::io::Result<OtlpLayer> {
     let counter = queue.queued.clone();
     std::thread::Builder::new()
         .name("otlp-export".to_owned())
-        .spawn(move || export_loop(config, target, receiver, counter))?;
+        .spawn(move || export_loop(config, target, tls, receiver, counter))?;
     let _ = EXPORTER.set(queue.clone());
     Ok(OtlpLayer { queue })
 }
@@ -468,6 +574,7 @@ pub async fn flush(bound: Duration) -> bool {
 fn export_loop(
     config: OtlpConfig,
     target: Target,
+    tls: Option<tokio_rustls::TlsConnector>,
     receiver: mpsc::Receiver<Message>,
     queued: Arc<AtomicUsize>,
 ) {
@@ -484,6 +591,7 @@ fn export_loop(
     let mut sender = Sender {
         config: &config,
         target: &target,
+        tls: tls.as_ref(),
         last_failure_logged: None,
     };
     let mut pending: VecDeque<SpanRecord> = VecDeque::new();
@@ -526,6 +634,7 @@ fn export_loop(
 struct Sender<'a> {
     config: &'a OtlpConfig,
     target: &'a Target,
+    tls: Option<&'a tokio_rustls::TlsConnector>,
     last_failure_logged: Option<Instant>,
 }
 
@@ -548,7 +657,7 @@ impl Sender<'_> {
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
                 {
                     self.last_failure_logged = Some(Instant::now());
-                    tracing::warn!(endpoint = %self.config.endpoint, spans = batch.len(), %error, "could not export spans; dropping them");
+                    tracing::warn!(endpoint = %crate::redact::redact(&self.config.endpoint), spans = batch.len(), %error, "could not export spans; dropping them");
                 }
             }
         }
@@ -559,17 +668,39 @@ impl Sender<'_> {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
+        match self.tls {
+            None => self.exchange(stream, body).await,
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from(self.target.host.clone())
+                    .map_err(|e| format!("TLS name {:?}: {e}", self.target.host))?;
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                self.exchange(stream, body).await
+            }
+        }
+    }
+
+    /// One POST of `body` over an open connection (plain or TLS).
+    async fn exchange<S>(&self, stream: S, body: Vec<u8>) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut request_sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(|e| format!("handshake: {e}"))?;
         let driver = tokio::spawn(connection);
-        let request = axum::http::Request::post(self.target.path.as_str())
+        let mut request = axum::http::Request::post(self.target.path.as_str())
             .header(axum::http::header::HOST, self.target.authority.as_str())
             .header(axum::http::header::CONTENT_TYPE, "application/json")
             .header(axum::http::header::CONTENT_LENGTH, body.len())
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("request: {e}"))?;
+        for (name, value) in &self.config.headers.0 {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
         let response = request_sender
             .send_request(request)
             .await
@@ -582,6 +713,35 @@ impl Sender<'_> {
             Err(format!("the endpoint answered {status}"))
         }
     }
+}
+
+/// The TLS client of an `https://` endpoint: the system roots plus `certificate` (PEM), the
+/// server's name checked, rustls with ring like every other TLS link of the service.
+fn tls_connector(
+    certificate: Option<&std::path::Path>,
+) -> Result<tokio_rustls::TlsConnector, crate::tls::TlsError> {
+    let mut roots = match (crate::tls::system_roots(), certificate) {
+        (Ok(roots), _) => roots,
+        // Without system roots, the named CA alone is enough.
+        (Err(_), Some(_)) => rustls::RootCertStore::empty(),
+        (Err(e), None) => return Err(e),
+    };
+    if let Some(path) = certificate {
+        let certs = crate::tls::read_certificates(path, "OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(crate::tls::TlsError(format!(
+                "OTEL_EXPORTER_OTLP_CERTIFICATE {} holds no usable CA certificate",
+                path.display()
+            )));
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::tls::TlsError(format!("TLS versions: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 fn nanos(t: SystemTime) -> String {
@@ -701,6 +861,52 @@ mod tests {
     }
 
     #[test]
+    fn headers_are_parsed_decoded_and_never_shown() {
+        let c = OtlpConfig::from_env(
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector"),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "x-api-key=s3cr%3Dt, authorization=Bearer%20tok",
+                ),
+            ]),
+            "x",
+        )
+        .unwrap()
+        .unwrap();
+        let pairs: Vec<(String, Vec<u8>)> = c
+            .headers
+            .0
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("x-api-key".to_owned(), b"s3cr=t".to_vec()),
+                ("authorization".to_owned(), b"Bearer tok".to_vec())
+            ]
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cr") && !shown.contains("tok\""),
+            "{shown}"
+        );
+        // The signal-specific list wins; bad entries are refused without echoing the value.
+        for bad in ["novalue", "bad name=1", "k=%zz-secret"] {
+            let e = OtlpConfig::from_env(
+                env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:1"),
+                    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", bad),
+                ]),
+                "x",
+            )
+            .unwrap_err();
+            assert!(!e.to_string().contains("secret"), "{e}");
+        }
+    }
+
+    #[test]
     fn endpoints_follow_the_otel_rules() {
         let c = OtlpConfig::from_env(
             env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]),
@@ -733,9 +939,20 @@ mod tests {
         let target = Target::parse(&c.endpoint).unwrap();
         assert_eq!(target.authority, "jaeger:4318");
         assert_eq!(target.path, "/custom");
+        let secure = Target::parse(
+            &OtlpConfig::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://x")]), "x")
+                .unwrap()
+                .unwrap()
+                .endpoint,
+        )
+        .unwrap();
+        assert!(secure.tls);
+        assert_eq!(
+            (secure.authority.as_str(), secure.host.as_str()),
+            ("x:443", "x")
+        );
         assert!(
-            OtlpConfig::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://x")]), "x")
-                .is_err()
+            OtlpConfig::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://x")]), "x").is_err()
         );
         assert!(OtlpConfig::from_env(
             env(&[
