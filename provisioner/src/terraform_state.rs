@@ -146,12 +146,11 @@ impl PgState {
             )
         })?;
         let tx = client.transaction().await.map_err(describe)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('prebuilds terraform state ' || $1::text))",
-            &[schema],
-        )
-        .await
-        .map_err(describe)?;
+        let lock = format!(
+            "SELECT pg_advisory_xact_lock({})",
+            prebuilds_schemas::locks::TERRAFORM_STATE_KEY_SQL
+        );
+        tx.execute(&lock, &[schema]).await.map_err(describe)?;
         let row = tx
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),

@@ -5,6 +5,7 @@
 
 pub mod envelope;
 pub mod json_schema;
+pub mod locks;
 pub mod messages;
 pub mod migrations;
 pub mod plan;
