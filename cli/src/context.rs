@@ -325,9 +325,9 @@ pub async fn resolve_template<C: GenericClient>(
 
 /// Presets whose pool a change to this template affects: the template's presets that need a
 /// reconcile (the view `presets_needing_attention`: its active presets with prebuilds configured,
-/// plus every preset with live prebuilds — old versions draining). Read it after the change when
-/// the change can only add presets to the view (un-deprecating), before when it removes them
-/// (deleting).
+/// plus every preset with live prebuilds — old versions draining). A change that takes presets
+/// out of the view (deleting, deprecating) reads it before the change; one that puts them in,
+/// after. ([`request_reconciles`] drops duplicates.)
 pub async fn template_presets<C: GenericClient>(
     c: &C,
     template_id: Uuid,

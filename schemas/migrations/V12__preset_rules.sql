@@ -12,10 +12,11 @@
 -- prebuild was built for (whatever its state: inactive presets only get cleaned up). A preset
 -- outside it has nothing to do; the same test checks that the core plans nothing for one.
 --
--- Online-safe: new views take no lock on the tables they read.
+-- Online-safe: new views take no lock on the tables they read. Re-runnable (OR REPLACE), as every
+-- migration here is.
 SET LOCAL lock_timeout = '5s';
 
-CREATE VIEW preset_activity AS
+CREATE OR REPLACE VIEW preset_activity AS
 SELECT p.id                                            AS preset_id,
        v.id                                            AS template_version_id,
        t.id                                            AS template_id,
@@ -28,7 +29,7 @@ FROM template_version_presets p
 JOIN template_versions v ON v.id = p.template_version_id
 JOIN templates t ON t.id = v.template_id;
 
-CREATE VIEW presets_needing_attention AS
+CREATE OR REPLACE VIEW presets_needing_attention AS
 SELECT a.preset_id, a.template_id
 FROM preset_activity a
 JOIN template_version_presets p ON p.id = a.preset_id

@@ -573,12 +573,15 @@ async fn deprecate(
         published,
     } = apply_change(connection, async |tx| {
         let template = resolve_template(tx, name, organization, true).await?;
+        // Deprecating takes presets out of the ones needing attention, undoing puts them back:
+        // both sides are affected.
+        let mut affected = template_presets(tx, template.id).await?;
         tx.execute(
             "UPDATE templates SET deprecated = $2, updated_at = now() WHERE id = $1",
             &[&template.id, &message],
         )
         .await?;
-        let affected = template_presets(tx, template.id).await?;
+        affected.extend(template_presets(tx, template.id).await?);
         Ok(Change {
             outcome: template,
             reconcile: affected,
