@@ -152,12 +152,7 @@ impl PgState {
         );
         tx.execute(&lock, &[schema]).await.map_err(describe)?;
         let row = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
-                        to_regclass($1 || '.states') IS NOT NULL,
-                        current_user::text",
-                &[schema],
-            )
+            .query_one(include_str!("sql/state_schema_exists.sql"), &[schema])
             .await
             .map_err(describe)?;
         let (schema_exists, table_exists, role): (bool, bool, String) =
@@ -198,12 +193,7 @@ impl PgState {
             })?;
         }
         let row = tx
-            .query_one(
-                "SELECT has_table_privilege($1 || '.states', 'SELECT, INSERT, UPDATE, DELETE'),
-                        coalesce(has_sequence_privilege(
-                            pg_get_serial_sequence($1 || '.states', 'id'), 'USAGE'), false)",
-                &[schema],
-            )
+            .query_one(include_str!("sql/state_privileges.sql"), &[schema])
             .await
             .map_err(describe)?;
         let (table_ok, sequence_ok): (bool, bool) = (row.get(0), row.get(1));

@@ -54,17 +54,11 @@ pub async fn set_waiting<C: GenericClient>(
     waiting: bool,
 ) -> Result<(), tokio_postgres::Error> {
     if waiting {
-        cached::execute(
-            tx,
-            "INSERT INTO preset_capacity_waits (preset_id, waiting_since) VALUES ($1, clock_timestamp())
-             ON CONFLICT (preset_id) DO NOTHING",
-            &[&preset_id],
-        )
-        .await?;
+        cached::execute(tx, include_str!("sql/capacity_wait_set.sql"), &[&preset_id]).await?;
     } else {
         cached::execute(
             tx,
-            "DELETE FROM preset_capacity_waits WHERE preset_id = $1",
+            include_str!("sql/capacity_wait_clear.sql"),
             &[&preset_id],
         )
         .await?;

@@ -419,7 +419,7 @@ async fn job_completed(
         if let Some(workspace_id) = job.workspace_id {
             cached::execute(
                 tx,
-                "UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1",
+                include_str!("sql/workspace_deleted.sql"),
                 &[&workspace_id],
             )
             .await?;
