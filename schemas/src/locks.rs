@@ -80,6 +80,69 @@ mod tests {
         }
     }
 
+    /// Every advisory-lock call in the workspace's Rust and SQL takes its key from outside the
+    /// statement (a bind parameter, a key column, or this module's expression): a literal key
+    /// written into a statement would bypass the registry.
+    #[test]
+    fn every_advisory_lock_call_takes_its_key_from_the_registry() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    if !name.starts_with('.') && name != "target" {
+                        dirs.push(path);
+                    }
+                } else if name.ends_with(".rs") || name.ends_with(".sql") {
+                    files.push(path);
+                }
+            }
+        }
+        let this = std::path::Path::new(file!()).file_name().unwrap();
+        let mut calls = 0;
+        let mut bad = Vec::new();
+        for file in files.iter().filter(|f| f.file_name() != Some(this)) {
+            let text = std::fs::read_to_string(file).unwrap();
+            for (at, _) in text.match_indices("pg_") {
+                let rest = &text[at..];
+                let Some(open) = rest.find('(') else { continue };
+                let function = &rest[..open];
+                if !function.contains("advisory_") || function.contains(char::is_whitespace) {
+                    continue;
+                }
+                let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+                let line = text[line_start..at].trim_start();
+                if line.starts_with("//") || line.starts_with("--") {
+                    continue; // prose about a lock, not a call
+                }
+                calls += 1;
+                let argument = rest[open + 1..].trim_start();
+                let from_outside = argument.starts_with('$')
+                    || argument.starts_with("($")
+                    || argument.starts_with("{}")
+                    || argument.starts_with("b.lock_key");
+                if !from_outside {
+                    bad.push(format!(
+                        "{}: {}",
+                        file.display(),
+                        &rest[..open + 20.min(rest.len() - open)]
+                    ));
+                }
+            }
+        }
+        assert!(
+            calls >= 8,
+            "found only {calls} advisory-lock calls: is the scan broken?"
+        );
+        assert!(
+            bad.is_empty(),
+            "advisory locks with keys written in place: {bad:#?}"
+        );
+    }
+
     #[test]
     fn keys_keep_their_values_across_releases() {
         // Changing one lets an old and a new binary both hold "the" lock during an upgrade.
