@@ -378,12 +378,22 @@ async fn a_worker_killed_mid_transaction_leaves_nothing_and_another_redoes_the_j
         "nothing half-made"
     );
 
-    let (_survivor, _) = stack::start("prebuilds-worker", &db, &broker, &[]);
+    let (_survivor, survivor_port) = stack::start("prebuilds-worker", &db, &broker, &[]);
     wait_for(Duration::from_secs(30), "the job redone", || async {
         pool_counts(&db, fx.preset_id).await.created == 3
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Barrier: the survivor has finished the redelivered job (counted after its commit) and
+    // relayed everything it wrote, so a second execution would have shown by now.
+    wait_for(
+        Duration::from_secs(30),
+        "the redone job settled",
+        || async {
+            reconcile_jobs_handled(survivor_port).await >= 1.0
+                && fixtures::unpublished_outbox(&c).await.unwrap() == 0
+        },
+    )
+    .await;
     assert_eq!(
         pool_counts(&db, fx.preset_id).await.created,
         3,
