@@ -139,7 +139,6 @@ fn preset_path_param() -> Param {
 
 /// Every endpoint of the API.
 pub fn endpoints() -> Vec<Endpoint> {
-    let pause_ok = schema_of::<PauseOutcome> as SchemaFn;
     vec![
         Endpoint {
             method: Method::GET,
@@ -279,65 +278,74 @@ pub fn endpoints() -> Vec<Endpoint> {
             errors: vec![StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND, StatusCode::CONFLICT],
             handler: post(invalidate),
         },
-        Endpoint {
-            method: Method::POST,
-            path: "/api/v1/templates/{name}/pause",
-            operation_id: "pauseTemplate",
-            summary: "Pause reconciliation of a template",
-            description: "Like `prebuildsctl pause --template NAME`. Audited. Role admin.",
-            action: Some(ApiAction::Administer),
-            params: vec![template_path_param(), organization_param()],
-            body: None,
-            ok: (StatusCode::OK, pause_ok),
-            errors: vec![StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND],
-            handler: post(|s: Shared, c: Caller, p: Path<String>, q: RawQuery| {
-                pause_template(s, c, p, q, true)
-            }),
-        },
-        Endpoint {
-            method: Method::POST,
-            path: "/api/v1/templates/{name}/resume",
-            operation_id: "resumeTemplate",
-            summary: "Resume reconciliation of a template",
-            description: "Like `prebuildsctl resume --template NAME`: its presets are reconciled at once. \
-                Audited. Role admin.",
-            action: Some(ApiAction::Administer),
-            params: vec![template_path_param(), organization_param()],
-            body: None,
-            ok: (StatusCode::OK, pause_ok),
-            errors: vec![StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND],
-            handler: post(|s: Shared, c: Caller, p: Path<String>, q: RawQuery| {
-                pause_template(s, c, p, q, false)
-            }),
-        },
-        Endpoint {
-            method: Method::POST,
-            path: "/api/v1/presets/{id}/pause",
-            operation_id: "pausePreset",
-            summary: "Pause reconciliation of a preset",
-            description: "Like `prebuildsctl pause --preset ID`. Audited. Role admin.",
-            action: Some(ApiAction::Administer),
-            params: vec![preset_path_param()],
-            body: None,
-            ok: (StatusCode::OK, pause_ok),
-            errors: vec![StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND],
-            handler: post(|s: Shared, c: Caller, p: Path<String>| pause_preset(s, c, p, true)),
-        },
-        Endpoint {
-            method: Method::POST,
-            path: "/api/v1/presets/{id}/resume",
-            operation_id: "resumePreset",
-            summary: "Resume reconciliation of a preset",
-            description: "Like `prebuildsctl resume --preset ID`: the preset is reconciled at once. \
-                Audited. Role admin.",
-            action: Some(ApiAction::Administer),
-            params: vec![preset_path_param()],
-            body: None,
-            ok: (StatusCode::OK, pause_ok),
-            errors: vec![StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND],
-            handler: post(|s: Shared, c: Caller, p: Path<String>| pause_preset(s, c, p, false)),
-        },
     ]
+    .into_iter()
+    .chain(pause_endpoints())
+    .collect()
+}
+
+/// The pause and resume endpoints of the template and preset scopes: one request shape, answer
+/// and audit each, `pause` true or false (the global scope is `PUT /api/v1/settings`).
+fn pause_endpoints() -> Vec<Endpoint> {
+    /// (path, operation id, summary, description) of one scope's pause or resume.
+    type Doc = (&'static str, &'static str, &'static str, &'static str);
+    const TEMPLATE: [Doc; 2] = [
+        (
+            "/api/v1/templates/{name}/pause",
+            "pauseTemplate",
+            "Pause reconciliation of a template",
+            "Like `prebuildsctl pause --template NAME`. Audited. Role admin.",
+        ),
+        (
+            "/api/v1/templates/{name}/resume",
+            "resumeTemplate",
+            "Resume reconciliation of a template",
+            "Like `prebuildsctl resume --template NAME`: its presets are reconciled at once. \
+             Audited. Role admin.",
+        ),
+    ];
+    const PRESET: [Doc; 2] = [
+        (
+            "/api/v1/presets/{id}/pause",
+            "pausePreset",
+            "Pause reconciliation of a preset",
+            "Like `prebuildsctl pause --preset ID`. Audited. Role admin.",
+        ),
+        (
+            "/api/v1/presets/{id}/resume",
+            "resumePreset",
+            "Resume reconciliation of a preset",
+            "Like `prebuildsctl resume --preset ID`: the preset is reconciled at once. \
+             Audited. Role admin.",
+        ),
+    ];
+    let endpoint = |(path, operation_id, summary, description): Doc, params, handler| Endpoint {
+        method: Method::POST,
+        path,
+        operation_id,
+        summary,
+        description,
+        action: Some(ApiAction::Administer),
+        params,
+        body: None,
+        ok: (StatusCode::OK, schema_of::<PauseOutcome> as SchemaFn),
+        errors: vec![StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND],
+        handler,
+    };
+    let mut endpoints = Vec::new();
+    for (doc, pause) in TEMPLATE.into_iter().zip([true, false]) {
+        let params = vec![template_path_param(), organization_param()];
+        let handler = post(move |s: Shared, c: Caller, p: Path<String>, q: RawQuery| {
+            pause_template(s, c, p, q, pause)
+        });
+        endpoints.push(endpoint(doc, params, handler));
+    }
+    for (doc, pause) in PRESET.into_iter().zip([true, false]) {
+        let handler =
+            post(move |s: Shared, c: Caller, p: Path<String>| pause_preset(s, c, p, pause));
+        endpoints.push(endpoint(doc, vec![preset_path_param()], handler));
+    }
+    endpoints
 }
 
 /// The route template a response answered (a response extension the metrics read).
@@ -542,17 +550,7 @@ async fn templates(
     let organization = q.get("organization");
     let client = state.client().await?;
     let rows = client
-        .query(
-            "SELECT t.id, o.name AS organization, t.name, v.name AS active_version,
-                    t.active_version_id, t.paused, t.deprecated, t.created_at
-             FROM templates t
-             JOIN organizations o ON o.id = t.organization_id
-             LEFT JOIN template_versions v ON v.id = t.active_version_id
-             WHERE NOT t.deleted                               -- live templates only
-               AND ($1::text IS NULL OR o.name = $1)           -- ?organization=
-             ORDER BY o.name, t.name",
-            &[&organization],
-        )
+        .query(include_str!("sql/templates.sql"), &[&organization])
         .await
         .map_err(|e| state.database_problem(e))?;
     let rows: Vec<TemplateRow> = rows

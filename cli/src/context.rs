@@ -323,23 +323,18 @@ pub async fn resolve_template<C: GenericClient>(
     }
 }
 
-/// Presets whose pool a change to this template affects: every preset of its active version, plus
-/// every preset of the template that still has live prebuilds (old versions draining).
+/// Presets whose pool a change to this template affects: the template's presets that need a
+/// reconcile (the view `presets_needing_attention`: its active presets with prebuilds configured,
+/// plus every preset with live prebuilds — old versions draining). A change that takes presets
+/// out of the view (deleting, deprecating) reads it before the change; one that puts them in,
+/// after. ([`request_reconciles`] drops duplicates.)
 pub async fn template_presets<C: GenericClient>(
     c: &C,
     template_id: Uuid,
 ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
     let rows = c
         .query(
-            "SELECT p.id
-             FROM template_version_presets p
-             JOIN template_versions v ON v.id = p.template_version_id
-             JOIN templates t ON t.id = v.template_id
-             WHERE t.id = $1
-               AND (v.id = t.active_version_id                   -- the active version's presets
-                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
-                               WHERE wp.current_preset_id = p.id)) -- presets with live prebuilds
-             ORDER BY p.id",
+            "SELECT preset_id FROM presets_needing_attention WHERE template_id = $1 ORDER BY preset_id",
             &[&template_id],
         )
         .await?;

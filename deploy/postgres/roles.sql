@@ -114,7 +114,7 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"worker", :"scheduler", :"pro
 -- needs UPDATE: hence SELECT and UPDATE next to the writes.
 GRANT SELECT ON organizations, users, templates, template_versions, template_version_parameters,
                 template_version_preset_parameters, template_version_preset_prebuild_schedules,
-                prebuilds_settings, organization_members
+                prebuilds_settings, organization_members, preset_activity
     TO :"worker";
 GRANT SELECT, UPDATE ON template_version_presets TO :"worker";
 GRANT SELECT, INSERT, UPDATE ON workspaces, provisioner_jobs, workspace_agents, preset_reconcile_state
@@ -130,7 +130,8 @@ GRANT USAGE ON SEQUENCE outbox_id_seq, provisioner_job_logs_id_seq TO :"worker";
 -- provisioner_jobs only; FOR UPDATE needs UPDATE) and requests reconciles through the outbox.
 GRANT SELECT ON organizations, templates, template_versions, template_version_presets,
                 template_version_preset_prebuild_schedules, prebuilds_settings, workspaces,
-                workspace_builds, provisioner_jobs, workspace_agents
+                workspace_builds, provisioner_jobs, workspace_agents, preset_activity,
+                presets_needing_attention
     TO :"scheduler";
 GRANT UPDATE (job_status, error, completed_at, updated_at) ON provisioner_jobs TO :"scheduler";
 GRANT INSERT ON outbox TO :"scheduler";
@@ -170,7 +171,8 @@ GRANT SELECT, INSERT, UPDATE ON notification_deliveries TO :"notifier";
 -- claim RPC.
 GRANT SELECT ON api_tokens, organizations, users, template_versions,
                 template_version_preset_prebuild_schedules, workspaces, workspace_builds,
-                provisioner_jobs, workspace_agents, claim_requests, workspace_prebuilds
+                provisioner_jobs, workspace_agents, claim_requests, workspace_prebuilds,
+                preset_activity, presets_needing_attention
     TO :"api";
 GRANT SELECT, UPDATE ON templates, template_version_presets, prebuilds_settings TO :"api";
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO :"api";

@@ -2,7 +2,7 @@
 //! supervised consumer of `<prefix>.notifications` (the runtime's: reconnects, prefetch, settling,
 //! dead-lettering with the reason), the metrics/health server, and graceful shutdown.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use anyhow::Context;
 use prebuilds_runtime::{
@@ -75,10 +75,11 @@ pub async fn run(
     );
 
     let consumers_stop = shutdown.child_token();
-    let watcher = tokio::spawn(watch_database(
+    let watcher = tokio::spawn(prebuilds_runtime::health::watch_database(
         pool.clone(),
         health.clone(),
         shutdown.clone(),
+        "the notifier reads notifications and records deliveries there",
     ));
     let handler = Arc::new(NotificationHandler::new(DeliverContext {
         pool: pool.clone(),
@@ -126,24 +127,5 @@ fn broker_unusable(e: PublishError) -> anyhow::Error {
         PublishError::Topology(_) => anyhow::Error::new(e),
         _ => anyhow::Error::new(e)
             .context("RabbitMQ is unreachable (check AMQP_URL and that the broker is running)"),
-    }
-}
-
-/// Keeps `/readyz` honest about the database.
-async fn watch_database(
-    pool: deadpool_postgres::Pool,
-    health: Health,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let up = tokio::time::timeout(Duration::from_secs(3), db::ping(&pool))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false);
-        health.set_database(up);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = shutdown.cancelled() => return,
-        }
     }
 }

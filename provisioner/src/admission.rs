@@ -21,6 +21,8 @@
 //! has it; the simulation has it when `DATABASE_URL` is given, and otherwise runs what it receives.
 
 use deadpool_postgres::Pool;
+use prebuilds_core::JobStatus;
+use prebuilds_schemas::column::Parsed;
 use uuid::Uuid;
 
 use crate::backend::RunError;
@@ -30,7 +32,7 @@ const JOB_STATE_SQL: &str = include_str!("sql/job_state.sql");
 /// A job's row, as far as admission is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobState {
-    pub job_status: String,
+    pub job_status: JobStatus,
     /// A cancel was recorded (`canceled_at`), whatever the status says.
     pub cancel_requested: bool,
 }
@@ -41,7 +43,7 @@ pub enum Admission {
     Run,
     /// Complete it `canceled` without running anything; `job_status` says why.
     Canceled {
-        job_status: String,
+        job_status: JobStatus,
     },
     /// Do not run it. `permanent`: dead-letter with `reason` (the message names no job); otherwise
     /// acknowledge it (a late duplicate of a job that is running or done).
@@ -59,22 +61,14 @@ pub fn admit(state: Option<&JobState>, redelivered: bool) -> Admission {
             permanent: true,
         };
     };
-    let status = state.job_status.as_str();
-    match status {
-        "canceling" | "canceled" => Admission::Canceled {
-            job_status: state.job_status.clone(),
-        },
-        "pending" if state.cancel_requested => Admission::Canceled {
-            job_status: state.job_status.clone(),
-        },
-        "pending" => Admission::Run,
-        "running" if redelivered => Admission::Run,
-        "running" => Admission::Refuse {
-            reason: "already_running".to_owned(),
-            permanent: false,
-        },
-        other => Admission::Refuse {
-            reason: format!("already_{other}"),
+    let job_status = state.job_status;
+    match job_status {
+        JobStatus::Canceling | JobStatus::Canceled => Admission::Canceled { job_status },
+        JobStatus::Pending if state.cancel_requested => Admission::Canceled { job_status },
+        JobStatus::Pending => Admission::Run,
+        JobStatus::Running if redelivered => Admission::Run,
+        JobStatus::Running | JobStatus::Succeeded | JobStatus::Failed => Admission::Refuse {
+            reason: format!("already_{job_status}"),
             permanent: false,
         },
     }
@@ -104,7 +98,7 @@ impl JobStates {
             .await
             .map_err(|e| RunError::Transient(anyhow::anyhow!("reading the job's state: {e}")))?;
         Ok(row.map(|row| JobState {
-            job_status: row.get("job_status"),
+            job_status: row.get::<_, Parsed<JobStatus>>("job_status").0,
             cancel_requested: row.get("cancel_requested"),
         }))
     }
@@ -114,7 +108,9 @@ impl JobStates {
     /// asks again.
     pub async fn cancel_requested(&self, job_id: Uuid) -> bool {
         match self.get(job_id).await {
-            Ok(Some(state)) => state.job_status == "canceling" || state.job_status == "canceled",
+            Ok(Some(state)) => {
+                matches!(state.job_status, JobStatus::Canceling | JobStatus::Canceled)
+            }
             Ok(None) => false,
             Err(e) => {
                 tracing::debug!(%job_id, error = %e, "cannot check the running job for a cancel");
@@ -130,7 +126,7 @@ mod tests {
 
     fn state(status: &str, cancel: bool) -> JobState {
         JobState {
-            job_status: status.to_owned(),
+            job_status: status.parse().unwrap(),
             cancel_requested: cancel,
         }
     }
@@ -145,7 +141,7 @@ mod tests {
     #[test]
     fn the_admission_table() {
         let canceled = |s: &str| Admission::Canceled {
-            job_status: s.to_owned(),
+            job_status: s.parse().unwrap(),
         };
         let cases = [
             (None, false, refused("unknown_job", true)),

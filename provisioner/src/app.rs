@@ -91,10 +91,11 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
             if let Ok(Ok(())) = tokio::time::timeout(DB_PROBE_INTERVAL, db::ping(pool)).await {
                 db::require_schema(pool).await?;
             }
-            tokio::spawn(probe_database(
+            tokio::spawn(prebuilds_runtime::health::watch_database(
                 pool.clone(),
                 health.clone(),
                 shutdown.clone(),
+                "the provisioner reads job states and template sources from it",
             ));
         }
         None => {
@@ -214,24 +215,4 @@ pub async fn run_until(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     tracing::info!("prebuilds-provisioner stopped");
     Ok(())
-}
-
-async fn probe_database(
-    pool: deadpool_postgres::Pool,
-    health: Health,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match db::ping(&pool).await {
-            Ok(()) => health.set_database(true),
-            Err(e) => {
-                health.set_database(false);
-                tracing::warn!(error = %e, "PostgreSQL is not reachable (the provisioner reads job states and template sources from it)");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(DB_PROBE_INTERVAL) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }

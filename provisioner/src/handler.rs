@@ -192,7 +192,7 @@ impl JobHandler {
         &self,
         job: &ProvisionerJob,
         emitter: &mut Emitter,
-        canceled_while_queued: Option<String>,
+        canceled_while_queued: Option<prebuilds_core::JobStatus>,
     ) -> Result<JobOutcome, RunError> {
         // Before anything is published or provisioned: see step 4 of the module documentation.
         if let Some(job_status) = canceled_while_queued {

@@ -146,19 +146,13 @@ impl PgState {
             )
         })?;
         let tx = client.transaction().await.map_err(describe)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('prebuilds terraform state ' || $1::text))",
-            &[schema],
-        )
-        .await
-        .map_err(describe)?;
+        let lock = format!(
+            "SELECT pg_advisory_xact_lock({})",
+            prebuilds_schemas::locks::TERRAFORM_STATE_KEY_SQL
+        );
+        tx.execute(&lock, &[schema]).await.map_err(describe)?;
         let row = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
-                        to_regclass($1 || '.states') IS NOT NULL,
-                        current_user::text",
-                &[schema],
-            )
+            .query_one(include_str!("sql/state_schema_exists.sql"), &[schema])
             .await
             .map_err(describe)?;
         let (schema_exists, table_exists, role): (bool, bool, String) =
@@ -199,12 +193,7 @@ impl PgState {
             })?;
         }
         let row = tx
-            .query_one(
-                "SELECT has_table_privilege($1 || '.states', 'SELECT, INSERT, UPDATE, DELETE'),
-                        coalesce(has_sequence_privilege(
-                            pg_get_serial_sequence($1 || '.states', 'id'), 'USAGE'), false)",
-                &[schema],
-            )
+            .query_one(include_str!("sql/state_privileges.sql"), &[schema])
             .await
             .map_err(describe)?;
         let (table_ok, sequence_ok): (bool, bool) = (row.get(0), row.get(1));

@@ -42,11 +42,9 @@ pub async fn presets_at_desired(db: &TestDb) -> anyhow::Result<Check> {
     let presets = c
         .query(
             "SELECT p.id,
-                    CASE WHEN t.active_version_id = p.template_version_id AND NOT t.deleted AND t.deprecated = ''
-                         THEN coalesce(p.desired_instances, 0) ELSE 0 END AS desired
+                    CASE WHEN a.active THEN coalesce(p.desired_instances, 0) ELSE 0 END AS desired
              FROM template_version_presets p
-             JOIN template_versions v ON v.id = p.template_version_id
-             JOIN templates t ON t.id = v.template_id",
+             JOIN preset_activity a ON a.preset_id = p.id",
             &[],
         )
         .await?;

@@ -1,10 +1,16 @@
 //! Readiness shared between the components of one process: `/readyz` is true only while the
-//! database and the broker are reachable and the process is not draining.
+//! database and the broker are reachable and the process is not draining. [`watch_database`] is
+//! the one database probe every service runs.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
+
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Default)]
 struct Flags {
@@ -48,5 +54,42 @@ fn up(v: bool) -> &'static str {
         "up"
     } else {
         "down"
+    }
+}
+
+/// How often [`watch_database`] pings, and how long one ping may take before it counts as down.
+pub const DATABASE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+pub const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keeps the database flag of `health` current until `shutdown`: a ping every
+/// [`DATABASE_PROBE_INTERVAL`], down when it fails or takes longer than
+/// [`DATABASE_PROBE_TIMEOUT`]. An outage is logged once when it starts, with `needed_for` (what
+/// the process reads or writes there), and once when it ends.
+pub async fn watch_database(
+    pool: deadpool_postgres::Pool,
+    health: Health,
+    shutdown: CancellationToken,
+    needed_for: &'static str,
+) {
+    let mut was_up = true;
+    loop {
+        let probe = tokio::time::timeout(DATABASE_PROBE_TIMEOUT, crate::db::ping(&pool)).await;
+        let up = matches!(probe, Ok(Ok(())));
+        health.set_database(up);
+        match (&probe, was_up) {
+            (Ok(Err(e)), true) => {
+                tracing::warn!(error = %e, "PostgreSQL is not reachable ({needed_for})")
+            }
+            (Err(_), true) => tracing::warn!(
+                "PostgreSQL did not answer within {DATABASE_PROBE_TIMEOUT:?} ({needed_for})"
+            ),
+            (Ok(Ok(())), false) => tracing::info!("PostgreSQL answers again"),
+            _ => {}
+        }
+        was_up = up;
+        tokio::select! {
+            _ = tokio::time::sleep(DATABASE_PROBE_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }

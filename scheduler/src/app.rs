@@ -233,30 +233,38 @@ impl Leadership<'_> {
 /// How long one probe of a dependency may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Keeps `/readyz` current: PostgreSQL answers and the publisher has a live channel.
+/// Keeps `/readyz` current: PostgreSQL answers (the shared database probe) and the publisher has
+/// a live channel.
 async fn probe_dependencies(
     pool: deadpool_postgres::Pool,
     publisher: Arc<Publisher>,
     health: Health,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let database = tokio::time::timeout(PROBE_TIMEOUT, db::ping(&pool)).await;
-        health.set_database(matches!(database, Ok(Ok(()))));
-        let broker = tokio::time::timeout(PROBE_TIMEOUT, publisher.ensure_connected()).await;
-        match &broker {
-            Ok(Err(e @ prebuilds_runtime::amqp::PublishError::Topology(_))) => {
-                tracing::warn!(error = %e, "the RabbitMQ topology is not usable")
+    let database = prebuilds_runtime::health::watch_database(
+        pool,
+        health.clone(),
+        shutdown.clone(),
+        "the scheduler reads presets and settings there",
+    );
+    let broker = async {
+        loop {
+            let broker = tokio::time::timeout(PROBE_TIMEOUT, publisher.ensure_connected()).await;
+            match &broker {
+                Ok(Err(e @ prebuilds_runtime::amqp::PublishError::Topology(_))) => {
+                    tracing::warn!(error = %e, "the RabbitMQ topology is not usable")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "RabbitMQ is not reachable"),
+                _ => {}
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "RabbitMQ is not reachable"),
-            _ => {}
+            health.set_broker(matches!(broker, Ok(Ok(()))));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
         }
-        health.set_broker(matches!(broker, Ok(Ok(()))));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    }
+    };
+    tokio::join!(database, broker);
 }
 
 /// CloudEvents `source` of this replica's jobs: `prebuilds-scheduler/<host>/<pid>`.

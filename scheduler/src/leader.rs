@@ -24,8 +24,8 @@ use std::time::Duration;
 use prebuilds_runtime::db;
 use tokio_util::sync::CancellationToken;
 
-/// Default advisory-lock key: the ASCII bytes of `prbsched`.
-pub const DEFAULT_LOCK_KEY: i64 = 0x7072_6273_6368_6564;
+/// Default advisory-lock key (the registry in `prebuilds_schemas::locks`).
+pub const DEFAULT_LOCK_KEY: i64 = prebuilds_schemas::locks::Fixed::SchedulerLeader.key();
 
 /// Upper bound of one lock statement; a slower answer counts as a failure.
 fn statement_timeout(retry_interval: Duration) -> Duration {

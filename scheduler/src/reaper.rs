@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use prebuilds_core::JobStatus;
 use prebuilds_runtime::db::DbError;
-use prebuilds_schemas::ReconcileReason;
+use prebuilds_schemas::{column::Parsed, ReconcileReason};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -130,10 +131,9 @@ impl Reaper {
             .iter()
             .map(|row| Reaped {
                 job_id: row.get("job_id"),
-                kind: if row.get::<_, &str>("was") == "pending" {
-                    ReapedKind::Pending
-                } else {
-                    ReapedKind::Hung
+                kind: match row.get::<_, Parsed<JobStatus>>("was").0 {
+                    JobStatus::Pending => ReapedKind::Pending,
+                    _ => ReapedKind::Hung,
                 },
                 preset_id: row.get("preset_id"),
             })

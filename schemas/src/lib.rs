@@ -3,8 +3,10 @@
 //! payload. The JSON Schema files in `schemas/json` and the AsyncAPI document are generated from, or
 //! checked against, the types here.
 
+pub mod column;
 pub mod envelope;
 pub mod json_schema;
+pub mod locks;
 pub mod messages;
 pub mod migrations;
 pub mod plan;

@@ -12,8 +12,8 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// Advisory-lock key serialising migration runs ("prebuilds-migrate").
-pub const MIGRATION_LOCK_KEY: i64 = 0x7072_6562_6d69_6772;
+/// Advisory-lock key serialising migration runs.
+pub const MIGRATION_LOCK_KEY: i64 = crate::locks::Fixed::Migrations.key();
 
 /// Applies every pending migration; returns the names of those applied by this call.
 ///

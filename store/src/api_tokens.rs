@@ -64,8 +64,7 @@ pub async fn create<C: GenericClient>(
     let secret = new_secret();
     let row = c
         .query_one(
-            "INSERT INTO api_tokens (id, name, role, secret_hash) VALUES ($1, $2, $3, $4)
-             RETURNING id, name, role, created_at, revoked_at",
+            include_str!("sql/api_token_create.sql"),
             &[
                 &Uuid::new_v4(),
                 &name,
@@ -85,14 +84,11 @@ pub async fn create<C: GenericClient>(
 
 /// Every token, oldest first.
 pub async fn list<C: GenericClient>(c: &C) -> Result<Vec<Token>, tokio_postgres::Error> {
-    Ok(c.query(
-        "SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY created_at, name",
-        &[],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect())
+    Ok(c.query(include_str!("sql/api_token_list.sql"), &[])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
 }
 
 /// Revokes the token `name`: `None` when there is none, `Some(false)` when it was already revoked.
@@ -101,16 +97,13 @@ pub async fn revoke<C: GenericClient>(
     name: &str,
 ) -> Result<Option<bool>, tokio_postgres::Error> {
     let revoked = c
-        .execute(
-            "UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
-            &[&name],
-        )
+        .execute(include_str!("sql/api_token_revoke.sql"), &[&name])
         .await?;
     if revoked > 0 {
         return Ok(Some(true));
     }
     let exists = c
-        .query_opt("SELECT 1 FROM api_tokens WHERE name = $1", &[&name])
+        .query_opt(include_str!("sql/api_token_exists.sql"), &[&name])
         .await?
         .is_some();
     Ok(exists.then_some(false))
@@ -123,9 +116,7 @@ pub async fn authenticate<C: GenericClient>(
 ) -> Result<Option<Caller>, tokio_postgres::Error> {
     let row = c
         .query_opt(
-            "SELECT name, role FROM api_tokens
-             WHERE secret_hash = $1
-               AND revoked_at IS NULL   -- a revoked token is refused",
+            include_str!("sql/api_token_authenticate.sql"),
             &[&secret_hash(secret)],
         )
         .await?;

@@ -12,9 +12,8 @@ use prebuilds_core::Capacity;
 use prebuilds_runtime::db::cached;
 use uuid::Uuid;
 
-/// Advisory-lock key of the global capacity ("prebuild" in ASCII). A collision with a preset's
-/// folded UUID key would only serialize the two needlessly.
-pub const CAPACITY_LOCK_KEY: i64 = 0x7072_6562_7569_6c64;
+/// Advisory-lock key of the global capacity (the registry in `prebuilds_schemas::locks`).
+pub const CAPACITY_LOCK_KEY: i64 = prebuilds_schemas::locks::Fixed::Capacity.key();
 
 /// Takes the global capacity lock (released at commit) and counts the in-flight creates.
 /// Without a global cap no lock is taken (the per-preset cap needs only the preset's lock, which
@@ -55,17 +54,11 @@ pub async fn set_waiting<C: GenericClient>(
     waiting: bool,
 ) -> Result<(), tokio_postgres::Error> {
     if waiting {
-        cached::execute(
-            tx,
-            "INSERT INTO preset_capacity_waits (preset_id, waiting_since) VALUES ($1, clock_timestamp())
-             ON CONFLICT (preset_id) DO NOTHING",
-            &[&preset_id],
-        )
-        .await?;
+        cached::execute(tx, include_str!("sql/capacity_wait_set.sql"), &[&preset_id]).await?;
     } else {
         cached::execute(
             tx,
-            "DELETE FROM preset_capacity_waits WHERE preset_id = $1",
+            include_str!("sql/capacity_wait_clear.sql"),
             &[&preset_id],
         )
         .await?;

@@ -6,19 +6,17 @@
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-/// The advisory-lock key of an entity: its UUID folded to 64 bits. A collision between two ids
-/// only serializes them needlessly; it never lets two holders in.
-pub fn lock_key(id: Uuid) -> i64 {
-    let (hi, lo) = id.as_u64_pair();
-    (hi ^ lo) as i64
-}
+use prebuilds_schemas::locks;
 
 /// Blocks until this transaction holds the preset's lock (released at commit or rollback).
 pub async fn lock_preset<C: GenericClient>(
     tx: &C,
     preset_id: Uuid,
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(preset_id)])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&locks::entity(preset_id)],
+    )
+    .await?;
     Ok(())
 }

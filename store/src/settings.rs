@@ -4,7 +4,7 @@ use deadpool_postgres::GenericClient;
 
 pub async fn reconciliation_paused<C: GenericClient>(c: &C) -> Result<bool, tokio_postgres::Error> {
     let row = c
-        .query_opt("SELECT reconciliation_paused FROM prebuilds_settings", &[])
+        .query_opt(include_str!("sql/settings_paused.sql"), &[])
         .await?;
     Ok(row.map(|r| r.get(0)).unwrap_or(false))
 }
@@ -15,11 +15,7 @@ pub async fn set_reconciliation_paused<C: GenericClient>(
     paused: bool,
 ) -> Result<bool, tokio_postgres::Error> {
     let changed = c
-        .execute(
-            "UPDATE prebuilds_settings SET reconciliation_paused = $1, updated_at = now()
-             WHERE reconciliation_paused IS DISTINCT FROM $1",
-            &[&paused],
-        )
+        .execute(include_str!("sql/settings_set_paused.sql"), &[&paused])
         .await?;
     Ok(changed > 0)
 }

@@ -11,12 +11,13 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use prebuilds_core::JobStatus;
 use prebuilds_core::{
     Autoscaling, BuildOutcome, FailedPrebuild, HardLimitRecord, InProgress, PrebuildStatus,
     PresetInfo, PresetSnapshot, RunningPrebuild, Schedule, StartBuild,
 };
 use prebuilds_runtime::db::cached;
-use prebuilds_schemas::PREBUILDS_USER_ID;
+use prebuilds_schemas::{column::Parsed, Transition, PREBUILDS_USER_ID};
 use uuid::Uuid;
 
 /// A preset's snapshot plus the names and ids around it (for logs, metrics and the CLI).
@@ -76,10 +77,10 @@ pub async fn load_snapshots<C: GenericClient>(
             workspace_id: r.get("workspace_id"),
             workspace_created_at: r.get("workspace_created_at"),
             build_number: r.get("build_number"),
-            transition: r.get("transition"),
+            transition: r.get::<_, Parsed<Transition>>("transition").0,
             initiator_id: r.get("initiator_id"),
             build_created_at: r.get("build_created_at"),
-            job_status: r.get("job_status"),
+            job_status: r.get::<_, Parsed<JobStatus>>("job_status").0,
             job_started_at: r.get("job_started_at"),
             ready: r.get("ready"),
         });
@@ -88,7 +89,8 @@ pub async fn load_snapshots<C: GenericClient>(
     let mut views = Vec::with_capacity(presets.len());
     for r in presets {
         let preset_id: Uuid = r.get("preset_id");
-        let status: String = r.get("prebuild_status");
+        // The column's CHECK constraint admits only the three values the type knows.
+        let status: Parsed<PrebuildStatus> = r.get("prebuild_status");
         let global_paused: bool = r.get("global_paused");
         let template_paused: bool = r.get("template_paused");
         let preset_paused: bool = r.get("preset_paused");
@@ -106,8 +108,7 @@ pub async fn load_snapshots<C: GenericClient>(
             invalidate_after_secs: r.get("invalidate_after_secs"),
             last_invalidated_at: r.get("last_invalidated_at"),
             scheduling_timezone: r.get("scheduling_timezone"),
-            // The column's CHECK constraint admits only the three values.
-            prebuild_status: status.parse().unwrap_or(PrebuildStatus::Healthy),
+            prebuild_status: status.0,
             paused: global_paused || template_paused || preset_paused,
         };
         // The three columns are written together; a partial row reads as no record.
@@ -170,10 +171,10 @@ struct PrebuildRow {
     workspace_id: Uuid,
     workspace_created_at: DateTime<Utc>,
     build_number: i32,
-    transition: String,
+    transition: Transition,
     initiator_id: Uuid,
     build_created_at: DateTime<Utc>,
-    job_status: String,
+    job_status: JobStatus,
     job_started_at: Option<DateTime<Utc>>,
     ready: bool,
 }
@@ -190,9 +191,10 @@ struct Derived {
 impl Derived {
     /// Classifies one live prebuild by its latest build (docs/reconciliation.md "Snapshot").
     fn add(&mut self, row: &PrebuildRow) {
-        let open = matches!(row.job_status.as_str(), "pending" | "running");
+        let open = matches!(row.job_status, JobStatus::Pending | JobStatus::Running);
+        let start = row.transition == Transition::Start;
         // 1. Running: the latest build is a successful start.
-        if row.transition == "start" && row.job_status == "succeeded" {
+        if start && row.job_status == JobStatus::Succeeded {
             self.running.push(RunningPrebuild {
                 workspace_id: row.workspace_id,
                 created_at: row.workspace_created_at,
@@ -201,29 +203,28 @@ impl Derived {
         }
         // 2. In progress: reconciler-initiated latest builds whose job is pending or running.
         if open && row.initiator_id == PREBUILDS_USER_ID {
-            match row.transition.as_str() {
-                "start" => self.in_progress.starting += 1,
-                "stop" => self.in_progress.stopping += 1,
-                "delete" => self.in_progress.deleting += 1,
-                _ => {}
+            match row.transition {
+                Transition::Start => self.in_progress.starting += 1,
+                Transition::Stop => self.in_progress.stopping += 1,
+                Transition::Delete => self.in_progress.deleting += 1,
             }
         }
         // 3. Pending build #1: a create no provisioner has picked up yet (cancellable when the
         //    preset is inactive).
         if row.build_number == 1
-            && row.transition == "start"
-            && row.job_status == "pending"
+            && start
+            && row.job_status == JobStatus::Pending
             && row.job_started_at.is_none()
         {
             self.pending_build_one += 1;
         }
         // 4. Failure history: prebuilds whose latest build is a start, with its outcome.
-        if row.transition == "start" {
-            let outcome = match row.job_status.as_str() {
-                "succeeded" => BuildOutcome::Succeeded,
-                "failed" => BuildOutcome::Failed,
-                "canceled" | "canceling" => BuildOutcome::Canceled,
-                _ => BuildOutcome::InProgress,
+        if start {
+            let outcome = match row.job_status {
+                JobStatus::Succeeded => BuildOutcome::Succeeded,
+                JobStatus::Failed => BuildOutcome::Failed,
+                JobStatus::Canceled | JobStatus::Canceling => BuildOutcome::Canceled,
+                JobStatus::Pending | JobStatus::Running => BuildOutcome::InProgress,
             };
             self.start_builds.push(StartBuild {
                 created_at: row.build_created_at,

@@ -25,7 +25,7 @@ pub struct TestDb {
 }
 
 /// Advisory-lock key serialising template creation across concurrently running test processes.
-const TEMPLATE_LOCK: i64 = 0x7465_7374_746d_706c;
+const TEMPLATE_LOCK: i64 = prebuilds_schemas::locks::Fixed::TestTemplate.key();
 
 fn template_name() -> String {
     // One template per migration set: adding or changing a migration makes a new template.

@@ -20,6 +20,7 @@ pub mod certs;
 pub mod db;
 pub mod fixtures;
 pub mod notify;
+pub mod ports;
 pub mod private_postgres;
 pub mod private_rabbit;
 pub mod probe;

@@ -22,12 +22,9 @@ use uuid::Uuid;
 
 use crate::{Service, TestBroker, TestDb};
 
-/// A free TCP port on loopback (bound then released).
+/// A free TCP port on loopback, reserved against every other test ([`crate::ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    crate::ports::reserve()
 }
 
 /// Starts `binary` wired to the test's database and prefix, with extra environment.

@@ -23,6 +23,17 @@ use prebuilds_runtime::{
 use prebuilds_tests::TestBroker;
 use tokio_util::sync::CancellationToken;
 
+/// `prebuilds_messages_total` of `outcome` (`None`: every outcome) in `registry`: how many
+/// deliveries the consumer has settled, and how.
+fn settled(registry: &prometheus::Registry, outcome: Option<&str>) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    let label = outcome.map(|o| format!("outcome=\"{o}\""));
+    let labels: Vec<&str> = label.iter().map(String::as_str).collect();
+    prebuilds_tests::probe::metric_sum_where(&text, "prebuilds_messages_total", &labels)
+}
+
 fn context(broker: &TestBroker) -> (ConsumerContext, prometheus::Registry) {
     let registry = prometheus::Registry::new();
     let metrics = ServiceMetrics::register(&registry).unwrap();
@@ -217,11 +228,25 @@ async fn permanent_failures_are_dead_lettered_once_with_the_reason() {
         String::from_utf8_lossy(reason.as_bytes()),
         "data.preset_id is missing"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Barrier: a second message behind it. RabbitMQ puts a requeued message back at the head of
+    // the queue, so by the time this one is dead-lettered a requeued first one would have been
+    // handled again.
+    ctx.publisher
+        .publish(Outgoing::new(
+            &exchange,
+            "reconcile.preset",
+            b"{\"bad\":true}",
+        ))
+        .await
+        .unwrap();
+    broker
+        .get(&broker.topology.dead_queue(), Duration::from_secs(10))
+        .await
+        .expect("the second message dead-lettered");
     assert_eq!(
         handler.calls.load(Ordering::SeqCst),
-        1,
-        "never requeued in a loop"
+        2,
+        "each handled once, never requeued in a loop"
     );
     shutdown.cancel();
     task.await.unwrap();
@@ -229,7 +254,7 @@ async fn permanent_failures_are_dead_lettered_once_with_the_reason() {
         .encode_to_string(&registry.gather())
         .unwrap();
     assert!(
-        text.contains("prebuilds_dead_lettered_total{queue=\"reconcile\",reason=\"schema\"} 1"),
+        text.contains("prebuilds_dead_lettered_total{queue=\"reconcile\",reason=\"schema\"} 2"),
         "{text}"
     );
 }
@@ -340,7 +365,7 @@ async fn shutdown_lets_a_slow_handler_finish_and_acknowledges_it() {
 #[tokio::test]
 async fn a_transient_outage_shorter_than_the_window_loses_nothing() {
     let broker = TestBroker::new().await;
-    let (ctx, _registry) = context(&broker);
+    let (ctx, registry) = context(&broker);
     // Fails for the first ~1.5 s (an outage), then recovers: with a 10 s window the delivery is
     // retried in place and never burns the delivery limit.
     struct Outage {
@@ -384,7 +409,17 @@ async fn a_transient_outage_shorter_than_the_window_loses_nothing() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Barrier: the consumer has settled the delivery (the counter moves as it settles), so what
+    // follows is its final fate, not "not yet".
+    prebuilds_tests::eventually(Duration::from_secs(15), "the delivery settled", || async {
+        (settled(&registry, None) >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        (settled(&registry, Some("ack")), settled(&registry, None)),
+        (1.0, 1.0),
+        "settled once, acknowledged"
+    );
     assert!(
         broker
             .get(&broker.topology.dead_queue(), Duration::from_millis(200))

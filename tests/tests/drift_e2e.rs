@@ -12,7 +12,7 @@ use prebuilds_schemas::{
     ClaimOutcome, ClaimReply, ClaimRequest, CloudEvent, PlanResult, ResourceReplacement,
 };
 use prebuilds_tests::{
-    fixtures,
+    fixtures, probe,
     process::binary,
     stack::{self, pool_counts, wait_for},
     TestBroker, TestDb,
@@ -181,6 +181,13 @@ async fn claim_and_check_the_drift_report(
     );
     // Delivered three more times (a provisioner retry re-sends under new ids): still one each.
     let publisher = Publisher::new(&broker.url, "again", broker.topology.clone());
+    let plan_results = || async {
+        let labels = ["kind=\"plan_result\""];
+        probe::scrape_sum(worker_port, "prebuilds_provisioner_events_total", &labels)
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = plan_results().await;
     for _ in 0..3 {
         let again = PlanResult {
             job_id: job,
@@ -194,7 +201,14 @@ async fn claim_and_check_the_drift_report(
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Barrier: the worker has judged all three (whatever it decided); only then is "still one
+    // each" a fact rather than "not yet".
+    wait_for(
+        Duration::from_secs(30),
+        "the three duplicates consumed",
+        || async { plan_results().await >= before + 3.0 },
+    )
+    .await;
     let n: i64 = c
         .query_one("SELECT count(*) FROM notification_messages", &[])
         .await

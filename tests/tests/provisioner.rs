@@ -258,12 +258,7 @@ async fn dead_letter(broker: &TestBroker) -> (String, Vec<u8>) {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
+use prebuilds_tests::stack::free_port;
 
 /// Starts the real binary on the broker's prefix with `args` added.
 fn provisioner(

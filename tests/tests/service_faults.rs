@@ -81,8 +81,24 @@ async fn outbox_rows_written_while_the_broker_is_down_are_published_once_it_is_b
         ids.insert(e.id);
         outbox::enqueue(&client, &e).await.unwrap();
     }
-    // The relay keeps failing while the broker is down; nothing is marked published.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The relay keeps failing while the broker is down; nothing is marked published. Barrier:
+    // every row was tried, failed (its error recorded) and tried again — or, wrongly, marked
+    // published — so the relay has had its chances to get it wrong and "still unpublished" is a
+    // fact rather than "not yet".
+    prebuilds_tests::eventually(Duration::from_secs(60), "every row tried twice", || async {
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE (attempts >= 2 AND last_error IS NOT NULL)
+                                            OR published_at IS NOT NULL),
+                        count(*)
+                 FROM outbox",
+                &[],
+            )
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) == row.get::<_, i64>(1)).then_some(())
+    })
+    .await;
     assert_eq!(
         prebuilds_tests::fixtures::unpublished_outbox(&client)
             .await

@@ -379,7 +379,7 @@ async fn duplicates_waiting_on_the_request_lock_all_answer_the_first_claim() {
     let lock = holder.transaction().await.unwrap();
     lock.execute(
         "SELECT pg_advisory_xact_lock($1)",
-        &[&prebuilds_store::lock::lock_key(id)],
+        &[&prebuilds_schemas::locks::entity(id)],
     )
     .await
     .unwrap();
@@ -401,7 +401,7 @@ async fn duplicates_waiting_on_the_request_lock_all_answer_the_first_claim() {
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                    AND objsubid = 1
                    AND ((classid::bigint << 32) | objid::bigint) = $1",
-                &[&prebuilds_store::lock::lock_key(id)],
+                &[&prebuilds_schemas::locks::entity(id)],
             )
             .await
             .unwrap()

@@ -342,21 +342,58 @@ async fn a_worker_killed_mid_transaction_leaves_nothing_and_another_redoes_the_j
         },
     )
     .await;
+    // The victim's blocked backend: once it has ended, whatever it did is final (anything
+    // already sent to it before the kill, a COMMIT included, would have run by then).
+    let blocked: Vec<i32> = c
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+             AND wait_event_type = 'Lock' AND query LIKE '%preset_reconcile_state%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     victim.kill().await;
     blocker.batch_execute("COMMIT").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the victim's backend gone",
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&blocked],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        },
+    )
+    .await;
     assert_eq!(
         pool_counts(&db, fx.preset_id).await.created,
         0,
         "nothing half-made"
     );
 
-    let (_survivor, _) = stack::start("prebuilds-worker", &db, &broker, &[]);
+    let (_survivor, survivor_port) = stack::start("prebuilds-worker", &db, &broker, &[]);
     wait_for(Duration::from_secs(30), "the job redone", || async {
         pool_counts(&db, fx.preset_id).await.created == 3
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Barrier: the survivor has finished the redelivered job (counted after its commit) and
+    // relayed everything it wrote, so a second execution would have shown by now.
+    wait_for(
+        Duration::from_secs(30),
+        "the redone job settled",
+        || async {
+            reconcile_jobs_handled(survivor_port).await >= 1.0
+                && fixtures::unpublished_outbox(&c).await.unwrap() == 0
+        },
+    )
+    .await;
     assert_eq!(
         pool_counts(&db, fx.preset_id).await.created,
         3,

@@ -769,13 +769,56 @@ async fn a_crash_mid_transaction_leaves_no_partial_effect() {
         let ctx = ctx.clone();
         async move { reconcile(&ctx, fx.preset_id).await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Barrier: the reconcile is blocked on the held row (its creates written, uncommitted).
+    let blocked_backend = || async {
+        let rows = db
+            .pool
+            .get()
+            .await
+            .unwrap()
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                 AND wait_event_type = 'Lock' AND query LIKE '%preset_reconcile_state%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<i32>>()
+    };
+    let blocked = prebuilds_tests::eventually(
+        Duration::from_secs(20),
+        "the reconcile to block mid-transaction",
+        || async { Some(blocked_backend().await).filter(|pids| !pids.is_empty()) },
+    )
+    .await;
     // Kill it: aborting the task drops its connection mid-transaction, as a SIGKILL would.
     running.abort();
     let _ = running.await;
     ctx.pool.close();
     blocker_client.batch_execute("COMMIT").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Barrier: its backend has ended, so whatever it did is final.
+    prebuilds_tests::eventually(
+        Duration::from_secs(20),
+        "the killed reconcile's backend gone",
+        || async {
+            let left: i64 = db
+                .pool
+                .get()
+                .await
+                .unwrap()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[&blocked],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (left == 0).then_some(())
+        },
+    )
+    .await;
     let counts = table_counts(&db).await;
     assert_eq!(
         (counts["workspaces"], counts["outbox"]),

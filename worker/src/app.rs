@@ -91,10 +91,11 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     let relay_stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(relay.run(relay_stop.clone()));
-    tasks.spawn(watch_database(
+    tasks.spawn(prebuilds_runtime::health::watch_database(
         pool.clone(),
         health.clone(),
         shutdown.clone(),
+        "the worker reconciles, claims and records job events there",
     ));
     tasks.spawn(db::refresh_plans_as_tables_grow(
         pool.clone(),
@@ -224,24 +225,5 @@ fn broker_unusable(e: PublishError) -> anyhow::Error {
         PublishError::Topology(_) => anyhow::Error::new(e),
         _ => anyhow::Error::new(e)
             .context("RabbitMQ is unreachable (check AMQP_URL and that the broker is running)"),
-    }
-}
-
-/// Keeps `/readyz` honest about the database.
-async fn watch_database(
-    pool: deadpool_postgres::Pool,
-    health: Health,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let up = tokio::time::timeout(std::time::Duration::from_secs(3), db::ping(&pool))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false);
-        health.set_database(up);
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-            _ = shutdown.cancelled() => return,
-        }
     }
 }

@@ -297,7 +297,7 @@ async fn claim_once(
         insert_build,
         enqueue,
     };
-    let lock_key = prebuilds_store::lock::lock_key(request_id);
+    let lock_key = prebuilds_schemas::locks::entity(request_id);
     let begin_params: [&(dyn ToSql + Sync); 2] = [&lock_key, &request_id];
     // Start at a random id so concurrent claims of one pool spread over it instead of all
     // walking past the same freshly locked rows.

@@ -32,9 +32,9 @@ use prebuilds_runtime::{
     outbox,
 };
 use prebuilds_schemas::{
-    AgentLifecycle, AgentLifecycleState, CloudEvent, JobCompleted, JobLog, JobOutcome,
-    Notification, PlanResult, ProvisionerEvent, RawEvent, ReconcileReason, ResourceReplacement,
-    PREBUILDS_USER_ID, RESOURCE_REPLACED_TEMPLATE_ID,
+    column::Parsed, AgentLifecycle, AgentLifecycleState, BuildStage, CloudEvent, JobCompleted,
+    JobLog, JobOutcome, Notification, PlanResult, ProvisionerEvent, RawEvent, ReconcileReason,
+    ResourceReplacement, Transition, PREBUILDS_USER_ID, RESOURCE_REPLACED_TEMPLATE_ID,
 };
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
@@ -200,8 +200,8 @@ fn kind(event: &ProvisionerEvent) -> &'static str {
 /// The job row an event refers to.
 struct JobContext {
     workspace_id: Option<Uuid>,
-    transition: Option<String>,
-    stage: Option<String>,
+    transition: Option<Transition>,
+    stage: Option<BuildStage>,
     owner_id: Option<Uuid>,
     preset_id: Option<Uuid>,
 }
@@ -298,12 +298,18 @@ pub async fn apply_from(
     }
     let job = JobContext {
         workspace_id: row.get("workspace_id"),
-        transition: row.get("transition"),
-        stage: row.get("stage"),
+        transition: row
+            .get::<_, Option<Parsed<Transition>>>("transition")
+            .map(Parsed::into_inner),
+        stage: row
+            .get::<_, Option<Parsed<BuildStage>>>("stage")
+            .map(Parsed::into_inner),
         owner_id: row.get("owner_id"),
         preset_id: row.get("preset_id"),
     };
     let mut wake = false;
+    // Counted after the commit: a rolled-back transaction is retried, and must not count twice.
+    let mut replaced_on_claim: Option<[String; 3]> = None;
     let applied = match event {
         ProvisionerEvent::JobStarted(e) => {
             let n = cached::execute(
@@ -333,14 +339,21 @@ pub async fn apply_from(
         }
         ProvisionerEvent::JobLog(_) => unreachable!("log events are applied by append_log"),
         ProvisionerEvent::PlanResult(e) => {
-            let (applied, notified) = plan_result(&tx, ctx, e, &job).await?;
+            let (applied, notified, replaced) = plan_result(&tx, ctx, e, &job).await?;
             wake |= notified;
+            replaced_on_claim = replaced;
             applied
         }
     };
     tx.commit().await?;
     if wake {
         ctx.outbox_waker.notify_one();
+    }
+    if let Some(labels) = replaced_on_claim {
+        ctx.metrics
+            .resource_replacements
+            .with_label_values(&labels)
+            .inc();
     }
     record(ctx, event, applied);
     Ok(applied)
@@ -402,11 +415,11 @@ async fn job_completed(
         .await?;
     }
     // A successful delete build ends the workspace.
-    if e.status == JobOutcome::Succeeded && job.transition.as_deref() == Some("delete") {
+    if e.status == JobOutcome::Succeeded && job.transition == Some(Transition::Delete) {
         if let Some(workspace_id) = job.workspace_id {
             cached::execute(
                 tx,
-                "UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1",
+                include_str!("sql/workspace_deleted.sql"),
                 &[&workspace_id],
             )
             .await?;
@@ -468,7 +481,7 @@ async fn plan_result(
     ctx: &EventsContext,
     e: &PlanResult,
     job: &JobContext,
-) -> Result<(Applied, bool), EventError> {
+) -> Result<(Applied, bool, Option<[String; 3]>), EventError> {
     // `coder_*` resources are the platform's own bookkeeping, never drift.
     let replacements: Vec<&ResourceReplacement> = e
         .resource_replacements
@@ -478,17 +491,16 @@ async fn plan_result(
     let stored = serde_json::to_value(&replacements).expect("replacements serialise");
     let first = cached::execute(
         tx,
-        "UPDATE provisioner_jobs SET resource_replacements = $2, updated_at = now()
-             WHERE id = $1 AND resource_replacements IS NULL",
+        include_str!("sql/record_replacements.sql"),
         &[&e.job_id, &stored],
     )
     .await?
         == 1;
     if !first {
-        return Ok((Applied::Stale, false));
+        return Ok((Applied::Stale, false, None));
     }
-    if replacements.is_empty() || job.stage.as_deref() != Some("claim") {
-        return Ok((Applied::Applied, false));
+    if replacements.is_empty() || job.stage != Some(BuildStage::Claim) {
+        return Ok((Applied::Applied, false, None));
     }
     let Some(names) = cached::query_opt(
         tx,
@@ -498,7 +510,7 @@ async fn plan_result(
     .await?
     else {
         tracing::warn!(job_id = %e.job_id, "claim build has no prebuild preset; replacements recorded without notification");
-        return Ok((Applied::Applied, false));
+        return Ok((Applied::Applied, false, None));
     };
     let workspace: String = names.get("workspace");
     let claimant: String = names.get("claimant");
@@ -528,10 +540,7 @@ async fn plan_result(
         &[&e.job_id, &created, &levels, &stages, &lines],
     )
     .await?;
-    ctx.metrics
-        .resource_replacements
-        .with_label_values(&[&template, &preset, &organization])
-        .inc();
+    let counted = Some([template.clone(), preset.clone(), organization.clone()]);
 
     let labels: BTreeMap<String, String> = [
         ("org", organization.clone()),
@@ -550,12 +559,7 @@ async fn plan_result(
         .map(|r| (r.resource.as_str(), r.paths.join(",")))
         .collect();
     let data = serde_json::json!({ "replacements": replaced });
-    let admins = tx
-        .query(
-            "SELECT id FROM users WHERE 'template-admin' = ANY(rbac_roles) ORDER BY id",
-            &[],
-        )
-        .await?;
+    let admins = cached::query(tx, include_str!("sql/template_admins.sql"), &[]).await?;
     let mut queued = false;
     for admin in admins {
         let user_id: Uuid = admin.get(0);
@@ -592,7 +596,7 @@ async fn plan_result(
         outbox::enqueue(tx, &message).await?;
         queued = true;
     }
-    Ok((Applied::Applied, queued))
+    Ok((Applied::Applied, queued, counted))
 }
 
 /// `module.x.aws_instance.web[0]` → `aws_instance`.
@@ -621,7 +625,7 @@ async fn request_reconcile(
     frees_capacity: bool,
 ) -> Result<bool, EventError> {
     let mut presets: Vec<Uuid> = job.preset_id.into_iter().collect();
-    if frees_capacity && ctx.wakes_held_back && job.stage.as_deref() == Some("create") {
+    if frees_capacity && ctx.wakes_held_back && job.stage == Some(BuildStage::Create) {
         for waiting in prebuilds_store::capacity::take_waiting(tx, WAKE_PER_COMPLETION).await? {
             if !presets.contains(&waiting) {
                 presets.push(waiting);

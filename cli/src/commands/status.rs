@@ -360,8 +360,10 @@ pub async fn rows<C: GenericClient>(
     Ok(rows)
 }
 
-/// The presets `status` lists: live templates' presets with prebuilds configured on the active
-/// version, or with live prebuilds (narrowed by `--template` / `--organization`).
+/// The presets `status` lists: those needing a reconcile (the view `presets_needing_attention`),
+/// and also the configured presets of a deprecated template's active version (shown inactive, so
+/// a deprecation is visible even once their prebuilds are gone); live templates only, narrowed by
+/// `--template` / `--organization`.
 async fn listed_presets<C: GenericClient>(
     client: &C,
     template: Option<&str>,
@@ -369,18 +371,16 @@ async fn listed_presets<C: GenericClient>(
 ) -> anyhow::Result<Vec<Uuid>> {
     Ok(client
         .query(
-            "SELECT p.id
-             FROM template_version_presets p
-             JOIN template_versions v ON v.id = p.template_version_id
-             JOIN templates t ON t.id = v.template_id
+            "SELECT a.preset_id
+             FROM preset_activity a
+             JOIN template_version_presets p ON p.id = a.preset_id
+             JOIN templates t ON t.id = a.template_id
              JOIN organizations o ON o.id = t.organization_id
-             WHERE NOT t.deleted                                   -- live templates
+             WHERE NOT a.template_deleted                          -- live templates
                AND ($1::text IS NULL OR t.name = $1)               -- --template
                AND ($2::text IS NULL OR o.name = $2)               -- --organization
-               AND ((p.desired_instances IS NOT NULL               -- prebuilds configured...
-                     AND v.id = t.active_version_id)               -- ...on the active version
-                    OR EXISTS (SELECT 1 FROM workspace_prebuilds wp
-                               WHERE wp.current_preset_id = p.id)) -- or live prebuilds",
+               AND ((p.desired_instances IS NOT NULL AND a.version_is_active)
+                    OR a.preset_id IN (SELECT preset_id FROM presets_needing_attention))",
             &[&template, &organization],
         )
         .await?

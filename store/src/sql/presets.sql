@@ -20,9 +20,9 @@ SELECT p.id                                   AS preset_id,
        t.name                                 AS template_name,
        o.id                                   AS organization_id,
        o.name                                 AS organization_name,
-       t.active_version_id IS NOT DISTINCT FROM v.id AS version_is_active,  -- the template's active version
-       t.deleted                              AS template_deleted,
-       t.deprecated <> ''                     AS template_deprecated,        -- non-empty message = deprecated
+       a.version_is_active,                              -- the parts of "active" (view preset_activity)
+       a.template_deleted,
+       a.template_deprecated,
        p.paused                               AS preset_paused,
        t.paused                               AS template_paused,
        COALESCE(s.reconciliation_paused, false) AS global_paused
@@ -30,5 +30,6 @@ FROM template_version_presets p
 JOIN template_versions v ON v.id = p.template_version_id
 JOIN templates t ON t.id = v.template_id
 JOIN organizations o ON o.id = t.organization_id
+JOIN preset_activity a ON a.preset_id = p.id
 LEFT JOIN prebuilds_settings s ON true                  -- the single settings row
 WHERE p.id = ANY($1)

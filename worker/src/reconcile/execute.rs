@@ -210,9 +210,7 @@ async fn set_hard_limit(
     };
     cached::execute(
         tx,
-        "UPDATE template_version_presets
-         SET hard_limited_at = $2, hard_limit_probe_at = $3, hard_limit_cooldown_secs = $4
-         WHERE id = $1",
+        include_str!("../sql/set_hard_limit.sql"),
         &[
             &preset_id,
             &record.map(|r| r.since),
@@ -231,7 +229,7 @@ async fn set_status(
 ) -> Result<(), DbError> {
     cached::execute(
         tx,
-        "UPDATE template_version_presets SET prebuild_status = $2 WHERE id = $1",
+        include_str!("../sql/set_prebuild_status.sql"),
         &[&preset_id, &status.as_str()],
     )
     .await?;

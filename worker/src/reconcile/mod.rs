@@ -263,7 +263,7 @@ async fn reconcile_in_one_transaction(
     };
     let keys: Vec<i64> = jobs
         .iter()
-        .map(|j| prebuilds_store::lock::lock_key(j.preset_id))
+        .map(|j| prebuilds_schemas::locks::entity(j.preset_id))
         .collect();
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.preset_id).collect();
     let rows = cached::query(&tx, begin, &[&keys, &ids]).await?;

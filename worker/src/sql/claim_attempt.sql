@@ -4,9 +4,9 @@
 --
 -- Checks (NULL = not found): the user, and whether it may claim at all (not the prebuilds system
 -- user nor any system user, not deleted); the preset, its names and TTL; whether the user is a
--- member of the template's organization; whether the preset is active (its template's active
--- version; template neither deleted nor deprecated); whether the user already has a live
--- workspace of the requested name (case-insensitive); the reply stored by an earlier delivery of
+-- member of the template's organization; whether the preset is active (view preset_activity:
+-- its template's active version; template neither deleted nor deprecated); whether the user
+-- already has a live workspace of the requested name (case-insensitive); the reply stored by an earlier delivery of
 -- this request, with the user and request it answered. This statement starts after the request
 -- lock is granted, so it sees such a reply, and then claims nothing.
 --
@@ -34,7 +34,7 @@ WITH checks AS (
            t.id                                                                 AS template_id,
            t.name                                                               AS template_name,
            o.name                                                               AS organization_name,
-           (t.active_version_id = v.id AND NOT t.deleted AND t.deprecated = '') AS preset_active,
+           a.active                                                             AS preset_active,
            EXISTS (SELECT 1 FROM workspaces w
                    WHERE w.owner_id = $1 AND lower(w.name) = lower($3) AND NOT w.deleted) AS name_taken,
            (SELECT COALESCE(json_agg(json_build_object('name', pp.name, 'value', pp.value) ORDER BY pp.name), '[]')
@@ -50,6 +50,7 @@ WITH checks AS (
     LEFT JOIN template_versions v ON v.id = p.template_version_id
     LEFT JOIN templates t ON t.id = v.template_id
     LEFT JOIN organizations o ON o.id = t.organization_id
+    LEFT JOIN preset_activity a ON a.preset_id = p.id
     LEFT JOIN claim_requests r ON r.request_id = $4
 ),
 picked AS (

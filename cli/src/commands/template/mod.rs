@@ -351,18 +351,11 @@ async fn push(
 
         // 3. Activation: the new presets become active, the superseded version's presets inactive;
         //    both pools change.
-        let mut affected: Vec<Uuid> = Vec::new();
-        if f.activate {
-            tx.execute(
-                "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
-                &[&version_id, &template_id],
-            )
-            .await?;
-            affected.extend(presets.iter().map(|p| p.id));
-            if let Some(previous) = previous_active {
-                affected.extend(version_presets(&tx, previous).await?);
-            }
-        }
+        let affected = if f.activate {
+            activate_version(&tx, template_id, version_id, previous_active).await?
+        } else {
+            Vec::new()
+        };
         let requested =
             request_reconciles(&tx, &affected, ReconcileReason::TemplateChanged).await?;
         tx.commit()
@@ -429,6 +422,28 @@ async fn push(
     Ok(())
 }
 
+/// Makes `version_id` the active version of template `template_id`, in the caller's transaction
+/// (`template push` with activation and `template activate` both go through here). Returns the
+/// presets whose pools change: the new version's, which become active, and the superseded
+/// version's (`previous`), which become inactive.
+async fn activate_version<C: deadpool_postgres::GenericClient>(
+    tx: &C,
+    template_id: Uuid,
+    version_id: Uuid,
+    previous: Option<Uuid>,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
+        &[&version_id, &template_id],
+    )
+    .await?;
+    let mut affected = version_presets(tx, version_id).await?;
+    if let Some(previous) = previous {
+        affected.extend(version_presets(tx, previous).await?);
+    }
+    Ok(affected)
+}
+
 async fn activate(
     connection: &Ctx,
     name: &str,
@@ -471,15 +486,8 @@ async fn activate(
                 reason: ReconcileReason::TemplateChanged,
             });
         }
-        tx.execute(
-            "UPDATE templates SET active_version_id = $1, updated_at = now() WHERE id = $2",
-            &[&version_id, &template.id],
-        )
-        .await?;
-        let mut affected = version_presets(tx, version_id).await?;
-        if let Some(previous) = template.active_version_id {
-            affected.extend(version_presets(tx, previous).await?);
-        }
+        let affected =
+            activate_version(tx, template.id, version_id, template.active_version_id).await?;
         Ok(Change {
             outcome: Some(template),
             reconcile: affected,
@@ -573,12 +581,15 @@ async fn deprecate(
         published,
     } = apply_change(connection, async |tx| {
         let template = resolve_template(tx, name, organization, true).await?;
+        // Deprecating takes presets out of the ones needing attention, undoing puts them back:
+        // both sides are affected.
+        let mut affected = template_presets(tx, template.id).await?;
         tx.execute(
             "UPDATE templates SET deprecated = $2, updated_at = now() WHERE id = $1",
             &[&template.id, &message],
         )
         .await?;
-        let affected = template_presets(tx, template.id).await?;
+        affected.extend(template_presets(tx, template.id).await?);
         Ok(Change {
             outcome: template,
             reconcile: affected,
