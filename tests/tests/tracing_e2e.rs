@@ -281,12 +281,7 @@ async fn a_claim_over_http_is_one_trace_from_the_api_to_the_provisioner_and_back
 async fn a_traceparent_that_does_not_parse_starts_a_new_trace_and_is_not_poison() {
     let (otlp_port, received) = receiver().await;
     let endpoint = format!("http://127.0.0.1:{otlp_port}");
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let c = db.pool.get().await.unwrap();
-    let org = fixtures::organization(&c, "acme").await;
-    let fx = fixtures::template_with_preset(&c, org, "tpl", Some(0)).await;
-    drop(c);
+    let (db, broker, preset_id) = empty_preset().await;
     let env = otel_env(&endpoint, "prebuilds-worker");
     let (_worker, metrics) = stack::start("prebuilds-worker", &db, &broker, &borrowed(&env));
     stack::wait_for(
@@ -300,7 +295,7 @@ async fn a_traceparent_that_does_not_parse_starts_a_new_trace_and_is_not_poison(
         "test",
         Utc::now(),
         prebuilds_schemas::ReconcilePreset {
-            preset_id: fx.preset_id,
+            preset_id: preset_id,
             reason: prebuilds_schemas::ReconcileReason::Manual,
             requested_at: Utc::now(),
         },
@@ -363,25 +358,28 @@ async fn a_traceparent_that_does_not_parse_starts_a_new_trace_and_is_not_poison(
     assert!(dead_queue.is_none(), "the dead-letter queue is empty");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_still_queued_at_sigterm_are_exported_before_exit() {
-    let (otlp_port, received) = receiver().await;
-    let endpoint = format!("http://127.0.0.1:{otlp_port}");
+/// A database and a prefix of the test's own with one template whose preset wants no prebuilds.
+async fn empty_preset() -> (TestDb, TestBroker, Uuid) {
     let db = TestDb::new().await;
     let broker = TestBroker::new().await;
     let c = db.pool.get().await.unwrap();
     let org = fixtures::organization(&c, "acme").await;
     let fx = fixtures::template_with_preset(&c, org, "tpl", Some(0)).await;
     drop(c);
-    let mut env = otel_env(&endpoint, "prebuilds-worker");
-    // A batch would wait a minute: only the shutdown flush can send these spans in time.
-    env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
-    env.push(("OTEL_BSP_SCHEDULE_DELAY", "60000".to_owned()));
-    let (mut worker, metrics) = stack::start("prebuilds-worker", &db, &broker, &borrowed(&env));
+    (db, broker, fx.preset_id)
+}
+
+/// Waits until the worker whose metrics listen on `port` is ready, then asks it for one reconcile
+/// of `preset_id`; returns the publisher (close it at the end).
+async fn reconcile_once(
+    broker: &TestBroker,
+    port: u16,
+    preset_id: Uuid,
+) -> prebuilds_runtime::amqp::Publisher {
     stack::wait_for(
         Duration::from_secs(30),
         "the worker to be ready",
-        || async { matches!(http_get(metrics, "/readyz").await, Some((200, _))) },
+        || async { matches!(http_get(port, "/readyz").await, Some((200, _))) },
     )
     .await;
     let publisher = prebuilds_runtime::amqp::Publisher::new(
@@ -389,7 +387,21 @@ async fn spans_still_queued_at_sigterm_are_exported_before_exit() {
         "tracing-test",
         broker.topology.clone(),
     );
-    stack::request_reconcile(&publisher, fx.preset_id).await;
+    stack::request_reconcile(&publisher, preset_id).await;
+    publisher
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_queued_at_sigterm_are_exported_before_exit() {
+    let (otlp_port, received) = receiver().await;
+    let endpoint = format!("http://127.0.0.1:{otlp_port}");
+    let (db, broker, preset_id) = empty_preset().await;
+    let mut env = otel_env(&endpoint, "prebuilds-worker");
+    // A batch would wait a minute: only the shutdown flush can send these spans in time.
+    env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "60000".to_owned()));
+    let (mut worker, metrics) = stack::start("prebuilds-worker", &db, &broker, &borrowed(&env));
+    let publisher = reconcile_once(&broker, metrics, preset_id).await;
     stack::wait_for(Duration::from_secs(30), "the job acknowledged", || async {
         scrape_sum(
             metrics,
@@ -432,12 +444,7 @@ async fn spans_go_to_an_https_collector_with_its_headers_and_the_key_is_never_pr
     // is exercised.
     let endpoint = collector.url.replace("127.0.0.1", "localhost");
     let key = format!("otlp-key-{}", Uuid::new_v4().simple());
-    let db = TestDb::new().await;
-    let broker = TestBroker::new().await;
-    let c = db.pool.get().await.unwrap();
-    let org = fixtures::organization(&c, "acme").await;
-    let fx = fixtures::template_with_preset(&c, org, "tpl", Some(0)).await;
-    drop(c);
+    let (db, broker, preset_id) = empty_preset().await;
     let port = stack::free_port();
     let addr = format!("127.0.0.1:{port}");
     let ca_file = ca.cert.display().to_string();
@@ -458,18 +465,7 @@ async fn spans_go_to_an_https_collector_with_its_headers_and_the_key_is_never_pr
     ];
     let mut worker =
         prebuilds_tests::process::Service::start_logged("prebuilds-worker", &[], &env, &log);
-    stack::wait_for(
-        Duration::from_secs(30),
-        "the worker to be ready",
-        || async { matches!(http_get(port, "/readyz").await, Some((200, _))) },
-    )
-    .await;
-    let publisher = prebuilds_runtime::amqp::Publisher::new(
-        &broker.url,
-        "tracing-test",
-        broker.topology.clone(),
-    );
-    stack::request_reconcile(&publisher, fx.preset_id).await;
+    let publisher = reconcile_once(&broker, port, preset_id).await;
     stack::wait_for(
         Duration::from_secs(30),
         "spans at the https collector",
