@@ -295,7 +295,7 @@ async fn a_traceparent_that_does_not_parse_starts_a_new_trace_and_is_not_poison(
         "test",
         Utc::now(),
         prebuilds_schemas::ReconcilePreset {
-            preset_id: preset_id,
+            preset_id,
             reason: prebuilds_schemas::ReconcileReason::Manual,
             requested_at: Utc::now(),
         },
