@@ -70,3 +70,53 @@ pub async fn restart_postgres(
     server.boot();
     Ok(t.elapsed())
 }
+
+/// SIGKILLs a cluster node (its Erlang VM, as a crashed machine), leaves it down for `down`, then
+/// boots it again with its data. Returns how long it was down.
+pub async fn kill_rabbit_node(node: &PrivateRabbit, down: Duration) -> anyhow::Result<Duration> {
+    let t = std::time::Instant::now();
+    node.kill();
+    tokio::time::sleep(down).await;
+    node.boot().await;
+    Ok(t.elapsed())
+}
+
+/// Waits (bounded) until every quorum queue under `prefix` has `members` members online, asked
+/// of `node`: the cluster has healed and the next node may be killed without losing a majority.
+pub async fn cluster_healed(
+    node: &PrivateRabbit,
+    prefix: &str,
+    members: usize,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let t = std::time::Instant::now();
+    loop {
+        let out = node.ctl(&["list_queues", "name", "online", "--no-table-headers", "-q"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ours: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+        if out.status.success()
+            && !ours.is_empty()
+            && ours.iter().all(|l| l.matches('@').count() == members)
+        {
+            return Ok(t.elapsed());
+        }
+        anyhow::ensure!(
+            t.elapsed() < timeout,
+            "the cluster did not heal within {timeout:?}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The primary crashes (`pg_ctl stop -m immediate`) and the standby is promoted at once, as a
+/// failover manager would. Returns how long after the crash the standby accepted writes.
+pub async fn fail_over_postgres(
+    primary: &PrivatePostgres,
+    standby: &PrivatePostgres,
+) -> anyhow::Result<Duration> {
+    let t = std::time::Instant::now();
+    primary.crash();
+    anyhow::ensure!(!primary.running(), "the private primary did not stop");
+    standby.promote();
+    Ok(t.elapsed())
+}

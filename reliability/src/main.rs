@@ -2,7 +2,7 @@
 //! RabbitMQ with the release binaries, prints a table and writes `RELIABILITY.md`.
 //!
 //! Run: `cargo build --release --bins && cargo run --release -p reliability -- [--long]
-//! [--only SCENARIO] [--output RELIABILITY.md]`.
+//! [--only SCENARIO]… [--output RELIABILITY.md]`.
 
 use std::process::ExitCode;
 
@@ -19,9 +19,10 @@ struct Args {
     #[arg(long)]
     long: bool,
 
-    /// Run one scenario only (the report then holds just that row).
+    /// Run only these scenarios (repeatable); their rows replace theirs in the existing report and
+    /// every other row is kept as it was.
     #[arg(long, value_enum)]
-    only: Option<Scenario>,
+    only: Vec<Scenario>,
 
     /// Where to write the report.
     #[arg(long, default_value = "RELIABILITY.md")]
@@ -36,9 +37,10 @@ async fn main() -> ExitCode {
     } else {
         Profile::short()
     };
-    let selected: Vec<Scenario> = match args.only {
-        Some(s) => vec![s],
-        None => Scenario::ALL.to_vec(),
+    let selected: Vec<Scenario> = if args.only.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.only.clone()
     };
     let mut outcomes = Vec::new();
     for scenario in selected {
@@ -62,10 +64,13 @@ async fn main() -> ExitCode {
         "cargo run --release -p reliability --{}",
         if args.long { " --long" } else { "" }
     );
-    if let Err(e) = std::fs::write(
-        &args.output,
-        report::markdown(&outcomes, &profile, &command),
-    ) {
+    let document = match std::fs::read_to_string(&args.output) {
+        Ok(existing) if !args.only.is_empty() => {
+            report::merged(&existing, &outcomes, &profile, &command)
+        }
+        _ => report::markdown(&outcomes, &profile, &command),
+    };
+    if let Err(e) = std::fs::write(&args.output, document) {
         eprintln!("reliability: cannot write {}: {e}", args.output.display());
         return ExitCode::FAILURE;
     }

@@ -1,7 +1,7 @@
 //! The results as a terminal table and as `RELIABILITY.md`: scenario → load → faults → invariants
 //! checked → result, with the measured numbers of every check.
 
-use crate::{Outcome, Profile};
+use crate::{Outcome, Profile, Scenario};
 
 fn result_cell(o: &Outcome) -> String {
     let verdict = if o.passed() { "**pass**" } else { "**FAIL**" };
@@ -25,8 +25,58 @@ fn escape(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
+/// One scenario's table row.
+fn row(o: &Outcome) -> String {
+    let names = o
+        .checks
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "| {} | {} | {} | {} | {} |\n",
+        o.scenario.name(),
+        escape(&o.load),
+        escape(&o.faults),
+        names,
+        escape(&result_cell(o))
+    )
+}
+
 /// The Markdown report.
 pub fn markdown(outcomes: &[Outcome], profile: &Profile, command: &str) -> String {
+    document(
+        &outcomes.iter().map(row).collect::<Vec<_>>(),
+        profile,
+        command,
+    )
+}
+
+/// The report with the rows of `outcomes`, and, for every other scenario, its row as `existing`
+/// (an earlier report) has it — so running a few scenarios (`--only`) updates their rows and
+/// keeps the rest. Rows follow [`Scenario::ALL`].
+pub fn merged(existing: &str, outcomes: &[Outcome], profile: &Profile, command: &str) -> String {
+    let old: std::collections::HashMap<&str, &str> = existing
+        .lines()
+        .filter_map(|line| {
+            let name = line.strip_prefix("| ")?.split(" | ").next()?;
+            Scenario::ALL
+                .iter()
+                .any(|s| s.name() == name)
+                .then_some((name, line))
+        })
+        .collect();
+    let rows: Vec<String> = Scenario::ALL
+        .iter()
+        .filter_map(|s| match outcomes.iter().find(|o| o.scenario == *s) {
+            Some(o) => Some(row(o)),
+            None => old.get(s.name()).map(|line| format!("{line}\n")),
+        })
+        .collect();
+    document(&rows, profile, command)
+}
+
+fn document(rows: &[String], profile: &Profile, command: &str) -> String {
     let mut out = String::new();
     out.push_str("# Reliability\n\n");
     out.push_str(&format!(
@@ -42,21 +92,8 @@ pub fn markdown(outcomes: &[Outcome], profile: &Profile, command: &str) -> Strin
     out.push_str(
         "| scenario | load | faults | invariants checked | result |\n|---|---|---|---|---|\n",
     );
-    for o in outcomes {
-        let names = o
-            .checks
-            .iter()
-            .map(|c| c.name)
-            .collect::<Vec<_>>()
-            .join(", ");
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
-            o.scenario.name(),
-            escape(&o.load),
-            escape(&o.faults),
-            names,
-            escape(&result_cell(o))
-        ));
+    for r in rows {
+        out.push_str(r);
     }
     out.push_str(
         "\nInvariants: *presets at desired* — every preset's running = eligible = its effective \
@@ -99,4 +136,53 @@ pub fn table(outcomes: &[Outcome]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Check;
+
+    fn outcome(scenario: Scenario, detail: &str) -> Outcome {
+        Outcome {
+            scenario,
+            load: "load".into(),
+            faults: "faults".into(),
+            checks: vec![Check::new("converged", true, detail)],
+            seconds: 1.0,
+        }
+    }
+
+    /// `--only` replaces the rows it ran and keeps every other row of the earlier report, in
+    /// scenario order.
+    #[test]
+    fn a_partial_run_keeps_the_other_rows() {
+        let profile = Profile::short();
+        let before = markdown(
+            &[
+                outcome(Scenario::WorkerKill, "old kill"),
+                outcome(Scenario::Poison, "old poison"),
+            ],
+            &profile,
+            "cmd",
+        );
+        let after = merged(
+            &before,
+            &[
+                outcome(Scenario::PostgresFailover, "new failover"),
+                outcome(Scenario::Poison, "new poison"),
+            ],
+            &profile,
+            "cmd",
+        );
+        let rows: Vec<&str> = after
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| scenario"))
+            .collect();
+        assert_eq!(rows.len(), 3, "{after}");
+        assert!(rows[0].starts_with("| worker-kill |") && rows[0].contains("old kill"));
+        assert!(rows[1].starts_with("| poison |") && rows[1].contains("new poison"));
+        assert!(rows[2].starts_with("| postgres-failover |"));
+        assert!(!after.contains("old poison"));
+    }
 }

@@ -37,16 +37,28 @@ pub enum Scenario {
     Poison,
     /// Claims racing desired-count drops and template version changes.
     ClaimRace,
+    /// A three-node RabbitMQ cluster: the node the first worker uses SIGKILLed mid-run and
+    /// rebooted, then the node the second worker uses.
+    BrokerNodeKill,
+    /// PostgreSQL down three times longer than the workers' (shortened, 1 s) retry window × the
+    /// delivery limit.
+    PostgresLongOutage,
+    /// The primary crashes mid-run and its streaming standby is promoted; every process is on the
+    /// multi-host URL.
+    PostgresFailover,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::WorkerKill,
         Scenario::RabbitmqRestart,
         Scenario::PostgresRestart,
         Scenario::DuplicateReorder,
         Scenario::Poison,
         Scenario::ClaimRace,
+        Scenario::BrokerNodeKill,
+        Scenario::PostgresLongOutage,
+        Scenario::PostgresFailover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +69,9 @@ impl Scenario {
             Scenario::DuplicateReorder => "duplicate-reorder",
             Scenario::Poison => "poison",
             Scenario::ClaimRace => "claim-race",
+            Scenario::BrokerNodeKill => "broker-node-kill",
+            Scenario::PostgresLongOutage => "postgres-long-outage",
+            Scenario::PostgresFailover => "postgres-failover",
         }
     }
 }
@@ -108,6 +123,9 @@ pub async fn run(scenario: Scenario, profile: Profile) -> Outcome {
         Scenario::DuplicateReorder => duplicate_reorder(profile, &mut faults_text).await,
         Scenario::Poison => poison(profile, &mut faults_text, &mut load).await,
         Scenario::ClaimRace => claim_race(profile, &mut faults_text, &mut load).await,
+        Scenario::BrokerNodeKill => broker_node_kill(profile, &mut faults_text).await,
+        Scenario::PostgresLongOutage => postgres_long_outage(profile, &mut faults_text).await,
+        Scenario::PostgresFailover => postgres_failover(profile, &mut faults_text).await,
     };
     let mut checks =
         result.unwrap_or_else(|e| vec![Check::new("scenario ran", false, format!("error: {e:#}"))]);
@@ -263,6 +281,139 @@ async fn postgres_restart(profile: Profile, faults: &mut String) -> anyhow::Resu
         outage.as_secs_f64()
     );
     verify(stack, stats, &HashSet::new()).await
+}
+
+async fn broker_node_kill(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
+    let stack = Stack::start(
+        profile,
+        Wiring {
+            broker_cluster: true,
+            ..Wiring::private()
+        },
+    )
+    .await?;
+    let nodes = &stack.services.cluster;
+    let prefix = stack.broker.prefix().to_owned();
+    let load = claims(&stack, shared(&stack.presets));
+    let deadline = Instant::now() + profile.fault_window;
+    let window = profile.fault_window / 4;
+    let mut downs = Vec::new();
+    // Worker i connects to node i first (`Stack::start_worker`): kill worker 0's node, let the
+    // cluster heal, then worker 1's node (where worker 0 may have moved as well).
+    for victim in [0, 1] {
+        tokio::time::sleep(window).await;
+        let down = faults::kill_rabbit_node(&nodes[victim], Duration::from_secs(3)).await?;
+        let healed =
+            faults::cluster_healed(&nodes[2], &prefix, 3, Duration::from_secs(120)).await?;
+        downs.push((down, healed));
+    }
+    until(deadline).await;
+    let stats = load.finish().await;
+    *faults = format!(
+        "three-node cluster, every queue on all three: SIGKILL of the first worker's node ({:.0}s down,          queues whole again {:.0}s after its boot), then of the second worker's node ({:.0}s down,          whole again after {:.0}s); processes list all three nodes",
+        downs[0].0.as_secs_f64(),
+        downs[0].1.as_secs_f64(),
+        downs[1].0.as_secs_f64(),
+        downs[1].1.as_secs_f64()
+    );
+    verify(stack, stats, &HashSet::new()).await
+}
+
+/// The workers' shortened retry window in the long-outage scenario, and the outage: three times
+/// the window × the delivery limit.
+const LONG_OUTAGE_RETRY_WINDOW: &str = "1s";
+const LONG_OUTAGE: Duration =
+    Duration::from_secs(3 * prebuilds_runtime::amqp::topology::DELIVERY_LIMIT as u64);
+
+async fn postgres_long_outage(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
+    let stack = Stack::start(
+        profile,
+        Wiring {
+            retry_window: Some(LONG_OUTAGE_RETRY_WINDOW),
+            ..Wiring::private()
+        },
+    )
+    .await?;
+    let server = stack.services.postgres()?;
+    let load = claims(&stack, shared(&stack.presets));
+    let deadline = Instant::now() + profile.fault_window;
+    tokio::time::sleep(profile.fault_window / 4).await;
+    let outage = faults::restart_postgres(server, LONG_OUTAGE).await?;
+    until(deadline).await;
+    let stats = load.finish().await;
+    let held = {
+        let mut total = 0.0;
+        for w in &stack.workers {
+            total += crate::stack::metric_sum(w.port, "prebuilds_messages_held_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    };
+    *faults = format!(
+        "private server stopped {:.0}s = 3 × (workers' retry window {LONG_OUTAGE_RETRY_WINDOW} ×          delivery limit {}); {held:.0} deliveries held instead of requeued",
+        outage.as_secs_f64(),
+        prebuilds_runtime::amqp::topology::DELIVERY_LIMIT
+    );
+    verify(stack, stats, &HashSet::new()).await
+}
+
+async fn postgres_failover(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {
+    let stack = Stack::start(
+        profile,
+        Wiring {
+            postgres_standby: true,
+            ..Wiring::private()
+        },
+    )
+    .await?;
+    let load = claims(&stack, shared(&stack.presets));
+    let deadline = Instant::now() + profile.fault_window;
+    tokio::time::sleep(profile.fault_window / 4).await;
+    let terms = |stack: &Stack| {
+        let port = stack.scheduler.port;
+        async move {
+            crate::stack::metric_sum(port, "prebuilds_scheduler_leader_terms_total")
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    let before = terms(&stack).await;
+    let promoted =
+        faults::fail_over_postgres(stack.services.postgres()?, stack.services.standby()?).await?;
+    let failed_at = Instant::now() - promoted;
+    // The scheduler leads again: a new term, on the new primary (bounded).
+    let mut leader_after = None;
+    while failed_at.elapsed() < Duration::from_secs(60) {
+        if terms(&stack).await > before
+            && crate::stack::metric_sum(stack.scheduler.port, "prebuilds_scheduler_is_leader").await
+                == Some(1.0)
+        {
+            leader_after = Some(failed_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until(deadline).await;
+    let stats = load.finish().await;
+    *faults = format!(
+        "private primary crashed (pg_ctl stop -m immediate) mid-run, its streaming standby promoted          {:.1}s later; every process on postgresql://primary,standby/…?target_session_attrs=read-write",
+        promoted.as_secs_f64()
+    );
+    let leader = Check::new(
+        "leader moved",
+        leader_after.is_some(),
+        match leader_after {
+            Some(t) => format!(
+                "the scheduler led again on the new primary {:.1}s after the crash (lock retry 2s)",
+                t.as_secs_f64()
+            ),
+            None => "no new leader term within 60s of the crash".to_owned(),
+        },
+    );
+    let mut checks = verify(stack, stats, &HashSet::new()).await?;
+    checks.insert(1, leader);
+    Ok(checks)
 }
 
 async fn duplicate_reorder(profile: Profile, faults: &mut String) -> anyhow::Result<Vec<Check>> {

@@ -77,6 +77,14 @@ pub struct Wiring {
     /// Run on a private PostgreSQL server and RabbitMQ node of the stack's own (for scenarios
     /// that stop them), not on the machine's.
     pub private_services: bool,
+    /// With `private_services`: a three-node RabbitMQ cluster instead of one node; every queue
+    /// on all three nodes, worker `i` connected to node `i % 3` first.
+    pub broker_cluster: bool,
+    /// With `private_services`: a streaming standby of the private PostgreSQL server, every
+    /// process on the multi-host URL (`target_session_attrs=read-write`).
+    pub postgres_standby: bool,
+    /// The workers' `PREBUILDS_RETRY_WINDOW` (their default, 60 s, when `None`).
+    pub retry_window: Option<&'static str>,
 }
 
 impl Wiring {
@@ -94,6 +102,10 @@ impl Wiring {
 pub struct PrivateServices {
     postgres: Option<PrivatePostgres>,
     rabbit: Option<PrivateRabbit>,
+    /// `Wiring::broker_cluster`: the cluster's nodes (then `rabbit` is `None`).
+    pub cluster: Vec<PrivateRabbit>,
+    /// `Wiring::postgres_standby`: the standby of `postgres`.
+    pub standby: Option<PrivatePostgres>,
 }
 
 impl PrivateServices {
@@ -101,6 +113,12 @@ impl PrivateServices {
         self.postgres
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("this stack runs on the machine's PostgreSQL"))
+    }
+
+    pub fn standby(&self) -> anyhow::Result<&PrivatePostgres> {
+        self.standby
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this stack has no PostgreSQL standby"))
     }
 
     pub fn rabbit(&self) -> anyhow::Result<&PrivateRabbit> {
@@ -129,6 +147,7 @@ pub struct Stack {
     pub killed_peak_rss_mib: f64,
     relays: Vec<Relay>,
     provisioner_broker: Option<TestBroker>,
+    wiring: Wiring,
     /// Last: dropped after every process of the stack.
     pub services: PrivateServices,
 }
@@ -152,16 +171,41 @@ impl Stack {
         let mut services = PrivateServices::default();
         let (db, broker) = if wiring.private_services {
             let postgres = services.postgres.insert(PrivatePostgres::start());
-            let db = TestDb::on(&postgres.server_url()).await;
-            let rabbit = services.rabbit.insert(
-                PrivateRabbit::start(NodeOptions {
-                    plain: true,
-                    tls: None,
+            let mut db = TestDb::on(&postgres.server_url()).await;
+            if wiring.postgres_standby {
+                let standby = PrivatePostgres::standby_of(postgres);
+                let multi = format!(
+                    "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/{}?target_session_attrs=read-write",
+                    postgres.port, standby.port, db.name
+                );
+                services.standby = Some(standby);
+                db.pool = prebuilds_runtime::db::pool(&multi, 8)?;
+                db.url = multi;
+            }
+            let broker = if wiring.broker_cluster {
+                services.cluster = PrivateRabbit::cluster(3).await;
+                let urls = services
+                    .cluster
+                    .iter()
+                    .map(|n| n.plain_url())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                TestBroker::on_with(Broker::from(urls.as_str()), urls, |t| {
+                    t.with_quorum_initial_group_size(Some(3))
                 })
-                .await,
-            );
-            let url = rabbit.plain_url();
-            (db, TestBroker::on(Broker::from(url.as_str()), url).await)
+                .await
+            } else {
+                let rabbit = services.rabbit.insert(
+                    PrivateRabbit::start(NodeOptions {
+                        plain: true,
+                        tls: None,
+                    })
+                    .await,
+                );
+                let url = rabbit.plain_url();
+                TestBroker::on(Broker::from(url.as_str()), url).await
+            };
+            (db, broker)
         } else {
             (TestDb::new().await, TestBroker::new().await)
         };
@@ -212,7 +256,12 @@ impl Stack {
             None
         };
 
-        let sim = [
+        let group = if wiring.broker_cluster {
+            vec![("PREBUILDS_QUORUM_INITIAL_GROUP_SIZE", "3")]
+        } else {
+            Vec::new()
+        };
+        let mut sim = vec![
             ("RUST_LOG", "error"),
             ("PREBUILDS_SIM_DURATION_MIN", profile.sim_duration_min),
             ("PREBUILDS_SIM_DURATION_MAX", profile.sim_duration_max),
@@ -225,6 +274,7 @@ impl Stack {
             ("PREBUILDS_PROVISIONER_REMEMBERED_JOBS", "100000"),
             ("PREBUILDS_DB_POOL_SIZE", "4"),
         ];
+        sim.extend(group.iter().copied());
         let (service, port) = stack::start(
             "prebuilds-provisioner",
             &db,
@@ -241,7 +291,10 @@ impl Stack {
                 ("PREBUILDS_RECONCILE_INTERVAL", "2s"),
                 ("PREBUILDS_METRICS_INTERVAL", "5s"),
                 ("PREBUILDS_DB_POOL_SIZE", "4"),
-            ],
+            ]
+            .into_iter()
+            .chain(group.iter().copied())
+            .collect::<Vec<_>>(),
         );
         let scheduler = Proc { service, port };
         let mut stack = Stack {
@@ -259,6 +312,7 @@ impl Stack {
             killed_peak_rss_mib: 0.0,
             relays,
             provisioner_broker,
+            wiring,
             services,
         };
         for _ in 0..profile.workers {
@@ -280,8 +334,29 @@ impl Stack {
     }
 
     pub fn start_worker(&mut self) {
-        let (service, port) =
-            stack::start("prebuilds-worker", &self.db, &self.broker, &worker_env());
+        let mut env = worker_env();
+        if let Some(window) = self.wiring.retry_window {
+            env.push(("PREBUILDS_RETRY_WINDOW", window));
+        }
+        // In a cluster, worker i connects to node i % 3 first (the list rotated).
+        let rotated = (!self.services.cluster.is_empty()).then(|| {
+            let urls: Vec<String> = self
+                .services
+                .cluster
+                .iter()
+                .map(|n| n.plain_url())
+                .collect();
+            let first = self.workers.len() % urls.len();
+            (0..urls.len())
+                .map(|k| urls[(first + k) % urls.len()].clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        if let Some(urls) = &rotated {
+            env.push(("AMQP_URL", urls));
+            env.push(("PREBUILDS_QUORUM_INITIAL_GROUP_SIZE", "3"));
+        }
+        let (service, port) = stack::start("prebuilds-worker", &self.db, &self.broker, &env);
         self.workers.push(Proc { service, port });
     }
 

@@ -10,8 +10,16 @@ pub mod pipelined;
 
 use std::time::Duration;
 
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+    time::Instant,
+};
+
 use deadpool_postgres::{
-    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+    Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
 use tokio_postgres::error::SqlState;
 
@@ -23,6 +31,8 @@ pub use deadpool_postgres::{Client as PooledClient, Transaction};
 pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
     let url = DatabaseUrl::parse(database_url).map_err(DbError::Config)?;
     let tls = tls_connector(&url)?;
+    let hosts = url.config.get_hosts().len().max(1) as u32;
+    epoch();
     let mut pg_config = url.config;
     // Hot-path statements are prepared once per connection (see [`cached`]); generic plans make
     // each execution skip planning too, instead of re-planning the first five times on every
@@ -33,15 +43,7 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
         None => "-c plan_cache_mode=force_generic_plan".to_owned(),
     };
     pg_config.options(&options);
-    // A connection that dies silently (failover, a dropped NAT entry) must fail within seconds,
-    // not hang a handler for the kernel's defaults (hours of keepalive, minutes of retransmits):
-    // checkouts no longer verify connections with a round trip. Values given in DATABASE_URL win.
-    if pg_config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
-        pg_config.keepalives_idle(Duration::from_secs(30));
-    }
-    if pg_config.get_tcp_user_timeout().is_none() {
-        pg_config.tcp_user_timeout(Duration::from_secs(30));
-    }
+    connection_defaults(&mut pg_config);
     let manager = Manager::from_config(
         pg_config,
         tls,
@@ -58,11 +60,107 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
         .runtime(Runtime::Tokio1)
         .timeouts(Timeouts {
             wait: Some(Duration::from_secs(10)),
-            create: Some(Duration::from_secs(5)),
+            // Every host of a multi-host URL may take its connect timeout before the next is tried.
+            create: Some(connect_bound(hosts)),
             recycle: Some(Duration::from_secs(5)),
         })
+        // A connection made before a failover was seen is never handed out again.
+        .pre_recycle(Hook::sync_fn(|_, metrics| {
+            if predates_failover(metrics.created) {
+                Err(HookError::message("made before a failover was seen"))
+            } else {
+                Ok(())
+            }
+        }))
         .build()
         .map_err(|e| DbError::Config(format!("cannot build the PostgreSQL pool: {e}")))
+}
+
+/// How long one host of `DATABASE_URL` may take to accept a connection when the URL sets no
+/// `connect_timeout`: with a multi-host URL, a dead or black-holed host costs this much before the
+/// next host is tried.
+pub const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bound on opening one connection: every host may take its connect timeout.
+fn connect_bound(hosts: u32) -> Duration {
+    HOST_CONNECT_TIMEOUT * hosts + Duration::from_secs(1)
+}
+
+/// What every connection (pooled or dedicated) gets unless `DATABASE_URL` says otherwise: a
+/// connection that dies silently (failover, a dropped NAT entry) must fail within seconds, not
+/// hang a handler for the kernel's defaults (hours of keepalive, minutes of retransmits), and a
+/// dead host of a multi-host list must cost a bounded connect timeout. Checkouts do not verify
+/// connections with a round trip, so these bounds are what notices a dead server.
+fn connection_defaults(config: &mut tokio_postgres::Config) {
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(HOST_CONNECT_TIMEOUT);
+    }
+}
+
+/// When this process last saw a server say it can no longer take writes from an existing session
+/// (nanoseconds after [`epoch`]; 0 = never). See [`note_failover`].
+static FAILOVER_SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Whether `e` says its session sits on a server that is no longer the writable primary: read-only
+/// (SQLSTATE 25006: a demoted primary, a standby reached without `target_session_attrs`) or
+/// administratively shut down (57P01, 57P02, 57P03: a stopping or restarting server).
+pub fn is_failover_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        *code == SqlState::READ_ONLY_SQL_TRANSACTION
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+    })
+}
+
+/// Records `e` when it is a failover error ([`is_failover_error`]): from then on every pooled
+/// connection made before this moment is dropped at its next checkout instead of being reused, and
+/// the replacement is opened afresh — with `target_session_attrs=read-write`, on whichever host is
+/// the primary now. All of them, not only the one that failed: they were all opened to the server
+/// that just said it is no longer the primary. Called wherever errors are classified
+/// ([`DbError`], [`is_transient_postgres`], the consumers' transient failures).
+pub fn note_failover(e: &tokio_postgres::Error) {
+    if is_failover_error(e) {
+        let now = epoch().elapsed().as_nanos() as u64;
+        FAILOVER_SEEN.fetch_max(now.max(1), Ordering::Relaxed);
+        tracing::warn!(error = %describe_postgres(e), "the database says this session can no longer write; dropping pooled connections made before now");
+    }
+}
+
+/// [`note_failover`] for every PostgreSQL error in `e`'s chain.
+pub fn note_failover_in(e: &(dyn std::error::Error + 'static)) {
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            note_failover(pg);
+        } else if let Some(DbError::Postgres(pg)) = cause.downcast_ref::<DbError>() {
+            note_failover(pg);
+        }
+        next = cause.source();
+    }
+}
+
+/// Whether a connection made at `created` was made before the last failover error was seen.
+fn predates_failover(created: Instant) -> bool {
+    let seen = FAILOVER_SEEN.load(Ordering::Relaxed);
+    seen != 0 && created.saturating_duration_since(epoch()).as_nanos() as u64 <= seen
 }
 
 /// A table must reach this many pages before its growth triggers a refresh (below it, plans for a
@@ -137,10 +235,12 @@ pub async fn connect_dedicated(database_url: &str) -> Result<tokio_postgres::Cli
 /// [`connect_dedicated`] for a connection string already parsed (and perhaps adjusted).
 pub async fn connect_parsed(url: &DatabaseUrl) -> Result<tokio_postgres::Client, DbError> {
     let tls = tls_connector(url)?;
-    let (client, connection) =
-        tokio::time::timeout(Duration::from_secs(5), url.config.connect(tls))
-            .await
-            .map_err(|_| DbError::Timeout("connecting to PostgreSQL"))??;
+    let mut config = url.config.clone();
+    connection_defaults(&mut config);
+    let hosts = config.get_hosts().len().max(1) as u32;
+    let (client, connection) = tokio::time::timeout(connect_bound(hosts), config.connect(tls))
+        .await
+        .map_err(|_| DbError::Timeout("connecting to PostgreSQL"))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "dedicated PostgreSQL connection closed");
@@ -198,6 +298,7 @@ pub enum DbError {
 
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
+        note_failover(&e);
         DbError::Postgres(e)
     }
 }
@@ -254,6 +355,7 @@ impl DbError {
 
 /// See [`DbError::is_transient`].
 pub fn is_transient_postgres(e: &tokio_postgres::Error) -> bool {
+    note_failover(e);
     if e.is_closed() {
         return true;
     }
@@ -263,6 +365,8 @@ pub fn is_transient_postgres(e: &tokio_postgres::Error) -> bool {
         Some(code) => {
             *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
+                // A demoted primary: the next connection goes to the new one.
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
                 || *code == SqlState::ADMIN_SHUTDOWN
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
@@ -325,5 +429,31 @@ pub mod cached {
     ) -> Result<Option<Row>, tokio_postgres::Error> {
         let statement = c.prepare_cached(sql).await?;
         c.query_opt(&statement, params).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_get_bounded_timeouts_unless_the_url_sets_them() {
+        let mut config: tokio_postgres::Config = "host=db1,db2 user=u".parse().unwrap();
+        connection_defaults(&mut config);
+        assert_eq!(config.get_connect_timeout(), Some(&HOST_CONNECT_TIMEOUT));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+        assert_eq!(connect_bound(2), Duration::from_secs(11));
+
+        let mut given: tokio_postgres::Config = "host=db1 connect_timeout=2 keepalives_idle=7"
+            .parse()
+            .unwrap();
+        connection_defaults(&mut given);
+        assert_eq!(given.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(given.get_keepalives_idle(), Duration::from_secs(7));
     }
 }

@@ -16,8 +16,11 @@
 //!
 //! Caveat: a leader whose connection dies *silently* (network partition without a reset) stops
 //! publishing after its check times out, but the server keeps the session — and the lock — until it
-//! notices the dead peer (TCP keepalive). Until then no standby can lead; jobs are delayed, never
-//! duplicated by two leaders.
+//! notices the dead peer (the server's TCP keepalive settings). Until then no standby can lead; jobs
+//! are delayed, never duplicated by two leaders. After a failover the lock lives on the new
+//! primary, where nobody holds it: a standby takes it at its next attempt (the dedicated
+//! connection tries each host of a multi-host `DATABASE_URL`, with `target_session_attrs`), while
+//! the old leader stops at its next check (see README "Database failover" for the bound).
 
 use std::time::Duration;
 

@@ -129,6 +129,69 @@ impl PrivatePostgres {
     }
 }
 
+impl PrivatePostgres {
+    /// A streaming standby of `primary`: its own data directory made by `pg_basebackup -R` (which
+    /// writes `standby.signal` and the `primary_conninfo` naming the primary's port), its own
+    /// spare port; started, and replaying, when this returns. [`PrivatePostgres::promote`] makes
+    /// it a primary.
+    pub fn standby_of(primary: &PrivatePostgres) -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!(
+            "prebuilds-postgres-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("standby directory");
+        let owned = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(owned.success(), "chown the standby directory to postgres");
+        let standby = PrivatePostgres {
+            port: free_port(),
+            dir,
+            bin: primary.bin.clone(),
+        };
+        let copied = standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                &standby.data().display().to_string(),
+                "-R",
+                "-X",
+                "stream",
+                // A spread checkpoint would make this wait minutes for the primary's next one.
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        );
+        assert!(copied.status.success(), "pg_basebackup: {}", text(&copied));
+        standby.boot();
+        standby
+    }
+
+    /// Promotes a standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let promoted = self.pg_ctl(&["-w", "-t", "60", "promote"]);
+        assert!(
+            promoted.status.success(),
+            "pg_ctl promote: {}",
+            text(&promoted)
+        );
+    }
+
+    /// Stops the server the way a crash does (`pg_ctl stop -m immediate`: every process exits at
+    /// once, sessions are cut without a goodbye, nothing is checkpointed).
+    pub fn crash(&self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "-w", "-t", "60", "stop"]);
+    }
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         self.stop();

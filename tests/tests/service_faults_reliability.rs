@@ -37,3 +37,18 @@ async fn postgres_restart_mid_run_loses_and_duplicates_nothing() {
 async fn poison_interleaved_with_valid_traffic_is_dead_lettered_with_reasons() {
     passes(Scenario::Poison).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_node_kills_in_a_three_node_cluster_lose_and_duplicate_nothing() {
+    passes(Scenario::BrokerNodeKill).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_outage_longer_than_every_retry_dead_letters_nothing_valid() {
+    passes(Scenario::PostgresLongOutage).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_failover_mid_run_loses_and_duplicates_nothing() {
+    passes(Scenario::PostgresFailover).await;
+}

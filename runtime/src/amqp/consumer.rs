@@ -363,26 +363,32 @@ async fn settle<H: Handler>(
             break Err(refused);
         }
         match handler.handle(&incoming).await {
-            Err(HandlerError::Transient(e)) => match delays.next() {
-                Some(delay) if !shutdown.is_cancelled() => {
-                    in_retry.get_or_insert_with(|| {
-                        InRetry::start(context.metrics.in_retry.with_label_values(&[queue_label]))
-                    });
-                    tracing::warn!(queue = queue_label, error = %format!("{e:#}"), retry_in = ?delay, "transient failure handling message; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Shutting down: stop retrying; the delivery is requeued below.
-                        _ = shutdown.cancelled() => {}
+            Err(HandlerError::Transient(e)) => {
+                // A read-only or shutting-down server: the retry must get a fresh session.
+                crate::db::note_failover_in(e.as_ref());
+                match delays.next() {
+                    Some(delay) if !shutdown.is_cancelled() => {
+                        in_retry.get_or_insert_with(|| {
+                            InRetry::start(
+                                context.metrics.in_retry.with_label_values(&[queue_label]),
+                            )
+                        });
+                        tracing::warn!(queue = queue_label, error = %format!("{e:#}"), retry_in = ?delay, "transient failure handling message; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            // Shutting down: stop retrying; the delivery is requeued below.
+                            _ = shutdown.cancelled() => {}
+                        }
                     }
+                    _ if !shutdown.is_cancelled()
+                        && held_while_database_down(&context, queue_label, &shutdown).await =>
+                    {
+                        // The database is back: a fresh window, as if the delivery had just arrived.
+                        delays = window();
+                    }
+                    _ => break Err(HandlerError::Transient(e)),
                 }
-                _ if !shutdown.is_cancelled()
-                    && held_while_database_down(&context, queue_label, &shutdown).await =>
-                {
-                    // The database is back: a fresh window, as if the delivery had just arrived.
-                    delays = window();
-                }
-                _ => break Err(HandlerError::Transient(e)),
-            },
+            }
             Err(HandlerError::Defer { class, reason }) => match defer_delays.next() {
                 Some(delay) if !shutdown.is_cancelled() => {
                     tracing::debug!(queue = queue_label, class, %reason, retry_in = ?delay, "message deferred");

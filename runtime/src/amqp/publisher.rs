@@ -6,7 +6,10 @@
 //! must not stall a consumer's acks) and reconnects lazily after a failure; on each connect it
 //! declares the topology, or checks the [`Entity`]s it was told it uses ([`Publisher::uses`]).
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -79,7 +82,18 @@ pub struct Publisher {
     /// The AMQP `user_id` set on every message: the broker user of the connection
     /// ([`Broker::user`]).
     user_id: Option<String>,
-    state: Mutex<Option<(Connection, Channel)>>,
+    state: Mutex<Option<Session>>,
+    /// Sessions opened so far (numbers [`Session`]s).
+    sessions: AtomicU64,
+}
+
+/// The publisher's connection and channel, numbered so that a failed publish resets only the
+/// session it failed on, never a fresh one another publish has opened meanwhile.
+#[derive(Debug)]
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    number: u64,
 }
 
 /// One message ready to go on the wire.
@@ -136,6 +150,7 @@ impl Publisher {
             confirms: true,
             uses: vec![Entity::Exchange],
             state: Mutex::new(None),
+            sessions: AtomicU64::new(0),
         }
     }
 
@@ -170,13 +185,14 @@ impl Publisher {
         self.channel().await.map(|_| ())
     }
 
-    async fn channel(&self) -> Result<Channel, PublishError> {
+    async fn channel(&self) -> Result<(Channel, u64), PublishError> {
         let mut state = self.state.lock().await;
-        if let Some((connection, channel)) = state.as_ref() {
-            if connection.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
+        if let Some(session) = state.as_ref() {
+            if session.connection.status().connected() && session.channel.status().connected() {
+                return Ok((session.channel.clone(), session.number));
             }
         }
+        let number = self.sessions.fetch_add(1, Ordering::Relaxed);
         let connection = self.broker.connect(&self.name).await?;
         self.topology.prepare(&connection, &self.uses).await?;
         let channel = connection.create_channel().await?;
@@ -185,13 +201,23 @@ impl Publisher {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
         }
-        *state = Some((connection, channel.clone()));
-        Ok(channel)
+        *state = Some(Session {
+            connection,
+            channel: channel.clone(),
+            number,
+        });
+        Ok((channel, number))
     }
 
-    async fn forget_channel(&self) {
-        if let Some((connection, _)) = self.state.lock().await.take() {
-            let _ = connection.close(0, "publisher reset".into()).await;
+    /// Closes session `number` (if it is still the current one): the next publish opens a fresh
+    /// connection and channel.
+    async fn forget_session(&self, number: u64) {
+        let mut state = self.state.lock().await;
+        if state.as_ref().is_some_and(|s| s.number == number) {
+            if let Some(session) = state.take() {
+                drop(state);
+                let _ = session.connection.close(0, "publisher reset".into()).await;
+            }
         }
     }
 
@@ -211,7 +237,7 @@ impl Publisher {
 
     /// Publishes one persistent message and waits for its confirm.
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
-        let channel = self.channel().await?;
+        let (channel, session) = self.channel().await?;
         // The trace the message continues: the one its caller put in the headers (the outbox
         // relay: the row's), else the current span's.
         let mut headers = message.headers.clone();
@@ -259,17 +285,25 @@ impl Publisher {
         };
         if matches!(
             outcome,
-            Err(PublishError::Broker(_) | PublishError::Timeout(_))
+            Err(PublishError::Broker(_) | PublishError::Timeout(_) | PublishError::Nacked(_))
         ) {
-            // The channel may be dead or wedged: start from a fresh connection next time.
-            self.forget_channel().await;
+            // The channel may be dead or wedged: start from a fresh connection next time. A nack
+            // counts too: RabbitMQ (3.x) keeps, per channel and quorum queue, the queue's members
+            // as they were at the channel's first publish to it, leader first. A channel whose
+            // first publish came while that leader's node was down (just lost, not yet replaced)
+            // nacks every later publish to the queue, whatever the cluster does next; a fresh
+            // channel starts from the queue's current leader.
+            self.forget_session(session).await;
         }
         outcome
     }
 
     /// Closes the connection (pending confirms have already been awaited by their callers).
     pub async fn close(&self) {
-        self.forget_channel().await;
+        let session = self.state.lock().await.take();
+        if let Some(session) = session {
+            let _ = session.connection.close(0, "publisher reset".into()).await;
+        }
     }
 }
 

@@ -30,6 +30,11 @@ pub enum RpcError {
     Unroutable,
     #[error("the reply consumer stopped (connection lost)")]
     Closed,
+    /// The broker refused the request (a negative confirm). Reconnect before asking again: a
+    /// channel's view of a quorum queue can stay stale after a node loss (see
+    /// [`super::Publisher::publish`]).
+    #[error("the broker refused (nacked) the request")]
+    Nacked,
     #[error("reply is not a valid message: {0}")]
     BadReply(String),
 }
@@ -159,16 +164,27 @@ impl RpcClient {
                     properties,
                 )
                 .await?;
-            // The reply can arrive before the confirm: wait for both at once.
+            // The reply can arrive before the confirm: wait for both at once, but a refused or
+            // unroutable request fails as soon as its confirm says so, not after the timeout.
             let reply = tokio::time::timeout(timeout, rx);
-            let (confirmation, reply) = tokio::join!(tokio::time::timeout(timeout, confirm), reply);
-            match confirmation {
-                Ok(Ok(lapin::Confirmation::Ack(Some(_)) | lapin::Confirmation::Nack(Some(_)))) => {
-                    return Err(RpcError::Unroutable)
+            tokio::pin!(reply);
+            let confirmed = tokio::select! {
+                answered = &mut reply => Some(answered),
+                confirmation = tokio::time::timeout(timeout, confirm) => {
+                    match confirmation {
+                        Ok(Ok(
+                            lapin::Confirmation::Ack(Some(_)) | lapin::Confirmation::Nack(Some(_)),
+                        )) => return Err(RpcError::Unroutable),
+                        Ok(Ok(lapin::Confirmation::Nack(None))) => return Err(RpcError::Nacked),
+                        Ok(Err(e)) => return Err(RpcError::Broker(e)),
+                        _ => None,
+                    }
                 }
-                Ok(Err(e)) => return Err(RpcError::Broker(e)),
-                _ => {}
-            }
+            };
+            let reply = match confirmed {
+                Some(answered) => answered,
+                None => reply.await,
+            };
             match reply {
                 Ok(Ok(reply)) => Ok(reply),
                 Ok(Err(_)) => Err(RpcError::Closed),

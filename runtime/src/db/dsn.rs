@@ -345,6 +345,27 @@ mod tests {
         assert_eq!(kv.config.get_dbname(), Some("db"));
     }
 
+    /// Failover URLs in both forms: every host and port reaches tokio-postgres, with
+    /// `target_session_attrs`, and the TLS settings (applied to each host) are taken out.
+    #[test]
+    fn multi_host_urls_keep_every_host_and_the_session_attribute() {
+        for url in [
+            "postgresql://u@db1:5432,db2:5433/app?target_session_attrs=read-write&sslmode=verify-full&sslrootcert=/ca.pem",
+            "host=db1,db2 port=5432,5433 user=u dbname=app target_session_attrs=read-write sslmode=verify-full sslrootcert=/ca.pem",
+        ] {
+            let parsed = DatabaseUrl::parse(url).unwrap();
+            assert_eq!(parsed.config.get_hosts().len(), 2, "{url}");
+            assert_eq!(parsed.config.get_ports(), &[5432, 5433], "{url}");
+            assert_eq!(
+                parsed.config.get_target_session_attrs(),
+                tokio_postgres::config::TargetSessionAttrs::ReadWrite,
+                "{url}"
+            );
+            assert_eq!(parsed.tls.mode, SslMode::VerifyFull, "{url}");
+            assert_eq!(parsed.config.get_dbname(), Some("app"), "{url}");
+        }
+    }
+
     #[test]
     fn unsafe_or_incomplete_combinations_are_refused() {
         assert!(
