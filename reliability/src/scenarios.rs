@@ -310,7 +310,7 @@ async fn broker_node_kill(profile: Profile, faults: &mut String) -> anyhow::Resu
     until(deadline).await;
     let stats = load.finish().await;
     *faults = format!(
-        "three-node cluster, every queue on all three: SIGKILL of the first worker's node ({:.0}s down,          queues whole again {:.0}s after its boot), then of the second worker's node ({:.0}s down,          whole again after {:.0}s); processes list all three nodes",
+        "three-node cluster, every queue on all three: SIGKILL of the first worker's node ({:.0}s down, queues whole again {:.0}s after its boot), then of the second worker's node ({:.0}s down, whole again after {:.0}s); processes list all three nodes",
         downs[0].0.as_secs_f64(),
         downs[0].1.as_secs_f64(),
         downs[1].0.as_secs_f64(),
@@ -351,7 +351,7 @@ async fn postgres_long_outage(profile: Profile, faults: &mut String) -> anyhow::
         total
     };
     *faults = format!(
-        "private server stopped {:.0}s = 3 × (workers' retry window {LONG_OUTAGE_RETRY_WINDOW} ×          delivery limit {}); {held:.0} deliveries held instead of requeued",
+        "private server stopped {:.0}s = 3 × (workers' retry window {LONG_OUTAGE_RETRY_WINDOW} × delivery limit {}); {held:.0} deliveries held instead of requeued",
         outage.as_secs_f64(),
         prebuilds_runtime::amqp::topology::DELIVERY_LIMIT
     );
@@ -397,7 +397,7 @@ async fn postgres_failover(profile: Profile, faults: &mut String) -> anyhow::Res
     until(deadline).await;
     let stats = load.finish().await;
     *faults = format!(
-        "private primary crashed (pg_ctl stop -m immediate) mid-run, its streaming standby promoted          {:.1}s later; every process on postgresql://primary,standby/…?target_session_attrs=read-write",
+        "private primary crashed (pg_ctl stop -m immediate) mid-run, its streaming standby promoted {:.1}s later; every process on postgresql://primary,standby/…?target_session_attrs=read-write",
         promoted.as_secs_f64()
     );
     let leader = Check::new(
