@@ -51,7 +51,7 @@ pub struct Plan {
     /// End of the backoff while it is in effect (`now <= until`).
     pub backoff_until: Option<DateTime<Utc>>,
     /// The hard limit holds creates back: they are skipped at execution, except one probe when
-    /// `hard_limit.probe` is set (see [`crate::recovery`]).
+    /// `hard_limit.probe()` is set (see [`crate::recovery`]).
     pub hard_limited: bool,
     /// A `prebuild_status` the shell must store:
     /// 1. `healthy` at the hard limit → `HardLimited`;
@@ -107,8 +107,8 @@ pub fn plan(snapshot: &PresetSnapshot, now: DateTime<Utc>, config: &ReconcileCon
         desired,
         backoff,
         backoff_until,
-        hard_limited: hard_limit.holds_creates,
-        status_change: hard_limit.status_change,
+        hard_limited: hard_limit.holds_creates(),
+        status_change: hard_limit.status_change(),
         hard_limit,
     }
 }
@@ -211,7 +211,7 @@ pub struct CreateDecision {
     pub clamped_from: Option<u32>,
     /// Set when a positive count is not executed.
     pub skipped: Option<SkipReason>,
-    /// The count is the hard-limit probe (one create): the shell stores `plan.hard_limit.probe`
+    /// The count is the hard-limit probe (one create): the shell stores `plan.hard_limit.probe()`
     /// when it makes it.
     pub probe: bool,
 }
@@ -239,7 +239,7 @@ pub fn creates_to_execute(
     let probe = count > 0
         && !snapshot.preset.paused
         && plan.hard_limited
-        && plan.hard_limit.probe.is_some();
+        && plan.hard_limit.probe().is_some();
     let skipped = if count == 0 {
         None
     } else if snapshot.preset.paused {

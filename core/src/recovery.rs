@@ -27,20 +27,85 @@ pub enum HardLimitChange {
     Clear,
 }
 
-/// What the circuit breaker decides for a preset at an instant.
+/// What the circuit breaker decides for a preset at an instant: one variant per state of the
+/// breaker, so a decision can only carry the changes that state allows. The shell reads it through
+/// the accessors below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct HardLimitDecision {
-    /// Creates are held back by the hard limit (except a probe, when `probe` is set).
-    pub holds_creates: bool,
+pub enum HardLimitDecision {
+    /// Not hard-limited and nothing stored: creates run.
+    #[default]
+    Closed,
+    /// Healthy below the limit, but a record from an earlier trip is still stored: clear it.
+    ClosedClearRecord,
+    /// A `validation_failed` preset whose history is also at the limit: creates held, nothing
+    /// stored (validation owns the status).
+    HeldForValidation,
+    /// Healthy and now at the limit: store `hard_limited` and this fresh record; creates held.
+    Trip(HardLimitRecord),
+    /// Hard-limited and the probe create is still building: hold, wait for its outcome.
+    Probing,
+    /// Hard-limited but no longer at the limit (the probe succeeded, or an operator removed the
+    /// failures): store `healthy`, clear the record; creates run.
+    Recovered,
+    /// Hard-limited and still at the limit: creates held until the record's next probe time.
+    Open {
+        /// The record in force.
+        record: HardLimitRecord,
+        /// The record must be stored (a preset limited before records existed).
+        store: bool,
+        /// One probe create is allowed now; when the shell makes it, it stores this record (the
+        /// next probe time with the doubled cooldown).
+        probe: Option<HardLimitRecord>,
+    },
+}
+
+impl HardLimitDecision {
+    /// Creates are held back by the hard limit (except a probe, when [`Self::probe`] is set).
+    pub fn holds_creates(&self) -> bool {
+        matches!(
+            self,
+            Self::HeldForValidation | Self::Trip(_) | Self::Probing | Self::Open { .. }
+        )
+    }
+
     /// A `prebuild_status` the shell must store.
-    pub status_change: Option<PrebuildStatus>,
+    pub fn status_change(&self) -> Option<PrebuildStatus> {
+        match self {
+            Self::Trip(_) => Some(PrebuildStatus::HardLimited),
+            Self::Recovered => Some(PrebuildStatus::Healthy),
+            _ => None,
+        }
+    }
+
     /// A change to the stored record the shell must write (with the status).
-    pub record_change: Option<HardLimitChange>,
-    /// One probe create is allowed now; when the shell makes it, it stores this record (the next
-    /// probe time with the doubled cooldown).
-    pub probe: Option<HardLimitRecord>,
+    pub fn record_change(&self) -> Option<HardLimitChange> {
+        match *self {
+            Self::Trip(record)
+            | Self::Open {
+                record,
+                store: true,
+                ..
+            } => Some(HardLimitChange::Set(record)),
+            Self::ClosedClearRecord | Self::Recovered => Some(HardLimitChange::Clear),
+            _ => None,
+        }
+    }
+
+    /// The record to store with the probe create allowed now, if one is.
+    pub fn probe(&self) -> Option<HardLimitRecord> {
+        match *self {
+            Self::Open { probe, .. } => probe,
+            _ => None,
+        }
+    }
+
     /// When the next probe may run (`None` when not hard-limited or while a probe is building).
-    pub next_probe_at: Option<DateTime<Utc>>,
+    pub fn next_probe_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Self::Trip(record) | Self::Open { record, .. } => Some(record.next_probe_at),
+            _ => None,
+        }
+    }
 }
 
 /// A fresh record: tripped at `now`, base cooldown.
@@ -77,46 +142,25 @@ pub fn hard_limit(
 ) -> HardLimitDecision {
     let at_limit = is_hard_limited(snapshot, config);
     match snapshot.preset.prebuild_status {
-        PrebuildStatus::ValidationFailed => HardLimitDecision {
-            holds_creates: at_limit,
-            ..HardLimitDecision::default()
-        },
-        PrebuildStatus::Healthy if at_limit => {
-            let record = tripped(now, config);
-            HardLimitDecision {
-                holds_creates: true,
-                status_change: Some(PrebuildStatus::HardLimited),
-                record_change: Some(HardLimitChange::Set(record)),
-                probe: None,
-                next_probe_at: Some(record.next_probe_at),
-            }
+        PrebuildStatus::ValidationFailed if at_limit => HardLimitDecision::HeldForValidation,
+        PrebuildStatus::ValidationFailed => HardLimitDecision::Closed,
+        PrebuildStatus::Healthy if at_limit => HardLimitDecision::Trip(tripped(now, config)),
+        PrebuildStatus::Healthy if snapshot.hard_limit.is_some() => {
+            HardLimitDecision::ClosedClearRecord
         }
-        PrebuildStatus::Healthy => HardLimitDecision {
-            record_change: snapshot.hard_limit.map(|_| HardLimitChange::Clear),
-            ..HardLimitDecision::default()
-        },
+        PrebuildStatus::Healthy => HardLimitDecision::Closed,
         PrebuildStatus::HardLimited => {
             let probing = snapshot.preset.version_is_active
                 && newest_build(snapshot).is_some_and(|b| b.outcome == BuildOutcome::InProgress);
             if probing {
-                return HardLimitDecision {
-                    holds_creates: true,
-                    ..HardLimitDecision::default()
-                };
+                return HardLimitDecision::Probing;
             }
             if !at_limit {
-                return HardLimitDecision {
-                    status_change: Some(PrebuildStatus::Healthy),
-                    record_change: Some(HardLimitChange::Clear),
-                    ..HardLimitDecision::default()
-                };
+                return HardLimitDecision::Recovered;
             }
-            let (record, record_change) = match snapshot.hard_limit {
-                Some(r) => (r, None),
-                None => {
-                    let r = tripped(now, config);
-                    (r, Some(HardLimitChange::Set(r)))
-                }
+            let (record, store) = match snapshot.hard_limit {
+                Some(r) => (r, false),
+                None => (tripped(now, config), true),
             };
             let probe = (now >= record.next_probe_at).then(|| {
                 let doubled = record
@@ -135,12 +179,10 @@ pub fn hard_limit(
                     next_probe_at: add(now, doubled),
                 }
             });
-            HardLimitDecision {
-                holds_creates: true,
-                status_change: None,
-                record_change,
+            HardLimitDecision::Open {
+                record,
+                store,
                 probe,
-                next_probe_at: Some(record.next_probe_at),
             }
         }
     }
@@ -199,9 +241,9 @@ mod tests {
         // Healthy at the limit: trips.
         let mut s = snapshot(PrebuildStatus::Healthy, &[Failed, Failed, Failed]);
         let d = hard_limit(&s, t(0), &cfg);
-        assert_eq!(d.status_change, Some(PrebuildStatus::HardLimited));
-        assert!(d.holds_creates && d.probe.is_none());
-        let Some(HardLimitChange::Set(record)) = d.record_change else {
+        assert_eq!(d.status_change(), Some(PrebuildStatus::HardLimited));
+        assert!(d.holds_creates() && d.probe().is_none());
+        let Some(HardLimitChange::Set(record)) = d.record_change() else {
             panic!("record stored")
         };
         assert_eq!(record.next_probe_at, t(60));
@@ -209,11 +251,11 @@ mod tests {
         s.preset.prebuild_status = PrebuildStatus::HardLimited;
         s.hard_limit = Some(record);
         let d = hard_limit(&s, t(59), &cfg);
-        assert!(d.holds_creates && d.probe.is_none() && d.status_change.is_none());
-        assert_eq!(d.next_probe_at, Some(t(60)));
+        assert!(d.holds_creates() && d.probe().is_none() && d.status_change().is_none());
+        assert_eq!(d.next_probe_at(), Some(t(60)));
         // Cooldown over: one probe, the next cooldown doubled.
         let d = hard_limit(&s, t(60), &cfg);
-        let probe = d.probe.expect("probe allowed");
+        let probe = d.probe().expect("probe allowed");
         assert_eq!(probe.cooldown_secs, 120);
         assert_eq!(probe.next_probe_at, t(180));
         // While the probe builds: hold, no status change.
@@ -226,18 +268,18 @@ mod tests {
             },
         );
         let d = hard_limit(&s, t(62), &cfg);
-        assert!(d.holds_creates && d.probe.is_none() && d.status_change.is_none());
+        assert!(d.holds_creates() && d.probe().is_none() && d.status_change().is_none());
         // The probe failed: wait for the doubled cooldown, then probe with the capped one.
         s.start_builds[0].outcome = Failed;
-        assert!(hard_limit(&s, t(179), &cfg).probe.is_none());
-        let next = hard_limit(&s, t(180), &cfg).probe.expect("second probe");
+        assert!(hard_limit(&s, t(179), &cfg).probe().is_none());
+        let next = hard_limit(&s, t(180), &cfg).probe().expect("second probe");
         assert_eq!(next.cooldown_secs, 200, "capped at the maximum");
         // The probe succeeded: healthy, record cleared.
         s.start_builds[0].outcome = Succeeded;
         let d = hard_limit(&s, t(200), &cfg);
-        assert_eq!(d.status_change, Some(PrebuildStatus::Healthy));
-        assert_eq!(d.record_change, Some(HardLimitChange::Clear));
-        assert!(!d.holds_creates);
+        assert_eq!(d.status_change(), Some(PrebuildStatus::Healthy));
+        assert_eq!(d.record_change(), Some(HardLimitChange::Clear));
+        assert!(!d.holds_creates());
     }
 
     #[test]
@@ -245,14 +287,14 @@ mod tests {
         let cfg = cfg();
         let s = snapshot(PrebuildStatus::HardLimited, &[Failed, Failed, Failed]);
         let d = hard_limit(&s, t(0), &cfg);
-        assert!(d.probe.is_none());
+        assert!(d.probe().is_none());
         assert!(
-            matches!(d.record_change, Some(HardLimitChange::Set(r)) if r.next_probe_at == t(60))
+            matches!(d.record_change(), Some(HardLimitChange::Set(r)) if r.next_probe_at == t(60))
         );
         let s = snapshot(PrebuildStatus::ValidationFailed, &[Failed, Failed, Failed]);
         let d = hard_limit(&s, t(0), &cfg);
         assert_eq!(
-            (d.status_change, d.record_change, d.probe),
+            (d.status_change(), d.record_change(), d.probe()),
             (None, None, None)
         );
     }

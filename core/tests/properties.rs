@@ -476,15 +476,15 @@ proptest! {
             next_probe_at: now + TimeDelta::seconds(offset),
         });
         let d = hard_limit(&s, now, &cfg);
-        if let Some(next) = d.probe {
+        if let Some(next) = d.probe() {
             prop_assert_eq!(s.preset.prebuild_status, PrebuildStatus::HardLimited);
             prop_assert!(offset <= 0);
             prop_assert!(is_hard_limited(&s, &cfg));
             prop_assert!(next.next_probe_at > now);
             prop_assert!(next.cooldown() <= cfg.hard_limit_cooldown_max);
-            prop_assert!(d.holds_creates);
+            prop_assert!(d.holds_creates());
         }
-        if d.holds_creates && d.probe.is_none() {
+        if d.holds_creates() && d.probe().is_none() {
             let p = plan(&s, now, &cfg);
             for a in &p.actions {
                 if let Action::Create { count } = a {

@@ -306,7 +306,7 @@ pub async fn rows<C: GenericClient>(
                 .status_change
                 .unwrap_or(view.snapshot.preset.prebuild_status);
             let limited = status == PrebuildStatus::HardLimited;
-            let record = match p.hard_limit.record_change {
+            let record = match p.hard_limit.record_change() {
                 Some(prebuilds_core::HardLimitChange::Set(r)) => Some(r),
                 Some(prebuilds_core::HardLimitChange::Clear) => None,
                 None => view.snapshot.hard_limit,
@@ -314,7 +314,7 @@ pub async fn rows<C: GenericClient>(
             Row {
                 claim_history: history.remove(&view.snapshot.preset.id).unwrap_or_default(),
                 hard_limited_at: record.filter(|_| limited).map(|r| r.since),
-                next_probe_at: p.hard_limit.next_probe_at.filter(|_| limited),
+                next_probe_at: p.hard_limit.next_probe_at().filter(|_| limited),
                 organization: view.organization_name,
                 template: view.template_name,
                 template_version: view.template_version_name,

@@ -65,10 +65,10 @@ pub async fn execute(
     let mut report = ExecutionReport::default();
     if let Some(status) = plan.status_change {
         tracing::warn!(%preset_id, preset = %view.preset_name, status = %status,
-            next_probe_at = ?plan.hard_limit.next_probe_at, "preset status changed");
+            next_probe_at = ?plan.hard_limit.next_probe_at(), "preset status changed");
         set_status(tx, preset_id, status).await?;
     }
-    if let Some(change) = plan.hard_limit.record_change {
+    if let Some(change) = plan.hard_limit.record_change() {
         set_hard_limit(tx, preset_id, change).await?;
     }
     for action in &plan.actions {
@@ -135,7 +135,7 @@ pub async fn execute(
                     report.created += 1;
                     report.outbox_rows += 1;
                 }
-                if let (true, Some(next)) = (decision.probe && count > 0, plan.hard_limit.probe) {
+                if let (true, Some(next)) = (decision.probe && count > 0, plan.hard_limit.probe()) {
                     tracing::warn!(%preset_id, preset = %view.preset_name, next_probe_at = %next.next_probe_at,
                         "hard-limited preset: probe create queued");
                     set_hard_limit(tx, preset_id, HardLimitChange::Set(next)).await?;
