@@ -203,7 +203,9 @@ async fn a_claim_only_ever_takes_a_workspace_owned_by_the_prebuilds_user() {
     let org = fixtures::organization(&c, "acme").await;
     let alice = fixtures::user(&c, "alice", false).await;
     let mallory = fixtures::user(&c, "mallory", false).await;
-    let fx = fixtures::template_with_preset(&c, org, "t", Some(0)).await;
+    // Desired 1, not 0: a reconcile the misses below may trigger must never find the real
+    // prebuild extraneous and delete it before it is claimed (with 0 it raced the claim).
+    let fx = fixtures::template_with_preset(&c, org, "t", Some(1)).await;
     // A workspace that looks exactly like an eligible prebuild, but belongs to alice.
     let alices = fixtures::prebuild(&c, &fx, &PrebuildSpec::running(Utc::now())).await;
     c.execute(
