@@ -8,14 +8,12 @@
 pub mod dsn;
 pub mod pipelined;
 
-use std::time::Duration;
-
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
         OnceLock,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use deadpool_postgres::{

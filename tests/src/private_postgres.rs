@@ -34,20 +34,27 @@ pub struct PrivatePostgres {
     bin: PathBuf,
 }
 
+/// A fresh directory for one server under the temporary directory, owned by `postgres` (the
+/// server refuses a data directory its user does not own).
+fn server_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "prebuilds-postgres-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("server directory");
+    let owned = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&dir)
+        .status()
+        .expect("chown");
+    assert!(owned.success(), "chown the server directory to postgres");
+    dir
+}
+
 impl PrivatePostgres {
     /// Initialises a data directory and starts the server on a spare port.
     pub fn start() -> PrivatePostgres {
-        let dir = std::env::temp_dir().join(format!(
-            "prebuilds-postgres-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).expect("server directory");
-        let owned = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(owned.success(), "chown the server directory to postgres");
+        let dir = server_dir();
         let server = PrivatePostgres {
             port: free_port(),
             dir,
@@ -135,17 +142,7 @@ impl PrivatePostgres {
     /// spare port; started, and replaying, when this returns. [`PrivatePostgres::promote`] makes
     /// it a primary.
     pub fn standby_of(primary: &PrivatePostgres) -> PrivatePostgres {
-        let dir = std::env::temp_dir().join(format!(
-            "prebuilds-postgres-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).expect("standby directory");
-        let owned = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(owned.success(), "chown the standby directory to postgres");
+        let dir = server_dir();
         let standby = PrivatePostgres {
             port: free_port(),
             dir,

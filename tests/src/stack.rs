@@ -270,6 +270,18 @@ pub async fn pool_counts(db: &TestDb, preset_id: Uuid) -> PoolCounts {
     }
 }
 
+/// Whether every one of `presets` holds exactly one eligible prebuild with nothing in progress:
+/// a one-instance pool settled.
+pub async fn all_settled_at_one(db: &TestDb, presets: &[Uuid]) -> bool {
+    for preset in presets {
+        let counts = pool_counts(db, *preset).await;
+        if counts.eligible != 1 || counts.in_progress != 0 {
+            return false;
+        }
+    }
+    true
+}
+
 /// Total rows per table, to compare database states.
 pub async fn table_counts(db: &TestDb) -> HashMap<&'static str, i64> {
     let client = db.pool.get().await.expect("pool");

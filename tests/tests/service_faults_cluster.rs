@@ -224,42 +224,32 @@ async fn killing_the_node_each_worker_uses_in_a_three_node_cluster_loses_and_dup
         || async { made().await >= (PRESETS / 4) as i64 },
     )
     .await;
-    nodes[homes[0]].kill();
-    tracing::info!(node = %nodes[homes[0]].node, "killed the first worker's node");
-    // The first worker is back on another node before its node returns.
-    stack::wait_for(
-        Duration::from_secs(60),
-        "the first worker consuming again",
-        || async {
-            let name = format!(
-                "prebuilds-worker/{}/reconcile",
-                workers[0].0.pid().expect("pid")
-            );
-            node_of(&nodes, 2, &name).is_some_and(|n| n != homes[0])
-        },
-    )
-    .await;
-    nodes[homes[0]].boot().await;
-    stack::wait_for(
-        Duration::from_secs(120),
-        "every queue with three members online",
-        || async { all_members_online(&nodes[2], &prefix, 3) },
-    )
-    .await;
-    nodes[homes[1]].kill();
-    tracing::info!(node = %nodes[homes[1]].node, "killed the second worker's node");
-    stack::wait_for(
-        Duration::from_secs(60),
-        "the second worker consuming again",
-        || async {
-            let name = format!(
-                "prebuilds-worker/{}/reconcile",
-                workers[1].0.pid().expect("pid")
-            );
-            node_of(&nodes, 2, &name).is_some_and(|n| n != homes[1])
-        },
-    )
-    .await;
+    // Each worker's node in turn: killed, the worker back on another node before its node
+    // returns; the first node is rebooted, and every queue whole again, before the second kill.
+    for (turn, which) in ["first", "second"].into_iter().enumerate() {
+        let home = homes[turn];
+        nodes[home].kill();
+        tracing::info!(node = %nodes[home].node, "killed the {which} worker's node");
+        let name = format!(
+            "prebuilds-worker/{}/reconcile",
+            workers[turn].0.pid().expect("pid")
+        );
+        stack::wait_for(
+            Duration::from_secs(60),
+            &format!("the {which} worker consuming again"),
+            || async { node_of(&nodes, 2, &name).is_some_and(|n| n != home) },
+        )
+        .await;
+        if turn == 0 {
+            nodes[home].boot().await;
+            stack::wait_for(
+                Duration::from_secs(120),
+                "every queue with three members online",
+                || async { all_members_online(&nodes[2], &prefix, 3) },
+            )
+            .await;
+        }
+    }
     // Claims go on a little past the second kill, then stop.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
@@ -267,15 +257,7 @@ async fn killing_the_node_each_worker_uses_in_a_three_node_cluster_loses_and_dup
     assert!(!claimed.is_empty(), "claims ran");
 
     // Nothing lost: every preset at its desired count, nothing in progress.
-    let full = || async {
-        for preset in &presets {
-            let counts = stack::pool_counts(&db, *preset).await;
-            if counts.eligible != 1 || counts.in_progress != 0 {
-                return false;
-            }
-        }
-        true
-    };
+    let full = || stack::all_settled_at_one(&db, &presets);
     stack::wait_for(Duration::from_secs(240), "converged after the kills", full).await;
 
     // Nothing duplicated: each claim got its own workspace, owned by its claimant, and each

@@ -153,15 +153,7 @@ async fn a_primary_failover_mid_fill_moves_writes_and_the_leader_to_the_promoted
     let leader_after = failed_at.elapsed();
 
     // Writes resume on the new primary: every pool converges there.
-    let full = || async {
-        for preset in &presets {
-            let counts = stack::pool_counts(&db, *preset).await;
-            if counts.eligible != 1 || counts.in_progress != 0 {
-                return false;
-            }
-        }
-        true
-    };
+    let full = || stack::all_settled_at_one(&db, &presets);
     stack::wait_for(
         Duration::from_secs(120),
         "converged on the new primary",
