@@ -204,18 +204,21 @@ async fn permanent_failures_are_dead_lettered_once_with_the_reason() {
         shutdown.clone(),
     ));
     let exchange = broker.topology.exchange();
-    ctx.publisher
-        .publish(Outgoing::new(
-            &exchange,
-            "reconcile.preset",
-            b"{\"bad\":true}",
-        ))
-        .await
-        .unwrap();
-    let dead = broker
-        .get(&broker.topology.dead_queue(), Duration::from_secs(10))
-        .await
-        .expect("message dead-lettered");
+    // Publishes one body the handler refuses and returns its dead letter.
+    let dead_letter_one = || async {
+        ctx.publisher
+            .publish(Outgoing::new(
+                &exchange,
+                "reconcile.preset",
+                b"{\"bad\":true}",
+            ))
+            .await
+            .unwrap();
+        broker
+            .get(&broker.topology.dead_queue(), Duration::from_secs(10))
+            .await
+    };
+    let dead = dead_letter_one().await.expect("message dead-lettered");
     let headers = dead.delivery.properties.headers().clone().unwrap();
     let reason = headers
         .inner()
@@ -231,16 +234,7 @@ async fn permanent_failures_are_dead_lettered_once_with_the_reason() {
     // Barrier: a second message behind it. RabbitMQ puts a requeued message back at the head of
     // the queue, so by the time this one is dead-lettered a requeued first one would have been
     // handled again.
-    ctx.publisher
-        .publish(Outgoing::new(
-            &exchange,
-            "reconcile.preset",
-            b"{\"bad\":true}",
-        ))
-        .await
-        .unwrap();
-    broker
-        .get(&broker.topology.dead_queue(), Duration::from_secs(10))
+    dead_letter_one()
         .await
         .expect("the second message dead-lettered");
     assert_eq!(
