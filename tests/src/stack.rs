@@ -34,6 +34,30 @@ pub fn start(
     broker: &TestBroker,
     extra: &[(&str, &str)],
 ) -> (Service, u16) {
+    start_with(db, broker, extra, |env| Service::start(binary, &[], env))
+}
+
+/// [`start`], with everything the process prints appended to `log`.
+pub fn start_logged(
+    binary: &str,
+    db: &TestDb,
+    broker: &TestBroker,
+    extra: &[(&str, &str)],
+    log: &std::path::Path,
+) -> (Service, u16) {
+    start_with(db, broker, extra, |env| {
+        Service::start_logged(binary, &[], env, log)
+    })
+}
+
+/// The environment every service of a test gets (its database, prefix and a metrics port of its
+/// own), with `extra` on top, handed to `spawn`.
+fn start_with(
+    db: &TestDb,
+    broker: &TestBroker,
+    extra: &[(&str, &str)],
+    spawn: impl FnOnce(&[(&str, &str)]) -> Service,
+) -> (Service, u16) {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut env: Vec<(&str, &str)> = vec![
@@ -48,7 +72,7 @@ pub fn start(
     ];
     // Later entries win, so `extra` overrides the defaults above.
     env.extend_from_slice(extra);
-    (Service::start(binary, &[], &env), port)
+    (spawn(&env), port)
 }
 
 pub use crate::probe::http_get;

@@ -445,16 +445,10 @@ async fn spans_go_to_an_https_collector_with_its_headers_and_the_key_is_never_pr
     let endpoint = collector.url.replace("127.0.0.1", "localhost");
     let key = format!("otlp-key-{}", Uuid::new_v4().simple());
     let (db, broker, preset_id) = empty_preset().await;
-    let port = stack::free_port();
-    let addr = format!("127.0.0.1:{port}");
     let ca_file = ca.cert.display().to_string();
     let headers = format!("x-api-key={key},x-team=platform%20eng");
     let log = dir.join("worker.log");
     let env: Vec<(&str, &str)> = vec![
-        ("DATABASE_URL", &db.url),
-        ("AMQP_URL", &broker.url),
-        ("PREBUILDS_AMQP_PREFIX", broker.prefix()),
-        ("PREBUILDS_METRICS_ADDR", &addr),
         ("PREBUILDS_DB_POOL_SIZE", "4"),
         ("PREBUILDS_LOG_FORMAT", "json"),
         ("RUST_LOG", "debug"),
@@ -463,8 +457,7 @@ async fn spans_go_to_an_https_collector_with_its_headers_and_the_key_is_never_pr
         ("OTEL_EXPORTER_OTLP_HEADERS", &headers),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
-    let mut worker =
-        prebuilds_tests::process::Service::start_logged("prebuilds-worker", &[], &env, &log);
+    let (mut worker, port) = stack::start_logged("prebuilds-worker", &db, &broker, &env, &log);
     let publisher = reconcile_once(&broker, port, preset_id).await;
     stack::wait_for(
         Duration::from_secs(30),
